@@ -1,0 +1,35 @@
+# Two entry points: `make demo` (set up, build the tiny random checkpoint, answer in text+speech)
+# and `make test` (set up, run the test suite). Both work on a fresh machine.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup setup-test demo test lint bench
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+setup: $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[serve]'
+
+setup-test: $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[serve,test]'
+
+tiny/config.json: | setup
+	$(BIN)/omnistream make-tiny tiny
+
+demo: setup tiny/config.json
+	$(BIN)/omnistream generate --model tiny --prompt "Say hello in one sentence." --out reply.wav
+
+test: setup-test
+	$(BIN)/ruff check src tests bench
+	$(BIN)/python -m pytest tests
+
+lint:
+	$(BIN)/ruff check src tests bench
+
+bench: setup-test
+	$(BIN)/python -m omnistream.cli bench
