@@ -1,0 +1,19 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """One tiny random checkpoint (released layout) shared by the whole test session."""
+    from omnistream.maketiny import make_tiny
+
+    d = tmp_path_factory.mktemp("tiny")
+    make_tiny(d, seed=0)
+    return d
