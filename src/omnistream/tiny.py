@@ -25,6 +25,8 @@ TINY_CONFIG: dict[str, Any] = {
         "audio_start_token_id": 151647,
         "audio_end_token_id": 151648,
         "user_token_id": 872,
+        "vision_start_token_id": 151652,
+        "vision_end_token_id": 151653,
         "text_config": {
             "model_type": "qwen2_5_omni_text",
             "vocab_size": 151936,

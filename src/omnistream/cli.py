@@ -1,0 +1,255 @@
+"""The ``omnistream`` command: make-tiny, generate, chat, serve, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+RANDOM_WEIGHTS_NOTICE = (
+    "note: this checkpoint has RANDOM weights (made by `omnistream make-tiny`); "
+    "its text and speech are noise. Use --model with a real Qwen2.5-Omni checkpoint for real answers."
+)
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--talker-temperature", type=float, default=0.9)
+    p.add_argument("--talker-top-k", type=int, default=40)
+    p.add_argument("--talker-top-p", type=float, default=0.8)
+    p.add_argument("--talker-repetition-penalty", type=float, default=1.05)
+    p.add_argument("--talker-max-new-tokens", type=int, default=4096)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny", help="checkpoint directory or hub id")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="omnistream", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("make-tiny", help="write a tiny random checkpoint in the released layout")
+    p.add_argument("dir")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("generate", help="answer one prompt in streamed text (+ speech)")
+    _add_model(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--system", default=None)
+    p.add_argument("--audio", action="append", default=[], metavar="F")
+    p.add_argument("--image", action="append", default=[], metavar="F")
+    p.add_argument("--video", action="append", default=[], metavar="F")
+    p.add_argument("--use-audio-in-video", action="store_true")
+    p.add_argument("--voice", default=None)
+    p.add_argument("--no-audio", action="store_true", help="text only (speech half not loaded)")
+    p.add_argument("--out", default="reply.wav", help="WAV written progressively as audio streams")
+    p.add_argument("--play", action="store_true", help="play audio as it streams (needs a device)")
+    p.add_argument("--ignore-eos", action="store_true", help="run both stages to max lengths")
+    p.add_argument("--offline", action="store_true", help="non-streaming path (whole reply, then speech)")
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    _add_sampling(p)
+
+    p = sub.add_parser("chat", help="interactive multi-turn terminal session")
+    _add_model(p)
+    p.add_argument("--system", default=None)
+    p.add_argument("--voice", default=None)
+    p.add_argument("--no-audio", action="store_true")
+    p.add_argument("--out-dir", default="chat_audio")
+    _add_sampling(p)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP + Realtime server with a web page")
+    try:
+        from omnistream.serve.app import add_serve_args
+    except ImportError:  # server extras not installed
+        add_serve_args = None
+    if add_serve_args is not None:
+        add_serve_args(p)
+
+    p = sub.add_parser("bench", help="benchmarks against the transformers reference")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    return ap
+
+
+def _messages(args: argparse.Namespace) -> list[dict]:
+    content: list[dict] = []
+    for f in args.audio:
+        content.append({"type": "audio", "audio": f})
+    for f in args.image:
+        content.append({"type": "image", "image": f})
+    for f in args.video:
+        content.append({"type": "video", "video": f})
+    content.append({"type": "text", "text": args.prompt})
+    msgs = []
+    if args.system:
+        msgs.append({"role": "system", "content": args.system})
+    msgs.append({"role": "user", "content": content})
+    return msgs
+
+
+def _sampling(args: argparse.Namespace):
+    from omnistream.engine.sampling import SamplingOptions
+
+    thinker = SamplingOptions(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        max_new_tokens=args.max_new_tokens,
+    )
+    talker = SamplingOptions(
+        temperature=args.talker_temperature,
+        top_k=args.talker_top_k,
+        top_p=args.talker_top_p,
+        repetition_penalty=args.talker_repetition_penalty,
+        max_new_tokens=args.talker_max_new_tokens,
+    )
+    return thinker, talker
+
+
+def _load_engine(args: argparse.Namespace, audio_output: bool):
+    from omnistream.engine.session import Engine
+
+    engine = Engine.load(args.model, dtype=args.dtype, device=args.device, audio_output=audio_output)
+    if engine.random_weights:
+        print(RANDOM_WEIGHTS_NOTICE, file=sys.stderr)
+    return engine
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from omnistream.engine.events import AudioChunk, Done, TextDelta
+    from omnistream.engine.wav import StreamingWavWriter, Player
+
+    audio_output = not args.no_audio
+    engine = _load_engine(args, audio_output)
+    thinker_s, talker_s = _sampling(args)
+    sess = engine.session(
+        voice=args.voice, system=args.system, audio_output=audio_output, sampling=thinker_s,
+        talker_sampling=talker_s, seed=args.seed, ignore_eos=args.ignore_eos,
+        use_audio_in_video=args.use_audio_in_video,
+    )
+    writer = StreamingWavWriter(args.out) if audio_output else None
+    player = Player.open() if (args.play and audio_output) else None
+    done = None
+    events = sess.respond(_messages(args), offline=args.offline)
+    for ev in events:
+        if isinstance(ev, TextDelta):
+            if not args.json:
+                print(ev.text, end="", flush=True)
+        elif isinstance(ev, AudioChunk):
+            writer.write(ev.pcm)
+            if player is not None:
+                player.write(ev.pcm)
+        elif isinstance(ev, Done):
+            done = ev
+    if writer is not None:
+        writer.close()
+    if player is not None:
+        player.close()
+    assert done is not None
+    if args.json:
+        print(json.dumps({
+            "text": done.text, "prompt_ids": sess.last_prompt_ids, "text_ids": done.text_ids,
+            "codec_ids": done.codec_ids, "timings": done.timings, "finish_reason": done.finish_reason,
+        }))
+    else:
+        print()
+        t = done.timings
+        parts = [f"{k}={v:.3f}" for k, v in t.items()]
+        print("[" + " ".join(parts) + "]", file=sys.stderr)
+        if writer is not None:
+            print(f"wrote {args.out} ({writer.seconds:.2f} s of audio)", file=sys.stderr)
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from omnistream.engine.events import AudioChunk, Done, TextDelta
+    from omnistream.engine.wav import StreamingWavWriter
+
+    audio_output = not args.no_audio
+    engine = _load_engine(args, audio_output)
+    thinker_s, talker_s = _sampling(args)
+    sess = engine.session(voice=args.voice, system=args.system, audio_output=audio_output,
+                          sampling=thinker_s, talker_sampling=talker_s, seed=args.seed)
+    out_dir = Path(args.out_dir)
+    print("omnistream chat: type a message; attach files with /audio F, /image F, /video F; "
+          "/quit to leave.", file=sys.stderr)
+    attach: list[dict] = []
+    turn = 0
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        cmd, _, arg = line.partition(" ")
+        if cmd in ("/audio", "/image", "/video"):
+            kind = cmd[1:]
+            if not Path(arg).exists():
+                print(f"no such file: {arg}", file=sys.stderr)
+                continue
+            attach.append({"type": kind, kind: arg})
+            print(f"attached {kind} {arg}", file=sys.stderr)
+            continue
+        content = attach + [{"type": "text", "text": line}]
+        attach = []
+        writer = None
+        if audio_output:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            writer = StreamingWavWriter(out_dir / f"turn{turn:03d}.wav")
+        try:
+            for ev in sess.respond([{"role": "user", "content": content}]):
+                if isinstance(ev, TextDelta):
+                    print(ev.text, end="", flush=True)
+                elif isinstance(ev, AudioChunk) and writer is not None:
+                    writer.write(ev.pcm)
+                elif isinstance(ev, Done):
+                    print()
+        except ValueError as e:  # bad input names its problem; the session goes on
+            print(f"error: {e}", file=sys.stderr)
+        if writer is not None:
+            writer.close()
+            print(f"[audio: {writer.path}]", file=sys.stderr)
+        turn += 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``omnistream`` console script."""
+    args = _build_parser().parse_args(argv)
+    t0 = time.perf_counter()
+    if args.cmd == "make-tiny":
+        from omnistream.maketiny import make_tiny
+
+        make_tiny(args.dir, seed=args.seed)
+        print(f"wrote a tiny random checkpoint to {args.dir} ({time.perf_counter() - t0:.1f} s)")
+        return 0
+    if args.cmd == "generate":
+        return _cmd_generate(args)
+    if args.cmd == "chat":
+        return _cmd_chat(args)
+    if args.cmd == "serve":
+        from omnistream.serve.app import run_serve
+
+        return run_serve(args) or 0
+    if args.cmd == "bench":
+        from omnistream.bench import main as bench_main
+
+        return bench_main(args.rest) or 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

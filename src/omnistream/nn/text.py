@@ -1,0 +1,188 @@
+"""The Qwen2 decoder stack shared by the Thinker and the Talker.
+
+Pre-norm blocks (RMSNorm) with GQA attention (q/k/v with bias, o without), M-RoPE and a SiLU-gated
+MLP. Attribute names are the checkpoint's: ``embed_tokens``, ``layers.N.self_attn.{q,k,v,o}_proj``,
+``layers.N.mlp.{gate,up,down}_proj``, ``layers.N.{input,post_attention}_layernorm``, ``norm``.
+
+``TextModel.forward`` takes input *embeddings* (the callers merge media features / add codec
+embeddings first) and works with or without a ``KVCache``; with one, the T new tokens are appended
+at ``cache.length`` (prefill, chunked prefill and decode are the same call).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from omnistream.engine.cache import KVCache
+from omnistream.nn.rope import MRoPE, apply_rotary
+
+
+class DecoderConfig(Protocol):
+    """What ``TextModel`` reads: satisfied by ``TextConfig`` and ``TalkerConfig``."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    theta: float
+    mrope_section: list[int]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.q_proj = nn.Linear(hidden, n_heads * head_dim, bias=True)
+        self.k_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=True)
+        self.v_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=True)
+        self.o_proj = nn.Linear(n_heads * head_dim, hidden, bias=False)
+
+    def forward(
+        self,
+        x: Tensor,  # [B, T, hidden]
+        cos: Tensor,  # [B, 1, T, D]
+        sin: Tensor,
+        mask: Tensor | None,  # bool [B|1, 1, T, S] or None
+        is_causal: bool,
+        cache: KVCache | None,
+        layer: int,
+    ) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # [B, Hkv, S, D]
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_heads != self.n_kv_heads
+        )  # [B, H, T, D]
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        h = cfg.hidden_size
+        self.self_attn = Attention(h, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
+        self.mlp = MLP(h, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, is_causal, cache, layer) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def build_mask(
+    start: int, T: int, valid: Tensor | None, device: torch.device
+) -> tuple[Tensor | None, bool]:
+    """The SDPA mask for T queries at slots [start, start+T) over keys [0, start+T).
+
+    ``valid`` [B, start+T] marks real (non-padding) keys, or None when there is no padding.
+    Returns ``(mask, is_causal)``; the mask is None on the fast paths (plain causal prefill, or a
+    single decode token). Every query may see its own slot, so padded rows never go all -inf.
+    """
+    S = start + T
+    if valid is None:
+        if start == 0:
+            return None, T > 1
+        if T == 1:
+            return None, False
+    q = torch.arange(start, S, device=device)[:, None]  # [T, 1]
+    kpos = torch.arange(S, device=device)[None, :]  # [1, S]
+    mask = (kpos <= q)[None, None]  # [1, 1, T, S]
+    if valid is not None:
+        mask = (mask & valid[:, None, None, :S]) | (kpos == q)[None, None]  # [B, 1, T, S]
+    return mask, False
+
+
+class TextModel(nn.Module):
+    """Qwen2 decoder: embeddings in, final normed hidden states out.
+
+    ``embed_tokens`` is ``Embedding(vocab_size, embedding_size)`` (``embedding_size`` defaults to
+    ``hidden_size``; the Talker's is the Thinker's hidden size and is projected by its caller).
+    """
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        emb = getattr(cfg, "embedding_size", cfg.hidden_size)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, emb)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = MRoPE(cfg.head_dim, cfg.theta, cfg.mrope_section)
+
+    def new_cache(
+        self,
+        batch_size: int,
+        max_len: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> KVCache:
+        """A static cache sized for this stack (dtype/device default to the weights')."""
+        w = self.norm.weight
+        return KVCache(
+            len(self.layers),
+            batch_size,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim,
+            max_len,
+            dtype=dtype or w.dtype,
+            device=device or w.device,
+        )
+
+    def forward(
+        self,
+        x: Tensor,  # [B, T, hidden] input embeddings
+        position_ids: Tensor,  # [3, B, T] (or [B, T] for text-only)
+        cache: KVCache | None = None,
+        attention_mask: Tensor | None = None,  # [B, T] 1 = token, 0 = left padding
+    ) -> Tensor:  # [B, T, hidden] after the final norm
+        T = x.shape[1]
+        cos, sin = self.rotary(position_ids, x.dtype)
+        if cache is None:
+            start = 0
+            valid = None if attention_mask is None else attention_mask.to(torch.bool)
+        else:
+            start = cache.length
+            cache.mark(attention_mask, T)
+            valid = cache.valid[:, : start + T] if cache.has_padding else None
+        mask, is_causal = build_mask(start, T, valid, x.device)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, is_causal, cache, i)
+        if cache is not None:
+            cache.advance(T)
+        return self.norm(x)
+

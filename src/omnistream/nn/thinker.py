@@ -1,0 +1,212 @@
+"""The Thinker: audio + vision encoders feeding the Qwen2.5 text decoder.
+
+State dict == the checkpoint's tensors under ``thinker.`` (``audio_tower.*``, ``visual.*``,
+``model.*``, ``lm_head.weight``).
+
+The per-step API is what the streaming engine reuses:
+
+* ``encode_media(...)``  -> ``Media`` (encoder outputs + what TMRoPE needs);
+* ``prefill(ids, cache, ...)`` -> ``ThinkerStep`` for the whole prompt (optionally in chunks);
+* ``decode_step(tokens, cache, rope_deltas)`` -> ``ThinkerStep`` for one new token.
+
+A ``ThinkerStep`` carries the next-token logits plus the two per-position tensors the Talker
+consumes (final hidden state and input embedding), nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from omnistream.config import ThinkerConfig
+from omnistream.engine.cache import KVCache
+from omnistream.engine.sampling import SamplingParams, sample, seen_mask
+from omnistream.nn.text import TextModel
+from omnistream.positions import get_rope_index
+
+try:  # the encoders are written in parallel; until they land the Thinker is text-only
+    from omnistream.nn.audio_encoder import AudioEncoder
+    from omnistream.nn.vision_encoder import VisionEncoder
+except ImportError:  # pragma: no cover
+    AudioEncoder = VisionEncoder = None
+
+
+@dataclass
+class Media:
+    """Encoded media of one batch of prompts, in prompt order (all items of all rows).
+
+    The ``*_embeds`` are encoder outputs, one row per placeholder token; the rest is what
+    ``get_rope_index`` needs to position them."""
+
+    audio_embeds: Tensor | None = None  # [N_audio_tokens, D]
+    audio_seqlens: Tensor | None = None  # [K] mel frames per audio item
+    image_embeds: Tensor | None = None  # [N_image_tokens, D]
+    image_grid_thw: Tensor | None = None  # [I, 3]
+    video_embeds: Tensor | None = None  # [N_video_tokens, D]
+    video_grid_thw: Tensor | None = None  # [V, 3]
+    video_second_per_grid: Tensor | None = None  # [V]
+    use_audio_in_video: bool = False
+
+
+@dataclass
+class ThinkerStep:
+    """One prefill or decode call. ``hidden``/``embeds`` cover the tokens fed in this call."""
+
+    logits: Tensor  # [B, V] next-token logits (float32)
+    hidden: Tensor  # [B, T, D] final (normed) hidden states
+    embeds: Tensor  # [B, T, D] input embeddings (media merged)
+    position_ids: Tensor  # [3, B, T]
+    rope_deltas: Tensor  # [B, 1]: next position = cache.length + rope_deltas
+
+
+@dataclass
+class ThinkerGeneration:
+    tokens: Tensor  # [B, N] generated ids (pad after a row's eos)
+    prompt: ThinkerStep  # the prefill
+    reply_hidden: Tensor  # [B, N-1, D] hidden of generated tokens 0..N-2 (the ones fed back)
+    reply_embeds: Tensor  # [B, N-1, D]
+
+
+class Thinker(nn.Module):
+    def __init__(self, cfg: ThinkerConfig):
+        super().__init__()
+        self.cfg = cfg
+        if AudioEncoder is not None:
+            self.audio_tower = AudioEncoder(cfg.audio_config)
+            self.visual = VisionEncoder(cfg.vision_config)
+        self.model = TextModel(cfg.text_config)
+        self.lm_head = nn.Linear(cfg.text_config.hidden_size, cfg.text_config.vocab_size, bias=False)
+
+    # -- inputs ---------------------------------------------------------------------------------
+
+    def embed(self, input_ids: Tensor, media: Media | None = None) -> Tensor:
+        """Token embeddings [B, T, D] with media features written at their placeholders."""
+        x = self.model.embed_tokens(input_ids)
+        if media is None:
+            return x
+        for tok, feats in (
+            (self.cfg.audio_token_index, media.audio_embeds),
+            (self.cfg.image_token_index, media.image_embeds),
+            (self.cfg.video_token_index, media.video_embeds),
+        ):
+            if feats is not None:
+                mask = (input_ids == tok).unsqueeze(-1)  # [B, T, 1]
+                x = x.masked_scatter(mask, feats.to(x.dtype))
+        return x
+
+    def position_ids(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, media: Media | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """TMRoPE ids [3, B, T] of a prompt and its rope deltas [B, 1] relative to the *padded*
+        length, so that decode positions are simply ``cache.length + rope_deltas``."""
+        m = media or Media()
+        pos, deltas = get_rope_index(
+            input_ids,
+            m.image_grid_thw,
+            m.video_grid_thw,
+            attention_mask,
+            m.use_audio_in_video,
+            m.audio_seqlens,
+            m.video_second_per_grid,
+            self.cfg,
+        )
+        if attention_mask is not None:
+            deltas = deltas - (attention_mask == 0).sum(-1, keepdim=True).to(deltas)
+        return pos, deltas
+
+    # -- forward --------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        inputs_embeds: Tensor,  # [B, T, D]
+        position_ids: Tensor,  # [3, B, T]
+        cache: KVCache | None = None,
+        attention_mask: Tensor | None = None,  # [B, T]
+        last_only: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        """Logits [B, T|1, V] (float32) and final hidden states [B, T, D]."""
+        hidden = self.model(inputs_embeds, position_ids, cache, attention_mask)
+        logits = self.lm_head(hidden[:, -1:] if last_only else hidden)
+        return logits.float(), hidden
+
+    def prefill(
+        self,
+        input_ids: Tensor,  # [B, T]
+        cache: KVCache,
+        attention_mask: Tensor | None = None,
+        media: Media | None = None,
+        chunk_size: int | None = None,
+        position_offset: Tensor | int = 0,
+    ) -> ThinkerStep:
+        """Run the prompt into ``cache`` (appended at ``cache.length``, in chunks of
+        ``chunk_size`` tokens if given); returns the next-token logits and per-token states.
+
+        ``position_offset`` (int or [B, 1]) shifts the prompt's TMRoPE ids: to continue a
+        conversation in the same cache pass the previous turn's ``cache.length + rope_deltas``."""
+        embeds = self.embed(input_ids, media)
+        pos, deltas = self.position_ids(input_ids, attention_mask, media)
+        offset = torch.as_tensor(position_offset, device=pos.device).reshape(-1, 1)  # [B|1, 1]
+        pos = pos + offset.unsqueeze(0)
+        deltas = deltas + offset - cache.length
+        T = input_ids.shape[1]
+        step = chunk_size or T
+        hidden = []
+        for s in range(0, T, step):
+            am = None if attention_mask is None else attention_mask[:, s : s + step]
+            logits, h = self(embeds[:, s : s + step], pos[:, :, s : s + step], cache, am, True)
+            hidden.append(h)
+        return ThinkerStep(logits[:, -1], torch.cat(hidden, 1), embeds, pos, deltas)
+
+    def decode_step(self, tokens: Tensor, cache: KVCache, rope_deltas: Tensor) -> ThinkerStep:
+        """Feed one token per row (``tokens`` [B]) at position ``cache.length + rope_deltas``."""
+        ids = tokens.reshape(-1, 1)  # [B, 1]
+        embeds = self.model.embed_tokens(ids)
+        pos = (rope_deltas + cache.length).unsqueeze(0).expand(3, -1, -1)  # [3, B, 1]
+        logits, hidden = self(embeds, pos, cache, None, True)
+        return ThinkerStep(logits[:, -1], hidden, embeds, pos, rope_deltas)
+
+    # -- a simple loop (tests, offline use; the streaming engine drives the steps itself) ---------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        max_new_tokens: int,
+        params: SamplingParams = SamplingParams(),
+        eos_ids: tuple[int, ...] = (151645,),
+        attention_mask: Tensor | None = None,
+        media: Media | None = None,
+        pad_id: int = 151643,
+        generator: torch.Generator | None = None,
+    ) -> ThinkerGeneration:
+        """Greedy / sampled generation; stops when every row produced an eos id."""
+        B, T = input_ids.shape
+        cache = self.model.new_cache(B, T + max_new_tokens)
+        step = self.prefill(input_ids, cache, attention_mask, media)
+        prompt, deltas = step, step.rope_deltas
+        seen = None
+        if params.repetition_penalty != 1.0:
+            seen = seen_mask(B, step.logits.shape[-1], input_ids, device=input_ids.device)
+        eos = torch.tensor(eos_ids, device=input_ids.device)
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        tokens, hidden, embeds = [], [], []
+        for i in range(max_new_tokens):
+            tok = sample(step.logits, params, seen, generator)
+            tok = torch.where(done, pad_id, tok)
+            tokens.append(tok)
+            done |= torch.isin(tok, eos)
+            if i == max_new_tokens - 1 or bool(done.all()):
+                break
+            step = self.decode_step(tok, cache, deltas)
+            hidden.append(step.hidden)
+            embeds.append(step.embeds)
+        D = prompt.hidden.shape[-1]
+        empty = prompt.hidden.new_zeros(B, 0, D)
+        return ThinkerGeneration(
+            torch.stack(tokens, 1),
+            prompt,
+            torch.cat(hidden, 1) if hidden else empty,
+            torch.cat(embeds, 1) if embeds else empty,
+        )
