@@ -44,6 +44,7 @@ class Job:
         self.cancel_requested = False
         self.cancel_sent = False
         self.steps_after_cancel = 0
+        self.steps = 0  # next() calls made
         self.finished = threading.Event()
         self.started_at = time.perf_counter()
 
@@ -162,6 +163,13 @@ class Scheduler:
                    for j in self._jobs)
 
     def _step(self, job: Job) -> None:
+        if job.cancel_requested and job.steps == 0:  # never started: nothing to wind down
+            try:
+                job.gen.close()
+            finally:
+                job._push(Done(text="", finish_reason="cancelled", usage=Usage()))
+                self._finish(job, None)
+            return
         if job.cancel_requested and not job.cancel_sent:
             job.cancel_sent = True
             if job.on_cancel is not None:
@@ -189,6 +197,7 @@ class Scheduler:
             self._finish(job, e)
             return
         self.steps += 1
+        job.steps += 1
         job._push(ev)
         if isinstance(ev, Done):
             try:

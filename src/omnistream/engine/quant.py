@@ -1,0 +1,171 @@
+"""int8 weight-only quantization of the decoders (gpt-fast style module swap).
+
+Decode on one stream is memory-bound: every step reads every decoder weight once. Storing the
+``nn.Linear`` weights of the Thinker / Talker decoders as int8 with one float scale per output
+channel cuts those bytes 4x (fp32) or 2x (bf16); activations stay in the model dtype.
+
+Two ways in:
+
+* after load:  ``quantize_int8_(thinker)`` swaps each selected ``nn.Linear`` in place for an
+  ``Int8Linear`` holding the quantized weight (the float weight is dropped);
+* before load (no float copy ever materialised): ``sd = int8_state_dict(float_state_dict, names)``
+  once (save it), then at load time ``swap_int8_(model_on_meta, names)`` and
+  ``model.load_state_dict(sd, assign=True)``.
+
+The matmul is ``torch._weight_int8pack_mm`` (CPU kernel: int8 weight [N, K], per-row scales)
+where the device / dtype supports it, else ``F.linear(x, w.to(x.dtype)) * scale``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# By default: every Linear of the decoder blocks and the output heads. The Thinker's audio/vision
+# encoders and the Talker's thinker_to_talker_proj (run once per position, not per weight read) stay
+# in float.
+DEFAULT_HEADS = ("lm_head", "codec_head")
+
+
+def default_filter(name: str, module: nn.Module) -> bool:
+    """True for the Linears a decode step reads: ``*layers.N.*`` of a decoder stack and the heads."""
+    if not isinstance(module, nn.Linear):
+        return False
+    if name.startswith(("audio_tower.", "visual.")) or ".audio_tower." in name or ".visual." in name:
+        return False
+    return ".layers." in f".{name}" or name.split(".")[-1] in DEFAULT_HEADS
+
+
+def quantize_weight(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-output-channel int8: ``w [N, K] ~= q [N, K] * scale [N, 1]``."""
+    wf = w.detach().float()
+    scale = wf.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # [N]
+    scale = scale.to(w.dtype).float()  # quantize against the scale as it will be stored
+    q = torch.round(wf / scale[:, None]).clamp(-128, 127).to(torch.int8)
+    return q, scale
+
+
+_PACK_OK: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _int8pack_ok(x: Tensor, w: Tensor, s: Tensor) -> bool:
+    """Whether ``_weight_int8pack_mm`` runs for this device/dtype (probed once, then cached)."""
+    key = (x.device.type, x.dtype)
+    ok = _PACK_OK.get(key)
+    if ok is None:
+        ok = False
+        if hasattr(torch, "_weight_int8pack_mm") and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+            try:
+                torch._weight_int8pack_mm(x[:1].reshape(1, -1), w, s)
+                ok = True
+            except (RuntimeError, NotImplementedError):
+                ok = False
+        _PACK_OK[key] = ok
+    return ok
+
+
+class Int8Linear(nn.Module):
+    """A drop-in ``nn.Linear`` with an int8 weight [out, in] and float scales [out].
+
+    ``weight`` and ``scales`` are buffers (not parameters): the module is inference-only."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear) -> Int8Linear:
+        w = lin.weight
+        m = cls(lin.in_features, lin.out_features, lin.bias is not None, device=w.device, dtype=w.dtype)
+        q, s = quantize_weight(w)
+        m.weight = q
+        m.scales = s.to(w.dtype)
+        if lin.bias is not None:
+            m.bias = nn.Parameter(lin.bias.detach(), requires_grad=False)
+        return m
+
+    def forward(self, x: Tensor) -> Tensor:  # [..., in] -> [..., out]
+        s = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
+        if _int8pack_ok(x, self.weight, s):
+            y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, s)
+            y = y.reshape(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.weight.to(x.dtype)) * s
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+Filter = Callable[[str, nn.Module], bool]
+
+
+def _selected(model: nn.Module, filter_fn: Filter) -> list[tuple[str, nn.Linear]]:
+    return [(n, m) for n, m in model.named_modules() if filter_fn(n, m)]
+
+
+def _set(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+@torch.no_grad()
+def quantize_int8_(model: nn.Module, filter_fn: Filter = default_filter) -> list[str]:
+    """Swap the selected ``nn.Linear`` modules of a loaded model for ``Int8Linear`` in place.
+
+    Returns the swapped module names. Tied weights are not supported (the release has none)."""
+    names = []
+    for name, lin in _selected(model, filter_fn):
+        _set(model, name, Int8Linear.from_linear(lin))
+        names.append(name)
+    return names
+
+
+def swap_int8_(model: nn.Module, names: Iterable[str] | None = None, filter_fn: Filter = default_filter) -> list[str]:
+    """Before load: replace the Linears (by ``names``, or ``filter_fn``) with empty ``Int8Linear``
+    modules (on the Linear's device, e.g. ``meta``), ready for ``load_state_dict(int8_sd, assign=True)``."""
+    mods = dict(model.named_modules())
+    sel = list(names) if names is not None else [n for n, _ in _selected(model, filter_fn)]
+    for name in sel:
+        lin = mods[name]
+        w = lin.weight
+        _set(model, name, Int8Linear(lin.in_features, lin.out_features, lin.bias is not None, w.device, w.dtype))
+    return sel
+
+
+@torch.no_grad()
+def int8_state_dict(sd: dict[str, Tensor], names: Iterable[str]) -> dict[str, Tensor]:
+    """A float state dict with ``{name}.weight`` of each listed Linear replaced by the int8 weight
+    and a ``{name}.scales`` entry (in the weight's dtype)."""
+    out = dict(sd)
+    for name in names:
+        w = out[f"{name}.weight"]
+        q, s = quantize_weight(w)
+        out[f"{name}.weight"] = q
+        out[f"{name}.scales"] = s.to(w.dtype)
+    return out
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes of all parameters and buffers (int8 weights count 1 byte each)."""
+    seen, n = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) not in seen and t.device.type != "meta":
+            seen.add(id(t))
+            n += t.numel() * t.element_size()
+    return n

@@ -1,0 +1,23 @@
+"""Server settings (limits, auth, media policy)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ServeConfig:
+    api_key: str | None = None  # bearer key for /v1/*; None: no auth
+    max_concurrent: int = 16  # concurrent sessions (HTTP replies + sockets); past it: 429
+    max_body_bytes: int = 32 * 1024 * 1024  # request body; past it: 413
+    max_media_bytes: int = 24 * 1024 * 1024  # one decoded media item
+    max_audio_s: float = 300.0  # one audio input
+    max_video_s: float = 120.0  # one video input
+    max_image_pixels: int = 4096 * 4096  # one image input
+    max_tokens: int = 4096  # largest max_tokens a request may ask for
+    default_max_tokens: int = 512  # when the request does not say
+    max_realtime_buffer_s: float = 120.0  # one live user turn
+    allow_remote_media: bool = True  # fetch http(s) media URLs
+    allowed_local_media_path: str | None = None  # serve local paths under this folder only
+    remote_timeout_s: float = 20.0
+    warmup: bool = True

@@ -1,0 +1,346 @@
+"""Training data: ChatML conversations in JSONL, validated, tokenised, batched by length.
+
+One record per line, the API's message schema plus optional speech targets::
+
+    {"messages": [{"role": "system"|"user"|"assistant",
+                   "content": "text" | [{"type": "text", "text": ...},
+                                        {"type": "audio"|"image"|"video", "audio"|"image"|"video": path}]}],
+     "codec_ids": [int, ...],              # talker targets for the last assistant turn
+     "speech": "reply.wav",                # the same reply as audio (kept for reference only)
+     "chosen_codec_ids": [...], "rejected_codec_ids": [...]}   # talker DPO pairs
+
+Relative media paths are resolved against the JSONL file's folder. Every record is checked and
+encoded when the file is loaded; a bad one is skipped and reported as ``file:line: reason``
+(``Dataset.errors``), never fatal.
+
+Tokens: the conversation is rendered as ChatML (a missing system turn gets the default prompt)
+segment by segment, so the labels know where each assistant turn is: the Thinker's targets are the
+assistant content tokens and their ``<|im_end|>``; everything else is -100. Media placeholders are
+expanded by the project's input pipeline (``omnistream.prompt``), which also gives the features the
+encoders consume.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from omnistream.config import ThinkerConfig
+from omnistream.positions import get_rope_index
+from omnistream.tokenizer import SpecialIds, Tokenizer
+
+IGNORE = -100
+ROLES = ("system", "user", "assistant")
+MEDIA = ("audio", "image", "video")
+DEFAULT_SYSTEM = "You are a helpful assistant."
+N_CODES = 8292  # codec ids [0, 8292) are speech codes; 8292.. are pad/bos/eos/mask
+
+
+class RecordError(ValueError):
+    """A record that cannot be used (the message says why)."""
+
+
+@dataclass
+class Example:
+    """One encoded conversation."""
+
+    input_ids: list[int]
+    labels: list[int]  # thinker targets (already aligned: label[t] is the target *of* token t)
+    position_ids: Tensor  # [3, T] TMRoPE ids
+    media: list[Any] = field(default_factory=list)  # processed media items, prompt order
+    reply_start: int = 0  # first content token of the last assistant turn
+    reply_len: int = 0  # content tokens of that turn (its <|im_end|> excluded)
+    codes: list[int] | None = None  # talker targets (or DPO chosen)
+    rejected: list[int] | None = None  # DPO rejected
+    where: str = ""  # file:line
+
+    def __len__(self) -> int:
+        n = len(self.input_ids)
+        return n + 2 + len(self.codes) if self.codes is not None else n
+
+
+# -- media ---------------------------------------------------------------------------------------
+
+
+def process_media(kind: str, path: str) -> Any:
+    """Decode and featurise one media item with the project's input pipeline.
+
+    Returns an object with ``n_tokens`` (placeholder count) and whatever the encoders need
+    (see ``collate_media``)."""
+    try:
+        from omnistream import prompt
+    except ImportError as e:  # pragma: no cover - the pipeline lands separately
+        raise RecordError(f"{kind} input needs omnistream.prompt, which is not available ({e})") from e
+    try:
+        return prompt.process_media_item(kind, path)
+    except ValueError as e:  # MediaError is a ValueError
+        raise RecordError(f"bad {kind} {path!r}: {e}") from e
+
+
+def placeholder_ids(kind: str, item: Any, sp: SpecialIds) -> list[int]:
+    tok = {"audio": sp.audio, "image": sp.image, "video": sp.video}[kind]
+    bos, eos = (sp.audio_bos, sp.audio_eos) if kind == "audio" else (sp.vision_bos, sp.vision_eos)
+    return [bos] + [tok] * int(item.n_tokens) + [eos]
+
+
+def collate_media(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Group the processed items of a batch (prompt order) by kind for the encoders."""
+    out: dict[str, list] = {k: [] for k in MEDIA}
+    for kind, item in items:
+        out[kind].append(item)
+    return out
+
+
+# -- records ---------------------------------------------------------------------------------
+
+
+def _check_codes(rec: dict, key: str) -> list[int] | None:
+    codes = rec.get(key)
+    if codes is None:
+        return None
+    if not isinstance(codes, list) or not codes:
+        raise RecordError(f"{key!r} must be a non-empty list of ints")
+    if not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < N_CODES for c in codes):
+        raise RecordError(f"{key!r} must hold ints in [0, {N_CODES})")
+    return codes
+
+
+def validate(rec: Any, base: Path) -> dict:
+    """Schema checks (raises ``RecordError``); returns the record."""
+    if not isinstance(rec, dict):
+        raise RecordError("record is not a JSON object")
+    msgs = rec.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise RecordError("'messages' must be a non-empty list")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise RecordError(f"messages[{i}]: role must be one of {ROLES}")
+        c = m.get("content")
+        if isinstance(c, str):
+            continue
+        if not isinstance(c, list) or not c:
+            raise RecordError(f"messages[{i}]: content must be a string or a non-empty list")
+        for j, part in enumerate(c):
+            t = part.get("type") if isinstance(part, dict) else None
+            if t == "text":
+                if not isinstance(part.get("text"), str):
+                    raise RecordError(f"messages[{i}].content[{j}]: text part without 'text'")
+            elif t in MEDIA:
+                if m["role"] == "assistant":
+                    raise RecordError(f"messages[{i}].content[{j}]: assistant turns are text only")
+                src = part.get(t)
+                if not isinstance(src, str):
+                    raise RecordError(f"messages[{i}].content[{j}]: {t} part without a path")
+                if not (base / src).is_file():
+                    raise RecordError(f"messages[{i}].content[{j}]: {t} file not found: {src}")
+            else:
+                raise RecordError(f"messages[{i}].content[{j}]: unknown part type {t!r}")
+    if msgs[-1]["role"] != "assistant":
+        raise RecordError("the last message must be the assistant's reply")
+    for key in ("codec_ids", "chosen_codec_ids", "rejected_codec_ids"):
+        _check_codes(rec, key)
+    if "speech" in rec and not (isinstance(rec["speech"], str) and (base / rec["speech"]).is_file()):
+        raise RecordError(f"speech file not found: {rec.get('speech')!r}")
+    return rec
+
+
+def encode(rec: dict, tok: Tokenizer, cfg: ThinkerConfig, base: Path, task: str = "thinker") -> Example:
+    """Render + tokenise one validated record (media through ``process_media``)."""
+    sp = tok.special
+    msgs = rec["messages"]
+    if msgs[0]["role"] != "system":
+        msgs = [{"role": "system", "content": DEFAULT_SYSTEM}, *msgs]
+    ids: list[int] = []
+    labels: list[int] = []
+    media: list[tuple[str, Any]] = []
+    reply_start = reply_len = 0
+    for m in msgs:
+        head = [sp.im_start, *tok.encode(m["role"] + "\n")]
+        body: list[int] = []
+        parts = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
+        for part in parts:
+            if part["type"] == "text":
+                body += tok.encode(part["text"])
+            else:
+                item = process_media(part["type"], str(base / part[part["type"]]))
+                media.append((part["type"], item))
+                body += placeholder_ids(part["type"], item, sp)
+        tail = [sp.im_end, *tok.encode("\n")]
+        is_asst = m["role"] == "assistant"
+        if is_asst:
+            reply_start, reply_len = len(ids) + len(head), len(body)
+            if not body:
+                raise RecordError("empty assistant reply")
+        ids += head + body + tail
+        # target of position t is token t+1: assistant body tokens and <|im_end|> are targets
+        labels += [IGNORE] * len(head)
+        labels += body + [sp.im_end] if is_asst else [IGNORE] * (len(body) + 1)
+        labels += [IGNORE] * (len(tail) - 1)
+    # shift: labels[t] = target for the prediction made at t (= token t+1)
+    labels = labels[1:] + [IGNORE]
+    if sp.image in ids or sp.video in ids or sp.audio in ids:
+        mi = collate_media(media)
+        pos = _positions(ids, mi, cfg)
+    else:
+        pos = torch.arange(len(ids)).expand(3, -1)
+    ex = Example(ids, labels, pos, media, reply_start, reply_len)
+    if task == "talker":
+        ex.codes = _check_codes(rec, "codec_ids")
+        if ex.codes is None:
+            hint = " (a 'speech' file alone is not enough: no speech tokenizer)" if "speech" in rec else ""
+            raise RecordError("talker training needs 'codec_ids'" + hint)
+    elif task == "talker_dpo":
+        ex.codes = _check_codes(rec, "chosen_codec_ids")
+        ex.rejected = _check_codes(rec, "rejected_codec_ids")
+        if ex.codes is None or ex.rejected is None:
+            raise RecordError("DPO needs 'chosen_codec_ids' and 'rejected_codec_ids'")
+    return ex
+
+
+def _positions(ids: list[int], mi: dict[str, list], cfg: ThinkerConfig) -> Tensor:
+    def cat(kind, attr):
+        xs = [torch.as_tensor(getattr(it, attr)) for it in mi[kind]]
+        return torch.stack(xs) if xs else None
+
+    audio_len = cat("audio", "feature_len")
+    spg = [float(it.second_per_grid) for it in mi["video"]] or None
+    pos, _ = get_rope_index(
+        torch.tensor([ids]), cat("image", "grid_thw"), cat("video", "grid_thw"), None, False,
+        audio_len, spg, cfg,
+    )
+    return pos[:, 0]  # [3, T]
+
+
+# -- dataset ---------------------------------------------------------------------------------
+
+
+class Dataset:
+    """All usable examples of one or more JSONL files; ``errors`` lists the skipped records."""
+
+    def __init__(
+        self,
+        paths: str | Path | list[str | Path],
+        tok: Tokenizer,
+        cfg: ThinkerConfig,
+        task: str = "thinker",
+        max_len: int | None = None,
+        log=print,
+    ):
+        self.examples: list[Example] = []
+        self.errors: list[str] = []
+        for path in [paths] if isinstance(paths, (str, Path)) else paths:
+            path = Path(path)
+            with path.open(encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    where = f"{path}:{lineno}"
+                    try:
+                        try:
+                            rec = json.loads(line)
+                        except json.JSONDecodeError as e:
+                            raise RecordError(f"invalid JSON: {e.msg} (column {e.colno})") from None
+                        ex = encode(validate(rec, path.parent), tok, cfg, path.parent, task)
+                        if max_len is not None and len(ex) > max_len:
+                            raise RecordError(f"{len(ex)} tokens > max_len {max_len}")
+                    except RecordError as e:
+                        self.errors.append(f"{where}: {e}")
+                        log(json.dumps({"event": "bad_record", "where": where, "error": str(e)}))
+                        continue
+                    ex.where = where
+                    self.examples.append(ex)
+        if not self.examples:
+            raise ValueError(f"no usable records in {paths} ({len(self.errors)} bad)")
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> Example:
+        return self.examples[i]
+
+
+# -- batching --------------------------------------------------------------------------------
+
+
+class Batches:
+    """Deterministic, resumable stream of *global* batches (lists of example indices).
+
+    Each epoch shuffles the indices with ``seed + epoch``; each window of ``group`` global batches
+    is sorted by length so a batch holds similar lengths (less padding), and the window's batches
+    are shuffled again. ``state()``/``load_state()`` give the exact position (epoch, batch)."""
+
+    def __init__(self, lengths: list[int], global_batch: int, seed: int = 0, group: int = 32):
+        if global_batch > len(lengths):
+            raise ValueError(f"global batch {global_batch} > dataset size {len(lengths)}")
+        self.lengths, self.global_batch, self.seed, self.group = lengths, global_batch, seed, group
+        self.epoch, self.pos = 0, 0
+        self._order = self._epoch_order(0)
+
+    def _epoch_order(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(self.seed * 100_003 + epoch)
+        idx = list(range(len(self.lengths)))
+        rng.shuffle(idx)
+        n = len(idx) // self.global_batch * self.global_batch  # drop the ragged tail
+        idx, out = idx[:n], []
+        win = self.global_batch * max(1, self.group)
+        for s in range(0, n, win):
+            w = sorted(idx[s : s + win], key=lambda i: (self.lengths[i], i))
+            bs = [w[k : k + self.global_batch] for k in range(0, len(w), self.global_batch)]
+            rng.shuffle(bs)
+            out += bs
+        return out
+
+    def __next__(self) -> list[int]:
+        if self.pos >= len(self._order):
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._order = self._epoch_order(self.epoch)
+        b = self._order[self.pos]
+        self.pos += 1
+        return b
+
+    def __iter__(self):
+        return self
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state(self, s: dict) -> None:
+        self.epoch, self.pos = int(s["epoch"]), int(s["pos"])
+        self._order = self._epoch_order(self.epoch)
+
+
+def split(global_ids: list[int], n_micro: int, world: int, rank: int) -> list[list[int]]:
+    """This rank's micro-batches of a global batch: micro-batch a of rank r is the
+    ``(a * world + r)``-th equal slice (so the same global batch splits the same for any world)."""
+    per = len(global_ids) // (n_micro * world)
+    return [global_ids[(a * world + rank) * per : (a * world + rank + 1) * per] for a in range(n_micro)]
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, Any]:
+    """Right-padded tensors (causal attention never sees right padding, so no mask is needed)."""
+    T = max(len(e.input_ids) for e in examples)
+    B = len(examples)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE, dtype=torch.long)
+    pos = torch.zeros(3, B, T, dtype=torch.long)
+    for b, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[b, :n] = torch.tensor(e.input_ids)
+        labels[b, :n] = torch.tensor(e.labels)
+        pos[:, b, :n] = e.position_ids
+        if n < T:  # padding continues the positions (never attended by real tokens)
+            pos[:, b, n:] = e.position_ids.max() + 1 + torch.arange(T - n)
+    media = [m for e in examples for m in e.media]
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "position_ids": pos,
+        "media": collate_media(media) if media else None,
+        "examples": examples,
+    }

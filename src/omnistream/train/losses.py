@@ -1,0 +1,162 @@
+"""The three training objectives. Each returns ``(loss_sum, count)``: the loop divides by the
+count summed over all micro-batches and processes of the optimizer step, so any split of a global
+batch (accumulation, data parallel) gives the same loss and gradients.
+
+* ``thinker_loss``: next-token cross entropy on the assistant text (labels from ``data.encode``).
+* ``talker_loss``: next-code cross entropy, teacher forced on the dual-track input the Talker sees
+  at inference (facts sheet §8), built from the (frozen) Thinker's states of prompt and reply.
+* ``dpo_loss``: DPO on chosen/rejected code sequences of the same reply, against a frozen
+  reference Talker.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from omnistream.train.data import IGNORE
+
+CODEC_PAD, CODEC_BOS, CODEC_EOS = 8292, 8293, 8294
+TTS_PAD, TTS_END = 151859, 151861
+
+
+def encode_media(thinker: nn.Module, media: dict[str, list] | None):
+    """Run the encoders on a batch's processed media; returns a ``Media`` (or None)."""
+    if not media:
+        return None
+    from omnistream import prompt
+
+    return prompt.encode_batch_media(thinker, media)
+
+
+def thinker_states(thinker: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """Final hidden states and input embeddings [B, T, D] of the whole batch."""
+    media = encode_media(thinker, batch["media"])
+    embeds = thinker.embed(batch["input_ids"], media)  # [B, T, D]
+    hidden = thinker.model(embeds, batch["position_ids"])  # [B, T, D] (causal, right padding)
+    return hidden, embeds
+
+
+def thinker_loss(thinker: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, int]:
+    """Summed cross entropy over the assistant-text targets, and their number."""
+    hidden, _ = thinker_states(thinker, batch)
+    labels = batch["labels"]  # [B, T], labels[t] = target of position t
+    keep = labels != IGNORE
+    logits = thinker.lm_head(hidden[keep]).float()  # [N, V]: only the positions with a target
+    return F.cross_entropy(logits, labels[keep], reduction="sum"), int(keep.sum())
+
+
+# -- talker -------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def thinker_side(thinker: nn.Module, batch: dict[str, Any], speaker_bos: int) -> dict[str, Tensor]:
+    """The Thinker's half of the talker input (computed once, no gradient): hidden + embedding
+    per position [B, T, D] (embedding zeroed at media placeholders), and the embeddings of the
+    speaker bos, TTS end and TTS pad tokens [D]."""
+    hidden, embeds = thinker_states(thinker, batch)
+    ids = batch["input_ids"]
+    c = thinker.cfg
+    media_tok = torch.tensor([c.audio_token_index, c.image_token_index, c.video_token_index])
+    embeds = embeds.masked_fill(torch.isin(ids, media_tok.to(ids.device)).unsqueeze(-1), 0.0)
+    spk, end, pad = thinker.model.embed_tokens(
+        torch.tensor([speaker_bos, TTS_END, TTS_PAD], device=ids.device)
+    )
+    return {"both": hidden + embeds, "spk": spk, "end": end, "pad": pad}
+
+
+def talker_inputs(
+    talker: nn.Module, side: dict[str, Tensor], batch: dict[str, Any], codes: list[list[int]]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Teacher-forced talker inputs; row i uses example ``i % B`` of the batch and ``codes[i]``.
+
+    Per row, with prompt length P (up to and including ``<|im_start|>assistant\\n``), reply tokens
+    r_0..r_{n-1} and codes c_0..c_{m-1}, the input (thinker-hidden space) is::
+
+        t < P        hidden[t] + embed[t]            (embed zeroed at media placeholders)
+        t = P        embed(speaker bos) + codec(PAD)
+        t = P+1      hidden/embed(r_0)  + codec(BOS)  -> predicts c_0
+        t = P+2+k    codec(c_k) + text(k+1)           -> predicts c_{k+1}, finally EOS
+
+    where text(j) is hidden+embed of r_j, then embed(TTS_END) once, then embed(TTS_PAD).
+    Positions: the thinker's TMRoPE ids for the prompt, then one more per step on all rows.
+
+    Returns inputs [R, L, D], position ids [3, R, L] and targets [R, L] (-100 = none).
+    """
+    both, spk, end, pad = side["both"], side["spk"], side["end"], side["pad"]
+    dev = both.device
+    codec_emb = talker.model.embed_tokens
+    examples = batch["examples"]
+    rows, poss, tgts = [], [], []
+    for i, cs in enumerate(codes):
+        b = i % len(examples)
+        ex = examples[b]
+        P, n = ex.reply_start, ex.reply_len
+        c = torch.tensor(cs, device=dev)
+        m = len(c)
+        reply = both[b, P : P + n]  # [n, D]
+        track = torch.cat([reply[1:], end[None], pad[None].expand(max(0, m + 1 - n), -1)])[:m]
+        cin = codec_emb(torch.cat([torch.tensor([CODEC_PAD, CODEC_BOS], device=dev), c]))  # [m+2, D]
+        x = torch.cat([
+            both[b, :P],
+            (spk + cin[0])[None],
+            (reply[0] + cin[1])[None],
+            cin[2:] + track,
+        ])  # [P+2+m, D]
+        p0 = batch["position_ids"][:, b, :P]  # [3, P]
+        after = p0.max() + 1 + torch.arange(m + 2, device=dev)
+        pos = torch.cat([p0, after.expand(3, -1)], 1)  # [3, P+2+m]
+        tgt = torch.full((P + 2 + m,), IGNORE, dtype=torch.long, device=dev)
+        tgt[P + 1 :] = torch.cat([c, torch.tensor([CODEC_EOS], device=dev)])
+        rows.append(x), poss.append(pos), tgts.append(tgt)
+    L, R = max(len(r) for r in rows), len(rows)
+    x = rows[0].new_zeros(R, L, rows[0].shape[-1])
+    pos = torch.zeros(3, R, L, dtype=torch.long, device=dev)
+    tgt = torch.full((R, L), IGNORE, dtype=torch.long, device=dev)
+    for i in range(R):
+        k = len(rows[i])
+        x[i, :k], pos[:, i, :k], tgt[i, :k] = rows[i], poss[i], tgts[i]
+        pos[:, i, k:] = poss[i].max() + 1 + torch.arange(L - k, device=dev)
+    return x, pos, tgt
+
+
+def talker_logits(talker: nn.Module, x: Tensor, pos: Tensor, keep: Tensor) -> Tensor:
+    """Codec logits [N, V] at the ``keep`` positions of the dual-track inputs ``x`` [B, L, D]."""
+    h = talker.model(talker.thinker_to_talker_proj(x), pos)  # [B, L, H]
+    return talker.codec_head(h[keep]).float()
+
+
+def talker_loss(thinker, talker, batch, speaker_bos: int) -> tuple[Tensor, int]:
+    side = thinker_side(thinker, batch, speaker_bos)
+    x, pos, tgt = talker_inputs(talker, side, batch, [ex.codes for ex in batch["examples"]])
+    keep = tgt != IGNORE
+    logits = talker_logits(talker, x, pos, keep)
+    return F.cross_entropy(logits, tgt[keep], reduction="sum"), int(keep.sum())
+
+
+def _seq_logp(talker, x, pos, tgt) -> Tensor:
+    """Summed log-probability of each row's targets: [R]."""
+    keep = tgt != IGNORE
+    logp = talker_logits(talker, x, pos, keep).log_softmax(-1)  # [N, V]
+    tok = logp.gather(-1, tgt[keep][:, None])[:, 0]  # [N]
+    row = keep.nonzero()[:, 0]  # [N] row of each target
+    return torch.zeros(x.shape[0], dtype=tok.dtype, device=x.device).index_add(0, row, tok)
+
+
+def dpo_loss(thinker, talker, ref_talker, batch, speaker_bos: int, beta: float) -> tuple[Tensor, int]:
+    """Summed DPO loss ``-log sigmoid(beta * ((pi_c - pi_r) - (ref_c - ref_r)))`` over the pairs
+    of the batch (sequence log-probs of the codes + EOS), and the number of pairs."""
+    ex = batch["examples"]
+    B = len(ex)
+    codes = [e.codes for e in ex] + [e.rejected for e in ex]  # rows: chosen then rejected
+    side = thinker_side(thinker, batch, speaker_bos)
+    x, pos, tgt = talker_inputs(talker, side, batch, codes)
+    lp = _seq_logp(talker, x, pos, tgt)  # [2B]
+    with torch.no_grad():
+        xr, _, _ = talker_inputs(ref_talker, side, batch, codes)
+        ref = _seq_logp(ref_talker, xr, pos, tgt)
+    margin = (lp[:B] - lp[B:]) - (ref[:B] - ref[B:])
+    return -F.logsigmoid(beta * margin).sum(), B

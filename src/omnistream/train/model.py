@@ -1,0 +1,117 @@
+"""The model being trained: Thinker (+ Talker) under the checkpoint's own prefixes.
+
+``OmniTrain.state_dict()`` keys are the released tensor names (``thinker.*``, ``talker.*``), so a
+checkpoint is loaded by reading the safetensors files and saved by writing them back: the
+token2wav tensors (never trained here) and every tensor of a component that was not loaded are
+copied from the source checkpoint, so the output directory is a complete release-layout model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from omnistream.config import OmniConfig, TalkerConfig
+from omnistream.nn.text import TextModel
+from omnistream.nn.thinker import Thinker
+
+try:  # the Talker module is written in parallel; its attribute names are the checkpoint's
+    from omnistream.nn.talker import Talker as _Talker
+except ImportError:  # pragma: no cover
+    _Talker = None
+
+
+class TalkerCore(nn.Module):
+    """The Talker's parameters under their checkpoint names (used when ``omnistream.nn.talker`` is
+    not importable). Training only needs these three parts; see ``losses.talker_forward``."""
+
+    def __init__(self, cfg: TalkerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.thinker_to_talker_proj = nn.Linear(cfg.embedding_size, cfg.hidden_size, bias=True)
+        self.model = TextModel(cfg)  # embed_tokens: [codec vocab, embedding_size]
+        self.codec_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+
+def build_talker(cfg: TalkerConfig) -> nn.Module:
+    return _Talker(cfg) if _Talker is not None else TalkerCore(cfg)
+
+
+class OmniTrain(nn.Module):
+    """Container whose parameter names equal the checkpoint's (``thinker.``/``talker.``)."""
+
+    def __init__(self, cfg: OmniConfig, with_talker: bool):
+        super().__init__()
+        self.cfg = cfg
+        self.thinker = Thinker(cfg.thinker_config)
+        if with_talker:
+            self.talker = build_talker(cfg.talker_config)
+        else:
+            self.talker = None
+
+
+# -- reading / writing the released layout ------------------------------------------------------
+
+
+def weight_files(model_dir: str | Path) -> list[Path]:
+    d = Path(model_dir)
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [d / n for n in names]
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no safetensors weights in {d}")
+    return files
+
+
+def read_tensors(model_dir: str | Path, prefixes: tuple[str, ...] | None = None) -> dict[str, Tensor]:
+    """All tensors of a checkpoint (optionally only names starting with one of ``prefixes``)."""
+    out = {}
+    for f in weight_files(model_dir):
+        with safe_open(str(f), "pt") as sf:
+            for k in sf.keys():
+                if prefixes is None or k.startswith(prefixes):
+                    out[k] = sf.get_tensor(k)
+    return out
+
+
+def load_model(model_dir: str | Path, with_talker: bool, dtype=torch.float32) -> OmniTrain:
+    """Build ``OmniTrain`` from a release-layout directory (weights cast to ``dtype``)."""
+    cfg = OmniConfig.from_file(Path(model_dir) / "config.json")
+    model = OmniTrain(cfg, with_talker)
+    names = set(model.state_dict())
+    prefixes = ("thinker.", "talker.") if with_talker else ("thinker.",)
+    sd = {k: v.to(dtype) for k, v in read_tensors(model_dir, prefixes).items() if k in names}
+    missing = names - set(sd)
+    if missing:
+        raise KeyError(f"checkpoint {model_dir} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+    model.load_state_dict(sd, strict=True)
+    return model.to(dtype)
+
+
+def save_released(
+    out_dir: str | Path, src_dir: str | Path, trained: dict[str, Tensor]
+) -> Path:
+    """Write a complete release-layout checkpoint to ``out_dir``: the source's non-weight files
+    (config, tokenizer, processor, spk_dict ...) and one ``model.safetensors`` holding the source
+    tensors with ``trained`` (checkpoint names, LoRA already merged) written over them, each in the
+    source tensor's dtype."""
+    out, src = Path(out_dir), Path(src_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
+            shutil.copy2(f, out / f.name)
+    tensors = read_tensors(src)
+    for k, v in trained.items():
+        if k not in tensors:
+            raise KeyError(f"trained tensor {k} is not in the source checkpoint")
+        tensors[k] = v.detach().to("cpu", tensors[k].dtype).contiguous()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out

@@ -1,0 +1,116 @@
+"""Training stages as declarative configs (``configs/train/*.json``).
+
+A stage says *what* is trained (``task`` + which parameters), on which sequence lengths, and with
+which optimisation settings. The loop reads nothing else. Parameter selection is by glob patterns
+over checkpoint names (``thinker.audio_tower.*``); ``trainable`` is applied first, then ``frozen``
+removes names from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+TASKS = ("thinker", "talker", "talker_dpo")
+
+
+@dataclass
+class LoRAOptions:
+    r: int = 8  # rank
+    alpha: float = 16.0  # scale = alpha / r
+    modules: list[str] = field(default_factory=lambda: ["thinker.model"])  # where to apply
+    targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class Stage:
+    name: str = "full"
+    task: str = "thinker"  # "thinker" | "talker" | "talker_dpo"
+    trainable: list[str] = field(default_factory=lambda: ["thinker.*"])  # glob over param names
+    frozen: list[str] = field(default_factory=list)  # removed from trainable
+    talker_last_layers: int = 0  # > 0: add the talker's last N layers + norm + codec_head
+    lora: LoRAOptions | None = None  # set: train only the LoRA factors of lora.modules
+    # data
+    max_len: int = 2048  # longer records are dropped (reported), never truncated
+    batch_size: int = 4  # examples per micro-batch per process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    length_group: int = 32  # sort each window of batch_size * this many examples by length
+    # optimisation
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 10
+    max_steps: int = 1000
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0  # 0 = off
+    dtype: str = "float32"  # autocast dtype: "float32" (off) | "bfloat16"
+    # talker
+    speaker_bos: int = 151872  # thinker-vocab token of the voice (Chelsie)
+    dpo_beta: float = 0.1
+    # bookkeeping
+    eval_every: int = 0  # steps; 0 = never
+    eval_batches: int = 4
+    save_every: int = 0  # steps; 0 = only at the end
+    log_every: int = 1
+    seed: int = 0
+    dist: str = "ddp"  # "ddp" | "fsdp" (FSDP2 fully_shard, sharded DCP checkpoints)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Stage:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown stage keys: {sorted(unknown)}")
+        d = dict(d)
+        if d.get("lora") is not None:
+            d["lora"] = LoRAOptions(**d["lora"])
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        stage = cls(**d)
+        if stage.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {stage.task!r}")
+        return stage
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Stage:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **kw) -> Stage:
+        return dataclasses.replace(self, **kw)
+
+    @property
+    def needs_talker(self) -> bool:
+        return self.task in ("talker", "talker_dpo")
+
+
+def select_trainable(model: nn.Module, stage: Stage) -> list[str]:
+    """Set ``requires_grad`` on ``model`` per the stage; returns the trained parameter names.
+    With LoRA, call after ``apply_lora``: only the LoRA factors are trained."""
+    names = [n for n, _ in model.named_parameters()]
+    if stage.lora is not None:
+        chosen = {n for n in names if n.endswith((".lora_A", ".lora_B"))}
+    else:
+        chosen = {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in stage.trainable)}
+        if stage.talker_last_layers > 0:
+            n_layers = len(model.talker.model.layers)
+            first = n_layers - stage.talker_last_layers
+            pats = [f"talker.model.layers.{i}.*" for i in range(first, n_layers)]
+            pats += ["talker.model.norm.*", "talker.codec_head.*"]
+            chosen |= {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in pats)}
+        chosen = {n for n in chosen if not any(fnmatch.fnmatchcase(n, p) for p in stage.frozen)}
+    if not chosen:
+        raise ValueError(f"stage {stage.name!r} selects no trainable parameters")
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in chosen)
+    return sorted(chosen)

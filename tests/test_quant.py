@@ -1,0 +1,105 @@
+"""int8 weight-only quantization: kernel vs dequantized matmul, and the tiny Thinker's int8 logits
+against fp32 over a generated reply (max abs diff and top-1 agreement are printed; bounds loose)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import randomize_
+from torch import nn
+
+from omnistream.config import OmniConfig
+from omnistream.engine import quant
+from omnistream.engine.quant import Int8Linear, int8_state_dict, quantize_int8_, swap_int8_, weight_bytes
+from omnistream.nn.thinker import Thinker
+from omnistream.tiny import tiny_config
+
+
+def tiny_thinker(seed: int = 0) -> Thinker:
+    cfg = OmniConfig.from_dict(tiny_config()).thinker_config
+    torch.manual_seed(seed)
+    return randomize_(Thinker(cfg), seed=seed).eval()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_int8_linear_equals_dequantized(bias, dtype):
+    lin = nn.Linear(96, 40, bias=bias).to(dtype)
+    q = Int8Linear.from_linear(lin)
+    x = torch.randn(2, 3, 96, dtype=dtype)
+    deq = q.weight.float() * q.scales.float()[:, None]  # [N, K]
+    want = x.float() @ deq.T + (lin.bias.float() if bias else 0)
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(q(x).float(), want, atol=tol, rtol=tol)
+    # the quantization error itself is bounded by half a step per weight
+    assert (deq - lin.weight.float()).abs().max() <= q.scales.float().max() / 2 + 1e-6
+
+
+@torch.no_grad()
+def test_fallback_path_matches_kernel(monkeypatch):
+    lin = nn.Linear(64, 32)
+    q = Int8Linear.from_linear(lin)
+    x = torch.randn(5, 64)
+    a = q(x)
+    monkeypatch.setattr(quant, "_PACK_OK", {("cpu", torch.float32): False})
+    b = q(x)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_filter_selects_decoder_and_head_only():
+    m = tiny_thinker()
+    names = quantize_int8_(m)
+    assert "lm_head" in names
+    assert all(n.startswith("model.layers.") or n == "lm_head" for n in names)
+    assert len(names) == 2 * 7 + 1  # 2 layers x (q, k, v, o, gate, up, down) + lm_head
+    assert not any(isinstance(mod, nn.Linear) for n, mod in m.model.layers.named_modules())
+
+
+@torch.no_grad()
+def test_int8_thinker_vs_fp32_over_a_reply():
+    fp = tiny_thinker()
+    q8 = tiny_thinker()
+    quantize_int8_(q8)
+    assert weight_bytes(q8.model.layers) < weight_bytes(fp.model.layers) / 3
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 150000, (1, 12), generator=g)
+    n_new = 32
+    gen = fp.generate(ids, max_new_tokens=n_new, eos_ids=(-1,))  # greedy fp32 reply
+    seq = torch.cat([ids, gen.tokens], 1)  # [1, T + N]
+    # teacher-force the fp32 reply through both models, compare logits at every reply position
+    outs = []
+    for m in (fp, q8):
+        cache = m.model.new_cache(1, seq.shape[1])
+        step = m.prefill(seq[:, : ids.shape[1]], cache)
+        logits = [step.logits]
+        for t in range(ids.shape[1], seq.shape[1] - 1):
+            step = m.decode_step(seq[:, t], cache, step.rope_deltas)
+            logits.append(step.logits)
+        outs.append(torch.stack(logits, 1))  # [1, N, V]
+    a, b = outs
+    max_abs = (a - b).abs().max().item()
+    scale = a.abs().max().item()
+    agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    print(f"\nint8 vs fp32 tiny thinker over {a.shape[1]} reply positions: "
+          f"max|dlogit| = {max_abs:.4g} (max|logit| = {scale:.3g}), top-1 agreement = {agree:.1%}")
+    assert max_abs < 0.1 * scale
+    assert agree >= 0.8
+
+
+@torch.no_grad()
+def test_before_load_path_equals_after_load():
+    fp = tiny_thinker()
+    after = tiny_thinker()
+    names = quantize_int8_(after)
+    sd = int8_state_dict(fp.state_dict(), names)
+    with torch.device("meta"):
+        before = Thinker(OmniConfig.from_dict(tiny_config()).thinker_config)
+    swap_int8_(before, names)
+    before.load_state_dict(sd, assign=True, strict=True)
+    before.eval()
+    ids = torch.randint(0, 150000, (2, 9), generator=torch.Generator().manual_seed(1))
+    pos, _ = after.position_ids(ids)
+    want, _ = after(after.embed(ids), pos)
+    got, _ = before(before.embed(ids), pos)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
