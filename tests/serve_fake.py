@@ -18,7 +18,7 @@ from omnistream.engine.events import SAMPLE_RATE, AudioChunk, Done, TextDelta, U
 
 
 @dataclass(frozen=True)
-class FakeSampling:
+class SamplingParams:  # found by the server in the engine's module
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
@@ -44,7 +44,7 @@ class FakeEngine:
                 raise ValueError(f"unknown voice {voice!r}; available: {', '.join(self.speakers)}")
         self.sessions += 1
         return FakeSession(self, voice or self.speakers[0], system, audio_output,
-                           sampling or FakeSampling(), max_new_tokens)
+                           sampling or SamplingParams(), max_new_tokens)
 
 
 class FakeSession:
@@ -91,7 +91,7 @@ class FakeSession:
             if p["type"] != "text" and not p[p["type"]]:
                 raise ValueError(f"empty {p['type']} part")
         if "LONG" in text:
-            return [f"w{i}" for i in range(self.max_new_tokens)]
+            return [f"w{i}" for i in range(self.max_new_tokens + 10)]
         media = [k for k in kinds if k != "text"]
         words = ["Hello", "from", self.voice + "."]
         if media:

@@ -22,7 +22,8 @@ def _pair(kind: str, **overrides):
     overrides = {f"{key}.{k}": v for k, v in overrides.items()}
     hf_cfg = getattr(tiny_hf_config(**overrides).thinker_config, f"{kind}_config")
     hf_cfg._attn_implementation = "sdpa"
-    ours_cfg = getattr(OmniConfig.from_dict(tiny_config(**overrides)).thinker_config, f"{kind}_config")
+    ours_thinker = OmniConfig.from_dict(tiny_config(**overrides)).thinker_config
+    ours_cfg = getattr(ours_thinker, f"{kind}_config")
     if kind == "audio":
         ref, ours = ref_mod.Qwen2_5OmniAudioEncoder(hf_cfg), AudioEncoder(ours_cfg)
     else:

@@ -81,7 +81,14 @@ def test_talker_logits_prefill_and_steps(omni):
 
 
 def _reference_codes(ref, ids, mask, n_text, n_codes):
-    """Codec ids from the reference's full generate (token2wav stubbed out)."""
+    """Codec ids from the reference's full generate (token2wav stubbed out).
+
+    transformers 5.24's ``generate`` drops an all-ones attention mask before the first forward,
+    and its talker only adds the codec pad/bos embeddings (and computes its rope deltas) when it
+    gets a mask: without padding it silently skips them (a regression; 4.x and the release add
+    them, facts §8). The wrapper below hands the talker the all-ones mask it should have got, so
+    the reference follows its intended path; with left padding the mask survives and the wrapper
+    is a no-op."""
     captured = []
     talker_generate = ref.talker.generate
 
@@ -89,7 +96,17 @@ def _reference_codes(ref, ids, mask, n_text, n_codes):
         captured.append(talker_generate(*a, **k))
         return captured[-1]
 
+    def give_mask(module, args, kwargs):
+        if kwargs.get("attention_mask") is None:
+            x = kwargs.get("inputs_embeds")
+            x = x if x is not None else kwargs["input_ids"]
+            cache = kwargs.get("cache")
+            past = cache.get_seq_length() if cache is not None else 0
+            kwargs["attention_mask"] = torch.ones(x.shape[0], past + x.shape[1], dtype=torch.long)
+        return args, kwargs
+
     ref.talker.generate = capture
+    hook = ref.talker.register_forward_pre_hook(give_mask, with_kwargs=True)
     ref.token2wav.forward = lambda codes, **k: torch.zeros(240)
     ref.speaker_map = {"Chelsie": {"bos_token": SPEAKER_BOS, "cond": torch.zeros(1, 192),
                                    "ref_mel": torch.zeros(1, 40, 80)}}
@@ -103,6 +120,7 @@ def _reference_codes(ref, ids, mask, n_text, n_codes):
         )
     finally:
         del ref.talker.generate
+        hook.remove()
     return text[:, ids.shape[1]:], captured[0][:, ids.shape[1] + 2:]
 
 

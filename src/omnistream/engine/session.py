@@ -109,13 +109,16 @@ class Engine:
         return list(self.speakers_map)
 
     def speaker(self, voice: str | None):
-        """The ``Speaker`` for ``voice`` (case-insensitive; None = the first, "Chelsie" in the
-        release). Unknown names raise ValueError listing the available ones."""
-        from omnistream.checkpoint import get_speaker
-
+        """The ``Speaker`` for ``voice`` (case-insensitive; None = "Chelsie" when present).
+        Unknown names raise ValueError listing the available ones."""
         if not self.speakers_map:
             raise ValueError("this engine was loaded without audio output (no voices)")
-        return get_speaker(self.speakers_map, voice)
+        if voice is None:
+            voice = "Chelsie" if "Chelsie" in self.speakers_map else self.speakers[0]
+        try:
+            return self.speakers_map[voice]
+        except LookupError as e:
+            raise ValueError(str(e).strip("'\"")) from None
 
     def session(self, voice: str | None = None, system: str | None = None,
                 audio_output: bool = True, sampling: SamplingParams | None = None,
@@ -152,11 +155,10 @@ class Session:
         self.chunk_frames = chunk_frames
         self.ode_steps = ode_steps
         self.solver = solver
-        self.generator = torch.Generator(device=engine.device)
-        if seed is not None:
-            self.generator.manual_seed(seed)
-        else:
-            self.generator.seed()
+        # one generator per stage, so streaming and offline draw the same numbers in each
+        base = seed if seed is not None else int(torch.seed() % (2**62))
+        self.generator, self.talker_gen, self.noise_gen = (
+            torch.Generator(device=engine.device).manual_seed(base + i) for i in range(3))
         self.cache = engine.thinker.model.new_cache(1, max_context)
         self.ctx = _Context()
         self.next_pos = 0  # TMRoPE id of the next token fed to the Thinker
@@ -234,7 +236,7 @@ class Session:
         deltas = step.rope_deltas
         timings["prefill_s"] = time.perf_counter() - t0
 
-        speech = _Speech(self, offline) if self.audio_output else None
+        speech = _Speech(self, offline, deltas) if self.audio_output else None
         detok = eng.tokenizer.detokenizer()
         seen = None
         if self.sampling.repetition_penalty != 1.0:
@@ -300,13 +302,16 @@ def _zero_media(embeds: Tensor, ids: Tensor, tcfg) -> Tensor:
 class _Speech:
     """The Talker + code2wav side of one reply, fed one reply-token state at a time."""
 
-    def __init__(self, sess: Session, offline: bool):
+    def __init__(self, sess: Session, offline: bool, deltas: Tensor):
         self.sess = sess
         self.offline = offline
         self.codes: list[int] = []
         self.reply: list[Tensor] = []  # [D] hidden + embed of reply tokens not yet consumed
-        self.started = False
+        self.k = 0  # next talker step
         self.done = False
+        self.prompt_len = sess.cache.length  # thinker prompt positions (reply token 0 not yet fed)
+        self.deltas = deltas
+        self.talker_gen = sess.talker_gen
         self.n_chunks = 0
         self.t_first_audio: float | None = None
         self.talker_s = 0.0
@@ -320,7 +325,7 @@ class _Speech:
 
             self.stream = Code2WavStream(eng.token2wav, sess.speaker.cond, sess.speaker.ref_mel,
                                          chunk_frames=sess.chunk_frames, steps=sess.ode_steps,
-                                         solver=sess.solver, generator=sess.generator)
+                                         solver=sess.solver, generator=sess.noise_gen)
 
     def feed(self, hidden: Tensor, embed: Tensor) -> Iterator[Event]:
         """Reply token k's Thinker state exists: run the Talker step(s) it unlocks."""
@@ -333,11 +338,11 @@ class _Speech:
         """The reply is complete: the Talker runs on (text-eos, then text-pad) to its codec eos."""
         self.reply.append(None)  # marks the end of the text
         yield from self._advance(until_done=True)
-        if self.offline:
+        if self.offline and self.codes:
             t = time.perf_counter()
-            wav = self.sess.engine.token2wav.synthesize(
+            wav = self.sess.engine.token2wav(
                 torch.tensor([self.codes]), self.sess.speaker.cond, self.sess.speaker.ref_mel,
-                steps=self.sess.ode_steps, solver=self.sess.solver, generator=self.sess.generator)
+                steps=self.sess.ode_steps, solver=self.sess.solver, generator=self.sess.noise_gen)
             self.code2wav_s += time.perf_counter() - t
             yield from self._emit(wav)
         elif self.stream is not None:
@@ -347,8 +352,66 @@ class _Speech:
             for c in chunks:
                 yield from self._emit(c)
 
+    def _reply_input(self, k: int) -> Tensor | None:
+        """Text-track input of talker step k: r_k, then the text-end embedding once, then the
+        text-pad embedding; None while reply token k does not exist yet."""
+        if k < len(self.reply) and self.reply[k] is not None:
+            return self.reply[k]
+        if not self.reply or self.reply[-1] is not None:
+            return None  # the Thinker has not produced token k yet
+        end = len(self.reply) - 1  # index of the end marker = number of real reply tokens
+        return self.text_end if k == end else self.text_pad
+
+    def _start(self) -> Tensor:
+        sess, eng = self.sess, self.sess.engine
+        c = eng.cfg.talker_config
+        hidden, embeds, pos = sess.ctx.tensors()
+        P = self.prompt_len
+        emb = eng.thinker.model.embed_tokens
+        dev = eng.device
+        ids = torch.tensor([sess.speaker.bos_token, c.tts_text_end_token_id,
+                            c.tts_text_pad_token_id], device=dev)
+        bos, self.text_end, self.text_pad = emb(ids).unbind(0)
+        self.cache = self.talker.new_cache(1, P + 2 + sess.talker_max_new_tokens)
+        prompt = (hidden[:P] + embeds[:P])[None]  # [1, P, E] (embeds are 0 at media)
+        self.seen = seen_mask(1, c.vocab_size, torch.tensor(
+            [[c.tts_codec_mask_token_id, c.tts_codec_pad_token_id, c.tts_codec_start_token_id]],
+            device=dev), dev)
+        self.stop = {c.tts_codec_pad_token_id, c.tts_codec_end_token_id}
+        return self.talker.prefill(self.cache, prompt, pos[:, None, :P], self.deltas, bos,
+                                   self.reply[0].reshape(1, 1, -1))
+
     def _advance(self, until_done: bool = False) -> Iterator[Event]:
-        raise NotImplementedError  # filled in below once the Talker API is fixed
+        """Run every Talker step whose input exists; push codes to code2wav as they come."""
+        sess = self.sess
+        while not self.done and not sess._cancel.is_set():
+            t = time.perf_counter()
+            if self.k == 0:
+                if not self.reply or self.reply[0] is None:
+                    self.done = self.done or bool(self.reply)  # an empty reply has no speech
+                    return
+                logits = self._start()
+            else:
+                r = self._reply_input(self.k)
+                if r is None:
+                    return
+                prev = torch.tensor([self.codes[-1]], device=sess.engine.device)
+                logits = self.talker.step(self.cache, prev, r.reshape(1, 1, -1), self.deltas)
+            code = int(sample(logits, sess.talker_sampling, self.seen, self.talker_gen))
+            self.k += 1
+            self.talker_s += time.perf_counter() - t
+            if code in self.stop:
+                self.done = True
+                return
+            self.codes.append(code)
+            if len(self.codes) >= sess.talker_max_new_tokens:
+                self.done = True
+            if self.stream is not None:
+                t = time.perf_counter()
+                chunks = list(self.stream.push([code]))
+                self.code2wav_s += time.perf_counter() - t
+                for c in chunks:
+                    yield from self._emit(c)
 
     def _emit(self, pcm: Tensor | np.ndarray) -> Iterator[Event]:
         pcm = pcm.detach().float().cpu().numpy() if isinstance(pcm, Tensor) else pcm

@@ -51,7 +51,10 @@ class AudioAttention(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
         c, t, d = x.shape  # [C, T, D]
-        q, k, v = (p(x).view(c, t, self.n_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (
+            p(x).view(c, t, self.n_heads, -1).transpose(1, 2)  # [C, H, T, hd]
+            for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [C, H, T, hd]
         return self.out_proj(o.transpose(1, 2).reshape(c, t, d))
 
@@ -104,6 +107,7 @@ class AudioEncoder(nn.Module):
         x = F.gelu(self.conv2(x)).transpose(1, 2)  # [C, T', D]
         if x.shape[1] > self.cfg.max_source_positions:
             raise ValueError(f"chunk of {x.shape[1]} frames > max_source_positions")
+        # (``scale_embedding`` is ignored, as in the reference: positions are added unscaled)
         x = x + sinusoids(x.shape[1], x.shape[2], x.device).to(x.dtype)
         out_lens = conv_lengths(lens)
         mask = None
@@ -129,13 +133,13 @@ class AudioEncoder(nn.Module):
             full, tail = divmod(int(n), self.chunk)
             chunk_lens += [self.chunk] * full + ([tail] if tail else [])
         chunks = input_features.T.split(chunk_lens)  # each [t, n_mels]
-        padded = nn.utils.rnn.pad_sequence(chunks, batch_first=True).transpose(1, 2)  # [C, n_mels, T]
+        padded = nn.utils.rnn.pad_sequence(chunks, batch_first=True).mT  # [C, n_mels, T]
         lens = torch.tensor(chunk_lens, device=input_features.device)
         x = self.encode_chunks(padded, lens)  # [C, T', D]
         valid = torch.arange(x.shape[1], device=x.device) < conv_lengths(lens)[:, None]
         frames = x[valid]  # [sum conv frames, D], clip order
         per_clip = conv_lengths(feature_lens).tolist()
-        even = [f[: n - n % 2] for f, n in zip(frames.split(per_clip), per_clip)]
+        even = [f[: n - n % 2] for f, n in zip(frames.split(per_clip), per_clip, strict=True)]
         return self.head(torch.cat(even)), self.output_lengths(feature_lens)
 
     def stream(self) -> AudioStream:
@@ -167,21 +171,20 @@ class AudioStream:
         self.tokens_out += out.shape[0]
         return out
 
-    def _empty(self, like: Tensor) -> Tensor:
-        w = self.enc.proj.weight
-        return like.new_zeros(0, w.shape[0], dtype=w.dtype)
+    def _empty(self) -> Tensor:
+        return self.enc.proj.weight.new_zeros(0, self.enc.proj.out_features)  # [0, output_dim]
 
     @torch.no_grad()
     def push(self, mel: Tensor) -> Tensor:
-        """mel: [n_mels, t] new frames (any t >= 0). Returns [k, output_dim] new tokens (maybe 0)."""
+        """mel: [n_mels, t] new frames (any t >= 0). Returns [k, output_dim] new tokens, k >= 0."""
         self.frames_in += mel.shape[1]
         buf = mel if self.pending is None else torch.cat([self.pending, mel], dim=1)
         c = self.enc.chunk
         n_full = buf.shape[1] // c
         self.pending = buf[:, n_full * c :]
         if n_full == 0:
-            return self._empty(mel)
-        chunks = buf[:, : n_full * c].reshape(buf.shape[0], n_full, c).transpose(0, 1)  # [C, n_mels, c]
+            return self._empty()
+        chunks = buf[:, : n_full * c].unflatten(1, (n_full, c)).transpose(0, 1)  # [C, n_mels, c]
         return self._emit(chunks, torch.full((n_full,), c, device=mel.device))
 
     @torch.no_grad()
@@ -190,7 +193,7 @@ class AudioStream:
         buf, self.pending = self.pending, None
         if buf is None or buf.shape[1] == 0:
             self.carry = None
-            return self._empty(self.enc.proj.weight)
+            return self._empty()
         out = self._emit(buf[None], torch.tensor([buf.shape[1]], device=buf.device))
         self.carry = None
         return out

@@ -51,6 +51,7 @@ class Token2Wav(nn.Module):
     def device(self) -> torch.device:
         return self.code2wav_dit_model.proj_out.weight.device
 
+    @torch.no_grad()
     def speaker(self, cond: Tensor, ref_mel: Tensor, guidance_scale: float = 0.5) -> Tensor:
         """The per-voice part of the DiT condition (computed once per voice/utterance):
         cond [B, 192] x-vector, ref_mel [B, T_ref, 80] -> [B or 2B, enc_dim + 192]."""

@@ -86,31 +86,33 @@ class Layout:
 
 
 @functools.lru_cache(maxsize=64)
-def vision_layout(grid: tuple[tuple[int, int, int], ...], merge: int, win: int) -> Layout:
-    """Positions and attention packings (on CPU) for images/videos with ``grid`` = ((t, h, w), ...)
-    in patches, merge size ``merge`` and windows of ``win`` x ``win`` merged tokens."""
+def vision_layout(
+    grid: tuple[tuple[int, int, int], ...], merge: int, win: int, device: torch.device
+) -> Layout:
+    """Positions and attention packings for images/videos with ``grid`` = ((t, h, w), ...) in
+    patches, merge size ``merge`` and windows of ``win`` x ``win`` merged tokens (built on CPU,
+    cached on ``device``)."""
     pos, frame_lens, order, win_lens, offset = [], [], [], [], 0
     mm = merge * merge
     for t, h, w in grid:
         gh, gw = h // merge, w // merge  # merged grid
         a = torch.arange(merge)
-        hh = (torch.arange(gh)[:, None, None, None] * merge + a[None, None, :, None]).expand(gh, gw, merge, merge)
-        ww = (torch.arange(gw)[None, :, None, None] * merge + a[None, None, None, :]).expand(gh, gw, merge, merge)
-        pos.append(torch.stack([hh, ww], -1).reshape(-1, 2).repeat(t, 1))
+        hh = torch.arange(gh)[:, None, None, None] * merge + a[:, None]  # [gh, 1, m, 1]
+        ww = torch.arange(gw)[:, None, None] * merge + a  # [gw, 1, m]
+        hw = torch.broadcast_tensors(hh, ww)  # each [gh, gw, m, m]
+        pos.append(torch.stack(hw, -1).reshape(-1, 2).repeat(t, 1))
         frame_lens += [h * w] * t
         # window id of every merged token, frames outermost; a stable sort keeps row-major order
         nh, nw = -(-gh // win), -(-gw // win)
-        wid = (torch.arange(t)[:, None, None] * nh + torch.arange(gh)[None, :, None] // win) * nw + torch.arange(
-            gw
-        )[None, None, :] // win
-        wid = wid.flatten()
+        row = torch.arange(t)[:, None, None] * nh + torch.arange(gh)[:, None] // win  # [t, gh, 1]
+        wid = (row * nw + torch.arange(gw) // win).flatten()  # [t * gh * gw]
         merged = torch.argsort(wid, stable=True)
         order.append(offset + (merged[:, None] * mm + torch.arange(mm)).flatten())
         win_lens.append(torch.bincount(wid, minlength=t * nh * nw) * mm)
         offset += t * h * w
     frames = Packing.build(torch.arange(offset), torch.tensor(frame_lens))
     windows = Packing.build(torch.cat(order), torch.cat(win_lens))
-    return Layout(torch.cat(pos), frames, windows)
+    return Layout(torch.cat(pos), frames, windows).to(device)
 
 
 class VisionAttention(nn.Module):
@@ -174,7 +176,8 @@ class PatchMerger(nn.Module):
         super().__init__()
         width = cfg.hidden_size * cfg.spatial_merge_size**2
         self.ln_q = RMSNorm(cfg.hidden_size, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, cfg.out_hidden_size))
+        out = cfg.out_hidden_size
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, out))
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.ln_q(x)  # [N, D]
@@ -197,12 +200,14 @@ class VisionEncoder(nn.Module):
         c = self.cfg
         grid = tuple(tuple(int(v) for v in row) for row in grid_thw.tolist())
         win = c.window_size // c.spatial_merge_size // c.patch_size
-        return vision_layout(grid, c.spatial_merge_size, win).to(self.patch_embed.proj.weight.device)
+        device = self.patch_embed.proj.weight.device
+        return vision_layout(grid, c.spatial_merge_size, win, device)
 
     def rotary(self, pos: Tensor) -> tuple[Tensor, Tensor]:
         """(cos, sin), each [N, 1, head_dim]: the first half of the rotated pairs follows h, the
         second w (each with head_dim/4 frequencies), in the half-split ``rotate_half`` layout."""
-        freqs = (pos[:, :, None].float() * inv_freq(self.cfg.head_dim // 2, ROPE_THETA, pos.device)).flatten(1)
+        inv = inv_freq(self.cfg.head_dim // 2, ROPE_THETA, pos.device)  # [hd/4]
+        freqs = (pos[:, :, None].float() * inv).flatten(1)  # [N, hd/2]: h freqs, then w freqs
         angles = torch.cat([freqs, freqs], dim=-1)[:, None, :]  # [N, 1, hd]
         return angles.cos(), angles.sin()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,20 +19,18 @@ class _FallbackSampling:  # used only while omnistream.engine.session is absent
     max_new_tokens: int = 512
 
 
-def _sampling_class():
-    try:
-        from omnistream.engine import session as mod
-    except ImportError:
-        return _FallbackSampling
+def _sampling_class(engine):
+    """The sampling dataclass in the engine's module (SamplingOptions or SamplingParams)."""
+    mod = sys.modules.get(type(engine).__module__)
     for name in ("SamplingOptions", "SamplingParams"):
         if hasattr(mod, name):
             return getattr(mod, name)
     return _FallbackSampling
 
 
-def sampling_options(**kw: Any):
+def sampling_options(engine, **kw: Any):
     """The engine's sampling options with the given fields (fields it lacks are dropped)."""
-    SamplingOptions = _sampling_class()  # noqa: N806
+    SamplingOptions = _sampling_class(engine)  # noqa: N806
     if dataclasses.is_dataclass(SamplingOptions):
         names = {f.name for f in dataclasses.fields(SamplingOptions)}
         kw = {k: v for k, v in kw.items() if k in names}
@@ -54,7 +53,7 @@ def new_session(engine, *, voice: str | None, system: str | None, audio_output: 
     if voice is None and audio_output and engine.speakers:
         voice = engine.speakers[0]
     return engine.session(voice=voice, system=system, audio_output=audio_output,
-                          sampling=sampling_options(**kw), seed=seed, **extra)
+                          sampling=sampling_options(engine, **kw), seed=seed, **extra)
 
 
 def respond_live(sess) -> Iterator:

@@ -1,7 +1,7 @@
 """LoRA on the decoders' linear projections, merged back into the weights at save time.
 
 ``LoRALinear`` *is* an ``nn.Linear`` (same ``weight``/``bias`` parameters, same names) with two
-extra low-rank factors, so the base tensors keep their checkpoint names and ``merged_state_dict``
+extra low-rank factors, so the base tensors keep their checkpoint names and ``merge_lora``
 can hand back plain checkpoint tensors: ``W + (alpha / r) * B @ A``.
 """
 
@@ -36,9 +36,6 @@ class LoRALinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
 
-    def merged_weight(self) -> Tensor:
-        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scale
-        return (self.weight.float() + delta).to(self.weight.dtype)
 
 
 def apply_lora(
@@ -56,17 +53,16 @@ def apply_lora(
 
 
 @torch.no_grad()
-def merged_state_dict(module: nn.Module, prefix: str = "") -> dict[str, Tensor]:
-    """The state dict with every LoRA layer folded into its ``weight`` and the factors dropped:
-    exactly the keys of the model without LoRA."""
-    sd = {}
-    lora_layers = {n: m for n, m in module.named_modules() if isinstance(m, LoRALinear)}
-    for k, v in module.state_dict().items():
-        owner, _, leaf = k.rpartition(".")
-        if owner in lora_layers:
-            if leaf in ("lora_A", "lora_B"):
-                continue
-            if leaf == "weight":
-                v = lora_layers[owner].merged_weight()
-        sd[prefix + k] = v
-    return sd
+def merge_lora(sd: dict[str, Tensor], scale: float) -> dict[str, Tensor]:
+    """Fold ``<layer>.lora_A`` / ``<layer>.lora_B`` into ``<layer>.weight`` (``W + scale * B @ A``)
+    and drop the factors: the keys of the model without LoRA."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith((".lora_A", ".lora_B")):
+            continue
+        owner = k[: -len(".weight")] if k.endswith(".weight") else None
+        if owner is not None and owner + ".lora_A" in sd:
+            a, b = sd[owner + ".lora_A"].float(), sd[owner + ".lora_B"].float()
+            v = (v.float() + (b @ a) * scale).to(v.dtype)
+        out[k] = v
+    return out

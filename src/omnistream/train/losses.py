@@ -17,19 +17,35 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from omnistream.nn.thinker import Media
 from omnistream.train.data import IGNORE
 
 CODEC_PAD, CODEC_BOS, CODEC_EOS = 8292, 8293, 8294
 TTS_PAD, TTS_END = 151859, 151861
 
 
-def encode_media(thinker: nn.Module, media: dict[str, list] | None):
-    """Run the encoders on a batch's processed media; returns a ``Media`` (or None)."""
-    if not media:
+def encode_media(thinker: nn.Module, media: dict[str, list] | None) -> Media | None:
+    """Run the encoders on a batch's processed media (``data.collate_media``) -> ``Media``."""
+    if not media or not any(media.values()):
         return None
-    from omnistream import prompt
-
-    return prompt.encode_batch_media(thinker, media)
+    out = Media()
+    if media["audio"]:
+        feats = torch.cat([it.features for it in media["audio"]], 1)  # [n_mels, sum(frames)]
+        lens = torch.tensor([int(it.feature_len) for it in media["audio"]])
+        dev = thinker.lm_head.weight.device
+        out.audio_embeds, _ = thinker.audio_tower(feats.to(dev), lens.to(dev))
+        out.audio_seqlens = lens
+    for kind in ("image", "video"):
+        items = media[kind]
+        if items:
+            px = torch.cat([it.pixel_values for it in items])  # [N, C*T*P*P]
+            grid = torch.stack([torch.as_tensor(it.grid_thw) for it in items])  # [K, 3]
+            emb = thinker.visual(px.to(thinker.lm_head.weight.device), grid)
+            setattr(out, f"{kind}_embeds", emb)
+            setattr(out, f"{kind}_grid_thw", grid)
+    if media["video"]:
+        out.video_second_per_grid = torch.tensor([float(it.second_per_grid) for it in media["video"]])
+    return out
 
 
 def thinker_states(thinker: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:

@@ -17,31 +17,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from omnistream.config import OmniConfig, TalkerConfig
-from omnistream.nn.text import TextModel
+from omnistream.config import OmniConfig
+from omnistream.nn.talker import Talker
 from omnistream.nn.thinker import Thinker
-
-try:  # the Talker module is written in parallel; its attribute names are the checkpoint's
-    from omnistream.nn.talker import Talker as _Talker
-except ImportError:  # pragma: no cover
-    _Talker = None
-
-
-class TalkerCore(nn.Module):
-    """The Talker's parameters under their checkpoint names (used when ``omnistream.nn.talker`` is
-    not importable). Training only needs these three parts; see ``losses.talker_forward``."""
-
-    def __init__(self, cfg: TalkerConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.thinker_to_talker_proj = nn.Linear(cfg.embedding_size, cfg.hidden_size, bias=True)
-        self.model = TextModel(cfg)  # embed_tokens: [codec vocab, embedding_size]
-        self.codec_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-
-
-def build_talker(cfg: TalkerConfig) -> nn.Module:
-    return _Talker(cfg) if _Talker is not None else TalkerCore(cfg)
-
 
 class OmniTrain(nn.Module):
     """Container whose parameter names equal the checkpoint's (``thinker.``/``talker.``)."""
@@ -51,7 +29,7 @@ class OmniTrain(nn.Module):
         self.cfg = cfg
         self.thinker = Thinker(cfg.thinker_config)
         if with_talker:
-            self.talker = build_talker(cfg.talker_config)
+            self.talker = Talker(cfg.talker_config)
         else:
             self.talker = None
 

@@ -1,0 +1,348 @@
+"""The training loop: one stage, read top to bottom (nanoGPT style).
+
+    setup (process group, seeds) -> data -> model (+ LoRA, trainable selection, DDP/FSDP2)
+    -> optimizer -> resume? -> for each step: lr, micro-batches with accumulation, clip, step,
+    log, eval, checkpoint -> final release-layout checkpoint in ``out_dir``.
+
+Loss normalisation: every objective returns a *sum* and a count; the step's loss is the sum over
+all micro-batches and processes divided by the global count (all-reduced before the backward), so
+1 process with accumulation and N processes give the same loss and gradients for one global batch.
+
+Resume state (``out_dir/resume/``): trained parameters, optimizer, step, data position and RNG
+states; a resumed run continues the exact same loss curve. Distributed runs are started by
+``torchrun`` (env ``WORLD_SIZE``/``RANK``; gloo on CPU, nccl on CUDA) or by calling ``train`` in
+spawned processes that set those variables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from omnistream.tokenizer import Tokenizer
+from omnistream.train import losses
+from omnistream.train.data import IGNORE, Batches, Dataset, collate, split
+from omnistream.train.lora import apply_lora, merge_lora
+from omnistream.train.model import load_model, save_released
+from omnistream.train.stages import Stage, select_trainable
+
+RESUME_DIR = "resume"
+LOG_FILE = "train_log.jsonl"
+
+
+class Objective(nn.Module):
+    """The stage's loss as a module forward (so DDP / FSDP see the forward they wrap)."""
+
+    def __init__(self, model: nn.Module, stage: Stage, ref_talker: nn.Module | None = None):
+        super().__init__()
+        self.model, self.stage = model, stage
+        self.ref_talker = [ref_talker]  # a list: not a submodule (never wrapped, never saved)
+
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        m, s = self.model, self.stage
+        if s.task == "thinker":
+            return losses.thinker_loss(m.thinker, batch)
+        if s.task == "talker":
+            return losses.talker_loss(m.thinker, m.talker, batch, s.speaker_bos)
+        return losses.dpo_loss(m.thinker, m.talker, self.ref_talker[0], batch, s.speaker_bos, s.dpo_beta)
+
+
+def n_targets(batch: dict[str, Any], task: str) -> int:
+    """The count ``Objective`` will return for ``batch``, known before the forward."""
+    if task == "thinker":
+        return int((batch["labels"] != IGNORE).sum())
+    if task == "talker":
+        return sum(len(e.codes) + 1 for e in batch["examples"])
+    return len(batch["examples"])
+
+
+def lr_at(step: int, s: Stage) -> float:
+    """Linear warmup, then cosine decay to ``min_lr`` at ``max_steps``."""
+    if step < s.warmup_steps:
+        return s.lr * (step + 1) / s.warmup_steps
+    if step >= s.max_steps:
+        return s.min_lr
+    ratio = (step - s.warmup_steps) / max(1, s.max_steps - s.warmup_steps)
+    return s.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (s.lr - s.min_lr)
+
+
+def _rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _all_sum(x: float | torch.Tensor, world: int, device) -> float:
+    t = torch.as_tensor(x, dtype=torch.float64, device=device).clone()
+    if world > 1:
+        dist.all_reduce(t)
+    return float(t)
+
+
+def train(
+    stage: Stage,
+    data: str | Path | list,
+    model_dir: str | Path,
+    out_dir: str | Path,
+    eval_data: str | Path | list | None = None,
+    stop_at: int | None = None,
+    resume: bool = True,
+    verbose: bool = True,
+) -> dict[str, Any]:
+    """Run one stage. ``stop_at`` ends early after that many steps (the schedule still targets
+    ``stage.max_steps``), as an interruption would; with ``resume`` a run picks up the state left
+    in ``out_dir/resume``. Returns ``{"losses", "eval", "out", "bad_records"}`` (rank 0 fills
+    all)."""
+    s = stage
+    out = Path(out_dir)
+    # -- processes and devices -----------------------------------------------------------------
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    use_cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    own_group = world > 1 and not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    master = rank == 0
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+    log_f = (out / LOG_FILE).open("a") if master else None
+
+    def log(obj: dict) -> None:
+        if master:
+            line = json.dumps(obj)
+            log_f.write(line + "\n")
+            log_f.flush()
+            if verbose:
+                print(line, flush=True)
+
+    torch.manual_seed(s.seed + rank)
+    random.seed(s.seed + rank)
+    np.random.seed(s.seed + rank)
+    amp_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[s.dtype]
+    autocast = (
+        torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    )
+
+    # -- data ----------------------------------------------------------------------------------
+    model = load_model(model_dir, with_talker=s.needs_talker)  # fp32 master weights
+    tok = Tokenizer.from_dir(model_dir)
+    tcfg = model.cfg.thinker_config
+    ds = Dataset(data, tok, tcfg, s.task, s.max_len, log=log if master else (lambda _: None))
+    eval_ds = Dataset(eval_data, tok, tcfg, s.task, s.max_len, log=log) if eval_data else None
+    global_batch = s.batch_size * s.grad_accum * world
+    batches = Batches([len(e) for e in ds.examples], global_batch, s.seed, s.length_group)
+    log({"event": "data", "examples": len(ds), "bad_records": len(ds.errors), "global_batch": global_batch})
+
+    # -- model ---------------------------------------------------------------------------------
+    ref_talker = None
+    if s.task == "talker_dpo":  # frozen copy of the talker as it is at the start of the stage
+        ref_talker = copy.deepcopy(model.talker).requires_grad_(False).eval().to(device)
+    if s.lora is not None:
+        for name in s.lora.modules:
+            apply_lora(model.get_submodule(name), s.lora.r, s.lora.alpha, tuple(s.lora.targets))
+    trained = select_trainable(model, s)
+    model.to(device)
+    objective = Objective(model, s, ref_talker)
+    if world > 1 and s.dist == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for stack in (model.thinker.model, getattr(model.talker, "model", None)):
+            for layer in stack.layers if stack is not None else []:
+                fully_shard(layer)
+        fully_shard(objective)
+        engine = objective
+    elif world > 1:
+        engine = nn.parallel.DistributedDataParallel(objective, find_unused_parameters=True)
+    else:
+        engine = objective
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=s.lr, betas=s.betas)
+    log({
+        "event": "model", "stage": s.name, "task": s.task, "world": world,
+        "trainable_params": sum(p.numel() for p in params),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "trainable_tensors": len(trained),
+    })
+
+    # -- resume --------------------------------------------------------------------------------
+    step = 0
+    rdir = out / RESUME_DIR
+    if resume and (rdir / "meta.json").is_file():
+        step = _load_resume(rdir, model, optimizer, batches, rank, s.dist == "fsdp" and world > 1)
+        log({"event": "resume", "step": step})
+
+    # -- loop ----------------------------------------------------------------------------------
+    history: list[float] = []
+    evals: list[dict] = []
+    end = s.max_steps if stop_at is None else min(stop_at, s.max_steps)
+    t0 = time.time()
+    while step < end:
+        lr = lr_at(step, s)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        micro = [collate([ds[i] for i in ids], tok.special.pad) for ids in
+                 split(next(batches), s.grad_accum, world, rank)]
+        micro = [_to(b, device) for b in micro]
+        n_global = _all_sum(sum(n_targets(b, s.task) for b in micro), world, device)
+        model.train()
+        loss_sum = 0.0
+        for a, b in enumerate(micro):
+            last = a == len(micro) - 1
+            sync = contextlib.nullcontext() if last or not hasattr(engine, "no_sync") else engine.no_sync()
+            with sync:
+                with autocast:
+                    lsum, _ = engine(b)
+                # DDP / FSDP average gradients over processes: scale so the result is sum / n_global
+                (lsum.float() * (world / n_global)).backward()
+            loss_sum += float(lsum.detach())
+        loss = _all_sum(loss_sum, world, device) / n_global
+        gnorm = None
+        if s.grad_clip > 0:
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, s.grad_clip))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        history.append(loss)
+        if step % s.log_every == 0 or step == end:
+            log({"step": step, "loss": loss, "lr": lr, "grad_norm": gnorm, "targets": int(n_global),
+                 "elapsed_s": round(time.time() - t0, 3)})
+        if eval_ds is not None and s.eval_every and step % s.eval_every == 0:
+            ev = evaluate(objective, eval_ds, s, tok.special.pad, world, rank, device, autocast)
+            evals.append({"step": step, "eval_loss": ev})
+            log({"step": step, "eval_loss": ev})
+        if s.save_every and step % s.save_every == 0 and step < s.max_steps:
+            _save_resume(rdir, model, optimizer, batches, step, s, rank, world, s.dist == "fsdp" and world > 1)
+
+    # -- the end: resume state if stopped early, otherwise the release-layout checkpoint ------
+    if step < s.max_steps:
+        _save_resume(rdir, model, optimizer, batches, step, s, rank, world, s.dist == "fsdp" and world > 1)
+    else:
+        scale = s.lora.alpha / s.lora.r if s.lora else 1.0
+        full = _full_state(model, world, s.dist == "fsdp", scale)
+        if master:
+            save_released(out, model_dir, full)
+            (out / "train_stage.json").write_text(json.dumps(s.to_dict(), indent=2) + "\n")
+            log({"event": "saved", "dir": str(out), "step": step})
+    if world > 1:
+        dist.barrier()
+    if log_f:
+        log_f.close()
+    if own_group:
+        dist.destroy_process_group()
+    return {"losses": history, "eval": evals, "out": str(out), "bad_records": ds.errors, "model": model}
+
+
+@torch.no_grad()
+def evaluate(objective, ds: Dataset, s: Stage, pad: int, world, rank, device, autocast) -> float:
+    """Mean loss over the first ``eval_batches`` global batches of ``ds`` (fixed order)."""
+    objective.eval()
+    gb = s.batch_size * world
+    tot = cnt = 0.0
+    for k in range(min(s.eval_batches, len(ds) // gb)):
+        ids = list(range(k * gb, (k + 1) * gb))
+        b = _to(collate([ds[i] for i in split(ids, 1, world, rank)[0]], pad), device)
+        with autocast:
+            lsum, n = objective(b)
+        tot += float(lsum)
+        cnt += n
+    objective.train()
+    return _all_sum(tot, world, device) / max(1.0, _all_sum(cnt, world, device))
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+
+
+def _trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_resume(rdir: Path, model, optimizer, batches, step, s, rank, world, fsdp: bool) -> None:
+    rdir.mkdir(parents=True, exist_ok=True)
+    if fsdp:  # sharded: every process writes its shards (torch.distributed.checkpoint)
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(rdir / "dcp"))
+    elif rank == 0:
+        torch.save({"model": {k: v.cpu() for k, v in _trained_state(model).items()},
+                    "optim": optimizer.state_dict()}, rdir / "state.pt")
+    torch.save(_rng_state(), rdir / f"rng_{rank}.pt")
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        meta = {"step": step, "data": batches.state(), "stage": s.to_dict(), "world": world}
+        (rdir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _load_resume(rdir: Path, model, optimizer, batches, rank, fsdp: bool) -> int:
+    meta = json.loads((rdir / "meta.json").read_text())
+    if fsdp:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_state_dict,
+            set_state_dict,
+        )
+
+        opts = StateDictOptions(ignore_frozen_params=True)
+        msd, osd = get_state_dict(model, optimizer, options=opts)
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=str(rdir / "dcp"))
+        set_state_dict(model, optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"], options=opts)
+    else:
+        st = torch.load(rdir / "state.pt", weights_only=False)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for k, v in st["model"].items():
+                params[k].copy_(v)
+        optimizer.load_state_dict(st["optim"])
+    rng = rdir / f"rng_{rank}.pt"
+    if rng.is_file():
+        _set_rng_state(torch.load(rng, weights_only=False))
+    batches.load_state(meta["data"])
+    return int(meta["step"])
+
+
+def _full_state(model: nn.Module, world: int, fsdp: bool, lora_scale: float) -> dict[str, torch.Tensor]:
+    """Every tensor of the model under checkpoint names, LoRA merged, on the CPU (collective
+    under FSDP: every process must call it)."""
+    if world > 1 and fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return merge_lora(sd, lora_scale)
