@@ -344,20 +344,6 @@ def _have(part: str) -> bool:
         return False
 
 
-def _hf_token2wav_factory(_cfg):
-    """Until ``omnistream.nn.token2wav`` lands: transformers' module (same tensor names)."""
-    from helpers import tiny_hf_config
-    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import (
-        Qwen2_5OmniToken2WavModel,
-    )
-
-    return Qwen2_5OmniToken2WavModel(tiny_hf_config().token2wav_config)
-
-
-def _tiny_factories():
-    return {} if _have("token2wav") else {"token2wav": _hf_token2wav_factory}
-
-
 @pytest.fixture(scope="module")
 def hf_saved(tmp_path_factory):
     """A checkpoint written by transformers' ``save_pretrained`` (sharded), random values."""
@@ -388,11 +374,8 @@ def test_transformers_checkpoint_loads_identically(hf_saved, part):
 
 
 @pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    from omnistream.maketiny import make_tiny
-
-    d = tmp_path_factory.mktemp("tiny")
-    return make_tiny(d, seed=0, factories=_tiny_factories())
+def tiny_ckpt(tiny_dir):
+    return tiny_dir  # conftest: make_tiny(d, seed=0), shared by the session
 
 
 def test_make_tiny_layout(tiny_ckpt, tmp_path):
@@ -416,7 +399,7 @@ def test_make_tiny_layout(tiny_ckpt, tmp_path):
     spk = load_speakers(d)
     assert spk["Chelsie"].bos_token == 151872 and spk["Ethan"].bos_token == 151870
     # Deterministic for a seed.
-    d2 = make_tiny(tmp_path / "again", seed=0, factories=_tiny_factories())
+    d2 = make_tiny(tmp_path / "again", seed=0)
     a = dict(ckpt.read_tensors(d, prefix="thinker.model.layers.0"))
     b = dict(ckpt.read_tensors(d2, prefix="thinker.model.layers.0"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

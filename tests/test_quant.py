@@ -30,8 +30,11 @@ def test_int8_linear_equals_dequantized(bias, dtype):
     x = torch.randn(2, 3, 96, dtype=dtype)
     deq = q.weight.float() * q.scales.float()[:, None]  # [N, K]
     want = x.float() @ deq.T + (lin.bias.float() if bias else 0)
-    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    tol = 2e-2 if dtype == torch.float32 else 5e-2  # fp32 inputs run the CPU kernel in bf16
     torch.testing.assert_close(q(x).float(), want, atol=tol, rtol=tol)
+    if dtype == torch.float32:
+        q.cpu_bf16_activations = False  # exact fp32 activations
+        torch.testing.assert_close(q(x), want, atol=1e-4, rtol=1e-4)
     # the quantization error itself is bounded by half a step per weight
     assert (deq - lin.weight.float()).abs().max() <= q.scales.float().max() / 2 + 1e-6
 
@@ -42,9 +45,9 @@ def test_fallback_path_matches_kernel(monkeypatch):
     q = Int8Linear.from_linear(lin)
     x = torch.randn(5, 64)
     a = q(x)
-    monkeypatch.setattr(quant, "_PACK_OK", {("cpu", torch.float32): False})
-    b = q(x)
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(quant, "_PACK_OK", {("cpu", torch.float32): False, ("cpu", torch.bfloat16): False})
+    b = q(x)  # F.linear on the dequantized weight, fp32
+    torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
 
 
 def test_filter_selects_decoder_and_head_only():

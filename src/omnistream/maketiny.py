@@ -196,6 +196,8 @@ def make_tiny(
     _write_json(out / "chat_template.json", {"chat_template": CHAT_TEMPLATE})
     write_tokenizer_files(out)
     torch.save(make_speakers(seed, n_frames=n_speaker_frames), out / SPEAKERS_FILE)
+    # tells `omnistream generate` / the server to say plainly that these weights are random
+    (out / "RANDOM_WEIGHTS").write_text(f"random weights from `omnistream make-tiny` (seed {seed})\n")
     return out
 
 

@@ -27,6 +27,8 @@ def read_source(source: Any) -> str | io.IOBase:
             raise MediaError(source, "empty data (0 bytes)")
         return io.BytesIO(bytes(source))
     if hasattr(source, "read"):
+        if getattr(source, "seekable", lambda: False)():
+            source.seek(0)
         return source
     if not isinstance(source, str):
         raise MediaError(source, f"unsupported media source type {type(source).__name__}")

@@ -78,7 +78,7 @@ class Job:
 class Scheduler:
     """The model-owning thread. ``call`` runs one function there; ``stream`` starts a reply."""
 
-    def __init__(self, max_buffered: int = 256, cancel_drain_steps: int = 64):
+    def __init__(self, max_buffered: int = 64, cancel_drain_steps: int = 64):
         self.max_buffered = max_buffered
         self.cancel_drain_steps = cancel_drain_steps
         self._calls: collections.deque = collections.deque()

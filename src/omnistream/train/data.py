@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from omnistream.config import ThinkerConfig
-from omnistream.positions import get_rope_index
+from omnistream.positions import audio_token_count, get_rope_index
 from omnistream.tokenizer import SpecialIds, Tokenizer
 
 IGNORE = -100
@@ -68,19 +68,41 @@ class Example:
 # -- media ---------------------------------------------------------------------------------------
 
 
-def process_media(kind: str, path: str) -> Any:
-    """Decode and featurise one media item with the project's input pipeline.
+@dataclass
+class AudioItem:
+    features: Tensor  # [128, n] normalised log-mel
+    feature_len: int  # n valid mel frames
 
-    Returns an object with ``n_tokens`` (placeholder count) and whatever the encoders need
-    (see ``collate_media``)."""
+    @property
+    def n_tokens(self) -> int:
+        return audio_token_count(self.feature_len)
+
+
+def process_media(kind: str, path: str) -> Any:
+    """Decode and featurise one media item with the project's input pipeline
+    (``omnistream.media``): an ``AudioItem`` or a ``VisualInput`` (image / video), each with
+    ``n_tokens`` placeholders."""
+    from omnistream.media.errors import MediaError
+
     try:
-        from omnistream import prompt
-    except ImportError as e:  # pragma: no cover - the pipeline lands separately
-        raise RecordError(f"{kind} input needs omnistream.prompt, which is not available ({e})") from e
-    try:
-        return prompt.process_media_item(kind, path)
-    except ValueError as e:  # MediaError is a ValueError
-        raise RecordError(f"bad {kind} {path!r}: {e}") from e
+        if kind == "audio":
+            from omnistream.media.audio import load_audio, log_mel_spectrogram
+
+            feats, n = log_mel_spectrogram(load_audio(path))
+            return AudioItem(feats[:, :n], n)
+        if kind == "image":
+            from omnistream.media.image import process_image
+
+            return process_image(path)
+        try:
+            from omnistream.media.video import process_video
+        except ImportError as e:  # pragma: no cover - lands separately
+            raise RecordError(f"video input needs omnistream.media.video ({e})") from e
+        return process_video(path)
+    except (MediaError, ValueError, OSError) as e:
+        if isinstance(e, RecordError):
+            raise
+        raise RecordError(f"bad {kind} {Path(path).name!r}: {e}") from e
 
 
 def placeholder_ids(kind: str, item: Any, sp: SpecialIds) -> list[int]:

@@ -1,0 +1,70 @@
+"""The web page in Debian's chromium (Playwright): a fake microphone from a WAV file talks to the
+server, the page plays the streamed reply and shows the transcript. Screenshot in artifacts/."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+from serve_fake import FakeEngine, LiveServer
+
+from omnistream.serve.app import create_app
+from omnistream.serve.config import ServeConfig
+
+CHROMIUM = os.environ.get("OMNISTREAM_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium not installed")
+
+
+def speech_like_wav(path: Path, rate: int = 48_000) -> None:
+    """0.6 s quiet, 1.2 s of loud modulated tones, 2.6 s quiet (Chrome loops the file)."""
+    t = np.arange(int(1.2 * rate)) / rate
+    voiced = 0.5 * np.sin(2 * np.pi * 180 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 4 * t))
+    pcm = np.concatenate([np.zeros(int(0.6 * rate)), voiced, np.zeros(int(2.6 * rate))])
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((pcm * 32767).astype("<i2").tobytes())
+
+
+def test_page_talks_and_plays(tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    wav = tmp_path / "mic.wav"
+    speech_like_wav(wav)
+    ARTIFACTS.mkdir(exist_ok=True)
+    with LiveServer(create_app(FakeEngine(step_delay=0.01), ServeConfig())) as server, \
+            sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--autoplay-policy=no-user-gesture-required",
+            "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={wav}"])
+        try:
+            page = browser.new_page(viewport={"width": 900, "height": 640})
+            logs: list[str] = []
+            page.on("console", lambda m: logs.append(m.text))
+            page.goto(server.url + "/")
+            page.wait_for_function("document.querySelectorAll('#voice option').length == 2")
+            page.select_option("#voice", "Ethan")
+            page.check("#camera")
+            page.click("#start")
+            page.wait_for_function(
+                "omni.replies >= 1 && omni.chunks >= 3 && omni.ended >= 1 && omni.text.length",
+                timeout=45_000)
+            page.wait_for_timeout(300)  # let the last chunk finish playing
+            page.screenshot(path=str(ARTIFACTS / "browser_realtime.png"))
+            st = page.evaluate("omni")
+            text = page.inner_text(".assistant")
+        finally:
+            browser.close()
+    assert st["blocksSent"] > 10 and st["framesSent"] >= 1, (st, logs)
+    assert st["events"].get("input_audio_buffer.speech_started", 0) >= 1
+    assert text.startswith("I heard ") and "seconds of audio" in text, text
+    assert st["samples"] >= 3 * 1200 and st["firstAudioMs"] is not None

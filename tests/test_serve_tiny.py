@@ -1,0 +1,94 @@
+"""The server on the real engine with the tiny random checkpoint: the official client, streamed and
+not, audio in and out; the replies equal the engine's own (greedy) output."""
+
+from __future__ import annotations
+
+import base64
+import io
+import wave
+
+import numpy as np
+import pytest
+from serve_fake import LiveServer
+from test_serve_openai import _audio_delta, wav_b64
+
+from omnistream.serve.app import create_app
+from omnistream.serve.config import ServeConfig
+
+openai = pytest.importorskip("openai")
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir):
+    from omnistream.engine.session import Engine
+
+    return Engine.load(tiny_dir, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    with LiveServer(create_app(engine, ServeConfig())) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+
+
+def _engine_reply(engine, text: str, audio: bool):
+    from omnistream.engine.events import AudioChunk, Done
+    from omnistream.serve.bridge import new_session
+
+    sess = new_session(engine, voice=None, system=None, audio_output=audio,
+                       sampling={"temperature": 0.0}, max_new_tokens=MAX_TOKENS, seed=0)
+    pcm, done = [], None
+    for ev in sess.respond([{"role": "user", "content": [{"type": "text", "text": text}]}]):
+        if isinstance(ev, AudioChunk):
+            pcm.append(ev.pcm)
+        elif isinstance(ev, Done):
+            done = ev
+    return done, (np.concatenate(pcm) if pcm else np.zeros(0, np.float32))
+
+
+def test_models(client, engine):
+    assert [m.id for m in client.models.list().data] == [engine.model_id]
+
+
+def test_text_and_speech_match_engine(client, engine):
+    done, pcm = _engine_reply(engine, "Say hello.", audio=True)
+    r = client.chat.completions.create(
+        model=engine.model_id, messages=[{"role": "user", "content": "Say hello."}],
+        modalities=["text", "audio"], audio={"voice": engine.speakers[0], "format": "wav"},
+        temperature=0, seed=0, max_tokens=MAX_TOKENS)
+    msg = r.choices[0].message
+    assert msg.audio.transcript == done.text
+    assert r.usage.completion_tokens == done.usage.completion_tokens
+    with wave.open(io.BytesIO(base64.b64decode(msg.audio.data))) as w:
+        assert w.getframerate() == 24_000
+        got = np.frombuffer(w.readframes(w.getnframes()), "<i2")
+    assert len(got) == len(pcm) > 0
+
+    stream = client.chat.completions.create(
+        model=engine.model_id, messages=[{"role": "user", "content": "Say hello."}],
+        modalities=["text", "audio"], audio={"voice": engine.speakers[0], "format": "pcm16"},
+        temperature=0, seed=0, max_tokens=MAX_TOKENS, stream=True,
+        stream_options={"include_usage": True})
+    text, nbytes = [], 0
+    for ch in stream:
+        if ch.choices and (a := _audio_delta(ch)):
+            text.append(a.get("transcript") or "")
+            nbytes += len(base64.b64decode(a.get("data") or ""))
+    assert "".join(text) == done.text
+    assert nbytes == 2 * len(pcm)
+
+
+def test_audio_input(client, engine):
+    r = client.chat.completions.create(
+        model=engine.model_id, max_tokens=4, temperature=0,
+        messages=[{"role": "user", "content": [
+            {"type": "input_audio", "input_audio": {"data": wav_b64(1.0), "format": "wav"}},
+            {"type": "text", "text": "What do you hear?"}]}])
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens > 25  # 1 s of audio adds 25 placeholder tokens

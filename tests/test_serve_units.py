@@ -1,0 +1,96 @@
+"""Server parts without a socket: scheduler fairness and cancel, VAD, stop strings, resampling."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from omnistream.engine.events import Done, TextDelta
+from omnistream.serve.audio import EnergyVAD, StreamResampler, VADConfig
+from omnistream.serve.openai import StopMatcher
+from omnistream.serve.scheduler import Scheduler
+
+
+def _gen(tag: str, n: int, log: list, cancelled: dict):
+    for i in range(n):
+        log.append(tag)
+        yield TextDelta(f"{tag}{i}", i)
+        if cancelled.get(tag):
+            yield Done("", "cancelled")
+            return
+    yield Done(tag, "stop")
+
+
+def test_scheduler_round_robin_and_cancel():
+    async def main():
+        s = Scheduler()
+        log: list[str] = []
+        cancelled: dict = {}
+        jobs = {t: s.stream(lambda t=t: _gen(t, 5, log, cancelled),
+                            lambda t=t: cancelled.__setitem__(t, True)) for t in "abc"}
+        s.start()
+        try:
+            out = {}
+            for t, job in jobs.items():
+                evs = [ev async for ev in job]
+                out[t] = evs
+            assert all(evs[-1].finish_reason == "stop" and len(evs) == 6
+                       for evs in out.values())
+            assert log[:6] == ["a", "b", "c", "a", "b", "c"]  # one step each per round
+            # cancel mid-reply: the engine's cancel is called, the reply ends with "cancelled"
+            job = s.stream(lambda: _gen("d", 1000, log, cancelled),
+                           lambda: cancelled.__setitem__("d", True))
+            first = await job.__anext__()
+            job.cancel()
+            rest = [ev async for ev in job]
+            assert isinstance(first, TextDelta) and rest[-1].finish_reason == "cancelled"
+            assert log.count("d") < 100  # bounded run-ahead (max_buffered), not 1000 steps
+            # cancel before the first step: the generator never runs
+            job = s.stream(lambda: _gen("e", 5, log, cancelled), None)
+            job.cancel()
+            evs = [ev async for ev in job]
+            assert [type(e) for e in evs] == [Done] and "e" not in log
+            # an exception reaches the consumer; the model thread survives
+            job = s.stream(lambda: (_ for _ in ()).throw(ValueError("bad media")), None)
+            try:
+                [ev async for ev in job]
+                raise AssertionError("no error")
+            except ValueError as e:
+                assert "bad media" in str(e)
+            assert await s.acall(lambda: 41 + 1) == 42
+        finally:
+            s.stop()
+
+    asyncio.run(main())
+
+
+def test_energy_vad():
+    rate = 24_000
+    loud = 0.3 * np.sin(np.arange(rate) * 2 * np.pi * 200 / rate).astype(np.float32)
+    x = np.concatenate([np.zeros(rate, np.float32), loud, np.zeros(rate, np.float32)])
+    vad = EnergyVAD(VADConfig())
+    events = []
+    for i in range(0, len(x), 2400):
+        events += vad.feed(x[i:i + 2400])
+    assert [k for k, _ in events] == ["start", "stop"]
+    assert events[0][1] == 1000 - 300  # padding applied
+    assert events[1][1] == 2500
+    quiet = EnergyVAD(VADConfig(threshold=0.95))
+    assert quiet.feed(x) == []
+
+
+def test_stop_matcher_holds_partial_matches():
+    m = StopMatcher(["END"])
+    out = [m.feed(t) for t in ["hello E", "N", "D more"]]
+    assert out == ["hello ", "", ""] and m.hit
+    m = StopMatcher(["END"])
+    assert m.feed("hello E") + m.feed("ast") + m.flush() == "hello East" and not m.hit
+
+
+def test_stream_resampler_rate():
+    rs = StreamResampler(24_000, 16_000)
+    x = np.sin(np.arange(24_000) * 2 * np.pi * 440 / 24_000).astype(np.float32)
+    y = np.concatenate([rs(x[i:i + 2400]) for i in range(0, 24_000, 2400)])
+    assert abs(len(y) - 16_000) < 100
+    assert 0.5 < np.abs(y[1000:15000]).max() < 1.1
