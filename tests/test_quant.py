@@ -10,7 +10,13 @@ from torch import nn
 
 from omnistream.config import OmniConfig
 from omnistream.engine import quant
-from omnistream.engine.quant import Int8Linear, int8_state_dict, quantize_int8_, swap_int8_, weight_bytes
+from omnistream.engine.quant import (
+    Int8Linear,
+    int8_state_dict,
+    quantize_int8_,
+    swap_int8_,
+    weight_bytes,
+)
 from omnistream.nn.thinker import Thinker
 from omnistream.tiny import tiny_config
 
@@ -45,7 +51,9 @@ def test_fallback_path_matches_kernel(monkeypatch):
     q = Int8Linear.from_linear(lin)
     x = torch.randn(5, 64)
     a = q(x)
-    monkeypatch.setattr(quant, "_PACK_OK", {("cpu", torch.float32): False, ("cpu", torch.bfloat16): False})
+    monkeypatch.setattr(
+        quant, "_PACK_OK", {("cpu", torch.float32): False, ("cpu", torch.bfloat16): False}
+    )
     b = q(x)  # F.linear on the dequantized weight, fp32
     torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
 
@@ -84,8 +92,10 @@ def test_int8_thinker_vs_fp32_over_a_reply():
     max_abs = (a - b).abs().max().item()
     scale = a.abs().max().item()
     agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
-    print(f"\nint8 vs fp32 tiny thinker over {a.shape[1]} reply positions: "
-          f"max|dlogit| = {max_abs:.4g} (max|logit| = {scale:.3g}), top-1 agreement = {agree:.1%}")
+    print(
+        f"\nint8 vs fp32 tiny thinker over {a.shape[1]} reply positions: "
+        f"max|dlogit| = {max_abs:.4g} (max|logit| = {scale:.3g}), top-1 agreement = {agree:.1%}"
+    )
     assert max_abs < 0.1 * scale
     assert agree >= 0.8
 

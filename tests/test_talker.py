@@ -6,11 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import randomize_, tiny_hf_config
-from test_thinker import VS, hf_to_ckpt, text_ids
+from test_thinker import VS, hf_to_ckpt, mm_prompt, text_ids
 
 from omnistream.config import OmniConfig
 from omnistream.engine.sampling import SamplingParams
-from omnistream.nn import thinker as thinker_mod
 from omnistream.nn.talker import Talker
 from omnistream.nn.thinker import Thinker
 from omnistream.tiny import tiny_config
@@ -36,8 +35,6 @@ def omni():
     cfg = OmniConfig.from_dict(tiny_config(**overrides))
     thinker, talker = Thinker(cfg.thinker_config).eval(), Talker(cfg.talker_config).eval()
     sd = hf_to_ckpt(ref.thinker.state_dict())
-    if thinker_mod.AudioEncoder is None:
-        sd = {k: v for k, v in sd.items() if not k.startswith(("audio_tower.", "visual."))}
     thinker.load_state_dict(sd, strict=True)
     talker.load_state_dict(ref.talker.state_dict(), strict=True)
     return ref, thinker, talker
@@ -57,8 +54,11 @@ def test_talker_logits_prefill_and_steps(omni):
     mask = torch.ones(B, L + 2, dtype=torch.long)
     ref.talker.rope_deltas = None
     out = ref.talker(
-        input_ids=codec_ids, input_text_ids=text_ids_, inputs_embeds=embeds.clone(),
-        attention_mask=mask, use_cache=True,
+        input_ids=codec_ids,
+        input_text_ids=text_ids_,
+        inputs_embeds=embeds.clone(),
+        attention_mask=mask,
+        use_cache=True,
     )
     rcache = out.cache
 
@@ -72,15 +72,18 @@ def test_talker_logits_prefill_and_steps(omni):
     for k in range(1, 4):
         mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
         out = ref.talker(
-            input_ids=codes[:, None], thinker_reply_part=reply[:, k:], cache=rcache,
-            attention_mask=mask, use_cache=True,
+            input_ids=codes[:, None],
+            thinker_reply_part=reply[:, k:],
+            cache=rcache,
+            attention_mask=mask,
+            use_cache=True,
         )
         got = talker.step(cache, codes, reply[:, k : k + 1], deltas)
         torch.testing.assert_close(got, out.logits[:, -1], atol=ATOL, rtol=0)
         codes = (codes * 7 + 11) % 8192
 
 
-def _reference_codes(ref, ids, mask, n_text, n_codes):
+def _reference_codes(ref, ids, mask, n_text, n_codes, media):
     """Codec ids from the reference's full generate (token2wav stubbed out).
 
     transformers 5.24's ``generate`` drops an all-ones attention mask before the first forward,
@@ -108,41 +111,56 @@ def _reference_codes(ref, ids, mask, n_text, n_codes):
     ref.talker.generate = capture
     hook = ref.talker.register_forward_pre_hook(give_mask, with_kwargs=True)
     ref.token2wav.forward = lambda codes, **k: torch.zeros(240)
-    ref.speaker_map = {"Chelsie": {"bos_token": SPEAKER_BOS, "cond": torch.zeros(1, 192),
-                                   "ref_mel": torch.zeros(1, 40, 80)}}
+    ref.speaker_map = {
+        "Chelsie": {
+            "bos_token": SPEAKER_BOS,
+            "cond": torch.zeros(1, 192),
+            "ref_mel": torch.zeros(1, 40, 80),
+        }
+    }
     ref.talker.rope_deltas = None
     ref.thinker.model.rope_deltas = None
+    # pixels go to the thinker only (5.24 would also hand them to talker.generate, which rejects
+    # them); grids / seconds per grid / feature masks are shared, as the reference intends
+    media = {("thinker_" + k if k.startswith("pixel_values") else k): v for k, v in media.items()}
     try:
         text, _ = ref.generate(
-            input_ids=ids, attention_mask=mask, speaker="Chelsie",
-            thinker_max_new_tokens=n_text, thinker_do_sample=False, thinker_eos_token_id=151645,
-            talker_max_new_tokens=n_codes, talker_do_sample=False,
+            input_ids=ids,
+            attention_mask=mask,
+            speaker="Chelsie",
+            thinker_max_new_tokens=n_text,
+            thinker_do_sample=False,
+            thinker_eos_token_id=151645,
+            talker_max_new_tokens=n_codes,
+            talker_do_sample=False,
+            **media,
         )
     finally:
         del ref.talker.generate
         hook.remove()
-    return text[:, ids.shape[1]:], captured[0][:, ids.shape[1] + 2:]
+    return text[:, ids.shape[1] :], captured[0][:, ids.shape[1] + 2 :]
 
 
-@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("prompt", ["text", "text-padded", "media-padded"])
 @torch.no_grad()
-def test_greedy_codes_match_reference_generate(omni, padded):
+def test_greedy_codes_match_reference_generate(omni, prompt):
     ref, thinker, talker = omni
-    ids = text_ids(2, 10, seed=7)
-    mask = torch.ones_like(ids)
-    if padded:
-        ids[1, :3], mask[1, :3] = 151643, 0
+    if prompt == "media-padded":  # audio + image + video; placeholders zeroed on the text track
+        ids, mask, media = mm_prompt(seed=3, batch=2)
+    else:
+        ids, mask, media = text_ids(2, 10, seed=7), None, {}
+        mask = torch.ones_like(ids)
+        if prompt == "text-padded":
+            ids[1, :3], mask[1, :3] = 151643, 0
     n_text, n_codes = 8, 20
-    want_text, want_codes = _reference_codes(ref, ids, mask, n_text, n_codes)
+    want_text, want_codes = _reference_codes(ref, ids, mask, n_text, n_codes, media)
 
-    gen = thinker.generate(ids, n_text, attention_mask=mask)
+    m = thinker.encode_media(**media) if media else None
+    gen = thinker.generate(ids, n_text, attention_mask=mask, media=m)
     assert torch.equal(gen.tokens, want_text)
-    p = gen.prompt
     codes, lengths = talker.generate(
-        ids, p.hidden, p.embeds, p.position_ids, p.rope_deltas, gen.tokens, gen.reply_hidden,
-        gen.reply_embeds, thinker.model.embed_tokens, SPEAKER_BOS, n_codes, GREEDY_TALKER,
-        attention_mask=mask,
+        ids, gen, thinker.model.embed_tokens, SPEAKER_BOS, n_codes, GREEDY_TALKER, mask
     )
     assert codes.shape[1] > n_text + 2  # the codes run past the reply (end / pad text tokens)
     assert torch.equal(codes, want_codes[:, : codes.shape[1]])
-    assert (lengths == codes.shape[1]).all() or (codes.shape[1] == want_codes.shape[1])
+    assert codes.shape[1] == want_codes.shape[1]

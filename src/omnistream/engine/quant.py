@@ -31,10 +31,14 @@ DEFAULT_HEADS = ("lm_head", "codec_head")
 
 
 def default_filter(name: str, module: nn.Module) -> bool:
-    """True for the Linears a decode step reads: ``*layers.N.*`` of a decoder stack and the heads."""
+    """True for the Linears a decode step reads: ``*layers.N.*`` of a decoder and the heads."""
     if not isinstance(module, nn.Linear):
         return False
-    if name.startswith(("audio_tower.", "visual.")) or ".audio_tower." in name or ".visual." in name:
+    if (
+        name.startswith(("audio_tower.", "visual."))
+        or ".audio_tower." in name
+        or ".visual." in name
+    ):
         return False
     return ".layers." in f".{name}" or name.split(".")[-1] in DEFAULT_HEADS
 
@@ -57,9 +61,13 @@ def _int8pack_ok(x: Tensor, w: Tensor, s: Tensor) -> bool:
     ok = _PACK_OK.get(key)
     if ok is None:
         ok = False
-        if hasattr(torch, "_weight_int8pack_mm") and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        if hasattr(torch, "_weight_int8pack_mm") and x.dtype in (
+            torch.float32,
+            torch.bfloat16,
+            torch.float16,
+        ):
             try:
-                torch._weight_int8pack_mm(x[:1].reshape(1, -1), w, s)
+                torch._weight_int8pack_mm(x.reshape(-1, w.shape[1])[:1], w, s)
                 ok = True
             except (RuntimeError, NotImplementedError):
                 ok = False
@@ -87,14 +95,20 @@ class Int8Linear(nn.Module):
     ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer(
+            "weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device)
+        )
         self.register_buffer("scales", torch.ones(out_features, dtype=dtype, device=device))
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        )
 
     @classmethod
     def from_linear(cls, lin: nn.Linear) -> Int8Linear:
         w = lin.weight
-        m = cls(lin.in_features, lin.out_features, lin.bias is not None, device=w.device, dtype=w.dtype)
+        m = cls(
+            lin.in_features, lin.out_features, lin.bias is not None, device=w.device, dtype=w.dtype
+        )
         q, s = quantize_weight(w)
         m.weight = q
         m.scales = s.to(w.dtype)
@@ -118,7 +132,8 @@ class Int8Linear(nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        bias = self.bias is not None
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={bias}"
 
 
 Filter = Callable[[str, nn.Module], bool]
@@ -145,15 +160,22 @@ def quantize_int8_(model: nn.Module, filter_fn: Filter = default_filter) -> list
     return names
 
 
-def swap_int8_(model: nn.Module, names: Iterable[str] | None = None, filter_fn: Filter = default_filter) -> list[str]:
+def swap_int8_(
+    model: nn.Module, names: Iterable[str] | None = None, filter_fn: Filter = default_filter
+) -> list[str]:
     """Before load: replace the Linears (by ``names``, or ``filter_fn``) with empty ``Int8Linear``
-    modules (on the Linear's device, e.g. ``meta``), ready for ``load_state_dict(int8_sd, assign=True)``."""
+    modules (on the Linear's device, e.g. ``meta``), ready for
+    ``load_state_dict(int8_sd, assign=True)``."""
     mods = dict(model.named_modules())
     sel = list(names) if names is not None else [n for n, _ in _selected(model, filter_fn)]
     for name in sel:
         lin = mods[name]
         w = lin.weight
-        _set(model, name, Int8Linear(lin.in_features, lin.out_features, lin.bias is not None, w.device, w.dtype))
+        _set(
+            model,
+            name,
+            Int8Linear(lin.in_features, lin.out_features, lin.bias is not None, w.device, w.dtype),
+        )
     return sel
 
 

@@ -27,12 +27,16 @@ class MRoPE(nn.Module):
     def __init__(self, head_dim: int, theta: float, mrope_section: list[int] | tuple[int, ...]):
         super().__init__()
         if sum(mrope_section) != head_dim // 2:
-            raise ValueError(f"mrope_section {mrope_section} must sum to head_dim/2 = {head_dim // 2}")
+            raise ValueError(
+                f"mrope_section {mrope_section} must sum to head_dim/2 = {head_dim // 2}"
+            )
         self.head_dim = head_dim
         self.theta = float(theta)
         self.section = tuple(int(s) for s in mrope_section)
 
-    def forward(self, position_ids: Tensor, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, position_ids: Tensor, dtype: torch.dtype = torch.float32
+    ) -> tuple[Tensor, Tensor]:
         if position_ids.ndim == 2:  # [B, T] text positions -> same id on all rows
             position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
         freq = inv_freq(self.head_dim, self.theta, position_ids.device)  # [D/2]

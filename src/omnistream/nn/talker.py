@@ -29,6 +29,7 @@ from omnistream.config import TalkerConfig
 from omnistream.engine.cache import KVCache
 from omnistream.engine.sampling import TALKER_SAMPLING, SamplingParams, sample, seen_mask
 from omnistream.nn.text import TextModel
+from omnistream.nn.thinker import ThinkerGeneration
 
 
 class Talker(nn.Module):
@@ -60,10 +61,8 @@ class Talker(nn.Module):
         """Text track of the prompt [B, L, E]: thinker final hidden + input embedding, with the
         embedding zeroed at media placeholders."""
         c = self.cfg
-        media = torch.isin(
-            input_ids,
-            torch.tensor([c.audio_token_index, c.image_token_index, c.video_token_index], device=input_ids.device),
-        )
+        ids = (c.audio_token_index, c.image_token_index, c.video_token_index)
+        media = torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
         return hidden + embeds.masked_fill(media.unsqueeze(-1), 0)
 
     def prefill(
@@ -77,10 +76,9 @@ class Talker(nn.Module):
         attention_mask: Tensor | None = None,  # [B, L] left padding of the prompt
     ) -> Tensor:  # [B, vocab] logits of the first code
         B, L, E = prompt.shape
-        pad, bos = self._ids(B, self.cfg.tts_codec_pad_token_id), self._ids(B, self.cfg.tts_codec_start_token_id)
-        x = torch.cat(
-            [prompt, speaker_bos.expand(B, 1, E) + self.codec(pad), reply0.reshape(B, 1, E) + self.codec(bos)], 1
-        )
+        pad = self.codec(self._ids(B, self.cfg.tts_codec_pad_token_id))  # [B, 1, E]
+        bos = self.codec(self._ids(B, self.cfg.tts_codec_start_token_id))
+        x = torch.cat([prompt, speaker_bos.expand(B, 1, E) + pad, reply0.reshape(B, 1, E) + bos], 1)
         tail = (cache.length + L + rope_deltas + torch.arange(2, device=prompt.device)).unsqueeze(0)
         pos = torch.cat([position_ids, tail.expand(3, -1, -1)], 2)  # [3, B, L+2]
         if attention_mask is not None:
@@ -100,44 +98,44 @@ class Talker(nn.Module):
     def generate(
         self,
         input_ids: Tensor,  # [B, L] the thinker prompt
-        prompt_hidden: Tensor,  # [B, L, E]
-        prompt_embeds: Tensor,  # [B, L, E]
-        position_ids: Tensor,  # [3, B, L]
-        rope_deltas: Tensor,  # [B, 1]
-        reply_tokens: Tensor,  # [B, N] the thinker's generated ids
-        reply_hidden: Tensor,  # [B, >=N-1, E] hidden of reply tokens 0..N-2 (fed back)
-        reply_embeds: Tensor,  # [B, >=N-1, E]
+        thinker: ThinkerGeneration,  # the thinker's finished reply (greedy or sampled)
         text_embed: Callable[[Tensor], Tensor],  # the thinker's token embedding
         speaker_bos: int,
         max_new_tokens: int,
         params: SamplingParams = TALKER_SAMPLING,
+        attention_mask: Tensor | None = None,  # [B, L] left padding of the prompt
         text_eos_ids: tuple[int, ...] = (151645,),
-        attention_mask: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Offline loop over a finished thinker reply: codes [B, n] (``tts_codec_pad`` after a
         row's end) and per-row lengths [B] (codes before the first end id)."""
         c, dev = self.cfg, input_ids.device
         B, L = input_ids.shape
-        N = reply_tokens.shape[1]
-        # row b's reply is r_0 .. r_{e_b - 1}, e_b = first thinker eos (clamped to [1, N-1]);
+        tokens, N = thinker.tokens, thinker.tokens.shape[1]
+        # row b's reply is r_0 .. r_{e_b - 1}, e_b = its first thinker eos (clamped to [1, N-1]),
         # then embed(text end) once, then embed(text pad) forever
-        is_eos = torch.isin(reply_tokens, torch.tensor(text_eos_ids, device=dev))
+        is_eos = torch.isin(tokens, torch.tensor(text_eos_ids, device=dev))
         first = torch.where(is_eos, torch.arange(N, device=dev), N).amin(-1).clamp(1, max(N - 1, 1))
-        r = reply_hidden[:, : N - 1] + reply_embeds[:, : N - 1]  # [B, N-1, E]
-        end, pad = text_embed(self._ids(B, c.tts_text_end_token_id)), text_embed(self._ids(B, c.tts_text_pad_token_id))
+        r = thinker.reply_hidden + thinker.reply_embeds  # [B, N-1, E]
+        end = text_embed(self._ids(B, c.tts_text_end_token_id))
+        pad = text_embed(self._ids(B, c.tts_text_pad_token_id))
 
         def reply(k: int) -> Tensor:  # [B, 1, E]
-            kk = torch.full((B, 1), k, device=dev)
-            real = r[:, min(k, N - 2) : min(k, N - 2) + 1]
-            return torch.where((kk < first[:, None]).unsqueeze(-1), real, torch.where((kk == first[:, None]).unsqueeze(-1), end, pad))
+            real = r[:, min(k, N - 2)].unsqueeze(1)
+            k_ = torch.full((B, 1, 1), k, device=dev)
+            f = first.view(B, 1, 1)
+            return torch.where(k_ < f, real, torch.where(k_ == f, end, pad))
 
+        p = thinker.prompt
         cache = self.new_cache(B, L + 2 + max_new_tokens)
-        prompt = self.prompt_track(input_ids, prompt_hidden, prompt_embeds)
+        prompt = self.prompt_track(input_ids, p.hidden, p.embeds)
         bos = text_embed(self._ids(B, speaker_bos))
-        logits = self.prefill(cache, prompt, position_ids, rope_deltas, bos, reply(0), attention_mask)
-        # the reference's repetition penalty counts its prompt codec ids: mask (prompt), pad, bos
-        start = [c.tts_codec_mask_token_id] * (L > 0) + [c.tts_codec_pad_token_id, c.tts_codec_start_token_id]
+        logits = self.prefill(
+            cache, prompt, p.position_ids, p.rope_deltas, bos, reply(0), attention_mask
+        )
+        # the reference's repetition penalty counts its prompt codec ids: mask (x L), pad, bos
+        start = [c.tts_codec_pad_token_id, c.tts_codec_start_token_id]
+        start += [c.tts_codec_mask_token_id] * (L > 0)
         seen = seen_mask(B, c.vocab_size, torch.tensor(start, device=dev).expand(B, -1), dev)
         stop = torch.tensor([c.tts_codec_pad_token_id, c.tts_codec_end_token_id], device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -149,7 +147,7 @@ class Talker(nn.Module):
             done |= torch.isin(code, stop)
             if k == max_new_tokens or bool(done.all()):
                 break
-            logits = self.step(cache, code, reply(k), rope_deltas)
+            logits = self.step(cache, code, reply(k), p.rope_deltas)
         codes = torch.stack(codes, 1)  # [B, n]
         n = codes.shape[1]
         lengths = torch.where(torch.isin(codes, stop), torch.arange(n, device=dev), n).amin(-1)

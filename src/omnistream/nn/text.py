@@ -69,7 +69,9 @@ class Attention(nn.Module):
     ) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        k = (
+            self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        )  # [B, Hkv, T, D]
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
@@ -95,7 +97,9 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         h = cfg.hidden_size
-        self.self_attn = Attention(h, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
+        self.self_attn = Attention(
+            h, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        )
         self.mlp = MLP(h, cfg.intermediate_size)
         self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps)
@@ -185,4 +189,3 @@ class TextModel(nn.Module):
         if cache is not None:
             cache.advance(T)
         return self.norm(x)
-

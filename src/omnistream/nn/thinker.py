@@ -15,7 +15,9 @@ consumes (final hidden state and input embedding), nothing else.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -23,14 +25,29 @@ from torch import Tensor, nn
 from omnistream.config import ThinkerConfig
 from omnistream.engine.cache import KVCache
 from omnistream.engine.sampling import SamplingParams, sample, seen_mask
+from omnistream.nn.audio_encoder import AudioEncoder
 from omnistream.nn.text import TextModel
+from omnistream.nn.vision_encoder import VisionEncoder
 from omnistream.positions import get_rope_index
 
-try:  # the encoders are written in parallel; until they land the Thinker is text-only
-    from omnistream.nn.audio_encoder import AudioEncoder
-    from omnistream.nn.vision_encoder import VisionEncoder
-except ImportError:  # pragma: no cover
-    AudioEncoder = VisionEncoder = None
+MEDIA_FIELDS = (
+    "input_features",
+    "feature_attention_mask",
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_values_videos",
+    "video_grid_thw",
+    "video_second_per_grid",
+    "use_audio_in_video",
+)
+
+
+def _field(inputs: Any, name: str) -> Any:
+    if inputs is None:
+        return None
+    if isinstance(inputs, Mapping):
+        return inputs.get(name)
+    return getattr(inputs, name, None)
 
 
 @dataclass
@@ -73,13 +90,47 @@ class Thinker(nn.Module):
     def __init__(self, cfg: ThinkerConfig):
         super().__init__()
         self.cfg = cfg
-        if AudioEncoder is not None:
-            self.audio_tower = AudioEncoder(cfg.audio_config)
-            self.visual = VisionEncoder(cfg.vision_config)
+        self.audio_tower = AudioEncoder(cfg.audio_config)
+        self.visual = VisionEncoder(cfg.vision_config)
         self.model = TextModel(cfg.text_config)
-        self.lm_head = nn.Linear(cfg.text_config.hidden_size, cfg.text_config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(
+            cfg.text_config.hidden_size, cfg.text_config.vocab_size, bias=False
+        )
 
     # -- inputs ---------------------------------------------------------------------------------
+
+    def encode_media(self, inputs: Any = None, /, **fields: Any) -> Media:
+        """Run the encoders on processor outputs.
+
+        ``inputs``: any object or mapping holding the processor fields (``prompt.PromptInputs``,
+        a transformers ``BatchFeature``), and/or the fields as keywords (keywords win):
+        ``input_features`` [K, n_mels, T_pad], ``feature_attention_mask`` [K, T_pad],
+        ``pixel_values`` [N, 1176], ``image_grid_thw`` [I, 3], ``pixel_values_videos``,
+        ``video_grid_thw`` [V, 3], ``video_second_per_grid`` [V], ``use_audio_in_video``."""
+        f = {k: _field(inputs, k) for k in MEDIA_FIELDS}
+        f.update((k, v) for k, v in fields.items() if v is not None)
+        unknown = set(fields) - set(MEDIA_FIELDS)
+        if unknown:
+            raise TypeError(f"unknown media fields {sorted(unknown)}")
+        dev = self.lm_head.weight.device
+        m = Media(
+            image_grid_thw=f["image_grid_thw"],
+            video_grid_thw=f["video_grid_thw"],
+            video_second_per_grid=f["video_second_per_grid"],
+            use_audio_in_video=bool(f["use_audio_in_video"]),
+        )
+        if f["input_features"] is not None:
+            feats, mask = f["input_features"].to(dev), f["feature_attention_mask"]
+            valid = torch.ones(feats.shape[::2], dtype=torch.bool, device=dev)  # [K, T_pad]
+            if mask is not None:
+                valid = mask.to(dev, torch.bool)
+            m.audio_seqlens = valid.sum(-1)
+            m.audio_embeds, _ = self.audio_tower(feats.transpose(1, 2)[valid].T, m.audio_seqlens)
+        if f["pixel_values"] is not None:
+            m.image_embeds = self.visual(f["pixel_values"].to(dev), f["image_grid_thw"])
+        if f["pixel_values_videos"] is not None:
+            m.video_embeds = self.visual(f["pixel_values_videos"].to(dev), f["video_grid_thw"])
+        return m
 
     def embed(self, input_ids: Tensor, media: Media | None = None) -> Tensor:
         """Token embeddings [B, T, D] with media features written at their placeholders."""

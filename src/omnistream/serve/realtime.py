@@ -215,6 +215,10 @@ class RealtimeConnection:
             self.ops.put_nowait(("respond", resp if isinstance(resp, dict) else {}))
         elif t == "response.cancel":
             if self.job is None:
+                if self.response_pending:  # queued, not started: drop it
+                    self._drop_ops("respond")
+                    self.response_pending = False
+                    return
                 raise APIError(400, "there is no active response",
                                code="response_cancel_not_active")
             self.cancel_reason = "client_cancelled"
@@ -344,15 +348,18 @@ class RealtimeConnection:
         self.turn_item = None
         self.turn_samples = 0
 
-    async def _clear(self) -> None:
-        # drop what has not reached the engine yet
+    def _drop_ops(self, kind: str) -> None:
+        """Remove queued engine operations of one kind (they have not reached the engine)."""
         kept = []
         while not self.ops.empty():
             op = self.ops.get_nowait()
-            if op[0] != "audio":
+            if op[0] != kind:
                 kept.append(op)
         for op in kept:
             self.ops.put_nowait(op)
+
+    async def _clear(self) -> None:
+        self._drop_ops("audio")
         self.ops.put_nowait(("clear",))
         self.turn_samples = 0
         self.turn_item = None
