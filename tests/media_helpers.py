@@ -48,15 +48,18 @@ def write_audio(path: str | Path, x: np.ndarray, sr: int, codec: str | None = No
     """Encode ``x [channels, n]`` with PyAV; the codec follows the file extension."""
     path = Path(path)
     ext = path.suffix.lower()
-    codec = codec or {
-        ".wav": "pcm_s16le",
-        ".flac": "flac",
-        ".mp3": "libmp3lame",
-        ".ogg": "libopus",
-        ".opus": "libopus",
-        ".m4a": "aac",
-        ".webm": "libopus",
-    }[ext]
+    codec = (
+        codec
+        or {
+            ".wav": "pcm_s16le",
+            ".flac": "flac",
+            ".mp3": "libmp3lame",
+            ".ogg": "libopus",
+            ".opus": "libopus",
+            ".m4a": "aac",
+            ".webm": "libopus",
+        }[ext]
+    )
     layout = "mono" if x.shape[0] == 1 else "stereo"
     with av.open(str(path), "w") as c:
         s = c.add_stream(codec, rate=sr, layout=layout)

@@ -31,8 +31,13 @@ def whisper():
 
 
 def _ref_features(fe, x):
-    r = fe(x, sampling_rate=16000, padding="max_length", return_attention_mask=True,
-           return_tensors="np")
+    r = fe(
+        x,
+        sampling_rate=16000,
+        padding="max_length",
+        return_attention_mask=True,
+        return_tensors="np",
+    )
     return r["input_features"][0], r["attention_mask"][0]
 
 
@@ -81,8 +86,10 @@ def test_resampled_stereo_vs_librosa(tmp_path, whisper):
     f_ours, _ = log_mel_spectrogram(ours)
     f_ref, m = _ref_features(whisper, ref)
     fd = np.abs(f_ours.numpy() - f_ref[:, : int(m.sum())])
-    print(f"\nresample 44.1k stereo -> 16k vs librosa: max|d| {d.max():.2e}, rel rms {rel:.2e}; "
-          f"features max|d| {fd.max():.3e}, mean|d| {fd.mean():.2e}")
+    print(
+        f"\nresample 44.1k stereo -> 16k vs librosa: max|d| {d.max():.2e}, rel rms {rel:.2e}; "
+        f"features max|d| {fd.max():.3e}, mean|d| {fd.mean():.2e}"
+    )
     assert d.max() < 2e-2 and rel < 1e-2 and fd.mean() < 1e-2
 
 
@@ -130,8 +137,16 @@ def _img(mode: str, w: int, h: int, seed: int = 0) -> Image.Image:
 
 
 @pytest.mark.parametrize(
-    "mode,w,h", [("RGB", 64, 48), ("RGBA", 100, 37), ("L", 300, 200), ("P", 57, 91),
-                 ("LA", 40, 30), ("CMYK", 123, 77), ("RGB", 1000, 30)]
+    "mode,w,h",
+    [
+        ("RGB", 64, 48),
+        ("RGBA", 100, 37),
+        ("L", 300, 200),
+        ("P", 57, 91),
+        ("LA", 40, 30),
+        ("CMYK", 123, 77),
+        ("RGB", 1000, 30),
+    ],
 )
 def test_image_equals_reference(image_processor, mode, w, h):
     im = _img(mode, w, h)
@@ -144,8 +159,9 @@ def test_image_equals_reference(image_processor, mode, w, h):
 
 def test_image_pixel_bounds_and_sources(image_processor, tmp_path):
     im = _img("RGB", 640, 480)
-    ref = image_processor(images=[im], size={"shortest_edge": 3136, "longest_edge": 64 * 784},
-                          return_tensors="pt")
+    ref = image_processor(
+        images=[im], size={"shortest_edge": 3136, "longest_edge": 64 * 784}, return_tensors="pt"
+    )
     ours = process_image(im, max_pixels=64 * 784)
     assert list(ours.grid_thw) == ref["image_grid_thw"][0].tolist()
     assert (ours.pixel_values - ref["pixel_values"]).abs().max() < 1e-5
@@ -155,8 +171,7 @@ def test_image_pixel_bounds_and_sources(image_processor, tmp_path):
     im.save(p)
     url = "data:image/png;base64," + base64.b64encode(p.read_bytes()).decode()
     for src in (str(p), "file://" + str(p), url, p.read_bytes(), np.asarray(im)):
-        assert torch.equal(process_image(src, max_pixels=64 * 784).pixel_values,
-                           ours.pixel_values)
+        assert torch.equal(process_image(src, max_pixels=64 * 784).pixel_values, ours.pixel_values)
 
 
 # --- video -----------------------------------------------------------------------------------
@@ -180,20 +195,24 @@ def test_video_sampling_vs_qwen_omni_utils(tmp_path, qou, n, fps, size, ele):
     path = str(write_video(tmp_path / "v.mp4", n, fps=fps, size=size))
     ref, ref_fps = qou.fetch_video({"video": path, **ele}, return_video_sample_fps=True)
     kw = {k: ele[k] for k in ("nframes", "min_frames") if k in ele}
-    ours = process_video(path, fps=ele.get("fps"), start=ele.get("video_start"),
-                         end=ele.get("video_end"), **kw)
+    ours = process_video(
+        path, fps=ele.get("fps"), start=ele.get("video_start"), end=ele.get("video_end"), **kw
+    )
     assert ours.n_frames == ref.shape[0]
     assert ours.frame_size == tuple(ref.shape[2:])
     assert abs(ours.sample_fps - ref_fps) < 1e-6
     # the same decoded frames and the same resize: equal pixels up to one uint8 step
-    dec = decode_video(path, fps=ele.get("fps"), start=ele.get("video_start"),
-                       end=ele.get("video_end"), **kw)
+    dec = decode_video(
+        path, fps=ele.get("fps"), start=ele.get("video_start"), end=ele.get("video_end"), **kw
+    )
     from omnistream.media.video import resize_frames
 
     mine = resize_frames(dec.frames, *ours.frame_size).float()
     assert (mine - ref).abs().max() <= 1.0
-    print(f"\nvideo {n}f@{fps} {size} {ele}: {ref.shape[0]} frames {tuple(ref.shape[2:])}, "
-          f"sample_fps {ref_fps:.3f}")
+    print(
+        f"\nvideo {n}f@{fps} {size} {ele}: {ref.shape[0]} frames {tuple(ref.shape[2:])}, "
+        f"sample_fps {ref_fps:.3f}"
+    )
 
 
 def test_video_variable_frame_rate(tmp_path):

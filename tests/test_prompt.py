@@ -41,12 +41,22 @@ CONVERSATIONS = [
     [{"role": "user", "content": "Hello there"}],
     [
         {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
-        {"role": "user", "content": [{"type": "audio", "audio": "a.wav"},
-                                     {"type": "text", "text": "What is this?"}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "audio", "audio": "a.wav"},
+                {"type": "text", "text": "What is this?"},
+            ],
+        },
         {"role": "assistant", "content": "A tone."},
-        {"role": "user", "content": [{"type": "image", "image": "x.png"},
-                                     {"type": "video", "video": "v.mp4"},
-                                     {"type": "text", "text": "and these?"}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": "x.png"},
+                {"type": "video", "video": "v.mp4"},
+                {"type": "text", "text": "and these?"},
+            ],
+        },
     ],
     [{"role": "user", "content": [{"image_url": "u"}, {"audio_url": "a"}, {"text": "t"}]}],
 ]
@@ -71,13 +81,17 @@ def _compare(ours_out, ref_out):
     if ours_out.input_features is not None:
         f = ours_out.input_features.shape[-1]
         rf = ref_out["input_features"]
-        assert torch.equal(ours_out.feature_attention_mask,
-                           ref_out["feature_attention_mask"][:, :f].long())
+        assert torch.equal(
+            ours_out.feature_attention_mask, ref_out["feature_attention_mask"][:, :f].long()
+        )
         assert int(ref_out["feature_attention_mask"][:, f:].sum()) == 0
         assert (ours_out.input_features - rf[:, :, :f]).abs().max() < 1e-4
-    for a, b in (("pixel_values", "pixel_values"), ("image_grid_thw", "image_grid_thw"),
-                 ("pixel_values_videos", "pixel_values_videos"),
-                 ("video_grid_thw", "video_grid_thw")):
+    for a, b in (
+        ("pixel_values", "pixel_values"),
+        ("image_grid_thw", "image_grid_thw"),
+        ("pixel_values_videos", "pixel_values_videos"),
+        ("video_grid_thw", "video_grid_thw"),
+    ):
         x = getattr(ours_out, a)
         if x is not None:
             assert x.shape == ref_out[b].shape
@@ -89,12 +103,19 @@ def test_audio_image_text_parity(ours, ref):
     img1, img2 = _img(120, 80), _img(333, 517, 1)
     msgs = [
         {"role": "system", "content": "You are terse."},
-        {"role": "user", "content": [
-            {"type": "audio", "audio": a1}, {"type": "image", "image": img1},
-            {"type": "text", "text": "Describe both. 你好"}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "audio", "audio": a1},
+                {"type": "image", "image": img1},
+                {"type": "text", "text": "Describe both. 你好"},
+            ],
+        },
         {"role": "assistant", "content": [{"type": "text", "text": "Okay."}]},
-        {"role": "user", "content": [{"type": "image", "image": img2},
-                                     {"type": "audio", "audio": a2}]},
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": img2}, {"type": "audio", "audio": a2}],
+        },
     ]
     out = ours(msgs)
     text = ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
@@ -125,18 +146,25 @@ def test_video_parity(ours, ref, tmp_path, audio_in_video):
     a = tone(6.0, 16000)
     path = str(write_video(tmp_path / "v.mp4", 60, fps=10, size=(64, 96), audio=(a, 16000)))
     extra = tone(1.3, 16000, seed=3)[0]
-    msgs = [{"role": "user", "content": [
-        {"type": "audio", "audio": extra},
-        {"type": "video", "video": path},
-        {"type": "text", "text": "What happens?"}]}]
+    msgs = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "audio", "audio": extra},
+                {"type": "video", "video": path},
+                {"type": "text", "text": "What happens?"},
+            ],
+        }
+    ]
     out = ours(msgs, use_audio_in_video=audio_in_video)
     text = ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     frames, v = _ref_video_frames(path)
     kw = dict(text=text, videos=[frames], return_tensors="pt")
     if audio_in_video:
         track = load_video_audio(path)
-        r = ref(audio=[extra, track], audio_from_video_indices=[None, 0],
-                use_audio_in_video=True, **kw)
+        r = ref(
+            audio=[extra, track], audio_from_video_indices=[None, 0], use_audio_in_video=True, **kw
+        )
     else:
         r = ref(audio=[extra], **kw)
     _compare(out, r)
@@ -148,8 +176,10 @@ def test_video_parity(ours, ref, tmp_path, audio_in_video):
         assert out.input_ids[it.end - 2] == 151648
 
 
-@pytest.mark.parametrize("grid,spg,n_audio", [((4, 2, 4), 3.0, 10), ((6, 4, 4), 1.0, 140),
-                                             ((5, 2, 2), 0.7, 3), ((2, 2, 2), 2.0, 0)])
+@pytest.mark.parametrize(
+    "grid,spg,n_audio",
+    [((4, 2, 4), 3.0, 10), ((6, 4, 4), 1.0, 140), ((5, 2, 2), 0.7, 3), ((2, 2, 2), 2.0, 0)],
+)
 def test_interleave_chunks_equal_reference(grid, spg, n_audio):
     from transformers import Qwen2_5OmniProcessor
 
@@ -158,6 +188,11 @@ def test_interleave_chunks_equal_reference(grid, spg, n_audio):
     ref_v = Qwen2_5OmniProcessor.get_chunked_index(None, vals, 50)
     ref_a = Qwen2_5OmniProcessor.get_chunked_index(None, np.arange(n_audio), 50)
     n = max(len(ref_v), len(ref_a))
-    want = [((ref_v[j][1] - ref_v[j][0]) if j < len(ref_v) else 0,
-             (ref_a[j][1] - ref_a[j][0]) if j < len(ref_a) else 0) for j in range(n)]
+    want = [
+        (
+            (ref_v[j][1] - ref_v[j][0]) if j < len(ref_v) else 0,
+            (ref_a[j][1] - ref_a[j][0]) if j < len(ref_a) else 0,
+        )
+        for j in range(n)
+    ]
     assert interleave_chunks(grid, spg, n_audio) == want

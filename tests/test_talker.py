@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import randomize_, tiny_hf_config
-from test_thinker import VS, hf_to_ckpt, mm_prompt, text_ids
+from test_thinker import VS, aiv_prompt, hf_to_ckpt, mm_prompt, text_ids
 
 from omnistream.config import OmniConfig
 from omnistream.engine.sampling import SamplingParams
@@ -141,12 +141,14 @@ def _reference_codes(ref, ids, mask, n_text, n_codes, media):
     return text[:, ids.shape[1] :], captured[0][:, ids.shape[1] + 2 :]
 
 
-@pytest.mark.parametrize("prompt", ["text", "text-padded", "media-padded"])
+@pytest.mark.parametrize("prompt", ["text", "text-padded", "media-padded", "audio-in-video"])
 @torch.no_grad()
 def test_greedy_codes_match_reference_generate(omni, prompt):
     ref, thinker, talker = omni
     if prompt == "media-padded":  # audio + image + video; placeholders zeroed on the text track
         ids, mask, media = mm_prompt(seed=3, batch=2)
+    elif prompt == "audio-in-video":
+        ids, mask, media = aiv_prompt(seed=4)
     else:
         ids, mask, media = text_ids(2, 10, seed=7), None, {}
         mask = torch.ones_like(ids)

@@ -53,8 +53,9 @@ def pair():
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])
 @torch.no_grad()
 def test_text_logits(kv_heads):
-    ref, ours = build(**{"thinker_config.text_config.num_key_value_heads": kv_heads})
-    ids = text_ids(2, 11)
+    text = "thinker_config.text_config."  # a small vocabulary keeps the three builds cheap
+    ref, ours = build(**{text + "num_key_value_heads": kv_heads, text + "vocab_size": 4096})
+    ids = text_ids(2, 11) % 4096
     want = ref(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
     pos, _ = ours.position_ids(ids)
     got, _ = ours(ours.embed(ids), pos)
@@ -217,3 +218,39 @@ def test_meta_build_and_assign_load(pair):
     a = ours.prefill(ids, ours.model.new_cache(1, 8))
     b = lazy.prefill(ids, lazy.model.new_cache(1, 8))
     torch.testing.assert_close(b.logits, a.logits, atol=0, rtol=0)
+
+
+def aiv_prompt(seed: int = 0):
+    """One video with its audio track (use_audio_in_video): 4 frames at 1 s per grid -> two
+    2-second chunks of 8 video tokens, 75 audio tokens split 50 + 25, laid out V0 A0 V1 A1."""
+    g = torch.Generator().manual_seed(seed)
+    mel = 300
+    body = [151656] * 8 + [151646] * 50 + [151656] * 8 + [151646] * 25
+    ids = torch.randint(0, 150000, (6,), generator=g).tolist() + [VS, 151647, *body, 151648, 151653]
+    ids += torch.randint(0, 150000, (3,), generator=g).tolist()
+    media = dict(
+        input_features=torch.randn(1, 128, mel, generator=g),
+        feature_attention_mask=torch.ones(1, mel, dtype=torch.long),
+        pixel_values_videos=torch.randn(4 * 4 * 4, 1176, generator=g),
+        video_grid_thw=torch.tensor([[4, 4, 4]]),
+        video_second_per_grid=torch.tensor([1.0]),
+        use_audio_in_video=True,
+    )
+    ids = torch.tensor([ids])
+    return ids, torch.ones_like(ids), media
+
+
+@torch.no_grad()
+def test_audio_in_video_matches_reference(pair):
+    ref, ours = pair
+    ids, mask, media = aiv_prompt()
+    want = ref(input_ids=ids, attention_mask=mask, **media).logits
+    m = ours.encode_media(**media)
+    pos, _ = ours.position_ids(ids, mask, m)
+    got, _ = ours(ours.embed(ids, m), pos)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    ref.model.rope_deltas = None
+    want = ref.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, **media
+    )
+    assert torch.equal(ours.generate(ids, 6, media=m, eos_ids=()).tokens, want[:, ids.shape[1] :])

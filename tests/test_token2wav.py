@@ -1,4 +1,4 @@
-"""Token2wav (ECAPA, DiT, flow-matching sampler, BigVGAN) against transformers, fp32, tiny config."""
+"""Token2wav (ECAPA, DiT, flow-matching sampler, BigVGAN) vs transformers: fp32, tiny config."""
 
 from __future__ import annotations
 
@@ -191,6 +191,6 @@ def test_samples_per_code(models, inputs, n):
 
 
 def test_stays_float32():
-    m = Token2Wav(Token2WavConfig.from_dict(tiny_config()["token2wav_config"]))
+    m = Token2Wav(Token2WavConfig.from_dict(tiny_config(**OVERRIDES)["token2wav_config"]))
     m.to(torch.bfloat16)
     assert all(p.dtype == torch.float32 for p in m.state_dict().values())

@@ -111,7 +111,7 @@ TINY_CONFIG: dict[str, Any] = {
         "bigvgan_config": {
             "model_type": "qwen2_5_omni_bigvgan",
             "mel_dim": 80,
-            "upsample_initial_channel": 32,
+            "upsample_initial_channel": 64,
             "resblock_kernel_sizes": [3, 7, 11],
             "resblock_dilation_sizes": [[1, 3, 5], [1, 3, 5], [1, 3, 5]],
             "upsample_rates": [5, 3, 2, 2, 2, 2],

@@ -111,7 +111,7 @@ class Code2WavStream:
         wav = self.model.vocode(voc_in)[0]
         v_lo = lo - self._mel_tail.shape[-1]  # first frame of the vocoder input
         e_lo, e_hi = max(lo - VOC_TRIM, 0), (hi if final else hi - VOC_TRIM)  # emitted frames
-        self._mel_tail = voc_in[..., -VOC_PAST:]
+        self._mel_tail = voc_in[..., max(voc_in.shape[-1] - VOC_PAST, 0):]
         return wav[(e_lo - v_lo) * HOP: (e_hi - v_lo) * HOP].cpu().numpy()
 
 

@@ -82,7 +82,7 @@ class Engine:
         self.random_weights = random_weights
         from omnistream.prompt import Processor
 
-        self.processor = Processor.from_dir(self.model_dir, tokenizer)
+        self.processor = Processor.from_dir(self.model_dir)
 
     @classmethod
     def load(cls, model: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu",
@@ -159,6 +159,7 @@ class Session:
         base = seed if seed is not None else int(torch.seed() % (2**62))
         self.generator, self.talker_gen, self.noise_gen = (
             torch.Generator(device=engine.device).manual_seed(base + i) for i in range(3))
+        self.noise_seed = base + 2
         self.cache = engine.thinker.model.new_cache(1, max_context)
         self.ctx = _Context()
         self.next_pos = 0  # TMRoPE id of the next token fed to the Thinker
@@ -191,21 +192,26 @@ class Session:
         return SPEECH_SYSTEM if self.audio_output else DEFAULT_SYSTEM
 
     def _prepare(self, messages: list[dict] | str):
-        """The new turn's token ids (continuing the cached conversation) and its media."""
+        """The new turn's inputs; ids [1, T] continue the cached conversation."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
-        first = self.turns == 0 and self.cache.length == 0
-        if first and not any(m.get("role") == "system" for m in messages):
-            messages = [{"role": "system", "content": self._system_prompt()}] + list(messages)
-        inputs = self.engine.processor(messages, add_generation_prompt=True,
-                                       use_audio_in_video=self.use_audio_in_video)
-        ids = inputs.input_ids
-        if not first:  # close the previous assistant turn: "<|im_end|>\n" then the new turn
+        first = self.cache.length == 0
+        system = self._system_prompt()
+        inputs = self.engine.processor(list(messages), add_generation_prompt=True,
+                                       use_audio_in_video=self.use_audio_in_video,
+                                       speech_output=self.audio_output, system_prompt=system)
+        ids = inputs.input_ids.reshape(-1)
+        if not first:
+            if messages and messages[0].get("role") == "system":
+                raise ValueError("a system turn can only start a conversation")
+            # drop the system block the template inserts; close the previous assistant turn
+            sys_ids = self.engine.tokenizer.encode(f"<|im_start|>system\n{system}<|im_end|>\n")
+            if ids[: len(sys_ids)].tolist() != sys_ids:
+                raise RuntimeError("unexpected prompt rendering of a continued conversation")
             head = self.pending + self.engine.tokenizer.encode("\n")
-            ids = torch.cat([torch.tensor([head], dtype=ids.dtype), ids], 1)
-            inputs = inputs.with_input_ids(ids)
+            ids = torch.cat([torch.tensor(head, dtype=ids.dtype), ids[len(sys_ids):]])
         self.pending = []
-        return inputs
+        return inputs, ids[None]
 
     # -- the reply ------------------------------------------------------------------------------
 
@@ -220,15 +226,15 @@ class Session:
         eng, th = self.engine, self.engine.thinker
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
-        inputs = self._prepare(messages)
-        ids = inputs.input_ids.to(eng.device)
+        inputs, ids = self._prepare(messages)
+        ids = ids.to(eng.device)
         self.last_prompt_ids = ids[0].tolist()
         if self.cache.length + ids.shape[1] + self.max_new_tokens + 2 > self.cache.max_len:
             raise ValueError(
                 f"conversation too long: {self.cache.length} cached + {ids.shape[1]} prompt + "
                 f"{self.max_new_tokens} new tokens exceed the context of {self.cache.max_len}"
             )
-        media = th.encode_media(inputs, use_audio_in_video=self.use_audio_in_video)
+        media = th.encode_media(inputs)
         cached = self.cache.length
         step = th.prefill(ids, self.cache, media=media, position_offset=self.next_pos)
         self.ctx.add(self.last_prompt_ids, step.hidden[0], _zero_media(step.embeds[0], ids[0],
@@ -324,8 +330,8 @@ class _Speech:
             from omnistream.engine.code2wav import Code2WavStream
 
             self.stream = Code2WavStream(eng.token2wav, sess.speaker.cond, sess.speaker.ref_mel,
-                                         chunk_frames=sess.chunk_frames, steps=sess.ode_steps,
-                                         solver=sess.solver, generator=sess.noise_gen)
+                                         chunk_size=sess.chunk_frames, steps=sess.ode_steps,
+                                         solver=sess.solver, seed=sess.noise_seed)
 
     def feed(self, hidden: Tensor, embed: Tensor) -> Iterator[Event]:
         """Reply token k's Thinker state exists: run the Talker step(s) it unlocks."""

@@ -221,8 +221,9 @@ def _log_mel_frames(frames: Tensor) -> Tensor:
     f = frames.shape[0]
     spec = torch.fft.rfft(frames * _window(), dim=-1)  # [F, 201] complex
     ri = torch.view_as_real(spec).reshape(f, 2 * (N_FFT // 2 + 1))  # [F, 402]: re, im, re, ...
-    mel = ri.square_() @ _mel_filters_ri()  # [F, 128]: re^2 + im^2 summed inside the matmul
-    return mel.clamp_(min=1e-10).log10_().t()
+    # [128, F]: re^2 + im^2 summed inside the matmul (transposed operand: no copy)
+    mel = _mel_filters_ri().t() @ ri.square_().t()
+    return mel.clamp_(min=1e-10).log10_()
 
 
 @lru_cache(maxsize=1)

@@ -43,7 +43,7 @@ def kaiser_sinc(cutoff: float, half_width: float, taps: int) -> Tensor:
     return h / h.sum()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _aa_filter(device: torch.device) -> Tensor:
     """The low-pass shared by the x2 upsampler and downsampler: [1, 1, 12]."""
     h = kaiser_sinc(0.5 / AA_RATIO, 0.6 / AA_RATIO, AA_TAPS)
@@ -98,10 +98,12 @@ class AMPBlock(nn.Module):
         self.convs2 = nn.ModuleList(
             nn.Conv1d(channels, channels, kernel, padding=(kernel - 1) // 2) for _ in dilations
         )
-        self.activations = nn.ModuleList(AntiAliasedSnake(channels) for _ in range(2 * len(dilations)))
+        self.activations = nn.ModuleList(
+            AntiAliasedSnake(channels) for _ in range(2 * len(dilations))
+        )
 
     def forward(self, x: Tensor) -> Tensor:
-        for i, (c1, c2) in enumerate(zip(self.convs1, self.convs2)):
+        for i, (c1, c2) in enumerate(zip(self.convs1, self.convs2, strict=True)):
             x = x + c2(self.activations[2 * i + 1](c1(self.activations[2 * i](x))))
         return x
 
@@ -119,14 +121,15 @@ class BigVGAN(nn.Module):
         ch0, n_up = cfg.upsample_initial_channel, len(cfg.upsample_rates)
         self.n_kernels = len(cfg.resblock_kernel_sizes)
         self.conv_pre = nn.Conv1d(cfg.mel_dim, ch0, 7, padding=3)
+        rates, kernels = cfg.upsample_rates, cfg.upsample_kernel_sizes
         self.ups = nn.ModuleList(  # one-element lists: the checkpoint's ``ups.i.0.*`` names
-            nn.ModuleList([nn.ConvTranspose1d(ch0 >> i, ch0 >> (i + 1), k, r, padding=(k - r) // 2)])
-            for i, (r, k) in enumerate(zip(cfg.upsample_rates, cfg.upsample_kernel_sizes))
+            nn.ModuleList([nn.ConvTranspose1d(ch0 >> i, ch0 >> i + 1, k, r, padding=(k - r) // 2)])
+            for i, (r, k) in enumerate(zip(rates, kernels, strict=True))
         )
         self.resblocks = nn.ModuleList(
             AMPBlock(ch0 >> (i + 1), k, d)
             for i in range(n_up)
-            for k, d in zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes)
+            for k, d in zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes, strict=True)
         )
         self.activation_post = AntiAliasedSnake(ch0 >> n_up)
         self.conv_post = nn.Conv1d(ch0 >> n_up, 1, 7, padding=3, bias=False)

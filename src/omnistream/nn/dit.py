@@ -188,7 +188,8 @@ class RotaryEmbedding(nn.Module):
                 self.inv_freq = _inv_freq(self.head_dim, self.theta)
 
     def forward(self, T: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        angles = torch.arange(T, device=device, dtype=torch.float32)[:, None] * self.inv_freq.float()
+        pos = torch.arange(T, device=device, dtype=torch.float32)
+        angles = pos[:, None] * self.inv_freq.float()
         return angles.cos(), angles.sin()  # [T, head_dim/2] each
 
 

@@ -70,8 +70,8 @@ class Token2Wav(nn.Module):
         dit = self.code2wav_dit_model
         codes = codes.to(self.device)
         x = noise.to(self.device, torch.float32)
-        if x.shape[1] != codes.shape[1] * dit.cfg.repeats:
-            raise ValueError(f"noise has {x.shape[1]} frames, codes need {codes.shape[1] * 2}")
+        if x.shape[1] != (T := codes.shape[1] * dit.cfg.repeats):
+            raise ValueError(f"noise has {x.shape[1]} frames, the codes need {T}")
         cfg = spk.shape[0] == 2 * codes.shape[0]
         c = dit.condition(codes, spk)
 
@@ -82,7 +82,7 @@ class Token2Wav(nn.Module):
             return v_c + (v_c - v_u) * guidance_scale
 
         ts = time_points(steps, x.device)
-        for t0, t1 in zip(ts[:-1], ts[1:]):
+        for t0, t1 in zip(ts[:-1], ts[1:], strict=True):
             h = t1 - t0
             k1 = velocity(t0, x)
             if solver == "euler":
@@ -98,8 +98,8 @@ class Token2Wav(nn.Module):
     def sample(self, codes: Tensor, cond: Tensor, ref_mel: Tensor, steps: int = 10,
                solver: str = "rk4", guidance_scale: float = 0.5, noise: Tensor | None = None,
                generator: torch.Generator | None = None) -> Tensor:
-        """codes [B, N] -> mel [B, 80, 2N]. ``noise`` [B, 2N, 80] fixes the initial state (else drawn
-        from ``generator``); ``steps`` time points, ``solver`` "rk4" or "euler"."""
+        """codes [B, N] -> mel [B, 80, 2N]. ``noise`` [B, 2N, 80] fixes the initial state (else
+        drawn from ``generator``); ``steps`` time points, ``solver`` "rk4" or "euler"."""
         if noise is None:
             shape = (codes.shape[0], codes.shape[1] * self.code2wav_dit_model.cfg.repeats,
                      self.cfg.dit_config.mel_dim)

@@ -17,11 +17,15 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-data", nargs="+", default=None, help="held-out JSONL file(s)")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=None, help="examples per micro-batch per process")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="examples per micro-batch per process"
+    )
     p.add_argument("--grad-accum", type=int, default=None)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="autocast dtype")
     p.add_argument("--dist", choices=["ddp", "fsdp"], default=None)
-    p.add_argument("--stop-at", type=int, default=None, help="stop after this many steps (resumable)")
+    p.add_argument(
+        "--stop-at", type=int, default=None, help="stop after this many steps (resumable)"
+    )
     p.add_argument("--no-resume", action="store_true", help="ignore a resume state in --out")
 
 
@@ -30,10 +34,20 @@ def run_train(args: argparse.Namespace) -> int:
     from omnistream.train.stages import Stage
 
     stage = Stage.from_file(args.config)
-    over = {k: getattr(args, k) for k in ("max_steps", "lr", "batch_size", "grad_accum", "dtype", "dist")}
+    over = {
+        k: getattr(args, k)
+        for k in ("max_steps", "lr", "batch_size", "grad_accum", "dtype", "dist")
+    }
     stage = stage.replace(**{k: v for k, v in over.items() if v is not None})
-    res = train(stage, args.data, args.model, args.out, eval_data=args.eval_data,
-                stop_at=args.stop_at, resume=not args.no_resume)
+    res = train(
+        stage,
+        args.data,
+        args.model,
+        args.out,
+        eval_data=args.eval_data,
+        stop_at=args.stop_at,
+        resume=not args.no_resume,
+    )
     if res["bad_records"]:
         print(f"{len(res['bad_records'])} bad records skipped (see train_log.jsonl)")
     return 0

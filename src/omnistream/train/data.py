@@ -2,9 +2,9 @@
 
 One record per line, the API's message schema plus optional speech targets::
 
-    {"messages": [{"role": "system"|"user"|"assistant",
+    {"messages": [{"role": "system" | "user" | "assistant",
                    "content": "text" | [{"type": "text", "text": ...},
-                                        {"type": "audio"|"image"|"video", "audio"|"image"|"video": path}]}],
+                                        {"type": "image", "image": path}, ...]}],
      "codec_ids": [int, ...],              # talker targets for the last assistant turn
      "speech": "reply.wav",                # the same reply as audio (kept for reference only)
      "chosen_codec_ids": [...], "rejected_codec_ids": [...]}   # talker DPO pairs
@@ -167,12 +167,16 @@ def validate(rec: Any, base: Path) -> dict:
         raise RecordError("the last message must be the assistant's reply")
     for key in ("codec_ids", "chosen_codec_ids", "rejected_codec_ids"):
         _check_codes(rec, key)
-    if "speech" in rec and not (isinstance(rec["speech"], str) and (base / rec["speech"]).is_file()):
+    if "speech" in rec and not (
+        isinstance(rec["speech"], str) and (base / rec["speech"]).is_file()
+    ):
         raise RecordError(f"speech file not found: {rec.get('speech')!r}")
     return rec
 
 
-def encode(rec: dict, tok: Tokenizer, cfg: ThinkerConfig, base: Path, task: str = "thinker") -> Example:
+def encode(
+    rec: dict, tok: Tokenizer, cfg: ThinkerConfig, base: Path, task: str = "thinker"
+) -> Example:
     """Render + tokenise one validated record (media through ``process_media``)."""
     sp = tok.special
     msgs = rec["messages"]
@@ -185,7 +189,11 @@ def encode(rec: dict, tok: Tokenizer, cfg: ThinkerConfig, base: Path, task: str 
     for m in msgs:
         head = [sp.im_start, *tok.encode(m["role"] + "\n")]
         body: list[int] = []
-        parts = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
+        parts = (
+            m["content"]
+            if isinstance(m["content"], list)
+            else [{"type": "text", "text": m["content"]}]
+        )
         for part in parts:
             if part["type"] == "text":
                 body += tok.encode(part["text"])
@@ -215,7 +223,11 @@ def encode(rec: dict, tok: Tokenizer, cfg: ThinkerConfig, base: Path, task: str 
     if task == "talker":
         ex.codes = _check_codes(rec, "codec_ids")
         if ex.codes is None:
-            hint = " (a 'speech' file alone is not enough: no speech tokenizer)" if "speech" in rec else ""
+            hint = (
+                " (a 'speech' file alone is not enough: no speech tokenizer)"
+                if "speech" in rec
+                else ""
+            )
             raise RecordError("talker training needs 'codec_ids'" + hint)
     elif task == "talker_dpo":
         ex.codes = _check_codes(rec, "chosen_codec_ids")
@@ -233,8 +245,14 @@ def _positions(ids: list[int], mi: dict[str, list], cfg: ThinkerConfig) -> Tenso
     audio_len = cat("audio", "feature_len")
     spg = [float(it.second_per_grid) for it in mi["video"]] or None
     pos, _ = get_rope_index(
-        torch.tensor([ids]), cat("image", "grid_thw"), cat("video", "grid_thw"), None, False,
-        audio_len, spg, cfg,
+        torch.tensor([ids]),
+        cat("image", "grid_thw"),
+        cat("video", "grid_thw"),
+        None,
+        False,
+        audio_len,
+        spg,
+        cfg,
     )
     return pos[:, 0]  # [3, T]
 
@@ -341,7 +359,9 @@ def split(global_ids: list[int], n_micro: int, world: int, rank: int) -> list[li
     """This rank's micro-batches of a global batch: micro-batch a of rank r is the
     ``(a * world + r)``-th equal slice (so the same global batch splits the same for any world)."""
     per = len(global_ids) // (n_micro * world)
-    return [global_ids[(a * world + rank) * per : (a * world + rank + 1) * per] for a in range(n_micro)]
+    return [
+        global_ids[(a * world + rank) * per : (a * world + rank + 1) * per] for a in range(n_micro)
+    ]
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,9 @@ class Objective(nn.Module):
             return losses.thinker_loss(m.thinker, batch)
         if s.task == "talker":
             return losses.talker_loss(m.thinker, m.talker, batch, s.speaker_bos)
-        return losses.dpo_loss(m.thinker, m.talker, self.ref_talker[0], batch, s.speaker_bos, s.dpo_beta)
+        return losses.dpo_loss(
+            m.thinker, m.talker, self.ref_talker[0], batch, s.speaker_bos, s.dpo_beta
+        )
 
 
 def n_targets(batch: dict[str, Any], task: str) -> int:
@@ -79,7 +82,11 @@ def lr_at(step: int, s: Stage) -> float:
 
 
 def _rng_state() -> dict:
-    st = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    st = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
@@ -155,7 +162,14 @@ def train(
     eval_ds = Dataset(eval_data, tok, tcfg, s.task, s.max_len, log=log) if eval_data else None
     global_batch = s.batch_size * s.grad_accum * world
     batches = Batches([len(e) for e in ds.examples], global_batch, s.seed, s.length_group)
-    log({"event": "data", "examples": len(ds), "bad_records": len(ds.errors), "global_batch": global_batch})
+    log(
+        {
+            "event": "data",
+            "examples": len(ds),
+            "bad_records": len(ds.errors),
+            "global_batch": global_batch,
+        }
+    )
 
     # -- model ---------------------------------------------------------------------------------
     ref_talker = None
@@ -182,14 +196,22 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": s.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     optimizer = torch.optim.AdamW(groups, lr=s.lr, betas=s.betas)
-    log({
-        "event": "model", "stage": s.name, "task": s.task, "world": world,
-        "trainable_params": sum(p.numel() for p in params),
-        "total_params": sum(p.numel() for p in model.parameters()),
-        "trainable_tensors": len(trained),
-    })
+    log(
+        {
+            "event": "model",
+            "stage": s.name,
+            "task": s.task,
+            "world": world,
+            "trainable_params": sum(p.numel() for p in params),
+            "total_params": sum(p.numel() for p in model.parameters()),
+            "trainable_tensors": len(trained),
+        }
+    )
 
     # -- resume --------------------------------------------------------------------------------
     step = 0
@@ -207,15 +229,21 @@ def train(
         lr = lr_at(step, s)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        micro = [collate([ds[i] for i in ids], tok.special.pad) for ids in
-                 split(next(batches), s.grad_accum, world, rank)]
+        micro = [
+            collate([ds[i] for i in ids], tok.special.pad)
+            for ids in split(next(batches), s.grad_accum, world, rank)
+        ]
         micro = [_to(b, device) for b in micro]
         n_global = _all_sum(sum(n_targets(b, s.task) for b in micro), world, device)
         model.train()
         loss_sum = 0.0
         for a, b in enumerate(micro):
             last = a == len(micro) - 1
-            sync = contextlib.nullcontext() if last or not hasattr(engine, "no_sync") else engine.no_sync()
+            sync = (
+                contextlib.nullcontext()
+                if last or not hasattr(engine, "no_sync")
+                else engine.no_sync()
+            )
             with sync:
                 with autocast:
                     lsum, _ = engine(b)
@@ -231,18 +259,39 @@ def train(
         step += 1
         history.append(loss)
         if step % s.log_every == 0 or step == end:
-            log({"step": step, "loss": loss, "lr": lr, "grad_norm": gnorm, "targets": int(n_global),
-                 "elapsed_s": round(time.time() - t0, 3)})
+            log(
+                {
+                    "step": step,
+                    "of": s.max_steps,
+                    "loss": loss,
+                    "lr": lr,
+                    "grad_norm": gnorm,
+                    "targets": int(n_global),
+                    "elapsed_s": round(time.time() - t0, 3),
+                }
+            )
         if eval_ds is not None and s.eval_every and step % s.eval_every == 0:
             ev = evaluate(objective, eval_ds, s, tok.special.pad, world, rank, device, autocast)
             evals.append({"step": step, "eval_loss": ev})
             log({"step": step, "eval_loss": ev})
         if s.save_every and step % s.save_every == 0 and step < s.max_steps:
-            _save_resume(rdir, model, optimizer, batches, step, s, rank, world, s.dist == "fsdp" and world > 1)
+            _save_resume(
+                rdir,
+                model,
+                optimizer,
+                batches,
+                step,
+                s,
+                rank,
+                world,
+                s.dist == "fsdp" and world > 1,
+            )
 
     # -- the end: resume state if stopped early, otherwise the release-layout checkpoint ------
     if step < s.max_steps:
-        _save_resume(rdir, model, optimizer, batches, step, s, rank, world, s.dist == "fsdp" and world > 1)
+        _save_resume(
+            rdir, model, optimizer, batches, step, s, rank, world, s.dist == "fsdp" and world > 1
+        )
     else:
         scale = s.lora.alpha / s.lora.r if s.lora else 1.0
         full = _full_state(model, world, s.dist == "fsdp", scale)
@@ -250,13 +299,20 @@ def train(
             save_released(out, model_dir, full)
             (out / "train_stage.json").write_text(json.dumps(s.to_dict(), indent=2) + "\n")
             log({"event": "saved", "dir": str(out), "step": step})
+            shutil.rmtree(rdir, ignore_errors=True)  # the stage is complete
     if world > 1:
         dist.barrier()
     if log_f:
         log_f.close()
     if own_group:
         dist.destroy_process_group()
-    return {"losses": history, "eval": evals, "out": str(out), "bad_records": ds.errors, "model": model}
+    return {
+        "losses": history,
+        "eval": evals,
+        "out": str(out),
+        "bad_records": ds.errors,
+        "model": model,
+    }
 
 
 @torch.no_grad()
@@ -293,11 +349,18 @@ def _save_resume(rdir: Path, model, optimizer, batches, step, s, rank, world, fs
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-        msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+        msd, osd = get_state_dict(
+            model, optimizer, options=StateDictOptions(ignore_frozen_params=True)
+        )
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(rdir / "dcp"))
     elif rank == 0:
-        torch.save({"model": {k: v.cpu() for k, v in _trained_state(model).items()},
-                    "optim": optimizer.state_dict()}, rdir / "state.pt")
+        torch.save(
+            {
+                "model": {k: v.cpu() for k, v in _trained_state(model).items()},
+                "optim": optimizer.state_dict(),
+            },
+            rdir / "state.pt",
+        )
     torch.save(_rng_state(), rdir / f"rng_{rank}.pt")
     if world > 1:
         dist.barrier()
@@ -317,11 +380,20 @@ def _load_resume(rdir: Path, model, optimizer, batches, rank, fsdp: bool) -> int
         )
 
         opts = StateDictOptions(ignore_frozen_params=True)
-        msd, osd = get_state_dict(model, optimizer, options=opts)
+        msd, osd = get_state_dict(model, optimizer, options=opts)  # (creates optimizer state)
+        # parameters that never had a gradient have no optimizer state in the checkpoint
+        saved = dcp.FileSystemReader(str(rdir / "dcp")).read_metadata().state_dict_metadata
+        osd["state"] = {k: v for k, v in osd["state"].items() if f"optim.state.{k}.step" in saved}
         state = {"model": msd, "optim": osd}
         dcp.load(state, checkpoint_id=str(rdir / "dcp"))
-        set_state_dict(model, optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"], options=opts)
+        set_state_dict(
+            model,
+            optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+            options=StateDictOptions(ignore_frozen_params=True, strict=False),
+        )
+        # (strict=False: the zero states made above for never-updated parameters are dropped)
     else:
         st = torch.load(rdir / "state.pt", weights_only=False)
         params = dict(model.named_parameters())
@@ -336,13 +408,17 @@ def _load_resume(rdir: Path, model, optimizer, batches, rank, fsdp: bool) -> int
     return int(meta["step"])
 
 
-def _full_state(model: nn.Module, world: int, fsdp: bool, lora_scale: float) -> dict[str, torch.Tensor]:
+def _full_state(
+    model: nn.Module, world: int, fsdp: bool, lora_scale: float
+) -> dict[str, torch.Tensor]:
     """Every tensor of the model under checkpoint names, LoRA merged, on the CPU (collective
     under FSDP: every process must call it)."""
     if world > 1 and fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        sd = get_model_state_dict(
+            model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
     else:
         sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return merge_lora(sd, lora_scale)

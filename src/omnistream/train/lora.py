@@ -30,12 +30,16 @@ class LoRALinear(nn.Linear):
         self.r, self.scale = r, alpha / r
         w = base.weight
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=w.dtype, device=w.device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=w.dtype, device=w.device))
+        self.lora_B = nn.Parameter(
+            torch.zeros(self.out_features, r, dtype=w.dtype, device=w.device)
+        )
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # B = 0: starts as the base layer
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
-
+        return (
+            F.linear(x, self.weight, self.bias)
+            + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+        )
 
 
 def apply_lora(

@@ -44,7 +44,9 @@ def encode_media(thinker: nn.Module, media: dict[str, list] | None) -> Media | N
             setattr(out, f"{kind}_embeds", emb)
             setattr(out, f"{kind}_grid_thw", grid)
     if media["video"]:
-        out.video_second_per_grid = torch.tensor([float(it.second_per_grid) for it in media["video"]])
+        out.video_second_per_grid = torch.tensor(
+            [float(it.second_per_grid) for it in media["video"]]
+        )
     return out
 
 
@@ -115,13 +117,17 @@ def talker_inputs(
         m = len(c)
         reply = both[b, P : P + n]  # [n, D]
         track = torch.cat([reply[1:], end[None], pad[None].expand(max(0, m + 1 - n), -1)])[:m]
-        cin = codec_emb(torch.cat([torch.tensor([CODEC_PAD, CODEC_BOS], device=dev), c]))  # [m+2, D]
-        x = torch.cat([
-            both[b, :P],
-            (spk + cin[0])[None],
-            (reply[0] + cin[1])[None],
-            cin[2:] + track,
-        ])  # [P+2+m, D]
+        cin = codec_emb(
+            torch.cat([torch.tensor([CODEC_PAD, CODEC_BOS], device=dev), c])
+        )  # [m+2, D]
+        x = torch.cat(
+            [
+                both[b, :P],
+                (spk + cin[0])[None],
+                (reply[0] + cin[1])[None],
+                cin[2:] + track,
+            ]
+        )  # [P+2+m, D]
         p0 = batch["position_ids"][:, b, :P]  # [3, P]
         after = p0.max() + 1 + torch.arange(m + 2, device=dev)
         pos = torch.cat([p0, after.expand(3, -1)], 1)  # [3, P+2+m]
@@ -162,7 +168,9 @@ def _seq_logp(talker, x, pos, tgt) -> Tensor:
     return torch.zeros(x.shape[0], dtype=tok.dtype, device=x.device).index_add(0, row, tok)
 
 
-def dpo_loss(thinker, talker, ref_talker, batch, speaker_bos: int, beta: float) -> tuple[Tensor, int]:
+def dpo_loss(
+    thinker, talker, ref_talker, batch, speaker_bos: int, beta: float
+) -> tuple[Tensor, int]:
     """Summed DPO loss ``-log sigmoid(beta * ((pi_c - pi_r) - (ref_c - ref_r)))`` over the pairs
     of the batch (sequence log-probs of the codes + EOS), and the number of pairs."""
     ex = batch["examples"]

@@ -21,6 +21,7 @@ from omnistream.config import OmniConfig
 from omnistream.nn.talker import Talker
 from omnistream.nn.thinker import Thinker
 
+
 class OmniTrain(nn.Module):
     """Container whose parameter names equal the checkpoint's (``thinker.``/``talker.``)."""
 
@@ -49,7 +50,9 @@ def weight_files(model_dir: str | Path) -> list[Path]:
     return files
 
 
-def read_tensors(model_dir: str | Path, prefixes: tuple[str, ...] | None = None) -> dict[str, Tensor]:
+def read_tensors(
+    model_dir: str | Path, prefixes: tuple[str, ...] | None = None
+) -> dict[str, Tensor]:
     """All tensors of a checkpoint (optionally only names starting with one of ``prefixes``)."""
     out = {}
     for f in weight_files(model_dir):
@@ -69,14 +72,14 @@ def load_model(model_dir: str | Path, with_talker: bool, dtype=torch.float32) ->
     sd = {k: v.to(dtype) for k, v in read_tensors(model_dir, prefixes).items() if k in names}
     missing = names - set(sd)
     if missing:
-        raise KeyError(f"checkpoint {model_dir} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+        raise KeyError(
+            f"checkpoint {model_dir} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}"
+        )
     model.load_state_dict(sd, strict=True)
     return model.to(dtype)
 
 
-def save_released(
-    out_dir: str | Path, src_dir: str | Path, trained: dict[str, Tensor]
-) -> Path:
+def save_released(out_dir: str | Path, src_dir: str | Path, trained: dict[str, Tensor]) -> Path:
     """Write a complete release-layout checkpoint to ``out_dir``: the source's non-weight files
     (config, tokenizer, processor, spk_dict ...) and one ``model.safetensors`` holding the source
     tensors with ``trained`` (checkpoint names, LoRA already merged) written over them, each in the
@@ -84,7 +87,11 @@ def save_released(
     out, src = Path(out_dir), Path(src_dir)
     out.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
-        if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
+        if (
+            f.is_file()
+            and not f.name.endswith(".safetensors")
+            and f.name != "model.safetensors.index.json"
+        ):
             shutil.copy2(f, out / f.name)
     tensors = read_tensors(src)
     for k, v in trained.items():

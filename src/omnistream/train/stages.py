@@ -26,7 +26,15 @@ class LoRAOptions:
     alpha: float = 16.0  # scale = alpha / r
     modules: list[str] = field(default_factory=lambda: ["thinker.model"])  # where to apply
     targets: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
     )
 
 

@@ -1,5 +1,7 @@
-"""Synthetic training data for the training tests: spoken and written questions about generated
-images, answered in text with (fake but consistent) speech codes."""
+"""A small synthetic ChatML dataset (tests, demos): spoken and written questions about generated
+images, answered in text, with random but per-answer consistent codec ids as speech targets.
+
+``python -m omnistream.train.synth DIR`` writes ``DIR/train.jsonl`` and its media files."""
 
 from __future__ import annotations
 
@@ -10,12 +12,19 @@ from pathlib import Path
 
 import numpy as np
 
-COLORS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 230), "yellow": (240, 220, 30)}
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 200, 60),
+    "blue": (40, 60, 230),
+    "yellow": (240, 220, 30),
+}
 SHAPES = ("square", "circle")
 TONES = {"red": 330.0, "green": 440.0, "blue": 550.0, "yellow": 660.0}
 
 
-def write_wav(path: Path, freq: float, seconds: float = 0.6, sr: int = 16000, seed: int = 0) -> None:
+def write_wav(
+    path: Path, freq: float, seconds: float = 0.6, sr: int = 16000, seed: int = 0
+) -> None:
     """A tone plus a little noise, 16-bit mono."""
     t = np.arange(int(seconds * sr)) / sr
     rng = np.random.default_rng(seed)
@@ -44,7 +53,9 @@ def codes_for(answer: str, n: int = 12) -> list[int]:
     return [rng.randrange(0, 8192) for _ in range(n)]
 
 
-def make_dataset(root: Path, n: int = 16, media: bool = True, seed: int = 0, dpo: bool = False) -> Path:
+def make_dataset(
+    root: Path, n: int = 16, media: bool = True, seed: int = 0, dpo: bool = False
+) -> Path:
     """``root/train.jsonl`` with ``n`` records (media files next to it). With ``media`` each
     question shows an image; every other question is spoken (an audio tone) instead of written."""
     root.mkdir(parents=True, exist_ok=True)
@@ -67,7 +78,10 @@ def make_dataset(root: Path, n: int = 16, media: bool = True, seed: int = 0, dpo
         else:
             content.append({"type": "text", "text": f"Describe a {color} {shape}."})
         rec = {
-            "messages": [{"role": "user", "content": content}, {"role": "assistant", "content": answer}],
+            "messages": [
+                {"role": "user", "content": content},
+                {"role": "assistant", "content": answer},
+            ],
             "codec_ids": codes_for(answer),
         }
         if dpo:
@@ -77,3 +91,11 @@ def make_dataset(root: Path, n: int = 16, media: bool = True, seed: int = 0, dpo
     path = root / "train.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(
+        make_dataset(Path(sys.argv[1]), n=int(sys.argv[2]) if len(sys.argv) > 2 else 16, dpo=True)
+    )

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The benchmark suite on one CUDA device with the 7B shapes in bf16 (token2wav in fp32), omnistream
+# and the transformers reference side by side on shared random weights. A few minutes end to end
+# on an H100 (7B thinker text: ~15 GB of bf16 weights, held once).
+#
+#   bash bench/gpu_bench.sh [extra `omnistream bench` args]     e.g.  --compile  --layers 14
+#
+# Env: OUT (JSON path, default bench_gpu.json), CONFIGS (default below), INT8=1 to also time the
+# int8 weight-only decoders (on CUDA _weight_int8pack_mm may be missing: the fallback dequantizes
+# per call and is slower than bf16 - that is a finding, not a bug).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -f .venv/bin/activate ] && . .venv/bin/activate
+OUT=${OUT:-bench_gpu.json}
+CONFIGS=${CONFIGS:-7b-text,7b-talker,token2wav,audio-encoder,vision-encoder}
+INT8_FLAG=--no-int8
+[ "${INT8:-0}" = 1 ] && INT8_FLAG=
+nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv,noheader || true
+python -m omnistream.bench --device cuda --dtype bfloat16 --config "$CONFIGS" \
+  --prompt-len 512 --decode-tokens 128 --talker-tokens 128 --repeats 3 \
+  --t2w-seconds 10 --audio-seconds 30 --image-size 448 $INT8_FLAG \
+  --json-out "$OUT" "$@"
+echo "wrote $OUT"
