@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 RANDOM_WEIGHTS_NOTICE = (
-    "note: this checkpoint has RANDOM weights (made by `omnistream make-tiny`); "
-    "its text and speech are noise. Use --model with a real Qwen2.5-Omni checkpoint for real answers."
+    "note: this checkpoint has RANDOM weights (made by `omnistream make-tiny`); its text and "
+    "speech are noise. Use --model with a real Qwen2.5-Omni checkpoint for real answers."
 )
 
 
@@ -55,7 +55,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="reply.wav", help="WAV written progressively as audio streams")
     p.add_argument("--play", action="store_true", help="play audio as it streams (needs a device)")
     p.add_argument("--ignore-eos", action="store_true", help="run both stages to max lengths")
-    p.add_argument("--offline", action="store_true", help="non-streaming path (whole reply, then speech)")
+    p.add_argument("--offline", action="store_true",
+                   help="non-streaming path (whole reply, then speech)")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
     _add_sampling(p)
 
@@ -75,8 +76,16 @@ def _build_parser() -> argparse.ArgumentParser:
     if add_serve_args is not None:
         add_serve_args(p)
 
-    p = sub.add_parser("bench", help="benchmarks against the transformers reference")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser("bench", help="benchmarks against the transformers reference "
+                   "(`omnistream bench --help`)")
+
+    p = sub.add_parser("train", help="fine-tune (SFT / DPO / talker / encoder alignment)")
+    try:
+        from omnistream.train.cli import add_train_args
+    except ImportError:  # training needs only torch; keep the CLI usable if it breaks
+        add_train_args = None
+    if add_train_args is not None:
+        add_train_args(p)
     return ap
 
 
@@ -96,30 +105,28 @@ def _messages(args: argparse.Namespace) -> list[dict]:
     return msgs
 
 
-def _sampling(args: argparse.Namespace):
-    from omnistream.engine.sampling import SamplingOptions
+def _sampling(args: argparse.Namespace) -> dict:
+    """Session keyword arguments from the sampling options."""
+    from omnistream.engine.sampling import TALKER_SAMPLING, SamplingParams
 
-    thinker = SamplingOptions(
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
+    return dict(
+        sampling=SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                repetition_penalty=args.repetition_penalty),
+        talker_sampling=SamplingParams(
+            temperature=args.talker_temperature, top_k=args.talker_top_k,
+            top_p=args.talker_top_p, repetition_penalty=args.talker_repetition_penalty,
+            suppress_ids=TALKER_SAMPLING.suppress_ids),
         max_new_tokens=args.max_new_tokens,
+        talker_max_new_tokens=args.talker_max_new_tokens,
+        seed=args.seed,
     )
-    talker = SamplingOptions(
-        temperature=args.talker_temperature,
-        top_k=args.talker_top_k,
-        top_p=args.talker_top_p,
-        repetition_penalty=args.talker_repetition_penalty,
-        max_new_tokens=args.talker_max_new_tokens,
-    )
-    return thinker, talker
 
 
 def _load_engine(args: argparse.Namespace, audio_output: bool):
     from omnistream.engine.session import Engine
 
-    engine = Engine.load(args.model, dtype=args.dtype, device=args.device, audio_output=audio_output)
+    engine = Engine.load(args.model, dtype=args.dtype, device=args.device,
+                         audio_output=audio_output)
     if engine.random_weights:
         print(RANDOM_WEIGHTS_NOTICE, file=sys.stderr)
     return engine
@@ -127,16 +134,13 @@ def _load_engine(args: argparse.Namespace, audio_output: bool):
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from omnistream.engine.events import AudioChunk, Done, TextDelta
-    from omnistream.engine.wav import StreamingWavWriter, Player
+    from omnistream.engine.wav import Player, StreamingWavWriter
 
     audio_output = not args.no_audio
     engine = _load_engine(args, audio_output)
-    thinker_s, talker_s = _sampling(args)
-    sess = engine.session(
-        voice=args.voice, system=args.system, audio_output=audio_output, sampling=thinker_s,
-        talker_sampling=talker_s, seed=args.seed, ignore_eos=args.ignore_eos,
-        use_audio_in_video=args.use_audio_in_video,
-    )
+    sess = engine.session(voice=args.voice, system=args.system, audio_output=audio_output,
+                          ignore_eos=args.ignore_eos, use_audio_in_video=args.use_audio_in_video,
+                          **_sampling(args))
     writer = StreamingWavWriter(args.out) if audio_output else None
     player = Player.open() if (args.play and audio_output) else None
     done = None
@@ -159,7 +163,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({
             "text": done.text, "prompt_ids": sess.last_prompt_ids, "text_ids": done.text_ids,
-            "codec_ids": done.codec_ids, "timings": done.timings, "finish_reason": done.finish_reason,
+            "codec_ids": done.codec_ids, "timings": done.timings,
+            "finish_reason": done.finish_reason,
         }))
     else:
         print()
@@ -177,9 +182,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
     audio_output = not args.no_audio
     engine = _load_engine(args, audio_output)
-    thinker_s, talker_s = _sampling(args)
     sess = engine.session(voice=args.voice, system=args.system, audio_output=audio_output,
-                          sampling=thinker_s, talker_sampling=talker_s, seed=args.seed)
+                          **_sampling(args))
     out_dir = Path(args.out_dir)
     print("omnistream chat: type a message; attach files with /audio F, /image F, /video F; "
           "/quit to leave.", file=sys.stderr)
@@ -228,6 +232,11 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``omnistream`` console script."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its own parser: options pass through untouched
+        from omnistream.bench import main as bench_main
+
+        return bench_main(argv[1:]) or 0
     args = _build_parser().parse_args(argv)
     t0 = time.perf_counter()
     if args.cmd == "make-tiny":
@@ -244,10 +253,10 @@ def main(argv: list[str] | None = None) -> int:
         from omnistream.serve.app import run_serve
 
         return run_serve(args) or 0
-    if args.cmd == "bench":
-        from omnistream.bench import main as bench_main
+    if args.cmd == "train":
+        from omnistream.train.cli import run_train
 
-        return bench_main(args.rest) or 0
+        return run_train(args) or 0
     return 2
 
 

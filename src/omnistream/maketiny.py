@@ -197,7 +197,8 @@ def make_tiny(
     write_tokenizer_files(out)
     torch.save(make_speakers(seed, n_frames=n_speaker_frames), out / SPEAKERS_FILE)
     # tells `omnistream generate` / the server to say plainly that these weights are random
-    (out / "RANDOM_WEIGHTS").write_text(f"random weights from `omnistream make-tiny` (seed {seed})\n")
+    marker = f"random weights from `omnistream make-tiny` (seed {seed})\n"
+    (out / "RANDOM_WEIGHTS").write_text(marker)
     return out
 
 

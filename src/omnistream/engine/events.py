@@ -1,4 +1,4 @@
-"""Events a streaming reply yields, in order: ``TextDelta``/``AudioChunk`` interleaved, then ``Done``.
+"""Events a streaming reply yields: ``TextDelta``/``AudioChunk`` interleaved, then ``Done``.
 
 The CLI, the Python API and the server all consume the same event stream.
 """

@@ -87,8 +87,13 @@ class Engine:
     @classmethod
     def load(cls, model: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu",
              audio_output: bool = True, quiet: bool = False) -> Engine:
-        """Load a checkpoint directory (or hub id). ``audio_output=False`` loads the Thinker only."""
-        from omnistream.checkpoint import load_component, load_config, load_speakers, resolve_model_dir
+        """Load a checkpoint directory or hub id; ``audio_output=False`` loads the Thinker only."""
+        from omnistream.checkpoint import (
+            load_component,
+            load_config,
+            load_speakers,
+            resolve_model_dir,
+        )
         from omnistream.tokenizer import Tokenizer
 
         d = resolve_model_dir(model)

@@ -64,7 +64,7 @@ class StreamingWavWriter:
 
 
 class Player:
-    """Plays PCM as it arrives through the first command-line player found (aplay, pw-play, ffplay)."""
+    """Plays PCM as it arrives through the first player found (aplay, pw-play, ffplay)."""
 
     def __init__(self, proc: subprocess.Popen):
         self._proc = proc
@@ -80,7 +80,7 @@ class Player:
         for name, cmd in cmds.items():
             if shutil.which(name):
                 return cls(subprocess.Popen(cmd, stdin=subprocess.PIPE))
-        raise RuntimeError("--play needs an audio player (aplay, pw-play or ffplay); none was found")
+        raise RuntimeError("--play needs an audio player (aplay, pw-play or ffplay); none found")
 
     def write(self, pcm: np.ndarray) -> None:
         assert self._proc.stdin is not None
