@@ -10,19 +10,11 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
 from omnistream.engine.events import SAMPLE_RATE, AudioChunk, Done, TextDelta, Usage
-
-
-@dataclass(frozen=True)
-class SamplingParams:  # found by the server in the engine's module
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
+from omnistream.engine.sampling import SamplingParams
 
 
 class FakeEngine:
@@ -37,7 +29,7 @@ class FakeEngine:
         self.sessions = 0
 
     def session(self, voice=None, system=None, audio_output=True, sampling=None,
-                talker_sampling=None, max_new_tokens=256, seed=None):
+                talker_sampling=None, max_new_tokens=256, seed=None, **_):
         if audio_output:
             names = {s.lower(): s for s in self.speakers}
             if voice is not None and voice.lower() not in names:

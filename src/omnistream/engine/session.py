@@ -62,6 +62,14 @@ class _Context:
     def clear(self) -> None:
         self.__init__()
 
+    def crop(self, n: int) -> None:
+        """Keep the first ``n`` positions (a rolled-back cache)."""
+        if n >= len(self.ids):
+            return
+        hidden, embeds, pos = self.tensors()
+        self.ids = self.ids[:n]
+        self.hidden, self.embeds, self.pos = [hidden[:n]], [embeds[:n]], [pos[:, :n]]
+
 
 class Engine:
     """Loaded components of one checkpoint. Build with ``Engine.load``."""
@@ -131,12 +139,16 @@ class Engine:
                 talker_max_new_tokens: int = 4096, seed: int | None = None,
                 ignore_eos: bool = False, use_audio_in_video: bool = False,
                 max_context: int = 8192, chunk_frames: int = 48, ode_steps: int = 10,
-                solver: str = "rk4") -> Session:
-        """A conversation. Validates the voice at once (unknown voice -> ValueError)."""
+                solver: str = "rk4", max_codes_per_token: int = 50) -> Session:
+        """A conversation. Validates the voice at once (unknown voice -> ValueError).
+
+        Speech stops at the Talker's codec eos, at ``talker_max_new_tokens`` codes, or at
+        ``max_codes_per_token`` codes (50 = 1 s) per reply token: real speech needs far fewer,
+        and the cap stops a Talker that never ends (e.g. random weights) from babbling."""
         return Session(self, voice, system, audio_output, sampling or SamplingParams(),
                        talker_sampling or TALKER_SAMPLING, max_new_tokens, talker_max_new_tokens,
                        seed, ignore_eos, use_audio_in_video, max_context, chunk_frames, ode_steps,
-                       solver)
+                       solver, max_codes_per_token)
 
 
 class Session:
@@ -144,7 +156,7 @@ class Session:
 
     def __init__(self, engine: Engine, voice, system, audio_output, sampling, talker_sampling,
                  max_new_tokens, talker_max_new_tokens, seed, ignore_eos, use_audio_in_video,
-                 max_context, chunk_frames, ode_steps, solver):
+                 max_context, chunk_frames, ode_steps, solver, max_codes_per_token=50):
         self.engine = engine
         self.audio_output = bool(audio_output and engine.talker is not None)
         if audio_output and engine.talker is None:
@@ -155,6 +167,7 @@ class Session:
         self.talker_sampling = talker_sampling
         self.max_new_tokens = max_new_tokens
         self.talker_max_new_tokens = talker_max_new_tokens
+        self.max_codes_per_token = max_codes_per_token
         self.ignore_eos = ignore_eos
         self.use_audio_in_video = use_audio_in_video
         self.chunk_frames = chunk_frames
@@ -172,7 +185,8 @@ class Session:
         self.turns = 0
         self.last_prompt_ids: list[int] = []
         self._cancel = threading.Event()
-        self._live = None  # streaming user turn (append_audio / append_video_frame)
+        self._live: _Live | None = None  # user turn arriving live (append_audio / _video_frame)
+        self._ready = None  # a committed live turn, prefilled, waiting for respond([])
 
     # -- control --------------------------------------------------------------------------------
 
@@ -188,6 +202,7 @@ class Session:
         self.pending = []
         self.turns = 0
         self._live = None
+        self._ready = None
 
     # -- prompt ---------------------------------------------------------------------------------
 
@@ -218,6 +233,127 @@ class Session:
         self.pending = []
         return inputs, ids[None]
 
+    def _check_room(self, n: int) -> None:
+        if self.cache.length + n + self.max_new_tokens + 2 > self.cache.max_len:
+            raise ValueError(
+                f"conversation too long: {self.cache.length} cached + {n} prompt + "
+                f"{self.max_new_tokens} new tokens exceed the context of {self.cache.max_len}"
+            )
+
+    def _prefill(self, messages):
+        """Prefill a turn given as messages: (logits [1, V], rope deltas [1, 1], ids, cached)."""
+        eng, th = self.engine, self.engine.thinker
+        inputs, ids = self._prepare(messages)
+        ids = ids.to(eng.device)
+        self._check_room(ids.shape[1])
+        media = th.encode_media(inputs)
+        cached = self.cache.length
+        step = th.prefill(ids, self.cache, media=media, position_offset=self.next_pos)
+        self.ctx.add(ids[0].tolist(), step.hidden[0], _zero_media(step.embeds[0], ids[0],
+                     eng.cfg.thinker_config), step.position_ids[:, 0])
+        return step.logits, step.rope_deltas, ids[0].tolist(), cached
+
+    # -- live user turns (microphone / camera) ----------------------------------------------------
+
+    def append_audio(self, pcm: np.ndarray, sample_rate: int) -> None:
+        """Add microphone PCM (mono float32) to the user turn being spoken. Complete 2 s blocks
+        are encoded and prefilled at once, so answering after ``commit_user_turn`` only has the
+        last partial block left to do."""
+        live = self._open_live(video=False)
+        live.audio.append((np.asarray(pcm), int(sample_rate)))
+        self._feed_live(live.turn.append_audio(pcm, sample_rate))
+
+    def append_video_frame(self, rgb: np.ndarray, timestamp_s: float | None = None) -> None:
+        """Add a camera frame (``[H, W, 3]`` uint8) taken at ``timestamp_s`` on the caller's
+        clock (None: now, i.e. at the audio received so far). The turn is then laid out as
+        audio-in-video, 2 s chunks interleaved; an audio-only turn is rebuilt once as video."""
+        live = self._open_live(video=True)
+        turn = live.turn
+        if timestamp_s is None:
+            t = turn.audio_seconds
+        else:
+            if live.clock is None:  # the first frame sits at the audio time it arrives at
+                live.clock = turn.audio_seconds - float(timestamp_s)
+            t = float(timestamp_s) + live.clock
+        t = max(t, live.last_frame_t)  # clocks may jitter; never go back in time
+        live.last_frame_t = t
+        self._feed_live(turn.append_video_frame(rgb, t))
+
+    def commit_user_turn(self, text: str | None = None) -> None:
+        """Close the live user turn (optional ``text`` after the media) and prefill its rest;
+        ``respond([])`` then answers it."""
+        if self._live is None:
+            raise ValueError("no live user turn to commit (append audio or frames first)")
+        live, self._live = self._live, None
+        tok = self.engine.tokenizer
+        suffix = (tok.encode(text) if text else []) + tok.encode(
+            "<|im_end|>\n<|im_start|>assistant\n")
+        c = live.turn.commit(suffix)
+        if c.segment is not None:
+            self._feed_live(c.segment, live)
+        logits = live.logits.reshape(1, -1)
+        deltas = torch.tensor([[c.next_position - self.cache.length]], device=self.engine.device)
+        prompt_ids = self.ctx.ids[live.start:]
+        self._ready = (logits, deltas, prompt_ids, live.start)
+        self.next_pos = c.next_position
+
+    def clear_user_turn(self) -> None:
+        """Drop the live user turn (nothing of it stays in the conversation)."""
+        if self._live is None:
+            return
+        live, self._live = self._live, None
+        self.cache.crop(live.start)
+        self.ctx.crop(live.start)
+        self.pending = live.pending
+
+    def _open_live(self, video: bool) -> _Live:
+        from omnistream.engine.live import LiveTurn
+
+        if self._ready is not None:
+            raise ValueError("a committed user turn is waiting: respond([]) first")
+        live = self._live
+        if live is not None and (live.video or not video):
+            return live
+        if live is None:
+            tok = self.engine.tokenizer
+            if self.cache.length == 0:
+                head = tok.encode(f"<|im_start|>system\n{self._system_prompt()}<|im_end|>\n")
+            else:
+                head = self.pending + tok.encode("\n")
+            prefix = head + tok.encode("<|im_start|>user\n")
+            live = _Live(start=self.cache.length, pending=self.pending, prefix=prefix,
+                         position=self.next_pos)
+            self.pending = []
+        else:  # frames joined an audio-only turn: rebuild it as audio-in-video
+            self.cache.crop(live.start)
+            self.ctx.crop(live.start)
+        live.video = video
+        live.turn = LiveTurn(self.engine.thinker, prefix_ids=live.prefix,
+                             position_offset=live.position, video=video)
+        self._live = live
+        self._feed_live(live.turn.poll(), live)
+        for pcm, sr in live.audio:
+            self._feed_live(live.turn.append_audio(pcm, sr), live)
+        return live
+
+    def _feed_live(self, seg, live: _Live | None = None) -> None:
+        """Prefill a segment of the live turn (cropping first when it restarts earlier)."""
+        from omnistream.engine.live import prefill_segment
+
+        live = live or self._live
+        if seg is None or len(seg) == 0:
+            return
+        at = live.start + seg.start
+        self._check_room(at + len(seg) - self.cache.length)
+        self.ctx.crop(at)
+        with torch.inference_mode():
+            logits, hidden = prefill_segment(self.engine.thinker, self.cache, seg, live.start)
+        ids = seg.ids.to(hidden.device)
+        self.ctx.add(ids.tolist(), hidden,
+                     _zero_media(seg.embeds.to(hidden.dtype), ids, self.engine.cfg.thinker_config),
+                     seg.position_ids.to(hidden.device))
+        live.logits = logits
+
     # -- the reply ------------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -228,32 +364,31 @@ class Session:
         ``offline=True`` is the reference's order (whole reply, then whole speech, one chunk) and
         yields the same ids; it exists as a baseline and for parity checks."""
         self._cancel.clear()
-        eng, th = self.engine, self.engine.thinker
+        eng = self.engine
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
-        inputs, ids = self._prepare(messages)
-        ids = ids.to(eng.device)
-        self.last_prompt_ids = ids[0].tolist()
-        if self.cache.length + ids.shape[1] + self.max_new_tokens + 2 > self.cache.max_len:
-            raise ValueError(
-                f"conversation too long: {self.cache.length} cached + {ids.shape[1]} prompt + "
-                f"{self.max_new_tokens} new tokens exceed the context of {self.cache.max_len}"
-            )
-        media = th.encode_media(inputs)
-        cached = self.cache.length
-        step = th.prefill(ids, self.cache, media=media, position_offset=self.next_pos)
-        self.ctx.add(self.last_prompt_ids, step.hidden[0], _zero_media(step.embeds[0], ids[0],
-                     eng.cfg.thinker_config), step.position_ids[:, 0])
-        deltas = step.rope_deltas
+        if messages:
+            if self._live is not None or self._ready is not None:
+                raise ValueError("a live user turn is open: commit it and respond([]), or clear it")
+            logits, deltas, prompt_ids, cached = self._prefill(messages)
+        elif self._ready is not None:
+            (logits, deltas, prompt_ids, cached), self._ready = self._ready, None
+        else:
+            raise ValueError("nothing to respond to: pass messages, or commit a live user turn")
+        self.last_prompt_ids = prompt_ids
+        n_prompt = len(prompt_ids)
+        step = _Step(logits)
         timings["prefill_s"] = time.perf_counter() - t0
 
         speech = _Speech(self, offline, deltas) if self.audio_output else None
         detok = eng.tokenizer.detokenizer()
         seen = None
         if self.sampling.repetition_penalty != 1.0:
-            seen = seen_mask(1, step.logits.shape[-1], ids, device=eng.device)
+            seen = seen_mask(1, logits.shape[-1], torch.tensor([prompt_ids], device=eng.device),
+                             device=eng.device)
         eos = {eng.cfg.thinker_config.eos_token_id, eng.cfg.thinker_config.pad_token_id}
         text_ids: list[int] = []
+        unfed: list[int] = []
         finish = "length"
         t_dec = time.perf_counter()
         for i in range(self.max_new_tokens):
@@ -267,16 +402,17 @@ class Session:
                 timings["ttft_s"] = time.perf_counter() - t0
             if tok in eos:
                 finish = "stop"
-                self.pending = [tok]
                 break
             yield TextDelta(detok.push(tok), tok)
             if self._cancel.is_set():
                 finish = "cancelled"
+                unfed = [tok]
                 break
             if i == self.max_new_tokens - 1:  # the last sampled token is not fed (as the reference)
-                self.pending = [tok]
+                unfed = [tok]
                 break
-            step = th.decode_step(torch.tensor([tok], device=eng.device), self.cache, deltas)
+            tok_t = torch.tensor([tok], device=eng.device)
+            step = eng.thinker.decode_step(tok_t, self.cache, deltas)
             self.ctx.add([tok], step.hidden[0], step.embeds[0], step.position_ids[:, 0])
             if speech is not None:
                 yield from speech.feed(step.hidden[0, -1], step.embeds[0, -1])
@@ -287,8 +423,9 @@ class Session:
         if tail:
             yield TextDelta(tail, -1)
         self.next_pos = int(self.cache.length + deltas[0, 0])
-        if finish == "cancelled":  # a cancelled turn leaves no half reply in the cache
-            self.pending = []
+        # the next turn feeds what was sampled but not fed, then closes the reply as the chat
+        # template renders it (a cut or cancelled reply stays in the history as far as it got)
+        self.pending = unfed + [eng.cfg.thinker_config.eos_token_id]
         if speech is not None and finish != "cancelled":
             yield from speech.finish()
         if self._cancel.is_set():
@@ -299,8 +436,29 @@ class Session:
         timings["total_s"] = time.perf_counter() - t0
         self.turns += 1
         text = eng.tokenizer.decode([t for t in text_ids if t not in eos], skip_special_tokens=True)
-        usage = Usage(ids.shape[1], n_text, len(codec), cached)
+        usage = Usage(n_prompt, n_text, len(codec), cached)
         yield Done(text, finish, usage, timings, text_ids, codec)
+
+
+@dataclass
+class _Step:
+    logits: Tensor  # [1, V]
+
+
+@dataclass
+class _Live:
+    """A user turn arriving live, and what to restore if it is cleared."""
+
+    start: int  # cache slot of the turn's first token
+    pending: list[int]  # the session's pending ids before the turn took them
+    prefix: list[int]  # text before the media
+    position: int  # TMRoPE id of the first prefix token
+    video: bool = False
+    turn: object = None  # LiveTurn
+    audio: list = field(default_factory=list)  # (pcm, rate) pieces, to rebuild as video
+    clock: float | None = None  # turn time minus caller time, set by the first frame
+    last_frame_t: float = 0.0
+    logits: Tensor | None = None  # after the last prefilled token
 
 
 def _zero_media(embeds: Tensor, ids: Tensor, tcfg) -> Tensor:
@@ -415,7 +573,10 @@ class _Speech:
                 self.done = True
                 return
             self.codes.append(code)
-            if len(self.codes) >= sess.talker_max_new_tokens:
+            limit = sess.talker_max_new_tokens
+            if self.reply[-1] is None:  # the text is complete: cap speech by its length
+                limit = min(limit, sess.max_codes_per_token * len(self.reply))
+            if len(self.codes) >= limit:
                 self.done = True
             if self.stream is not None:
                 t = time.perf_counter()

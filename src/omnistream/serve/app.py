@@ -54,7 +54,8 @@ class ServerState:
         if self.cfg.warmup:
             def make_gen():
                 sess = new_session(self.engine, voice=None, system=None, audio_output=True,
-                                   sampling={"temperature": 0.0}, max_new_tokens=2, seed=0)
+                                   sampling={"temperature": 0.0}, max_new_tokens=2, seed=0,
+                                   max_speech_s=1.0)
                 return sess.respond([{"role": "user", "content": [{"type": "text",
                                                                    "text": "Hi"}]}])
             try:

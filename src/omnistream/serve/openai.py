@@ -166,7 +166,8 @@ def start_reply(st, params: ChatParams):
     def make_gen():
         sess = new_session(st.engine, voice=params.voice, system=params.system,
                            audio_output=params.audio_output, sampling=params.sampling,
-                           max_new_tokens=params.max_new_tokens, seed=params.seed)
+                           max_new_tokens=params.max_new_tokens, seed=params.seed,
+                           max_speech_s=st.cfg.max_speech_s)
         box["sess"] = sess
         return sess.respond(params.messages)
 

@@ -438,7 +438,8 @@ class RealtimeConnection:
                 new_session, self.st.engine, voice=s.get("voice"),
                 system=s.get("instructions") or None, audio_output=audio_out,
                 sampling={"temperature": temp} if isinstance(temp, (int, float)) else {},
-                max_new_tokens=self._max_tokens(), seed=None)
+                max_new_tokens=self._max_tokens(), seed=None,
+                max_speech_s=self.st.cfg.max_speech_s)
             self.sess_turns = 0
         return self.sess
 

@@ -1,0 +1,176 @@
+"""The streaming engine on a tiny random checkpoint: streaming equals offline, speech starts
+before the text ends, conversations continue as the chat template renders them, live turns
+equal message turns, cancellation and bad input leave the session usable."""
+
+import numpy as np
+import pytest
+import torch
+
+from omnistream.engine.events import AudioChunk, Done, TextDelta
+from omnistream.engine.session import Engine
+from omnistream.engine.wav import StreamingWavWriter
+from omnistream.prompt import Processor
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir):
+    return Engine.load(tiny_dir, quiet=True)
+
+
+def _run(sess, messages, **kw):
+    evs = list(sess.respond(messages, **kw))
+    assert isinstance(evs[-1], Done) and not any(isinstance(e, Done) for e in evs[:-1])
+    return evs, evs[-1]
+
+
+def _tone(seconds: float, sr: int = 16000, f: float = 440.0) -> np.ndarray:
+    t = np.arange(int(seconds * sr)) / sr
+    return (0.3 * np.sin(2 * np.pi * f * t) * (1 + 0.5 * np.sin(2 * np.pi * 1.5 * t))).astype(
+        np.float32)
+
+
+def test_streaming_equals_offline_and_speech_overlaps_text(engine):
+    kw = dict(seed=3, max_new_tokens=60, talker_max_new_tokens=90, ignore_eos=True)
+    evs, done = _run(engine.session(**kw), "Tell me a long story.")
+    kinds = "".join("T" if isinstance(e, TextDelta) else "A" if isinstance(e, AudioChunk) else ""
+                    for e in evs)
+    # the first audio chunk comes while the Thinker is still writing
+    assert "A" in kinds and kinds.index("A") < kinds.rindex("T"), kinds
+    assert done.finish_reason == "length" and len(done.text_ids) == 60
+    assert 0 < len(done.codec_ids) <= 90
+    wav = np.concatenate([e.pcm for e in evs if isinstance(e, AudioChunk)])
+    assert wav.dtype == np.float32 and wav.size == 480 * len(done.codec_ids)  # 24 kHz, 50 codes/s
+    assert [e.index for e in evs if isinstance(e, AudioChunk)] == list(range(kinds.count("A")))
+    assert done.timings["ttfa_s"] < done.timings["total_s"]
+
+    _, off = _run(engine.session(**kw), "Tell me a long story.", offline=True)
+    assert off.text_ids == done.text_ids and off.codec_ids == done.codec_ids
+    off_wav = np.concatenate([e.pcm for e in _ if isinstance(e, AudioChunk)])
+    snr = 10 * np.log10(np.sum(off_wav**2) / max(np.sum((wav - off_wav) ** 2), 1e-30))
+    assert snr > 40, snr  # chunked code2wav vs one solve over the whole utterance
+
+
+def test_text_only_session_and_text_matches_ids(engine):
+    sess = engine.session(audio_output=False, seed=0, max_new_tokens=12)
+    evs, done = _run(sess, [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}])
+    assert not any(isinstance(e, AudioChunk) for e in evs) and done.codec_ids == []
+    streamed = "".join(e.text for e in evs if isinstance(e, TextDelta))
+    assert streamed == engine.tokenizer.decode(
+        [t for t in done.text_ids if t not in (151643, 151645)], skip_special_tokens=True)
+
+
+def test_conversation_continues_as_the_template_renders_it(engine, tiny_dir):
+    sess = engine.session(audio_output=False, seed=1, max_new_tokens=8, ignore_eos=True)
+    _, d1 = _run(sess, "What is the capital of France?")
+    _, d2 = _run(sess, "And of Spain?")
+    assert d2.usage.cached_tokens == len(sess.ctx.ids) - d2.usage.prompt_tokens - 7
+    # the whole cached conversation == the processor's rendering of the full history, with the
+    # sampled reply ids spliced in where the assistant text goes
+    proc = Processor.from_dir(tiny_dir)
+    marker = "@@@"
+    full = proc([{"role": "user", "content": "What is the capital of France?"},
+                 {"role": "assistant", "content": marker},
+                 {"role": "user", "content": "And of Spain?"}],
+                system_prompt="You are a helpful assistant.").input_ids.tolist()
+    m = engine.tokenizer.encode(marker)
+    i = next(k for k in range(len(full)) if full[k:k + len(m)] == m)
+    expected = full[:i] + d1.text_ids + full[i + len(m):]
+    assert sess.ctx.ids[:len(expected)] == expected
+    assert len(sess.ctx.ids) == len(expected) + 7  # + the second reply's fed tokens
+    assert sess.cache.length == len(sess.ctx.ids)
+
+
+def test_live_audio_turn_equals_message_turn(engine):
+    audio = _tone(4.3)
+    kw = dict(audio_output=False, seed=0, max_new_tokens=6, ignore_eos=True)
+    ref_sess = engine.session(**kw)
+    _, ref = _run(ref_sess, [{"role": "user", "content": [{"type": "audio",
+                                                             "audio": (audio, 16000)}]}])
+    live = engine.session(**kw)
+    for k in range(0, audio.size, 1600):  # 100 ms packets, as a microphone sends them
+        live.append_audio(audio[k:k + 1600], 16000)
+    assert live.cache.length > 100  # complete 2 s blocks were prefilled during the turn
+    live.commit_user_turn()
+    _, got = _run(live, [])
+    assert live.last_prompt_ids == ref_sess.last_prompt_ids
+    assert got.text_ids == ref.text_ids
+    assert got.usage.prompt_tokens == ref.usage.prompt_tokens
+
+    # a second live turn continues the conversation; clearing one leaves no trace
+    n = live.cache.length
+    live.append_audio(audio[:40000], 16000)
+    live.clear_user_turn()
+    assert live.cache.length == n
+    live.append_audio(audio[:20000], 16000)
+    live.commit_user_turn("What was that?")
+    _, d = _run(live, [])
+    assert d.usage.cached_tokens == n and len(d.text_ids) == 6
+
+
+def test_live_turn_with_camera_frames(engine):
+    sess = engine.session(audio_output=False, seed=0, max_new_tokens=4)
+    audio = _tone(2.5)
+    sess.append_audio(audio[:8000], 16000)  # audio first: the turn is rebuilt as video
+    rgb = np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8)
+    for k in range(6):
+        sess.append_video_frame(rgb, 10.0 + 0.5 * k)
+        sess.append_audio(audio[8000 + k * 4000: 12000 + k * 4000], 16000)
+    sess.commit_user_turn()
+    _, d = _run(sess, [])
+    cfg = engine.cfg.thinker_config
+    ids = sess.last_prompt_ids
+    assert cfg.video_token_index in ids and cfg.audio_token_index in ids
+    assert d.usage.prompt_tokens == len(ids)
+
+
+def test_cancel_keeps_the_session_usable(engine):
+    sess = engine.session(seed=0, max_new_tokens=40, talker_max_new_tokens=60, ignore_eos=True)
+    gen = sess.respond("Talk for a while.")
+    n = 0
+    for ev in gen:
+        if isinstance(ev, TextDelta):
+            n += 1
+            if n == 5:
+                sess.cancel()
+        if isinstance(ev, Done):
+            done = ev
+    assert done.finish_reason == "cancelled" and len(done.text_ids) == 5
+    cached = sess.cache.length
+    _, d2 = _run(sess, "Go on.")
+    assert d2.finish_reason == "length" and d2.usage.cached_tokens == cached
+
+
+def test_bad_input_is_named(engine, tmp_path):
+    with pytest.raises(ValueError, match="Chelsie"):
+        engine.session(voice="nobody")
+    sess = engine.session(audio_output=False, max_new_tokens=4, max_context=64)
+    with pytest.raises(ValueError, match="too long"):
+        _run(sess, "word " * 200)
+    with pytest.raises(ValueError, match="nothing to respond to"):
+        _run(sess, [])
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
+    with pytest.raises(ValueError):
+        _run(sess, [{"role": "user", "content": [{"type": "audio", "audio": str(bad)}]}])
+    _, d = _run(sess, "Still there?")  # the session survives all of it
+    assert d.usage.cached_tokens == 0
+
+
+def test_text_only_load_skips_speech(tiny_dir):
+    eng = Engine.load(tiny_dir, audio_output=False, quiet=True)
+    assert eng.talker is None and eng.token2wav is None and eng.random_weights
+    with pytest.raises(ValueError, match="text-only"):
+        eng.session(audio_output=True)
+
+
+def test_wav_writer_streams_a_valid_file(tmp_path):
+    import wave
+
+    w = StreamingWavWriter(tmp_path / "a.wav")
+    w.write(np.zeros(480, np.float32))
+    w.write(np.ones(960, np.float32))
+    w.close()
+    with wave.open(str(tmp_path / "a.wav")) as f:
+        assert f.getframerate() == 24000 and f.getnframes() == 1440 and f.getsampwidth() == 2
