@@ -22,7 +22,8 @@ tiny/config.json: | setup
 	$(BIN)/omnistream make-tiny tiny
 
 demo: setup tiny/config.json
-	$(BIN)/omnistream generate --model tiny --prompt "Say hello in one sentence." --out reply.wav
+	$(BIN)/omnistream generate --model tiny --prompt "Say hello in one sentence." --out reply.wav \
+		--max-new-tokens 24 --talker-max-new-tokens 250
 
 test: setup-test
 	$(BIN)/ruff check src tests bench
