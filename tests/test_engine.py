@@ -49,6 +49,8 @@ def test_streaming_equals_offline_and_speech_overlaps_text(engine):
     assert off.text_ids == done.text_ids and off.codec_ids == done.codec_ids
     off_wav = np.concatenate([e.pcm for e in _ if isinstance(e, AudioChunk)])
     snr = 10 * np.log10(np.sum(off_wav**2) / max(np.sum((wav - off_wav) ** 2), 1e-30))
+    print(f"streamed vs offline waveform: max|diff| {np.abs(wav - off_wav).max():.3g}, "
+          f"SNR {snr:.1f} dB over {wav.size} samples")
     assert snr > 40, snr  # chunked code2wav vs one solve over the whole utterance
 
 

@@ -169,6 +169,59 @@ def _open(path: Path):
         yield f
 
 
+class _Mapped:
+    """A safetensors file whose tensors are views of one copy-on-write memory map of it: loading
+    reads each byte once, straight into the pages the model then uses (no second copy; pages
+    stay shared with the OS file cache until something writes to them)."""
+
+    def __init__(self, path: Path):
+        import mmap
+
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            self.header = json.loads(fh.read(n))
+            self.base = 8 + n
+            self.map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+
+    def get_tensor(self, name: str) -> Tensor:
+        info = self.header[name]
+        dtype = _ST_DTYPES[info["dtype"]]
+        start, end = info["data_offsets"]
+        shape = tuple(info["shape"])
+        count = (end - start) // dtype.itemsize
+        if count == 0:
+            return torch.empty(shape, dtype=dtype)
+        off = self.base + start
+        if off % dtype.itemsize:  # misaligned in the file: copy rather than view
+            return torch.frombuffer(bytearray(self.map[off:off + end - start]), dtype=dtype
+                                    ).reshape(shape)
+        return torch.frombuffer(self.map, dtype=dtype, count=count, offset=off).reshape(shape)
+
+    def release(self, name: str) -> None:
+        """Give back the pages of a tensor that was copied elsewhere (a dtype or device change),
+        so loading never holds the file and the converted weights at once. Pages are clean
+        (nothing was written), so a neighbour sharing one just reads it from the file again."""
+        import mmap
+
+        start, end = self.header[name]["data_offsets"]
+        lo = (self.base + start) // mmap.PAGESIZE * mmap.PAGESIZE
+        hi = self.base + end
+        if hasattr(self.map, "madvise") and hi > lo:
+            self.map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
+@contextmanager
+def _open_mapped(path: Path):
+    """The file validated by ``safe_open`` (truncation, header), then memory-mapped."""
+    with _open(path):
+        pass
+    try:
+        mapped = _Mapped(path)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot map the weights: {e}") from e
+    yield mapped
+
+
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -228,7 +281,7 @@ def read_tensors(
             raise CheckpointError(f"tensor {k} is not in the checkpoint at {d}")
         by_file.setdefault(wm[k], []).append(k)
     for fname in sorted(by_file):
-        with _open(d / fname) as f:
+        with _open_mapped(d / fname) as f:
             for k in by_file[fname]:
                 yield k, _get(f, d / fname, k)
 
@@ -390,18 +443,20 @@ def load_component(
         by_file.setdefault(headers[full].file, []).append(n)
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {part}", disable=quiet) as bar:
         for fname in sorted(by_file):
-            with _open(d / fname) as f:
+            with _open_mapped(d / fname) as f:
                 for n in by_file[fname]:
                     full = stored_names[n]
-                    t = _get(f, d / fname, full)
+                    stored = _get(f, d / fname, full)
                     if n in params:
                         ref = params[n]
-                        t = t.to(device=device, dtype=target(ref, headers[full]))
+                        t = stored.to(device=device, dtype=target(ref, headers[full]))
                         for alias in aliases[id(ref)]:
                             _set(module, alias, t, True, ref.requires_grad)
                     else:
-                        t = t.to(device=device, dtype=target(buffers[n], headers[full]))
+                        t = stored.to(device=device, dtype=target(buffers[n], headers[full]))
                         _set(module, n, t, False, False)
+                    if t.data_ptr() != stored.data_ptr():  # converted or moved: drop the pages
+                        f.release(full)
                     bar.update(headers[full].nbytes)
 
     # Buffers computed at construction (not stored): move and cast like ``module.to``.

@@ -1,0 +1,40 @@
+"""The ``omnistream`` command on a tiny checkpoint: the WAV it writes decodes with a standard
+reader at 24 kHz with 480 samples per codec token, and it says its weights are random."""
+
+import json
+import wave
+
+from omnistream.cli import main
+
+
+def test_generate_writes_a_24khz_wav(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "reply.wav"
+    rc = main(["generate", "--model", str(tiny_dir), "--prompt", "Say hello.", "--out", str(out),
+               "--max-new-tokens", "8", "--talker-max-new-tokens", "60", "--seed", "0",
+               "--json"])
+    assert rc == 0
+    cap = capsys.readouterr()
+    assert "RANDOM weights" in cap.err
+    res = json.loads(cap.out.strip().splitlines()[-1])
+    n_codes = len(res["codec_ids"])
+    assert n_codes > 0 and res["text_ids"]
+    with wave.open(str(out)) as w:
+        assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (24000, 1, 2)
+        assert w.getnframes() == 480 * n_codes
+
+
+def test_generate_text_only(tiny_dir, tmp_path, capsys):
+    rc = main(["generate", "--model", str(tiny_dir), "--prompt", "Hi", "--no-audio",
+               "--max-new-tokens", "4", "--json", "--out", str(tmp_path / "x.wav")])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["codec_ids"] == [] and len(res["text_ids"]) <= 4
+    assert not (tmp_path / "x.wav").exists()
+
+
+def test_bench_options_pass_through(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--help"])
+    assert e.value.code == 0 and "--config" in capsys.readouterr().out
