@@ -164,6 +164,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / 2**20)
     p.add_argument("--max-audio-s", type=float, default=d.max_audio_s)
     p.add_argument("--max-video-s", type=float, default=d.max_video_s)
+    p.add_argument("--max-speech-s", type=float, default=d.max_speech_s,
+                   help="longest spoken reply (seconds)")
     p.add_argument("--allowed-local-media-path", default=None,
                    help="folder whose files requests may name by path")
     p.add_argument("--no-remote-media", action="store_true", help="refuse http(s) media URLs")
@@ -178,7 +180,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig(
         api_key=args.api_key, max_concurrent=args.max_concurrent, max_tokens=args.max_tokens,
         max_body_bytes=int(args.max_body_mb * 2**20), max_audio_s=args.max_audio_s,
-        max_video_s=args.max_video_s, allowed_local_media_path=args.allowed_local_media_path,
+        max_video_s=args.max_video_s, max_speech_s=args.max_speech_s,
+        allowed_local_media_path=args.allowed_local_media_path,
         allow_remote_media=not args.no_remote_media, warmup=not args.no_warmup)
 
 
