@@ -92,10 +92,12 @@ def test_stream_equals_official_chunked_path(model, inputs, C):
     assert (got - want).abs().max().item() <= 1e-6
 
 
-def test_push_granularity_does_not_matter(model, inputs):
+@pytest.mark.parametrize("C_max", [48, 96])
+def test_push_granularity_does_not_matter(model, inputs, C_max):
     codes, cond, ref_mel, _ = inputs
     C = 48
-    stream = Code2WavStream(model, cond, ref_mel, chunk_size=C, steps=3, seed=3)
+    stream = Code2WavStream(model, cond, ref_mel, chunk_size=C, max_chunk_size=C_max, steps=3,
+                            seed=3)
     chunks, first_at = [], None
     for k, code in enumerate(codes[0].tolist(), start=1):
         ready = stream.push(code)
@@ -105,7 +107,11 @@ def test_push_granularity_does_not_matter(model, inputs):
     chunks += stream.flush()
     assert first_at == (C + 24) // 2  # the first chunk needs C frames + 24 frames of lookahead
     assert all(c.dtype == np.float32 for c in chunks)
-    once = chunked_code2wav(model, codes, cond, ref_mel, chunk_size=C, steps=3, seed=3)
+    # 140 frames; emitted frames: fixed [0, 28) [28, 76) [76, 140); growing [0, 28) [28, 140)
+    sizes = [c.size // 240 for c in chunks]
+    assert sizes == ([28, 48, 64] if C_max == C else [28, 112])
+    once = chunked_code2wav(model, codes, cond, ref_mel, chunk_size=C, max_chunk_size=C_max,
+                            steps=3, seed=3)
     assert torch.equal(torch.from_numpy(np.concatenate(chunks)), once)
 
 
@@ -119,8 +125,10 @@ def test_length_is_480_per_code(model, inputs, n):
 
 def test_chunk_size_must_be_block_multiple(model, inputs):
     _, cond, ref_mel, _ = inputs
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="chunk_size"):
         Code2WavStream(model, cond, ref_mel, chunk_size=40)
+    with pytest.raises(ValueError, match="max_chunk_size"):
+        Code2WavStream(model, cond, ref_mel, chunk_size=48, max_chunk_size=100)
 
 
 @pytest.fixture(scope="module")
@@ -129,10 +137,10 @@ def offline(model, inputs):
     return model(codes, cond, ref_mel, noise=noise)  # 10-point RK4, as the stream below
 
 
-@pytest.mark.parametrize("C", [48, 72])
-def test_stream_close_to_offline(model, inputs, offline, C):
+@pytest.mark.parametrize("C, C_max", [(48, 48), (72, 72), (48, 144), (24, 144)])
+def test_stream_close_to_offline(model, inputs, offline, C, C_max):
     codes, cond, ref_mel, noise = inputs
-    stream = Code2WavStream(model, cond, ref_mel, chunk_size=C, noise=noise)
+    stream = Code2WavStream(model, cond, ref_mel, chunk_size=C, max_chunk_size=C_max, noise=noise)
     chunks = []
     for piece in codes[0].split(10):
         chunks += stream.push(piece)
@@ -141,7 +149,7 @@ def test_stream_close_to_offline(model, inputs, offline, C):
     err = got - offline
     max_abs = err.abs().max().item()
     snr = 10 * math.log10(offline.pow(2).sum().item() / max(err.pow(2).sum().item(), 1e-30))
-    print(f"\nstream vs offline, chunk {C}: max abs diff {max_abs:.2e} "
+    print(f"\nstream vs offline, chunk {C}..{C_max}: max abs diff {max_abs:.2e} "
           f"(peak {offline.abs().max().item():.2f}), SNR {snr:.1f} dB")
     # Streaming departs from offline only through the context a DiT window lacks at its edges
     # (it leaks inward one receptive field per ODE evaluation) and the vocoder's 20-frame

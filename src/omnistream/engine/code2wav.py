@@ -1,11 +1,12 @@
 """Streaming code2wav: talker codes in, 24 kHz PCM chunks out, as the official chunked path does.
 
-The mel timeline (2 frames per code) is cut into chunks of ``chunk_size`` frames. Chunk i covers
-frames [iC, iC + C) and is produced by one DiT solve over the window [iC - 48, iC + C + 24) (2
-blocks of past, 1 of future: the DiT's per-call receptive field), from the same slice of one fixed
-noise buffer; the middle C frames are kept. The vocoder then runs on the 40 previous mel frames +
-the chunk and keeps [iC - 20, iC + C - 20) frames' samples (20 frames of vocoder context on either
-side of every inner boundary); the first chunk starts at 0, the last runs to the end.
+The mel timeline (2 frames per code) is cut into chunks of ``chunk_size`` frames (optionally
+doubling up to ``max_chunk_size``). A chunk covering frames [lo, hi) is produced by one DiT solve
+over the window [lo - 48, hi + 24) (2 blocks of past, 1 of future: the DiT's per-call receptive
+field), from the same slice of one fixed noise buffer; the middle frames are kept. The vocoder then
+runs on the 40 previous mel frames + the chunk and keeps [lo - 20, hi - 20) frames' samples (20
+frames of vocoder context on either side of every inner boundary); the first chunk starts at 0,
+the last runs to the end.
 
 A non-final chunk runs as soon as its window's future frames exist, so the first audio needs C + 24
 mel frames = (C + 24) / 2 codes (48 codes = 0.96 s of speech for C = 72; 36 for C = 48). The output
@@ -37,17 +38,25 @@ class Code2WavStream:
     """
 
     def __init__(self, model: Token2Wav, cond: Tensor, ref_mel: Tensor, *, chunk_size: int = 72,
-                 steps: int = 10, solver: str = "rk4", guidance_scale: float = 0.5,
-                 noise: Tensor | None = None, seed: int = 0):
+                 max_chunk_size: int | None = None, steps: int = 10, solver: str = "rk4",
+                 guidance_scale: float = 0.5, noise: Tensor | None = None, seed: int = 0):
         """cond [1, 192], ref_mel [1, T_ref, 80]: the voice. ``chunk_size``: mel frames per chunk,
         a positive multiple of the DiT block size (24); 72 is the official value, 48 halves the
         first-chunk latency. ``noise`` [1, frames, 80] fixes the initial state (it must cover the
-        utterance); by default it is drawn from a generator seeded with ``seed``."""
+        utterance); by default it is drawn from a generator seeded with ``seed``.
+
+        ``max_chunk_size``: chunks double in size from ``chunk_size`` up to this (a multiple of
+        24; default: no growth). The first audio still needs only one small chunk, and later
+        chunks re-solve less context: each solve covers 48 past + C + 24 future frames, so the
+        work per output frame is 2.5x at C = 48 but 1.5x at C = 144. Growing needs the Talker
+        ahead of playback (chunk k + 1 waits for C_k more codes), which a real-time engine is."""
         dit_cfg = model.cfg.dit_config
         bs = dit_cfg.block_size
-        if chunk_size <= 0 or chunk_size % bs:
-            raise ValueError(f"chunk_size must be a positive multiple of {bs}, got {chunk_size}")
-        self.model, self.C = model, chunk_size
+        max_chunk_size = chunk_size if max_chunk_size is None else max_chunk_size
+        for name, v in (("chunk_size", chunk_size), ("max_chunk_size", max_chunk_size)):
+            if v <= 0 or v % bs:
+                raise ValueError(f"{name} must be a positive multiple of {bs}, got {v}")
+        self.model, self.C, self.C_max = model, chunk_size, max(max_chunk_size, chunk_size)
         self.repeats, self.mel_dim = dit_cfg.repeats, dit_cfg.mel_dim
         self.past, self.future = 2 * bs, bs  # DiT window context (frames)
         self.steps, self.solver, self.guidance_scale = steps, solver, guidance_scale
@@ -56,7 +65,8 @@ class Code2WavStream:
         self._gen = torch.Generator().manual_seed(seed) if noise is None else None
         self._codes = torch.zeros(0, dtype=torch.long, device=model.device)
         self._mel_tail = torch.zeros(1, self.mel_dim, 0, device=model.device)  # [1, 80, <=40]
-        self._next = 0  # index of the next chunk to produce
+        self._lo = 0  # first frame of the next chunk
+        self._size = chunk_size  # frames of the next chunk
         self._done = False
 
     @property
@@ -72,9 +82,8 @@ class Code2WavStream:
         new = torch.as_tensor(codes, dtype=torch.long).reshape(-1).to(self._codes.device)
         self._codes = torch.cat([self._codes, new])
         out = []
-        while (self._next + 1) * self.C + self.future <= self.frames:
-            out.append(self._chunk(self._next, final=False))
-            self._next += 1
+        while self._lo + self._size + self.future <= self.frames:
+            out.append(self._chunk(self._lo + self._size, final=False))
         return out
 
     def flush(self) -> list[np.ndarray]:
@@ -83,9 +92,9 @@ class Code2WavStream:
             return []
         self._done = True
         M, out = self.frames, []
-        while self._next * self.C < M:
-            out.append(self._chunk(self._next, final=(self._next + 1) * self.C >= M))
-            self._next += 1
+        while self._lo < M:
+            hi = min(self._lo + self._size, M)
+            out.append(self._chunk(hi, final=hi >= M))
         return out
 
     def _noise_window(self, lo: int, hi: int) -> Tensor:
@@ -100,9 +109,11 @@ class Code2WavStream:
             self._noise = torch.cat([p.to(self.model.device) for p in pages], dim=1)
         return self._noise[:, lo:hi]
 
-    def _chunk(self, i: int, final: bool) -> np.ndarray:
+    def _chunk(self, hi: int, final: bool) -> np.ndarray:
+        """Frames [self._lo, hi) -> PCM; advances to the next chunk."""
         M, r = self.frames, self.repeats
-        lo, hi = i * self.C, min((i + 1) * self.C, M)  # chunk frames
+        lo = self._lo
+        self._lo, self._size = hi, min(2 * self._size, self.C_max)
         w_lo, w_hi = max(lo - self.past, 0), min(hi + self.future, M)  # DiT window frames
         mel = self.model.solve(self._codes[None, w_lo // r: w_hi // r], self.spk,
                                self._noise_window(w_lo, w_hi), self.steps, self.solver,

@@ -138,17 +138,22 @@ class Engine:
                 talker_sampling: SamplingParams | None = None, max_new_tokens: int = 256,
                 talker_max_new_tokens: int = 4096, seed: int | None = None,
                 ignore_eos: bool = False, use_audio_in_video: bool = False,
-                max_context: int = 8192, chunk_frames: int = 48, ode_steps: int = 10,
-                solver: str = "rk4", max_codes_per_token: int = 50) -> Session:
+                max_context: int = 8192, chunk_frames: int = 48, max_chunk_frames: int = 144,
+                ode_steps: int = 10, solver: str = "rk4",
+                max_codes_per_token: int = 50) -> Session:
         """A conversation. Validates the voice at once (unknown voice -> ValueError).
 
         Speech stops at the Talker's codec eos, at ``talker_max_new_tokens`` codes, or at
         ``max_codes_per_token`` codes (50 = 1 s) per reply token: real speech needs far fewer,
-        and the cap stops a Talker that never ends (e.g. random weights) from babbling."""
+        and the cap stops a Talker that never ends (e.g. random weights) from babbling.
+
+        Speech is synthesised in chunks of ``chunk_frames`` mel frames (10 ms each; the first
+        audio needs (chunk_frames + 24) / 2 codes), doubling up to ``max_chunk_frames`` so later
+        chunks redo less overlapping context (see ``engine/code2wav.py``)."""
         return Session(self, voice, system, audio_output, sampling or SamplingParams(),
                        talker_sampling or TALKER_SAMPLING, max_new_tokens, talker_max_new_tokens,
                        seed, ignore_eos, use_audio_in_video, max_context, chunk_frames, ode_steps,
-                       solver, max_codes_per_token)
+                       solver, max_codes_per_token, max_chunk_frames)
 
 
 class Session:
@@ -156,7 +161,8 @@ class Session:
 
     def __init__(self, engine: Engine, voice, system, audio_output, sampling, talker_sampling,
                  max_new_tokens, talker_max_new_tokens, seed, ignore_eos, use_audio_in_video,
-                 max_context, chunk_frames, ode_steps, solver, max_codes_per_token=50):
+                 max_context, chunk_frames, ode_steps, solver, max_codes_per_token=50,
+                 max_chunk_frames=None):
         self.engine = engine
         self.audio_output = bool(audio_output and engine.talker is not None)
         if audio_output and engine.talker is None:
@@ -171,6 +177,7 @@ class Session:
         self.ignore_eos = ignore_eos
         self.use_audio_in_video = use_audio_in_video
         self.chunk_frames = chunk_frames
+        self.max_chunk_frames = max_chunk_frames or chunk_frames
         self.ode_steps = ode_steps
         self.solver = solver
         # one generator per stage, so streaming and offline draw the same numbers in each
@@ -493,7 +500,8 @@ class _Speech:
             from omnistream.engine.code2wav import Code2WavStream
 
             self.stream = Code2WavStream(eng.token2wav, sess.speaker.cond, sess.speaker.ref_mel,
-                                         chunk_size=sess.chunk_frames, steps=sess.ode_steps,
+                                         chunk_size=sess.chunk_frames,
+                                         max_chunk_size=sess.max_chunk_frames, steps=sess.ode_steps,
                                          solver=sess.solver, seed=sess.noise_seed)
 
     def feed(self, hidden: Tensor, embed: Tensor) -> Iterator[Event]:
