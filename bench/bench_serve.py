@@ -24,7 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _serve(model: str | None, fake: bool, step_ms: float, port: int) -> None:
+def _serve(model: str | None, fake: bool, step_ms: float, port: int,
+           max_speech_s: float = 120.0) -> None:
     import uvicorn
 
     from omnistream.serve.app import create_app
@@ -39,7 +40,7 @@ def _serve(model: str | None, fake: bool, step_ms: float, port: int) -> None:
         from omnistream.engine.session import Engine
 
         engine = Engine.load(model, quiet=True)
-    app = create_app(engine, ServeConfig(max_concurrent=64))
+    app = create_app(engine, ServeConfig(max_concurrent=64, max_speech_s=max_speech_s))
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
@@ -131,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step-ms", type=float, default=5.0, help="fake engine: time per step")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
     p.add_argument("--max-tokens", type=int, default=24)
+    p.add_argument("--max-speech-s", type=float, default=2.0,
+                   help="speech per reply (random weights never end their speech)")
     p.add_argument("--prompt", default="Tell me a short story about a robot.")
     p.add_argument("--timeout", type=float, default=300.0, help="per concurrency level (s)")
     p.add_argument("--json", action="store_true", help="print JSON rows")
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = mp.get_context("spawn").Process(
-        target=_serve, args=(model, args.fake, args.step_ms, port), daemon=True
+        target=_serve, args=(model, args.fake, args.step_ms, port, args.max_speech_s), daemon=True
     )
     proc.start()
     try:
