@@ -38,6 +38,7 @@ SPEECH_SYSTEM = (
     "perceiving auditory and visual inputs, as well as generating text and speech."
 )
 RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS"  # file make-tiny leaves in a checkpoint it writes
+PREFILL_CHUNK = 1024  # prompt tokens per prefill call: bounds activations for long video prompts
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -255,7 +256,8 @@ class Session:
         self._check_room(ids.shape[1])
         media = th.encode_media(inputs)
         cached = self.cache.length
-        step = th.prefill(ids, self.cache, media=media, position_offset=self.next_pos)
+        step = th.prefill(ids, self.cache, media=media, chunk_size=PREFILL_CHUNK,
+                          position_offset=self.next_pos)
         self.ctx.add(ids[0].tolist(), step.hidden[0], _zero_media(step.embeds[0], ids[0],
                      eng.cfg.thinker_config), step.position_ids[:, 0])
         return step.logits, step.rope_deltas, ids[0].tolist(), cached
