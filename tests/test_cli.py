@@ -38,3 +38,14 @@ def test_bench_options_pass_through(capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", "--help"])
     assert e.value.code == 0 and "--config" in capsys.readouterr().out
+
+
+def test_chat_keeps_the_conversation(tiny_dir, tmp_path, monkeypatch, capsys):
+    lines = iter(["Hello", "/image /no/such/file.png", "And again?", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda _prompt="": next(lines))
+    rc = main(["chat", "--model", str(tiny_dir), "--max-new-tokens", "4",
+               "--talker-max-new-tokens", "30", "--out-dir", str(tmp_path)])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "no such file: /no/such/file.png" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["turn000.wav", "turn001.wav"]
