@@ -116,3 +116,22 @@ def test_before_load_path_equals_after_load():
     want, _ = after(after.embed(ids), pos)
     got, _ = before(before.embed(ids), pos)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_head_layout_keeps_name_shape_and_values():
+    from omnistream.engine.layout import tune_head_layout_
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 151936, bias=False)
+    x = torch.randn(1, 3, 64)
+    want = head(x)
+    tune_head_layout_(head)
+    assert [n for n, _ in head.named_parameters()] == ["weight"]
+    assert head.weight.shape == (151936, 64)
+    torch.testing.assert_close(head(x), want, rtol=1e-5, atol=1e-5)
+    q = torch.nn.Linear(64, 8, bias=False)
+    q.weight = torch.nn.Parameter(q.weight.detach().t().contiguous().t())  # column-major input
+    from omnistream.engine.quant import quantize_weight
+
+    w8, _ = quantize_weight(q.weight)
+    assert w8.is_contiguous()

@@ -27,6 +27,7 @@ def bench_thinker(b: Bench, name: str, text: dict, layers: int | None) -> None:
     from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
     from omnistream.config import OmniConfig
+    from omnistream.engine.layout import tune_head_layout_
     from omnistream.engine.quant import quantize_int8_
     from omnistream.nn.thinker import Thinker
 
@@ -50,6 +51,7 @@ def bench_thinker(b: Bench, name: str, text: dict, layers: int | None) -> None:
         hf_thinker_to_ckpt(ref.state_dict()),
         b.device,
     )
+    tune_head_layout_(ours.lm_head)  # as Engine.load does (a copy of the head if it changes)
     print(
         f"[{name}] built in {time.perf_counter() - t0:.1f} s ({note or 'all layers'})",
         file=sys.stderr,
@@ -199,6 +201,7 @@ def bench_talker(b: Bench, name: str, talker: dict, layers: int | None) -> None:
     )
 
     from omnistream.config import OmniConfig
+    from omnistream.engine.layout import tune_head_layout_
     from omnistream.engine.quant import quantize_int8_
     from omnistream.nn.talker import Talker
 
@@ -220,6 +223,7 @@ def bench_talker(b: Bench, name: str, talker: dict, layers: int | None) -> None:
     ours = adopt(
         lambda: Talker(OmniConfig.from_dict(cfg_dict).talker_config), ref.state_dict(), b.device
     )
+    tune_head_layout_(ours.codec_head)  # as Engine.load does
     print(f"[{name}] talker built in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
     L, N = a.prompt_len, a.talker_tokens

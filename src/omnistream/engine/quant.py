@@ -48,7 +48,7 @@ def quantize_weight(w: Tensor) -> tuple[Tensor, Tensor]:
     wf = w.detach().float()
     scale = wf.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # [N]
     scale = scale.to(w.dtype).float()  # quantize against the scale as it will be stored
-    q = torch.round(wf / scale[:, None]).clamp(-128, 127).to(torch.int8)
+    q = torch.round(wf / scale[:, None]).clamp(-128, 127).to(torch.int8).contiguous()
     return q, scale
 
 

@@ -115,6 +115,11 @@ class Engine:
             token2wav = load_component(d, "token2wav", dtype=torch.float32, device=device,
                                        quiet=quiet).eval()
             speakers = load_speakers(d)
+        from omnistream.engine.layout import tune_head_layout_
+
+        tune_head_layout_(thinker.lm_head)
+        if talker is not None:
+            tune_head_layout_(talker.codec_head)
         return cls(d, cfg, Tokenizer.from_dir(d), thinker, talker, token2wav, speakers, device, dt,
                    model_id=str(model), random_weights=(d / RANDOM_WEIGHTS_MARKER).exists())
 
