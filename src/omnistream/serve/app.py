@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import hmac
 import logging
+import sys
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -172,7 +173,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-warmup", action="store_true")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="warning", help="info also logs every request")
     return p
 
 
@@ -192,8 +193,12 @@ def run_serve(args: argparse.Namespace) -> int:
     from omnistream.engine.session import Engine
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
-    engine = Engine.load(args.model, dtype=args.dtype, device=args.device, audio_output=True,
-                         quiet=True)
+    engine = Engine.load(args.model, dtype=args.dtype, device=args.device, audio_output=True)
+    if engine.random_weights:
+        print("note: this checkpoint has RANDOM weights (omnistream make-tiny): replies are noise",
+              file=sys.stderr)
+    print(f"serving {engine.model_id} on http://{args.host}:{args.port} "
+          f"(voices: {', '.join(engine.speakers)}; web page at /)", file=sys.stderr)
     app = create_app(engine, config_from_args(args))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 ws_max_size=16 * 2**20)
