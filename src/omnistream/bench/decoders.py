@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import sys
 import time
@@ -28,7 +29,7 @@ def bench_thinker(b: Bench, name: str, text: dict, layers: int | None) -> None:
 
     from omnistream.config import OmniConfig
     from omnistream.engine.layout import tune_head_layout_
-    from omnistream.engine.quant import quantize_int8_
+    from omnistream.engine.quant import quantize_int4_, quantize_int8_
     from omnistream.nn.thinker import Thinker
 
     a = b.args
@@ -176,6 +177,18 @@ def bench_thinker(b: Bench, name: str, text: dict, layers: int | None) -> None:
             )
         torch._dynamo.reset()
 
+    if a.int8 and b.device.type == "cpu":  # int4: a copy (the int8 swap below is in place)
+        q4 = copy.deepcopy(ours)
+        g4 = 128 if text["hidden_size"] % 128 == 0 else 32
+        quantize_int4_(q4, group_size=g4)
+        nbytes4 = decode_bytes(q4.model, q4.lm_head, ctx, kv_elem)
+        t4 = best_of(ours_decode_fn(q4.decode_step)) / N
+        b.add(config=name, metric=f"thinker decode int4 (g{g4}, {N} tok)", unit="tok/s",
+              ours=1 / t4, ref=1 / t_ref, limit_pct=b.limit_pct(nbytes4, t4),
+              note=f"{note} int4 step reads {nbytes4 / 1e9:.2f} GB; vs fp32 {t_ours / t4:.2f}x")
+        q4 = None
+        gc.collect()
+
     if a.int8:
         ref = None  # shared weights: the fp copies die with the swap below once ref lets go
         gc.collect()
@@ -202,7 +215,7 @@ def bench_talker(b: Bench, name: str, talker: dict, layers: int | None) -> None:
 
     from omnistream.config import OmniConfig
     from omnistream.engine.layout import tune_head_layout_
-    from omnistream.engine.quant import quantize_int8_
+    from omnistream.engine.quant import quantize_int4_, quantize_int8_
     from omnistream.nn.talker import Talker
 
     a = b.args
@@ -311,6 +324,17 @@ def bench_talker(b: Bench, name: str, talker: dict, layers: int | None) -> None:
         limit_pct=b.limit_pct(nbytes, od / N),
         note=f"{note} step reads {nbytes / 1e9:.2f} GB; ref: manual step loop (no generate)",
     )
+    if a.int8 and b.device.type == "cpu":  # int4 on a copy; ours_run reads ``ours`` at call time
+        fp, ours = ours, copy.deepcopy(ours)
+        quantize_int4_(ours, group_size=128)
+        nb4 = decode_bytes(ours.model, ours.codec_head, L + N // 2, cache.k[0].element_size())
+        nb4 += _bytes(ours.thinker_to_talker_proj.parameters())
+        _, od4 = best(ours_run)
+        b.add(config=name, metric=f"talker decode int4 (g128, {N} codes)", unit="tok/s",
+              ours=N / od4, ref=N / rd, limit_pct=b.limit_pct(nb4, od4 / N),
+              note=f"{note} int4 step reads {nb4 / 1e9:.2f} GB; vs fp32 {od / od4:.2f}x")
+        ours = fp
+        gc.collect()
     if a.int8:
         ref = None
         gc.collect()

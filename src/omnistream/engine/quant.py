@@ -1,4 +1,4 @@
-"""int8 weight-only quantization of the decoders (gpt-fast style module swap).
+"""int8 (and, on CPU, int4) weight-only quantization of the decoders (gpt-fast style module swap).
 
 Decode on one stream is memory-bound: every step reads every decoder weight once. Storing the
 ``nn.Linear`` weights of the Thinker / Talker decoders as int8 with one float scale per output
@@ -136,6 +136,61 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={bias}"
 
 
+# ---------------------------------------------------------------------------------------------
+# int4 (CPU): group-wise asymmetric 4-bit weights, torch's ``_weight_int4pack_mm_for_cpu``
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the kernel accepts
+
+
+def quantize_weight_int4(w: Tensor, group_size: int = 128) -> tuple[Tensor, Tensor]:
+    """``w [N, K]`` -> (q int32 [N, K] in 0..15, scales_and_zeros [K / G, N, 2] bf16) with
+    ``w ~= (q - 8) * scale + zero`` per group of ``G`` input columns (min/max affine)."""
+    N, K = w.shape
+    wg = w.detach().float().reshape(N, K // group_size, group_size)
+    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+    scale = ((hi - lo) / 15).clamp(min=1e-8)
+    zero = lo + 8 * scale
+    scale, zero = scale.bfloat16().float(), zero.bfloat16().float()  # as the kernel reads them
+    q = torch.round((wg - zero) / scale + 8).clamp(0, 15).to(torch.int32).reshape(N, K)
+    sz = torch.stack([scale[..., 0], zero[..., 0]], dim=-1)  # [N, K / G, 2]
+    return q, sz.transpose(0, 1).contiguous().bfloat16()
+
+
+def int4_ok(lin: nn.Linear, group_size: int) -> bool:
+    """Shapes the CPU kernel takes: N % 16 == 0, K % group_size == 0."""
+    N, K = lin.weight.shape
+    return (lin.weight.device.type == "cpu" and group_size in INT4_GROUP_SIZES
+            and N % 16 == 0 and K % group_size == 0)
+
+
+class Int4Linear(nn.Module):
+    """A drop-in ``nn.Linear`` (CPU, inference) with 4-bit weights packed for torch's kernel:
+    half a byte per weight + a bf16 (scale, zero) pair per ``group_size`` inputs. Activations go
+    through the kernel as bf16; the output is cast back to the input dtype."""
+
+    def __init__(self, lin: nn.Linear, group_size: int = 128):
+        super().__init__()
+        self.in_features, self.out_features = lin.in_features, lin.out_features
+        self.group_size = group_size
+        q, sz = quantize_weight_int4(lin.weight, group_size)
+        self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2))
+        self.register_buffer("scales_and_zeros", sz)
+        self.bias = None
+        if lin.bias is not None:
+            self.bias = nn.Parameter(lin.bias.detach(), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # [..., in] -> [..., out]
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.reshape(-1, self.in_features).to(torch.bfloat16), self.weight, self.group_size,
+            self.scales_and_zeros)
+        y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"group_size={self.group_size}")
+
+
 Filter = Callable[[str, nn.Module], bool]
 
 
@@ -157,6 +212,19 @@ def quantize_int8_(model: nn.Module, filter_fn: Filter = default_filter) -> list
     for name, lin in _selected(model, filter_fn):
         _set(model, name, Int8Linear.from_linear(lin))
         names.append(name)
+    return names
+
+
+@torch.no_grad()
+def quantize_int4_(model: nn.Module, group_size: int = 128,
+                   filter_fn: Filter = default_filter) -> list[str]:
+    """Swap the selected ``nn.Linear`` modules for ``Int4Linear`` (CPU) in place; Linears whose
+    shape the kernel cannot take (see ``int4_ok``) are left in float. Returns the swapped names."""
+    names = []
+    for name, lin in _selected(model, filter_fn):
+        if int4_ok(lin, group_size):
+            _set(model, name, Int4Linear(lin, group_size))
+            names.append(name)
     return names
 
 
