@@ -49,3 +49,20 @@ def test_chat_keeps_the_conversation(tiny_dir, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "no such file: /no/such/file.png" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["turn000.wav", "turn001.wav"]
+
+
+def test_generate_quantized(tiny_dir, tmp_path, capsys):
+    from omnistream.engine.quant import Int8Linear
+
+    rc = main(["generate", "--model", str(tiny_dir), "--prompt", "Hi", "--quantize", "int8",
+               "--max-new-tokens", "4", "--talker-max-new-tokens", "30", "--json",
+               "--out", str(tmp_path / "q.wav")])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(res["text_ids"]) >= 1 and (tmp_path / "q.wav").exists()
+
+    from omnistream.engine.session import Engine
+
+    eng = Engine.load(tiny_dir, quiet=True, quantize="int8")
+    assert isinstance(eng.thinker.lm_head, Int8Linear) and isinstance(eng.talker.codec_head,
+                                                                        Int8Linear)

@@ -31,6 +31,8 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny", help="checkpoint directory or hub id")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="weight-only quantization of the Thinker/Talker decoders")
     p.add_argument("--device", default="cpu")
 
 
@@ -126,7 +128,7 @@ def _load_engine(args: argparse.Namespace, audio_output: bool):
     from omnistream.engine.session import Engine
 
     engine = Engine.load(args.model, dtype=args.dtype, device=args.device,
-                         audio_output=audio_output)
+                         audio_output=audio_output, quantize=args.quantize)
     if engine.random_weights:
         print(RANDOM_WEIGHTS_NOTICE, file=sys.stderr)
     return engine

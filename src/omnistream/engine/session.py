@@ -95,8 +95,14 @@ class Engine:
 
     @classmethod
     def load(cls, model: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu",
-             audio_output: bool = True, quiet: bool = False) -> Engine:
-        """Load a checkpoint directory or hub id; ``audio_output=False`` loads the Thinker only."""
+             audio_output: bool = True, quiet: bool = False,
+             quantize: str | None = None) -> Engine:
+        """Load a checkpoint directory or hub id; ``audio_output=False`` loads the Thinker only.
+
+        ``quantize``: "int8" or "int4" (CPU) stores the Thinker and Talker decoder weights
+        (not the encoders, not Token2Wav) in that many bits after loading (``engine/quant.py``)."""
+        if quantize not in (None, "int8", "int4"):
+            raise ValueError(f"quantize must be None, 'int8' or 'int4', not {quantize!r}")
         from omnistream.checkpoint import (
             load_component,
             load_config,
@@ -116,10 +122,19 @@ class Engine:
                                        quiet=quiet).eval()
             speakers = load_speakers(d)
         from omnistream.engine.layout import tune_head_layout_
+        from omnistream.engine.quant import quantize_int4_, quantize_int8_
 
-        tune_head_layout_(thinker.lm_head)
-        if talker is not None:
-            tune_head_layout_(talker.codec_head)
+        for m in (thinker, talker):
+            if m is None:
+                continue
+            if quantize == "int8":
+                quantize_int8_(m)
+            elif quantize == "int4":
+                if torch.device(device).type != "cpu":
+                    raise ValueError("int4 uses torch's CPU kernel; use int8 on this device")
+                quantize_int4_(m)
+            else:
+                tune_head_layout_(m.lm_head if m is thinker else m.codec_head)
         return cls(d, cfg, Tokenizer.from_dir(d), thinker, talker, token2wav, speakers, device, dt,
                    model_id=str(model), random_weights=(d / RANDOM_WEIGHTS_MARKER).exists())
 

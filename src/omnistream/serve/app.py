@@ -171,6 +171,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="folder whose files requests may name by path")
     p.add_argument("--no-remote-media", action="store_true", help="refuse http(s) media URLs")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="weight-only quantization of the Thinker/Talker decoders")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-warmup", action="store_true")
     p.add_argument("--log-level", default="warning", help="info also logs every request")
@@ -193,7 +195,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from omnistream.engine.session import Engine
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
-    engine = Engine.load(args.model, dtype=args.dtype, device=args.device, audio_output=True)
+    engine = Engine.load(args.model, dtype=args.dtype, device=args.device, audio_output=True,
+                         quantize=args.quantize)
     if engine.random_weights:
         print("note: this checkpoint has RANDOM weights (omnistream make-tiny): replies are noise",
               file=sys.stderr)
