@@ -14,7 +14,9 @@ True)``: one copy of the weights), feeds both the same inputs and times them in 
 * ``7b-talker``      the 7B talker (24 layers) + int8;
 * ``token2wav``      the release DiT + BigVGAN: RTF offline RK4 (both) and Euler, and streaming;
 * ``audio-encoder``  the release audio tower on ``--audio-seconds`` of audio (+ streaming block);
-* ``vision-encoder`` the release vision tower on one ``--image-size`` image.
+* ``vision-encoder`` the release vision tower on one ``--image-size`` image;
+* ``load``           loading peak memory on a 1.65 GB (fp32) checkpoint in the released layout
+                     (bf16 thinker/talker on disk, 3B-wide thinker with 8 layers).
 
 Beside every decode figure: the hardware limit. Memory bandwidth is measured (a large tensor sum
 = read bandwidth), the bytes one decode step must read are counted (every decoder weight except the
@@ -53,7 +55,7 @@ from omnistream.bench.e2e import bench_end_to_end, bench_load_memory
 from omnistream.bench.encoders import bench_audio_encoder, bench_vision_encoder
 from omnistream.bench.speech import bench_token2wav
 
-CONFIGS = ("tiny", "3b-text", "7b-talker", "token2wav", "audio-encoder", "vision-encoder")
+CONFIGS = ("tiny", "3b-text", "7b-talker", "token2wav", "audio-encoder", "vision-encoder", "load")
 EXTRA_CONFIGS = ("7b-text",)  # GPU-sized; not part of "all" on CPU
 
 
@@ -95,6 +97,21 @@ def run_config(b: Bench, name: str) -> None:
         from omnistream.config import VisionEncoderConfig
 
         bench_vision_encoder(b, name, VisionEncoderConfig(out_hidden_size=3584).to_dict())
+    elif name == "load":
+        from omnistream.maketiny import make_tiny
+        from omnistream.tiny import TINY_CONFIG
+
+        text = json.loads(json.dumps(TINY_CONFIG["thinker_config"]["text_config"]))
+        text.update(hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
+                    num_attention_heads=8, num_key_value_heads=2)
+        for k in ("rope_scaling", "rope_parameters"):
+            if text.get(k):
+                text[k]["mrope_section"] = [16, 24, 24]
+        talker = dict(TINY_CONFIG["talker_config"], embedding_size=1024)
+        cfg = omni_dict(text=text, talker=talker, bigvgan=TINY_BIGVGAN)
+        with tempfile.TemporaryDirectory() as d:
+            make_tiny(d, seed=0, config=cfg)
+            bench_load_memory(b, name, Path(d))
     else:
         raise ValueError(name)
 
