@@ -176,3 +176,30 @@ def test_wav_writer_streams_a_valid_file(tmp_path):
     w.close()
     with wave.open(str(tmp_path / "a.wav")) as f:
         assert f.getframerate() == 24000 and f.getnframes() == 1440 and f.getsampwidth() == 2
+
+
+def test_talker_cache_is_reused_across_turns(engine, monkeypatch):
+    from omnistream.engine.sampling import SamplingParams
+
+    kw = dict(seed=0, max_new_tokens=6, talker_max_new_tokens=12, ignore_eos=True,
+              talker_sampling=SamplingParams(repetition_penalty=1.05))
+    prefilled = []
+    real = type(engine.talker).prefill
+
+    def counting(self, cache, prompt, *a, **k):
+        prefilled.append(prompt.shape[1])
+        return real(self, cache, prompt, *a, **k)
+
+    monkeypatch.setattr(type(engine.talker), "prefill", counting)
+    codes = []
+    for reuse in (True, False):
+        sess = engine.session(**kw)
+        sess.reuse_talker_cache = reuse
+        _, d1 = _run(sess, "First question?")
+        p1 = len(sess.last_prompt_ids)
+        _, d2 = _run(sess, "Second question?")
+        codes.append((d1.codec_ids, d2.codec_ids))
+    with_reuse, without = prefilled[:2], prefilled[2:]
+    assert with_reuse[0] == without[0] == p1
+    assert with_reuse[1] < without[1]  # only the positions after the first prompt
+    assert codes[0] == codes[1] and len(codes[0][1]) == 12

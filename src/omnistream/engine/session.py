@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from omnistream.engine.cache import KVCache
 from omnistream.engine.events import AudioChunk, Done, Event, TextDelta, Usage
 from omnistream.engine.sampling import TALKER_SAMPLING, SamplingParams, sample, seen_mask
 
@@ -38,6 +39,7 @@ SPEECH_SYSTEM = (
     "perceiving auditory and visual inputs, as well as generating text and speech."
 )
 RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS"  # file make-tiny leaves in a checkpoint it writes
+TALKER_SLACK = 1024  # spare Talker cache slots, so later turns usually fit without a new one
 PREFILL_CHUNK = 1024  # prompt tokens per prefill call: bounds activations for long video prompts
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -50,6 +52,10 @@ class _Context:
     hidden: list[Tensor] = field(default_factory=list)  # [T_i, D] final hidden states
     embeds: list[Tensor] = field(default_factory=list)  # [T_i, D] input embeddings, 0 at media
     pos: list[Tensor] = field(default_factory=list)  # [3, T_i] TMRoPE ids
+    # the Talker's KV cache kept across turns: its first ``talker_valid`` slots hold the prompt
+    # track of these positions (a later turn prefills only what came after)
+    talker_cache: KVCache | None = None
+    talker_valid: int = 0
 
     def add(self, ids: list[int], hidden: Tensor, embeds: Tensor, pos: Tensor) -> None:
         self.ids += ids
@@ -65,6 +71,7 @@ class _Context:
 
     def crop(self, n: int) -> None:
         """Keep the first ``n`` positions (a rolled-back cache)."""
+        self.talker_valid = min(self.talker_valid, n)
         if n >= len(self.ids):
             return
         hidden, embeds, pos = self.tensors()
@@ -195,6 +202,7 @@ class Session:
         self.max_new_tokens = max_new_tokens
         self.talker_max_new_tokens = talker_max_new_tokens
         self.max_codes_per_token = max_codes_per_token
+        self.reuse_talker_cache = True  # False: re-prefill the whole history each turn (tests)
         self.ignore_eos = ignore_eos
         self.use_audio_in_video = use_audio_in_video
         self.chunk_frames = chunk_frames
@@ -571,14 +579,23 @@ class _Speech:
         ids = torch.tensor([sess.speaker.bos_token, c.tts_text_end_token_id,
                             c.tts_text_pad_token_id], device=dev)
         bos, self.text_end, self.text_pad = emb(ids).unbind(0)
-        self.cache = self.talker.new_cache(1, P + 2 + sess.talker_max_new_tokens)
-        prompt = (hidden[:P] + embeds[:P])[None]  # [1, P, E] (embeds are 0 at media)
+        ctx, need = sess.ctx, P + 2 + sess.talker_max_new_tokens
+        if ctx.talker_cache is None or ctx.talker_cache.max_len < need:
+            ctx.talker_cache = self.talker.new_cache(1, need + TALKER_SLACK)
+            ctx.talker_valid = 0
+        self.cache = ctx.talker_cache
+        v = min(ctx.talker_valid, P) if sess.reuse_talker_cache else 0
+        self.cache.crop(min(v, self.cache.length))  # earlier turns' prompt stays; the rest goes
+        ctx.talker_valid = 0  # until this prefill has run
+        prompt = (hidden[v:P] + embeds[v:P])[None]  # [1, P - v, E] (embeds are 0 at media)
         self.seen = seen_mask(1, c.vocab_size, torch.tensor(
             [[c.tts_codec_mask_token_id, c.tts_codec_pad_token_id, c.tts_codec_start_token_id]],
             device=dev), dev)
         self.stop = {c.tts_codec_pad_token_id, c.tts_codec_end_token_id}
-        return self.talker.prefill(self.cache, prompt, pos[:, None, :P], self.deltas, bos,
-                                   self.reply[0].reshape(1, 1, -1))
+        logits = self.talker.prefill(self.cache, prompt, pos[:, None, v:P], self.deltas, bos,
+                                     self.reply[0].reshape(1, 1, -1))
+        ctx.talker_valid = P
+        return logits
 
     def _advance(self, until_done: bool = False) -> Iterator[Event]:
         """Run every Talker step whose input exists; push codes to code2wav as they come."""
