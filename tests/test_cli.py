@@ -66,3 +66,16 @@ def test_generate_quantized(tiny_dir, tmp_path, capsys):
     eng = Engine.load(tiny_dir, quiet=True, quantize="int8")
     assert isinstance(eng.thinker.lm_head, Int8Linear) and isinstance(eng.talker.codec_head,
                                                                         Int8Linear)
+
+
+def test_bad_input_is_one_line_and_leaves_no_file(tiny_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video")
+    out = tmp_path / "r.wav"
+    rc = main(["generate", "--model", str(tiny_dir), "--prompt", "x", "--video", str(bad),
+               "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"error: {bad}" in err and "Traceback" not in err
+    assert not out.exists()
+    rc = main(["generate", "--model", str(tiny_dir), "--prompt", "x", "--voice", "Bob"])
+    assert rc == 2 and "available: Chelsie, Ethan" in capsys.readouterr().err

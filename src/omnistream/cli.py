@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -143,11 +144,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     sess = engine.session(voice=args.voice, system=args.system, audio_output=audio_output,
                           ignore_eos=args.ignore_eos, use_audio_in_video=args.use_audio_in_video,
                           **_sampling(args))
+    events = sess.respond(_messages(args), offline=args.offline)
+    first = next(events)  # media decoding and prefill: bad input fails here, before any file
     writer = StreamingWavWriter(args.out) if audio_output else None
     player = Player.open() if (args.play and audio_output) else None
     done = None
-    events = sess.respond(_messages(args), offline=args.offline)
-    for ev in events:
+    for ev in itertools.chain([first], events):
         if isinstance(ev, TextDelta):
             if not args.json:
                 print(ev.text, end="", flush=True)
@@ -240,6 +242,16 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(argv[1:]) or 0
     args = _build_parser().parse_args(argv)
+    from omnistream.checkpoint import CheckpointError
+
+    try:
+        return _dispatch(args)
+    except (ValueError, CheckpointError) as e:  # bad input: one line that names the problem
+        print(f"omnistream {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.cmd == "make-tiny":
         from omnistream.maketiny import make_tiny
