@@ -108,11 +108,21 @@ def test_realtime_on_engine(server, engine):
     done, events = c.until("response.done", timeout=120)
     assert done["response"]["status"] in ("completed", "incomplete")
     assert any(e["type"] == "response.audio.delta" for e in events)
-    # live input: a VAD turn goes through the engine's live turn (block-wise encoding)
+    # live input: a VAD turn goes through the engine's live turn (block-wise encoding); camera
+    # frames during the speech turn it into audio-in-video
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((56, 84, 3), 120, np.uint8)).save(buf, "JPEG")
+    frame = base64.b64encode(buf.getvalue()).decode()
     c.send_audio(silence(0.5))
-    c.send_audio(tone(1.0))
+    c.send_audio(tone(0.5))
+    for k in range(3):
+        c.send("input_video_frame.append", image=frame, timestamp=100.0 + 0.2 * k)
+    c.send_audio(tone(0.5))
     c.send_audio(silence(0.8))
     c.until("input_audio_buffer.committed", timeout=60)
     done, _ = c.until("response.done", timeout=120)
     assert done["response"]["status"] in ("completed", "incomplete")
+    assert "error" not in [e["type"] for e in _]
     c.close()

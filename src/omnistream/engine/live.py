@@ -168,7 +168,11 @@ def frame_size(
 def resize_frame(rgb: np.ndarray | Tensor, size: tuple[int, int]) -> Tensor:
     """``[H, W, 3]`` uint8 -> ``[3, h, w]`` uint8 with offline video's resize (bicubic,
     antialiased, rounded back to uint8; a no-op at the target size)."""
-    x = torch.as_tensor(np.ascontiguousarray(rgb)).permute(2, 0, 1).to(torch.uint8)  # [3, H, W]
+    if isinstance(rgb, Tensor):
+        x = rgb.to(torch.uint8)
+    else:  # a copy: frames decoded by PIL / PyAV may be read-only views
+        x = torch.from_numpy(np.array(rgb, dtype=np.uint8))
+    x = x.permute(2, 0, 1)  # [3, H, W]
     return resize_frames(x[None], *size)[0]
 
 
