@@ -203,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--talker-tokens", type=int, default=32)
+    ap.add_argument("--chunk-frames", type=int, default=48, help="e2e: first code2wav chunk")
+    ap.add_argument("--max-chunk-frames", type=int, default=144, help="e2e: chunk growth cap")
     ap.add_argument(
         "--layers", type=int, default=None, help="thinker text layers (3b-text default 8 on CPU)"
     )

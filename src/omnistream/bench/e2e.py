@@ -37,6 +37,8 @@ def bench_end_to_end(b: Bench, name: str, model_dir: Path) -> None:
             talker_max_new_tokens=M,
             ignore_eos=True,
             seed=0,
+            chunk_frames=a.chunk_frames,
+            max_chunk_frames=a.max_chunk_frames,
         )
         t0 = time.perf_counter()
         t_text = t_audio = None
@@ -128,7 +130,8 @@ def bench_end_to_end(b: Bench, name: str, model_dir: Path) -> None:
         ours=1e3 * o["audio"],
         ref=None if t_ref is None else 1e3 * t_ref,
         higher_is_better=False,
-        note=f"ours streaming ({N} text tok, <= {M} codes, {o['samples'] / 24000:.2f} s audio)",
+        note=f"ours streaming ({N} text tok, <= {M} codes, {o['samples'] / 24000:.2f} s audio, "
+        f"chunks {a.chunk_frames}..{a.max_chunk_frames} frames)",
     )
     b.add(
         config=name,
