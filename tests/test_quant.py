@@ -123,16 +123,20 @@ def test_before_load_path_equals_after_load():
     torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
-def test_head_layout_keeps_name_shape_and_values():
-    from omnistream.engine.layout import tune_head_layout_
+@pytest.mark.parametrize("t_col, changed", [(0.5, True), (0.95, False)])
+def test_head_layout_keeps_name_shape_and_values(monkeypatch, t_col, changed):
+    from omnistream.engine import layout
 
+    times = iter([1.0, t_col])  # row-major, then column-major timing
+    monkeypatch.setattr(layout, "_time", lambda fn: (fn(), next(times))[1])
     torch.manual_seed(0)
     head = torch.nn.Linear(64, 151936, bias=False)
     x = torch.randn(1, 3, 64)
     want = head(x)
-    tune_head_layout_(head)
+    assert layout.tune_head_layout_(head) is changed
     assert [n for n, _ in head.named_parameters()] == ["weight"]
     assert head.weight.shape == (151936, 64)
+    assert head.weight.stride() == ((1, 151936) if changed else (64, 1))
     torch.testing.assert_close(head(x), want, rtol=1e-5, atol=1e-5)
     q = torch.nn.Linear(64, 8, bias=False)
     q.weight = torch.nn.Parameter(q.weight.detach().t().contiguous().t())  # column-major input

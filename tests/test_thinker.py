@@ -6,23 +6,14 @@ import pytest
 import torch
 from helpers import randomize_, tiny_hf_config
 
+from omnistream.bench.common import VS, hf_thinker_to_ckpt
 from omnistream.config import OmniConfig
 from omnistream.engine.cache import KVCache
 from omnistream.nn.thinker import Thinker
 from omnistream.tiny import tiny_config
 
 ATOL = 1e-4
-VS = 151652  # the 5.24 thinker config lacks vision_start_token_id; the release json has it
-
-
-def hf_to_ckpt(sd: dict) -> dict:
-    """transformers-5 module names -> checkpoint names (under ``thinker.``)."""
-    out = {}
-    for k, v in sd.items():
-        k = k.replace("model.language_model.", "model.")
-        k = k.replace("model.audio_tower.", "audio_tower.").replace("model.visual.", "visual.")
-        out[k] = v
-    return out
+hf_to_ckpt = hf_thinker_to_ckpt  # transformers-5 names -> checkpoint names (test_talker uses it)
 
 
 def build(**overrides):

@@ -177,6 +177,7 @@ class _Mapped:
     def __init__(self, path: Path):
         import mmap
 
+        self.path = path
         with open(path, "rb") as fh:
             n = int.from_bytes(fh.read(8), "little")
             self.header = json.loads(fh.read(n))
@@ -187,6 +188,9 @@ class _Mapped:
         info = self.header[name]
         dtype = _ST_DTYPES[info["dtype"]]
         start, end = info["data_offsets"]
+        if self.base + end > len(self.map):
+            raise CheckpointError(f"{self.path} is truncated: {name} ends at byte "
+                                  f"{self.base + end}, the file has {len(self.map)}")
         shape = tuple(info["shape"])
         count = (end - start) // dtype.itemsize
         if count == 0:
@@ -210,16 +214,14 @@ class _Mapped:
             self.map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
-@contextmanager
-def _open_mapped(path: Path):
-    """The file validated by ``safe_open`` (truncation, header), then memory-mapped."""
-    with _open(path):
-        pass
+def _open_mapped(path: Path) -> _Mapped:
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} is missing (listed in {INDEX_FILE})")
     try:
-        mapped = _Mapped(path)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot map the weights: {e}") from e
-    yield mapped
+        return _Mapped(path)
+    except (OSError, ValueError) as e:  # ValueError: a header that is not JSON / empty file
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
 
 
 _ST_DTYPES = {
@@ -281,14 +283,16 @@ def read_tensors(
             raise CheckpointError(f"tensor {k} is not in the checkpoint at {d}")
         by_file.setdefault(wm[k], []).append(k)
     for fname in sorted(by_file):
-        with _open_mapped(d / fname) as f:
-            for k in by_file[fname]:
-                yield k, _get(f, d / fname, k)
+        f = _open_mapped(d / fname)
+        for k in by_file[fname]:
+            yield k, _get(f, d / fname, k)
 
 
 def _get(f, path: Path, name: str) -> Tensor:
     try:
         return f.get_tensor(name)
+    except CheckpointError:
+        raise
     except Exception as e:
         raise CheckpointError(f"{path}: cannot read tensor {name}: {e}") from e
 
@@ -443,21 +447,21 @@ def load_component(
         by_file.setdefault(headers[full].file, []).append(n)
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {part}", disable=quiet) as bar:
         for fname in sorted(by_file):
-            with _open_mapped(d / fname) as f:
-                for n in by_file[fname]:
-                    full = stored_names[n]
-                    stored = _get(f, d / fname, full)
-                    if n in params:
-                        ref = params[n]
-                        t = stored.to(device=device, dtype=target(ref, headers[full]))
-                        for alias in aliases[id(ref)]:
-                            _set(module, alias, t, True, ref.requires_grad)
-                    else:
-                        t = stored.to(device=device, dtype=target(buffers[n], headers[full]))
-                        _set(module, n, t, False, False)
-                    if t.data_ptr() != stored.data_ptr():  # converted or moved: drop the pages
-                        f.release(full)
-                    bar.update(headers[full].nbytes)
+            f = _open_mapped(d / fname)
+            for n in by_file[fname]:
+                full = stored_names[n]
+                stored = _get(f, d / fname, full)
+                if n in params:
+                    ref = params[n]
+                    t = stored.to(device=device, dtype=target(ref, headers[full]))
+                    for alias in aliases[id(ref)]:
+                        _set(module, alias, t, True, ref.requires_grad)
+                else:
+                    t = stored.to(device=device, dtype=target(buffers[n], headers[full]))
+                    _set(module, n, t, False, False)
+                if t.data_ptr() != stored.data_ptr():  # converted or moved: drop the pages
+                    f.release(full)
+                bar.update(headers[full].nbytes)
 
     # Buffers computed at construction (not stored): move and cast like ``module.to``.
     for n, b in module.named_buffers(remove_duplicate=False):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -161,15 +161,23 @@ class Engine:
         except LookupError as e:
             raise ValueError(str(e).strip("'\"")) from None
 
-    def session(self, voice: str | None = None, system: str | None = None,
-                audio_output: bool = True, sampling: SamplingParams | None = None,
-                talker_sampling: SamplingParams | None = None, max_new_tokens: int = 256,
-                talker_max_new_tokens: int = 4096, seed: int | None = None,
-                ignore_eos: bool = False, use_audio_in_video: bool = False,
-                max_context: int = 8192, chunk_frames: int = 48, max_chunk_frames: int = 144,
-                ode_steps: int = 10, solver: str = "rk4",
-                max_codes_per_token: int = 50) -> Session:
-        """A conversation. Validates the voice at once (unknown voice -> ValueError).
+    def session(self, **options) -> Session:
+        """A conversation; ``options`` are ``Session``'s keyword arguments."""
+        return Session(self, **options)
+
+
+class Session:
+    """One conversation; see the module docstring for the schedule."""
+
+    def __init__(self, engine: Engine, *, voice: str | None = None, system: str | None = None,
+                 audio_output: bool = True, sampling: SamplingParams | None = None,
+                 talker_sampling: SamplingParams | None = None, max_new_tokens: int = 256,
+                 talker_max_new_tokens: int = 4096, max_codes_per_token: int = 50,
+                 seed: int | None = None, ignore_eos: bool = False,
+                 use_audio_in_video: bool = False, max_context: int = 8192,
+                 chunk_frames: int = 48, max_chunk_frames: int = 144, ode_steps: int = 10,
+                 solver: str = "rk4"):
+        """Validates the voice at once (unknown voice -> ValueError; None = "Chelsie").
 
         Speech stops at the Talker's codec eos, at ``talker_max_new_tokens`` codes, or at
         ``max_codes_per_token`` codes (50 = 1 s) per reply token: real speech needs far fewer,
@@ -178,27 +186,14 @@ class Engine:
         Speech is synthesised in chunks of ``chunk_frames`` mel frames (10 ms each; the first
         audio needs (chunk_frames + 24) / 2 codes), doubling up to ``max_chunk_frames`` so later
         chunks redo less overlapping context (see ``engine/code2wav.py``)."""
-        return Session(self, voice, system, audio_output, sampling or SamplingParams(),
-                       talker_sampling or TALKER_SAMPLING, max_new_tokens, talker_max_new_tokens,
-                       seed, ignore_eos, use_audio_in_video, max_context, chunk_frames, ode_steps,
-                       solver, max_codes_per_token, max_chunk_frames)
-
-
-class Session:
-    """One conversation; see the module docstring for the schedule."""
-
-    def __init__(self, engine: Engine, voice, system, audio_output, sampling, talker_sampling,
-                 max_new_tokens, talker_max_new_tokens, seed, ignore_eos, use_audio_in_video,
-                 max_context, chunk_frames, ode_steps, solver, max_codes_per_token=50,
-                 max_chunk_frames=None):
         self.engine = engine
         self.audio_output = bool(audio_output and engine.talker is not None)
         if audio_output and engine.talker is None:
             raise ValueError("audio output requested but the engine was loaded text-only")
         self.speaker = engine.speaker(voice) if self.audio_output else None
         self.system = system
-        self.sampling = sampling
-        self.talker_sampling = talker_sampling
+        self.sampling = sampling or SamplingParams()
+        self.talker_sampling = talker_sampling or TALKER_SAMPLING
         self.max_new_tokens = max_new_tokens
         self.talker_max_new_tokens = talker_max_new_tokens
         self.max_codes_per_token = max_codes_per_token
@@ -206,7 +201,7 @@ class Session:
         self.ignore_eos = ignore_eos
         self.use_audio_in_video = use_audio_in_video
         self.chunk_frames = chunk_frames
-        self.max_chunk_frames = max_chunk_frames or chunk_frames
+        self.max_chunk_frames = max_chunk_frames
         self.ode_steps = ode_steps
         self.solver = solver
         # one generator per stage, so streaming and offline draw the same numbers in each
@@ -414,7 +409,6 @@ class Session:
             raise ValueError("nothing to respond to: pass messages, or commit a live user turn")
         self.last_prompt_ids = prompt_ids
         n_prompt = len(prompt_ids)
-        step = _Step(logits)
         timings["prefill_s"] = time.perf_counter() - t0
 
         speech = _Speech(self, offline, deltas) if self.audio_output else None
@@ -428,12 +422,11 @@ class Session:
         unfed: list[int] = []
         finish = "length"
         t_dec = time.perf_counter()
+        params = self.sampling
+        if self.ignore_eos:  # benchmarks: run to max_new_tokens
+            params = replace(params, suppress_ids=(*params.suppress_ids, *sorted(eos)))
         for i in range(self.max_new_tokens):
-            logits = step.logits
-            if self.ignore_eos:
-                logits = logits.clone()
-                logits[:, list(eos)] = -float("inf")
-            tok = int(sample(logits, self.sampling, seen, self.generator))
+            tok = int(sample(logits, params, seen, self.generator))
             text_ids.append(tok)
             if i == 0:
                 timings["ttft_s"] = time.perf_counter() - t0
@@ -450,6 +443,7 @@ class Session:
                 break
             tok_t = torch.tensor([tok], device=eng.device)
             step = eng.thinker.decode_step(tok_t, self.cache, deltas)
+            logits = step.logits
             self.ctx.add([tok], step.hidden[0], step.embeds[0], step.position_ids[:, 0])
             if speech is not None:
                 yield from speech.feed(step.hidden[0, -1], step.embeds[0, -1])
@@ -475,11 +469,6 @@ class Session:
         text = eng.tokenizer.decode([t for t in text_ids if t not in eos], skip_special_tokens=True)
         usage = Usage(n_prompt, n_text, len(codec), cached)
         yield Done(text, finish, usage, timings, text_ids, codec)
-
-
-@dataclass
-class _Step:
-    logits: Tensor  # [1, V]
 
 
 @dataclass

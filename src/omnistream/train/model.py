@@ -8,15 +8,14 @@ copied from the source checkpoint, so the output directory is a complete release
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from omnistream import checkpoint
 from omnistream.config import OmniConfig
 from omnistream.nn.talker import Talker
 from omnistream.nn.thinker import Thinker
@@ -38,29 +37,13 @@ class OmniTrain(nn.Module):
 # -- reading / writing the released layout ------------------------------------------------------
 
 
-def weight_files(model_dir: str | Path) -> list[Path]:
-    d = Path(model_dir)
-    index = d / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [d / n for n in names]
-    files = sorted(d.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no safetensors weights in {d}")
-    return files
-
-
 def read_tensors(
     model_dir: str | Path, prefixes: tuple[str, ...] | None = None
 ) -> dict[str, Tensor]:
-    """All tensors of a checkpoint (optionally only names starting with one of ``prefixes``)."""
-    out = {}
-    for f in weight_files(model_dir):
-        with safe_open(str(f), "pt") as sf:
-            for k in sf.keys():
-                if prefixes is None or k.startswith(prefixes):
-                    out[k] = sf.get_tensor(k)
-    return out
+    """All tensors of a checkpoint (optionally only names starting with one of ``prefixes``),
+    as copies: training must not hold views of files it may later overwrite."""
+    return {k: v.clone() for k, v in checkpoint.read_tensors(model_dir)
+            if prefixes is None or k.startswith(prefixes)}
 
 
 def load_model(model_dir: str | Path, with_talker: bool, dtype=torch.float32) -> OmniTrain:
