@@ -8,13 +8,18 @@ import torch
 from media_helpers import processor_dir, reference_processor, tone, write_video
 from PIL import Image
 
-from omnistream.media.video import decode_video, load_video_audio, process_video, resize_frames
-from omnistream.prompt import (
+from omnistream.chat import (
+    AUDIO_PLACEHOLDER,
+    DEFAULT_SYSTEM_PROMPT,
     SPEECH_SYSTEM_PROMPT,
-    Processor,
-    interleave_chunks,
+    normalize,
     render_chat,
+    system_prompt_for,
+    turn_prefix,
+    turn_suffix,
 )
+from omnistream.media.video import decode_video, load_video_audio, process_video, resize_frames
+from omnistream.prompt import Processor, interleave_chunks
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +72,43 @@ CONVERSATIONS = [
 def test_render_equals_chat_template(ref, conv, gen):
     want = ref.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
     assert render_chat(conv, add_generation_prompt=gen) == want
+
+
+@pytest.mark.parametrize("conv", CONVERSATIONS)
+def test_render_equals_chat_template_with_ids(ref, conv):
+    want = ref.apply_chat_template(conv, tokenize=False, add_generation_prompt=True,
+                                   add_audio_id=True, add_vision_id=True)
+    assert render_chat(conv, add_audio_id=True, add_vision_id=True) == want
+
+
+def test_continued_and_live_renderings_equal_the_whole_conversation():
+    first = [{"role": "user", "content": "Hi"}]
+    second = [{"role": "user", "content": [{"type": "audio", "audio": "a.wav"},
+                                           {"type": "text", "text": "And this?"}]}]
+    whole = render_chat([*first, {"role": "assistant", "content": "Hello."}, *second],
+                        system_prompt=SPEECH_SYSTEM_PROMPT)
+    # a cached conversation: the first prompt, the generated reply, then the continuation
+    got = (render_chat(first, system_prompt=SPEECH_SYSTEM_PROMPT) + "Hello."
+           + render_chat(second, continued=True))
+    assert got == whole
+    # a live turn: prefix + media + suffix
+    live = (turn_prefix("user", continued=True) + AUDIO_PLACEHOLDER + turn_suffix("And this?"))
+    assert render_chat(first, system_prompt=SPEECH_SYSTEM_PROMPT) + "Hello." + live == whole
+    assert turn_prefix("user", system_prompt="S") + "x" + turn_suffix() == render_chat(
+        [{"role": "user", "content": "x"}], system_prompt="S")
+    with pytest.raises(ValueError, match="system turn"):
+        render_chat([{"role": "system", "content": "x"}], continued=True)
+
+
+def test_schema_is_checked():
+    assert normalize("hi") == [{"role": "user", "content": "hi"}]
+    with pytest.raises(ValueError, match=r"messages\[1\]: role"):
+        normalize([{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}])
+    with pytest.raises(ValueError, match="content must be"):
+        normalize([{"role": "user", "content": 3}])
+    assert system_prompt_for(True) == SPEECH_SYSTEM_PROMPT
+    assert system_prompt_for(False) == DEFAULT_SYSTEM_PROMPT == "You are a helpful assistant."
+    assert system_prompt_for(True, "Mine.") == "Mine."
 
 
 def test_speech_system_prompt(ours):

@@ -2,20 +2,8 @@
 the audio / image / video tensors, equal to ``Qwen2_5OmniProcessor`` on the checkpoint's chat
 template.
 
-Messages follow the OpenAI-like schema qwen-omni-utils uses::
-
-    [{"role": "system" | "user" | "assistant", "content": "text" | [
-        {"type": "text", "text": "..."},
-        {"type": "audio", "audio": <path | URL | data URL | array | (array, rate)>,
-         "audio_start": s, "audio_end": s, "sampling_rate": hz},
-        {"type": "image", "image": <path | URL | data URL | PIL image>, "min_pixels": n, ...},
-        {"type": "video", "video": <path | URL | list of frames>, "fps": 2, "video_start": s, ...},
-    ]}, ...]
-
-Rendering (the checkpoint's template): a first message that is not a system turn gets the default
-system prompt (the speech prompt when ``speech_output``); media render as
-``<|audio_bos|><|AUDIO|><|audio_eos|>``, ``<|vision_bos|><|IMAGE|><|vision_eos|>`` and
-``<|vision_bos|><|VIDEO|><|vision_eos|>``. Each placeholder then expands to the item's token
+Messages, system prompts and the ChatML rendering are ``omnistream.chat``'s (the one renderer);
+this module turns the rendered text into ids. Each media placeholder expands to the item's token
 count: audio ``((L-1)//2+1-2)//2+1`` for L valid mel frames, image/video ``t*h*w/4``. With
 ``use_audio_in_video`` a video's placeholder becomes ``<|audio_bos|> V0 A0 V1 A1 ... <|audio_eos|>``
 (inside the vision bos/eos): video tokens split into 2-second chunks by their time id
@@ -35,6 +23,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from omnistream.chat import (
+    SPEECH_SYSTEM_PROMPT,
+    media_parts,
+    normalize,
+    part_kind,
+    render_chat,
+    system_prompt_for,
+    text_of,
+)
 from omnistream.media.audio import (
     DEFAULT_MAX_SECONDS,
     audio_token_count,
@@ -54,16 +51,6 @@ from omnistream.media.video import (
     process_video,
 )
 from omnistream.tokenizer import SpecialIds
-
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-SPEECH_SYSTEM_PROMPT = (
-    "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of "
-    "perceiving auditory and visual inputs, as well as generating text and speech."
-)
-
-AUDIO_PLACEHOLDER = "<|audio_bos|><|AUDIO|><|audio_eos|>"
-IMAGE_PLACEHOLDER = "<|vision_bos|><|IMAGE|><|vision_eos|>"
-VIDEO_PLACEHOLDER = "<|vision_bos|><|VIDEO|><|vision_eos|>"
 
 
 @dataclass(frozen=True)
@@ -122,72 +109,6 @@ class PromptInputs:
         """Valid mel frames per audio row, ``[N_audio]``."""
         m = self.feature_attention_mask
         return None if m is None else m.sum(-1)
-
-
-# ---------------------------------------------------------------------------------------------
-# Rendering
-
-
-def part_kind(part: dict) -> str | None:
-    """The template's classification of a content part: image, audio, video, text or None."""
-    t = part.get("type")
-    if t == "image" or "image" in part or "image_url" in part:
-        return "image"
-    if t == "audio" or "audio" in part or "audio_url" in part:
-        return "audio"
-    if t == "video" or "video" in part:
-        return "video"
-    if "text" in part:
-        return "text"
-    return None
-
-
-def render_chat(
-    messages: list[dict],
-    add_generation_prompt: bool = True,
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT,
-    add_audio_id: bool = False,
-    add_vision_id: bool = False,
-) -> str:
-    """ChatML text exactly as the checkpoint's chat template renders ``messages``
-    (``system_prompt`` is the one inserted when the first message is not a system turn)."""
-    out: list[str] = []
-    n = {"image": 0, "audio": 0, "video": 0}
-    for i, m in enumerate(messages):
-        if i == 0 and m["role"] != "system":
-            out.append(f"<|im_start|>system\n{system_prompt}<|im_end|>\n")
-        out.append(f"<|im_start|>{m['role']}\n")
-        content = m["content"]
-        if isinstance(content, str):
-            out.append(f"{content}<|im_end|>\n")
-            continue
-        for part in content:
-            kind = part_kind(part)
-            if kind in n:
-                n[kind] += 1
-            if kind == "image":
-                out.append((f"Picture {n[kind]}: " if add_vision_id else "") + IMAGE_PLACEHOLDER)
-            elif kind == "audio":
-                out.append((f"Audio {n[kind]}: " if add_audio_id else "") + AUDIO_PLACEHOLDER)
-            elif kind == "video":
-                out.append((f"Video {n[kind]}: " if add_vision_id else "") + VIDEO_PLACEHOLDER)
-            elif kind == "text":
-                out.append(str(part["text"]))
-        out.append("<|im_end|>\n")
-    if add_generation_prompt:
-        out.append("<|im_start|>assistant\n")
-    return "".join(out)
-
-
-def media_parts(messages: list[dict]) -> list[dict]:
-    """The media content parts of ``messages`` in prompt order."""
-    return [
-        p
-        for m in messages
-        if not isinstance(m["content"], str)
-        for p in m["content"]
-        if part_kind(p) in ("image", "audio", "video")
-    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,6 +216,7 @@ class Processor:
         use_audio_in_video: bool = False,
         speech_output: bool = False,
         system_prompt: str | None = None,
+        continued: bool = False,
         pad_features_to: int | None = None,
         **options,
     ) -> PromptInputs:
@@ -306,23 +228,23 @@ class Processor:
             speech_output: speech will be generated: a missing system turn gets the speech
                 system prompt (the only one speech output was trained with).
             system_prompt: the prompt for a missing system turn (overrides the defaults).
+            continued: ``messages`` continue a conversation that ends with a generated reply
+                (``chat.render_chat``): no system block, the reply's close first.
             pad_features_to: pad ``input_features`` to this many frames (30000 = the reference
                 processor's shape); default: the longest clip's valid frames.
             options: ``ProcessorOptions`` fields for this call.
         """
         opts = replace(self.options, **options) if options else self.options
-        if system_prompt is None:
-            system_prompt = SPEECH_SYSTEM_PROMPT if speech_output else DEFAULT_SYSTEM_PROMPT
+        messages = normalize(messages)
+        system_prompt = system_prompt_for(speech_output, system_prompt)
         if speech_output and messages and messages[0]["role"] == "system":
-            c = messages[0]["content"]
-            text = c if isinstance(c, str) else "".join(p.get("text", "") for p in c)
-            if text != SPEECH_SYSTEM_PROMPT:
+            if text_of(messages[0]) != SPEECH_SYSTEM_PROMPT:
                 warnings.warn(
                     "speech output was trained only with the speech system prompt; this "
                     "conversation has another system turn",
                     stacklevel=2,
                 )
-        text = render_chat(messages, add_generation_prompt, system_prompt)
+        text = render_chat(messages, add_generation_prompt, system_prompt, continued=continued)
         parts = media_parts(messages)
 
         audios: list[np.ndarray] = []  # 16 kHz clips in input_features order
