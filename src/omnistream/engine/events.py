@@ -30,6 +30,11 @@ class Usage:
     completion_tokens: int = 0  # thinker reply tokens
     audio_codes: int = 0  # talker codec tokens
     cached_tokens: int = 0  # prompt tokens served from the session's KV cache
+    # a live user turn's input (append_audio / append_video_frame); 0 for messages
+    live_dropped_frames: int = 0  # camera frames dropped: their 2 s chunk was already closed
+    live_gaps: int = 0  # forward jumps of the audio timestamps (lost packets), filled with silence
+    live_gap_s: float = 0.0  # seconds of silence filled in for them
+    live_rollbacks: int = 0  # re-encodings of handed-out audio blocks (a louder moment came later)
 
 
 @dataclass

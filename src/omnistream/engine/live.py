@@ -308,7 +308,8 @@ class LiveTurn:
         self._raw = torch.zeros(N_MELS, 0)  # raw frames of the block being filled
         self._blocks: list[_Block] = []
         self._n16 = 0  # 16 kHz samples fed to the features
-        self.gap_seconds = 0.0  # audio time filled with zeros (dropped packets)
+        self.gaps = 0  # forward timestamp jumps filled with zeros (dropped packets)
+        self.gap_seconds = 0.0  # audio time filled with zeros
         self.rollbacks = 0  # times blocks were re-encoded for a higher clip maximum
         # video
         self._size: tuple[int, int] | None = None
@@ -339,6 +340,11 @@ class LiveTurn:
         """Turn time covered by audio (16 kHz samples fed to the features, gaps included)."""
         return self._n16 / SAMPLE_RATE
 
+    def counters(self) -> dict[str, int | float]:
+        """The input-quality counters of the turn so far, as ``Usage`` field values."""
+        return {"live_dropped_frames": self.dropped_frames, "live_gaps": self.gaps,
+                "live_gap_s": self.gap_seconds, "live_rollbacks": self.rollbacks}
+
     def poll(self) -> Segment | None:
         """Tokens laid out but not yet handed out (e.g. the prefix right after construction)."""
         return self._take()
@@ -365,6 +371,7 @@ class LiveTurn:
             if gap > self.gap_tolerance_s:  # dropped packets: silence keeps the clock
                 fill = int(round(gap * sr))
                 x = np.concatenate([np.zeros(fill, dtype=np.float32), x])
+                self.gaps += 1
                 self.gap_seconds += fill / sr
             elif gap < -self.gap_tolerance_s:  # overlap: drop what we already have
                 x = x[min(x.size, int(round(-gap * sr))) :]
