@@ -13,11 +13,12 @@ Relative media paths are resolved against the JSONL file's folder. Every record 
 encoded when the file is loaded; a bad one is skipped and reported as ``file:line: reason``
 (``Dataset.errors``), never fatal.
 
-Tokens: the conversation is rendered as ChatML (a missing system turn gets the default prompt)
-segment by segment, so the labels know where each assistant turn is: the Thinker's targets are the
-assistant content tokens and their ``<|im_end|>``; everything else is -100. Media placeholders are
-expanded by the project's input pipeline (``omnistream.prompt``), which also gives the features the
-encoders consume.
+Tokens: the conversation is rendered by ``omnistream.chat`` (the engine's renderer; a missing
+system turn gets the prompt the engine would use: the speech prompt for the Talker tasks) turn by
+turn, so the labels know where each assistant turn is: the Thinker's targets are the assistant
+content tokens and their ``<|im_end|>``; everything else is -100. Media placeholders are expanded
+to the item's token count; the items come from the project's input pipeline (``omnistream.media``),
+which also gives the features the encoders consume.
 """
 
 from __future__ import annotations
@@ -31,14 +32,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from omnistream import chat
 from omnistream.config import ThinkerConfig
 from omnistream.positions import audio_token_count, get_rope_index
-from omnistream.tokenizer import SpecialIds, Tokenizer
+from omnistream.tokenizer import Tokenizer
 
 IGNORE = -100
-ROLES = ("system", "user", "assistant")
-MEDIA = ("audio", "image", "video")
-DEFAULT_SYSTEM = "You are a helpful assistant."
+ROLES = chat.ROLES
+MEDIA = chat.MEDIA_KINDS
+SPEECH_TASKS = ("talker", "talker_dpo")  # tasks whose examples are rendered for speech output
 N_CODES = 8292  # codec ids [0, 8292) are speech codes; 8292.. are pad/bos/eos/mask
 
 
@@ -103,12 +105,6 @@ def process_media(kind: str, path: str) -> Any:
         if isinstance(e, RecordError):
             raise
         raise RecordError(f"bad {kind} {Path(path).name!r}: {e}") from e
-
-
-def placeholder_ids(kind: str, item: Any, sp: SpecialIds) -> list[int]:
-    tok = {"audio": sp.audio, "image": sp.image, "video": sp.video}[kind]
-    bos, eos = (sp.audio_bos, sp.audio_eos) if kind == "audio" else (sp.vision_bos, sp.vision_eos)
-    return [bos] + [tok] * int(item.n_tokens) + [eos]
 
 
 def collate_media(items: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -180,28 +176,30 @@ def encode(
     """Render + tokenise one validated record (media through ``process_media``)."""
     sp = tok.special
     msgs = rec["messages"]
-    if msgs[0]["role"] != "system":
-        msgs = [{"role": "system", "content": DEFAULT_SYSTEM}, *msgs]
+    system = chat.system_prompt_for(speech_output=task in SPEECH_TASKS)
+    placeholder = {sp.audio: "audio", sp.image: "image", sp.video: "video"}
     ids: list[int] = []
     labels: list[int] = []
     media: list[tuple[str, Any]] = []
     reply_start = reply_len = 0
-    for m in msgs:
-        head = [sp.im_start, *tok.encode(m["role"] + "\n")]
+    for m, (head_text, content, tail_text) in zip(msgs, chat.render_turns(msgs, system),
+                                                  strict=True):
+        head, tail = tok.encode(head_text), tok.encode(tail_text)
+        items = [(p["type"], process_media(p["type"], str(base / p[p["type"]])))
+                 for p in chat.media_parts([m])]
         body: list[int] = []
-        parts = (
-            m["content"]
-            if isinstance(m["content"], list)
-            else [{"type": "text", "text": m["content"]}]
-        )
-        for part in parts:
-            if part["type"] == "text":
-                body += tok.encode(part["text"])
-            else:
-                item = process_media(part["type"], str(base / part[part["type"]]))
-                media.append((part["type"], item))
-                body += placeholder_ids(part["type"], item, sp)
-        tail = [sp.im_end, *tok.encode("\n")]
+        k = 0
+        for i in tok.encode(content):  # each placeholder token -> the item's token count
+            if i not in placeholder:
+                body.append(i)
+                continue
+            if k >= len(items) or items[k][0] != placeholder[i]:
+                raise RecordError("a text part holds a media placeholder token")
+            body += [i] * int(items[k][1].n_tokens)
+            k += 1
+        if k != len(items):
+            raise RecordError("a text part holds a media placeholder token")
+        media += items
         is_asst = m["role"] == "assistant"
         if is_asst:
             reply_start, reply_len = len(ids) + len(head), len(body)

@@ -1,0 +1,70 @@
+"""``SessionOptions``: everything a conversation is configured with, in one frozen dataclass.
+
+The CLI, the server (``serve/bridge.py``) and Python callers build one and pass it to
+``engine.session(options)`` (or pass its fields as keywords: ``engine.session(voice="Ethan")``).
+Change a copy with ``dataclasses.replace`` or ``options.replace(...)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+from omnistream.engine.sampling import TALKER_SAMPLING, SamplingParams
+
+CODES_PER_SECOND = 50  # Talker codec ids per second of speech (code2wav: 480 samples at 24 kHz)
+SOLVERS = ("rk4", "euler")
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """A conversation's options; validated on construction (a bad value raises ValueError)."""
+
+    # -- the conversation
+    voice: str | None = None  # speaker name, case-insensitive; None: "Chelsie" when present
+    system: str | None = None  # system prompt; None: the speech prompt with audio, else default
+    audio_output: bool = True  # speak the reply (False: text only)
+    use_audio_in_video: bool = False  # also take each video's audio track, interleaved
+    max_context: int = 8192  # Thinker KV-cache slots: prompt + reply of all turns together
+    # -- the text (Thinker)
+    sampling: SamplingParams = field(default_factory=SamplingParams)  # default: greedy
+    max_new_tokens: int = 256  # reply tokens per turn
+    ignore_eos: bool = False  # run to max_new_tokens (benchmarks)
+    seed: int | None = None  # base of the per-stage generators; None: a fresh random seed
+    # -- the speech (Talker)
+    talker_sampling: SamplingParams = TALKER_SAMPLING  # the release's: T 0.9, k 40, p 0.8, 1.05
+    talker_max_new_tokens: int = 4096  # codec ids per reply (50 = 1 s of speech)
+    max_codes_per_token: int = 50  # codec ids per reply token: stops a Talker that never ends
+    # -- code2wav (speech synthesis, see engine/code2wav.py)
+    chunk_frames: int = 48  # mel frames (10 ms) per first chunk: (48 + 24) / 2 codes to audio
+    max_chunk_frames: int = 144  # chunks double up to this size (less re-solved context)
+    ode_steps: int = 10  # flow-matching ODE steps per chunk
+    solver: str = "rk4"  # ODE solver: "rk4" (the release's) or "euler" (about 3x faster)
+
+    def __post_init__(self):
+        positive = ("max_context", "max_new_tokens", "talker_max_new_tokens",
+                    "max_codes_per_token", "chunk_frames", "max_chunk_frames", "ode_steps")
+        for name in positive:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, not {v!r}")
+        if self.max_chunk_frames < self.chunk_frames:
+            raise ValueError(f"max_chunk_frames ({self.max_chunk_frames}) < chunk_frames "
+                             f"({self.chunk_frames})")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, not {self.solver!r}")
+        for name in ("sampling", "talker_sampling"):
+            if not isinstance(getattr(self, name), SamplingParams):
+                raise ValueError(f"{name} must be a SamplingParams")
+
+    def replace(self, **changes) -> SessionOptions:
+        """A copy with ``changes`` (field names; an unknown name raises TypeError)."""
+        return replace(self, **changes)
+
+    def as_kwargs(self) -> dict:
+        """The fields as keywords, not deep-copied (``engine.session(**o.as_kwargs())``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @staticmethod
+    def speech_limit(seconds: float) -> int:
+        """``talker_max_new_tokens`` for at most ``seconds`` of speech."""
+        return max(1, int(CODES_PER_SECOND * seconds))
