@@ -11,8 +11,8 @@ from omnistream.config import OmniConfig
 from omnistream.engine.live import LiveTurn, StreamingResampler, prefill_segment
 from omnistream.media.audio import log_mel_spectrogram, resample
 from omnistream.media.image import normalize, patchify
+from omnistream.nn.positions import chunk_labels
 from omnistream.nn.thinker import Media, Thinker
-from omnistream.positions import chunk_labels
 from omnistream.tiny import tiny_config
 
 PREFIX = [151644, 872, 198]  # <|im_start|>user\n

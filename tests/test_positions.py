@@ -7,7 +7,7 @@ import torch
 from helpers import tiny_hf_config
 
 from omnistream.config import OmniConfig
-from omnistream.positions import (
+from omnistream.nn.positions import (
     PositionCursor,
     audio_token_count,
     chunk_labels,

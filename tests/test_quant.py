@@ -10,6 +10,7 @@ from torch import nn
 
 from omnistream.config import OmniConfig
 from omnistream.engine import quant
+from omnistream.engine.offline import generate_text
 from omnistream.engine.quant import (
     Int8Linear,
     int8_state_dict,
@@ -81,7 +82,7 @@ def test_quantized_thinker_vs_fp32_over_a_reply(bits):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 150000, (1, 12), generator=g)
     n_new = 32
-    gen = fp.generate(ids, max_new_tokens=n_new, eos_ids=(-1,))  # greedy fp32 reply
+    gen = generate_text(fp, ids, max_new_tokens=n_new, eos_ids=(-1,))  # greedy fp32 reply
     seq = torch.cat([ids, gen.tokens], 1)  # [1, T + N]
     # teacher-force the fp32 reply through both models, compare logits at every reply position
     outs = []

@@ -9,6 +9,7 @@ from helpers import randomize_, tiny_hf_config
 from test_thinker import VS, aiv_prompt, hf_to_ckpt, mm_prompt, text_ids
 
 from omnistream.config import OmniConfig
+from omnistream.engine.offline import generate_codes, generate_text
 from omnistream.engine.sampling import SamplingParams
 from omnistream.nn.talker import Talker
 from omnistream.nn.thinker import Thinker
@@ -158,10 +159,10 @@ def test_greedy_codes_match_reference_generate(omni, prompt):
     want_text, want_codes = _reference_codes(ref, ids, mask, n_text, n_codes, media)
 
     m = thinker.encode_media(**media) if media else None
-    gen = thinker.generate(ids, n_text, attention_mask=mask, media=m)
+    gen = generate_text(thinker, ids, n_text, attention_mask=mask, media=m)
     assert torch.equal(gen.tokens, want_text)
-    codes, lengths = talker.generate(
-        ids, gen, thinker.model.embed_tokens, SPEAKER_BOS, n_codes, GREEDY_TALKER, mask
+    codes, lengths = generate_codes(
+        talker, ids, gen, thinker.model.embed_tokens, SPEAKER_BOS, n_codes, GREEDY_TALKER, mask
     )
     assert codes.shape[1] > n_text + 2  # the codes run past the reply (end / pad text tokens)
     assert torch.equal(codes, want_codes[:, : codes.shape[1]])

@@ -8,7 +8,8 @@ from helpers import randomize_, tiny_hf_config
 
 from omnistream.bench.common import VS, hf_thinker_to_ckpt
 from omnistream.config import OmniConfig
-from omnistream.engine.cache import KVCache
+from omnistream.engine.offline import generate_text
+from omnistream.nn.cache import KVCache
 from omnistream.nn.thinker import Thinker
 from omnistream.tiny import tiny_config
 
@@ -113,9 +114,9 @@ def test_left_padding_matches_unpadded(pair):
     ids = torch.cat([long, torch.cat([pad, short], 1)])
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
-    gen = ours.generate(ids, 6, attention_mask=mask, eos_ids=())
+    gen = generate_text(ours, ids, 6, attention_mask=mask, eos_ids=())
     for row, alone in ((0, long), (1, short)):
-        single = ours.generate(alone, 6, eos_ids=())
+        single = generate_text(ours, alone, 6, eos_ids=())
         assert torch.equal(gen.tokens[row], single.tokens[0])
     want = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     assert torch.equal(gen.tokens, want[:, ids.shape[1] :])
@@ -128,7 +129,7 @@ def test_greedy_matches_reference_generate(pair):
     want = ref.generate(
         input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False
     )
-    got = ours.generate(ids, 32, eos_ids=())
+    got = generate_text(ours, ids, 32, eos_ids=())
     assert got.tokens.shape == (2, 32)
     assert torch.equal(got.tokens, want[:, ids.shape[1] :])
 
@@ -191,7 +192,8 @@ def test_multimodal_greedy_matches_reference(pair):
     want = ref.generate(
         input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, **media
     )
-    got = ours.generate(ids, 12, attention_mask=mask, media=ours.encode_media(**media), eos_ids=())
+    m = ours.encode_media(**media)
+    got = generate_text(ours, ids, 12, attention_mask=mask, media=m, eos_ids=())
     assert torch.equal(got.tokens, want[:, ids.shape[1] :])
     chunked = ours.prefill(ids, ours.model.new_cache(2, 160), mask, ours.encode_media(**media), 16)
     torch.testing.assert_close(chunked.logits, got.prompt.logits, atol=ATOL, rtol=0)
@@ -244,4 +246,5 @@ def test_audio_in_video_matches_reference(pair):
     want = ref.generate(
         input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, **media
     )
-    assert torch.equal(ours.generate(ids, 6, media=m, eos_ids=()).tokens, want[:, ids.shape[1] :])
+    got = generate_text(ours, ids, 6, media=m, eos_ids=())
+    assert torch.equal(got.tokens, want[:, ids.shape[1] :])

@@ -271,6 +271,7 @@ def test_resume_continues_the_same_curve(full_run):
 
 def test_saved_checkpoint_generates(full_run):
     from omnistream.checkpoint import load_component
+    from omnistream.engine.offline import generate_text
 
     _, _, _, base = full_run
     out = base / "whole"
@@ -280,7 +281,7 @@ def test_saved_checkpoint_generates(full_run):
     tok = Tokenizer.from_dir(out)
     prompt = "<|im_start|>user\nDescribe a red square.<|im_end|>\n<|im_start|>assistant\n"
     ids = torch.tensor([tok.encode(prompt)])
-    gen = thinker.generate(ids, max_new_tokens=4, eos_ids=())
+    gen = generate_text(thinker, ids, max_new_tokens=4, eos_ids=())
     assert gen.tokens.shape == (1, 4)
 
 

@@ -29,9 +29,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from omnistream.engine.cache import KVCache
-from omnistream.engine.events import AudioChunk, Done, Event, TextDelta, Usage
+from omnistream.engine.events import Done, Event, TextDelta, Usage
 from omnistream.engine.sampling import TALKER_SAMPLING, SamplingParams, sample, seen_mask
+from omnistream.engine.speech import Speech
+from omnistream.nn.cache import KVCache
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 SPEECH_SYSTEM = (
@@ -39,7 +40,6 @@ SPEECH_SYSTEM = (
     "perceiving auditory and visual inputs, as well as generating text and speech."
 )
 RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS"  # file make-tiny leaves in a checkpoint it writes
-TALKER_SLACK = 1024  # spare Talker cache slots, so later turns usually fit without a new one
 PREFILL_CHUNK = 1024  # prompt tokens per prefill call: bounds activations for long video prompts
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -50,7 +50,7 @@ class _Context:
 
     ids: list[int] = field(default_factory=list)
     hidden: list[Tensor] = field(default_factory=list)  # [T_i, D] final hidden states
-    embeds: list[Tensor] = field(default_factory=list)  # [T_i, D] input embeddings, 0 at media
+    embeds: list[Tensor] = field(default_factory=list)  # [T_i, D] input embeddings (media merged)
     pos: list[Tensor] = field(default_factory=list)  # [3, T_i] TMRoPE ids
     # the Talker's KV cache kept across turns: its first ``talker_valid`` slots hold the prompt
     # track of these positions (a later turn prefills only what came after)
@@ -281,8 +281,7 @@ class Session:
         cached = self.cache.length
         step = th.prefill(ids, self.cache, media=media, chunk_size=PREFILL_CHUNK,
                           position_offset=self.next_pos)
-        self.ctx.add(ids[0].tolist(), step.hidden[0], _zero_media(step.embeds[0], ids[0],
-                     eng.cfg.thinker_config), step.position_ids[:, 0])
+        self.ctx.add(ids[0].tolist(), step.hidden[0], step.embeds[0], step.position_ids[:, 0])
         return step.logits, step.rope_deltas, ids[0].tolist(), cached
 
     # -- live user turns (microphone / camera) ----------------------------------------------------
@@ -381,8 +380,7 @@ class Session:
         with torch.inference_mode():
             logits, hidden = prefill_segment(self.engine.thinker, self.cache, seg, live.start)
         ids = seg.ids.to(hidden.device)
-        self.ctx.add(ids.tolist(), hidden,
-                     _zero_media(seg.embeds.to(hidden.dtype), ids, self.engine.cfg.thinker_config),
+        self.ctx.add(ids.tolist(), hidden, seg.embeds.to(hidden.dtype),
                      seg.position_ids.to(hidden.device))
         live.logits = logits
 
@@ -411,7 +409,7 @@ class Session:
         n_prompt = len(prompt_ids)
         timings["prefill_s"] = time.perf_counter() - t0
 
-        speech = _Speech(self, offline, deltas) if self.audio_output else None
+        speech = Speech(self, offline, deltas) if self.audio_output else None
         detok = eng.tokenizer.detokenizer()
         seen = None
         if self.sampling.repetition_penalty != 1.0:
@@ -485,158 +483,3 @@ class _Live:
     clock: float | None = None  # turn time minus caller time, set by the first frame
     last_frame_t: float = 0.0
     logits: Tensor | None = None  # after the last prefilled token
-
-
-def _zero_media(embeds: Tensor, ids: Tensor, tcfg) -> Tensor:
-    """The Talker sees no embedding at audio/image/video placeholder positions (facts §8)."""
-    media = (ids == tcfg.audio_token_index) | (ids == tcfg.image_token_index) | (
-        ids == tcfg.video_token_index)
-    return embeds.masked_fill(media.unsqueeze(-1), 0.0)
-
-
-class _Speech:
-    """The Talker + code2wav side of one reply, fed one reply-token state at a time."""
-
-    def __init__(self, sess: Session, offline: bool, deltas: Tensor):
-        self.sess = sess
-        self.offline = offline
-        self.codes: list[int] = []
-        self.reply: list[Tensor] = []  # [D] hidden + embed of reply tokens not yet consumed
-        self.k = 0  # next talker step
-        self.done = False
-        self.prompt_len = sess.cache.length  # thinker prompt positions (reply token 0 not yet fed)
-        self.deltas = deltas
-        self.talker_gen = sess.talker_gen
-        self.n_chunks = 0
-        self.t_first_audio: float | None = None
-        self.talker_s = 0.0
-        self.code2wav_s = 0.0
-        self.audio_s = 0.0
-        eng = sess.engine
-        self.talker = eng.talker
-        self.stream = None
-        if not offline:
-            from omnistream.engine.code2wav import Code2WavStream
-
-            self.stream = Code2WavStream(eng.token2wav, sess.speaker.cond, sess.speaker.ref_mel,
-                                         chunk_size=sess.chunk_frames,
-                                         max_chunk_size=sess.max_chunk_frames, steps=sess.ode_steps,
-                                         solver=sess.solver, seed=sess.noise_seed)
-
-    def feed(self, hidden: Tensor, embed: Tensor) -> Iterator[Event]:
-        """Reply token k's Thinker state exists: run the Talker step(s) it unlocks."""
-        self.reply.append(hidden + embed)
-        if self.offline:
-            return
-        yield from self._advance()
-
-    def finish(self) -> Iterator[Event]:
-        """The reply is complete: the Talker runs on (text-eos, then text-pad) to its codec eos."""
-        self.reply.append(None)  # marks the end of the text
-        yield from self._advance(until_done=True)
-        if self.offline and self.codes:
-            t = time.perf_counter()
-            wav = self.sess.engine.token2wav(
-                torch.tensor([self.codes]), self.sess.speaker.cond, self.sess.speaker.ref_mel,
-                steps=self.sess.ode_steps, solver=self.sess.solver, generator=self.sess.noise_gen)
-            self.code2wav_s += time.perf_counter() - t
-            yield from self._emit(wav)
-        elif self.stream is not None:
-            t = time.perf_counter()
-            chunks = list(self.stream.flush())
-            self.code2wav_s += time.perf_counter() - t
-            for c in chunks:
-                yield from self._emit(c)
-
-    def _reply_input(self, k: int) -> Tensor | None:
-        """Text-track input of talker step k: r_k, then the text-end embedding once, then the
-        text-pad embedding; None while reply token k does not exist yet."""
-        if k < len(self.reply) and self.reply[k] is not None:
-            return self.reply[k]
-        if not self.reply or self.reply[-1] is not None:
-            return None  # the Thinker has not produced token k yet
-        end = len(self.reply) - 1  # index of the end marker = number of real reply tokens
-        return self.text_end if k == end else self.text_pad
-
-    def _start(self) -> Tensor:
-        sess, eng = self.sess, self.sess.engine
-        c = eng.cfg.talker_config
-        hidden, embeds, pos = sess.ctx.tensors()
-        P = self.prompt_len
-        emb = eng.thinker.model.embed_tokens
-        dev = eng.device
-        ids = torch.tensor([sess.speaker.bos_token, c.tts_text_end_token_id,
-                            c.tts_text_pad_token_id], device=dev)
-        bos, self.text_end, self.text_pad = emb(ids).unbind(0)
-        ctx, need = sess.ctx, P + 2 + sess.talker_max_new_tokens
-        if ctx.talker_cache is None or ctx.talker_cache.max_len < need:
-            ctx.talker_cache = self.talker.new_cache(1, need + TALKER_SLACK)
-            ctx.talker_valid = 0
-        self.cache = ctx.talker_cache
-        v = min(ctx.talker_valid, P) if sess.reuse_talker_cache else 0
-        self.cache.crop(min(v, self.cache.length))  # earlier turns' prompt stays; the rest goes
-        ctx.talker_valid = 0  # until this prefill has run
-        prompt = (hidden[v:P] + embeds[v:P])[None]  # [1, P - v, E] (embeds are 0 at media)
-        self.seen = seen_mask(1, c.vocab_size, torch.tensor(
-            [[c.tts_codec_mask_token_id, c.tts_codec_pad_token_id, c.tts_codec_start_token_id]],
-            device=dev), dev)
-        self.stop = {c.tts_codec_pad_token_id, c.tts_codec_end_token_id}
-        logits = self.talker.prefill(self.cache, prompt, pos[:, None, v:P], self.deltas, bos,
-                                     self.reply[0].reshape(1, 1, -1))
-        ctx.talker_valid = P
-        return logits
-
-    def _advance(self, until_done: bool = False) -> Iterator[Event]:
-        """Run every Talker step whose input exists; push codes to code2wav as they come."""
-        sess = self.sess
-        while not self.done and not sess._cancel.is_set():
-            t = time.perf_counter()
-            if self.k == 0:
-                if not self.reply or self.reply[0] is None:
-                    self.done = self.done or bool(self.reply)  # an empty reply has no speech
-                    return
-                logits = self._start()
-            else:
-                r = self._reply_input(self.k)
-                if r is None:
-                    return
-                prev = torch.tensor([self.codes[-1]], device=sess.engine.device)
-                logits = self.talker.step(self.cache, prev, r.reshape(1, 1, -1), self.deltas)
-            code = int(sample(logits, sess.talker_sampling, self.seen, self.talker_gen))
-            self.k += 1
-            self.talker_s += time.perf_counter() - t
-            if code in self.stop:
-                self.done = True
-                return
-            self.codes.append(code)
-            limit = sess.talker_max_new_tokens
-            if self.reply[-1] is None:  # the text is complete: cap speech by its length
-                limit = min(limit, sess.max_codes_per_token * len(self.reply))
-            if len(self.codes) >= limit:
-                self.done = True
-            if self.stream is not None:
-                t = time.perf_counter()
-                chunks = list(self.stream.push([code]))
-                self.code2wav_s += time.perf_counter() - t
-                for c in chunks:
-                    yield from self._emit(c)
-
-    def _emit(self, pcm: Tensor | np.ndarray) -> Iterator[Event]:
-        pcm = pcm.detach().float().cpu().numpy() if isinstance(pcm, Tensor) else pcm
-        pcm = pcm.reshape(-1).astype(np.float32)
-        if pcm.size == 0:
-            return
-        if self.t_first_audio is None:
-            self.t_first_audio = time.perf_counter()
-        self.audio_s += pcm.size / 24000
-        yield AudioChunk(pcm, self.n_chunks)
-        self.n_chunks += 1
-
-    def timings(self, t0: float) -> dict[str, float]:
-        out = {"talker_s": self.talker_s, "code2wav_s": self.code2wav_s,
-               "talker_tok_s": len(self.codes) / max(self.talker_s, 1e-9),
-               "audio_s": self.audio_s,
-               "code2wav_rtf": self.code2wav_s / max(self.audio_s, 1e-9)}
-        if self.t_first_audio is not None:
-            out["ttfa_s"] = self.t_first_audio - t0
-        return out

@@ -5,31 +5,58 @@ State dict == the checkpoint's tensors under ``talker.`` (``thinker_to_talker_pr
 vector from the Thinker plus a *codec track* embedding (``model.embed_tokens``), summed, then
 projected by ``thinker_to_talker_proj`` to the talker's hidden size.
 
-Text track, per position:
+This module is the one home of that input (facts §8); the streaming engine
+(``engine/speech.py``), the offline loop (``engine/offline.py``) and training
+(``train/losses.py``) all build it here:
 
-* prompt: thinker final hidden + thinker input embedding (zeroed at audio/image/video
-  placeholders);
-* then ``embed(speaker bos)`` and ``r_0``; afterwards step k consumes ``r_k``;
-* ``r_k = hidden_k + embed_k`` of reply token k (``hidden_k`` is the thinker's final hidden state
-  when token k was fed); after the reply, ``embed(151861)`` once, then ``embed(151859)`` forever.
+    position            text track                          codec track
+    prompt t < P        hidden_t + embed_t (embed 0 at media)   -          (``prompt_track``)
+    P                   embed(speaker bos)                  codec(pad)  \\ (``start``)
+    P + 1               text(0)                             codec(bos)  /  -> code 0
+    P + 1 + k (k >= 1)  text(k)                             codec(code k-1)   -> code k
 
-Codec track: nothing on the prompt, ``codec(8292)`` on the speaker bos, ``codec(8293)`` on
-``r_0``, then the previous code. So talker step k needs only the thinker's state for reply token
-k: the streaming engine can run it a few tokens behind the thinker (``prefill`` + ``step``).
+``text(k)`` (``TextTrack.at``) is ``r_k = hidden_k + embed_k`` of reply token k (``hidden_k`` the
+thinker's final hidden state when token k was fed) while k < n (the reply's length), then
+``embed(tts_text_end)`` at k == n, then ``embed(tts_text_pad)`` forever. So talker step k needs
+only the thinker's state for reply token k: the streaming engine runs it a few tokens behind
+the thinker (``prefill`` + ``step``). Every id comes from ``TalkerConfig``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from omnistream.config import TalkerConfig
-from omnistream.engine.cache import KVCache
-from omnistream.engine.sampling import TALKER_SAMPLING, SamplingParams, sample, seen_mask
+from omnistream.nn.cache import KVCache
 from omnistream.nn.text import TextModel
-from omnistream.nn.thinker import ThinkerGeneration
+
+
+@dataclass
+class TextTrack:
+    """The thinker embeddings the text track uses besides the Thinker's states."""
+
+    bos: Tensor  # [E] the voice's bos token (position P)
+    end: Tensor  # [E] tts_text_end: the step right after the reply
+    pad: Tensor  # [E] tts_text_pad: every step after that
+
+    def at(self, k: Tensor | int, n: Tensor | int, reply: Tensor | None = None) -> Tensor:
+        """Text-track inputs [B|1, T, E] of talker steps ``k`` ([T] or one int; step 0 is the
+        ``r_0`` of ``start``) for rows whose reply has ``n`` tokens ([B] or one int): ``reply``
+        [B, T, E] (the states r_k) where k < n, ``end`` where k == n, ``pad`` after. ``reply``
+        may be None when no k is below n."""
+        dev = self.end.device
+        k = torch.as_tensor(k, device=dev).reshape(1, -1, 1)  # [1, T, 1]
+        n = torch.as_tensor(n, device=dev).reshape(-1, 1, 1)  # [B|1, 1, 1]
+        after = torch.where(k == n, self.end, self.pad)  # [B|1, T, E]
+        if reply is None:
+            if bool((k < n).any()):
+                raise ValueError("a reply step needs the reply's state")
+            return after
+        return torch.where(k < n, reply, after)
 
 
 class Talker(nn.Module):
@@ -43,10 +70,6 @@ class Talker(nn.Module):
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         return self.model.new_cache(batch_size, max_len)
 
-    def codec(self, ids: Tensor) -> Tensor:
-        """Codec-track embeddings (thinker-hidden space) of codec ids."""
-        return self.model.embed_tokens(ids)
-
     def forward(
         self,
         x: Tensor,  # [B, T, E] summed text + codec tracks (thinker-hidden space)
@@ -57,13 +80,66 @@ class Talker(nn.Module):
         h = self.model(self.thinker_to_talker_proj(x), position_ids, cache, attention_mask)
         return self.codec_head(h).float()
 
+    # -- the dual-track input (the one builder) -------------------------------------------------
+
+    def codec(self, ids: Tensor) -> Tensor:
+        """Codec-track embeddings (thinker-hidden space) of codec ids."""
+        return self.model.embed_tokens(ids)
+
     def prompt_track(self, input_ids: Tensor, hidden: Tensor, embeds: Tensor) -> Tensor:
-        """Text track of the prompt [B, L, E]: thinker final hidden + input embedding, with the
-        embedding zeroed at media placeholders."""
+        """Text track of the prompt [..., L, E]: thinker final hidden + input embedding, with the
+        embedding zeroed at audio/image/video placeholders (``input_ids`` [..., L])."""
         c = self.cfg
         ids = (c.audio_token_index, c.image_token_index, c.video_token_index)
         media = torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
         return hidden + embeds.masked_fill(media.unsqueeze(-1), 0)
+
+    def text_track(self, text_embed: Callable[[Tensor], Tensor], speaker_bos: int) -> TextTrack:
+        """The ``TextTrack`` of a voice (``text_embed``: the thinker's token embedding)."""
+        c = self.cfg
+        ids = [speaker_bos, c.tts_text_end_token_id, c.tts_text_pad_token_id]
+        return TextTrack(*text_embed(torch.tensor(ids, device=self.codec_head.weight.device)))
+
+    def start(self, speaker_bos: Tensor, reply0: Tensor) -> Tensor:
+        """Inputs [B, 2, E] of the two positions after the prompt: ``speaker_bos`` ([E] or
+        [B, 1, E]) + codec(pad), then ``reply0`` (r_0, [B, 1, E]) + codec(bos)."""
+        c, B, E = self.cfg, reply0.shape[0], reply0.shape[-1]
+        ids = torch.tensor([c.tts_codec_pad_token_id, c.tts_codec_start_token_id])
+        text = torch.cat([speaker_bos.expand(B, 1, E), reply0.reshape(B, 1, E)], 1)
+        return self.codec(ids.to(reply0.device)) + text
+
+    def step_inputs(self, codes: Tensor, text: Tensor) -> Tensor:
+        """Inputs [B, T, E] of decode steps: codec(previous codes [B, T]) + text track."""
+        return self.codec(codes) + text
+
+    def teacher_forced(self, track: TextTrack, reply: Tensor, n: Tensor | int,
+                       codes: Tensor) -> Tensor:
+        """Inputs [B, m+2, E] of every position after the prompt when the codes [B, m] are
+        given (training): ``start`` then the m steps. ``reply`` [B, m+1, E] holds r_k at step k
+        where k < n (other rows are not read)."""
+        m = codes.shape[1]
+        text = track.at(torch.arange(m + 1), n, reply)  # [B, m+1, E]
+        steps = self.step_inputs(codes, text[:, 1:])  # [B, m, E]
+        return torch.cat([self.start(track.bos, text[:, :1]), steps], 1)
+
+    def targets(self, codes: Tensor) -> Tensor:
+        """What the positions from P+1 on predict: the codes [B, m], then codec eos [B, m+1]."""
+        eos = codes.new_full((codes.shape[0], 1), self.cfg.tts_codec_end_token_id)
+        return torch.cat([codes, eos], 1)
+
+    @property
+    def stop_ids(self) -> tuple[int, int]:
+        """Codec ids that end the speech (the Talker stops on pad or eos)."""
+        return self.cfg.tts_codec_pad_token_id, self.cfg.tts_codec_end_token_id
+
+    @property
+    def penalty_ids(self) -> tuple[int, int, int]:
+        """Codec ids the repetition penalty counts as seen before the first code (the
+        reference's codec-track prompt: mask at every prompt position, then pad, bos)."""
+        c = self.cfg
+        return c.tts_codec_mask_token_id, c.tts_codec_pad_token_id, c.tts_codec_start_token_id
+
+    # -- streaming steps ------------------------------------------------------------------------
 
     def prefill(
         self,
@@ -71,84 +147,21 @@ class Talker(nn.Module):
         prompt: Tensor,  # [B, L, E] text track of the prompt (``prompt_track``)
         position_ids: Tensor,  # [3, B, L] the thinker's TMRoPE ids of the prompt
         rope_deltas: Tensor,  # [B, 1] the thinker's (next position = cache.length + delta)
-        speaker_bos: Tensor,  # [B, 1, E] or [E]: thinker embedding of the speaker's bos token
+        speaker_bos: Tensor,  # [B, 1, E] or [E]: ``TextTrack.bos``
         reply0: Tensor,  # [B, 1, E] r_0 = hidden + embedding of reply token 0
         attention_mask: Tensor | None = None,  # [B, L] left padding of the prompt
     ) -> Tensor:  # [B, vocab] logits of the first code
-        B, L, E = prompt.shape
-        pad = self.codec(self._ids(B, self.cfg.tts_codec_pad_token_id))  # [B, 1, E]
-        bos = self.codec(self._ids(B, self.cfg.tts_codec_start_token_id))
-        x = torch.cat([prompt, speaker_bos.expand(B, 1, E) + pad, reply0.reshape(B, 1, E) + bos], 1)
+        B, L, _ = prompt.shape
+        x = torch.cat([prompt, self.start(speaker_bos, reply0)], 1)  # [B, L+2, E]
         tail = (cache.length + L + rope_deltas + torch.arange(2, device=prompt.device)).unsqueeze(0)
         pos = torch.cat([position_ids, tail.expand(3, -1, -1)], 2)  # [3, B, L+2]
         if attention_mask is not None:
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 2)], 1)
         return self(x, pos, cache, attention_mask)[:, -1]
 
-    def step(self, cache: KVCache, code: Tensor, reply: Tensor, rope_deltas: Tensor) -> Tensor:
-        """One codec step: previous ``code`` [B] + text-track vector ``reply`` [B, 1, E]."""
-        x = self.codec(code.reshape(-1, 1)) + reply.reshape(code.numel(), 1, -1)
+    def step(self, cache: KVCache, code: Tensor, text: Tensor, rope_deltas: Tensor) -> Tensor:
+        """One codec step: previous ``code`` [B] + its text-track input ``text`` [B, 1, E]
+        (``TextTrack.at``); returns the next code's logits [B, vocab]."""
+        x = self.step_inputs(code.reshape(-1, 1), text.reshape(code.numel(), 1, -1))
         pos = (cache.length + rope_deltas).unsqueeze(0).expand(3, -1, -1)  # [3, B, 1]
         return self(x, pos, cache)[:, -1]
-
-    def _ids(self, B: int, tok: int) -> Tensor:
-        return torch.full((B, 1), tok, dtype=torch.long, device=self.codec_head.weight.device)
-
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: Tensor,  # [B, L] the thinker prompt
-        thinker: ThinkerGeneration,  # the thinker's finished reply (greedy or sampled)
-        text_embed: Callable[[Tensor], Tensor],  # the thinker's token embedding
-        speaker_bos: int,
-        max_new_tokens: int,
-        params: SamplingParams = TALKER_SAMPLING,
-        attention_mask: Tensor | None = None,  # [B, L] left padding of the prompt
-        text_eos_ids: tuple[int, ...] = (151645,),
-        generator: torch.Generator | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """Offline loop over a finished thinker reply: codes [B, n] (``tts_codec_pad`` after a
-        row's end) and per-row lengths [B] (codes before the first end id)."""
-        c, dev = self.cfg, input_ids.device
-        B, L = input_ids.shape
-        tokens, N = thinker.tokens, thinker.tokens.shape[1]
-        # row b's reply is r_0 .. r_{e_b - 1}, e_b = its first thinker eos (clamped to [1, N-1]),
-        # then embed(text end) once, then embed(text pad) forever
-        is_eos = torch.isin(tokens, torch.tensor(text_eos_ids, device=dev))
-        first = torch.where(is_eos, torch.arange(N, device=dev), N).amin(-1).clamp(1, max(N - 1, 1))
-        r = thinker.reply_hidden + thinker.reply_embeds  # [B, N-1, E]
-        end = text_embed(self._ids(B, c.tts_text_end_token_id))
-        pad = text_embed(self._ids(B, c.tts_text_pad_token_id))
-
-        def reply(k: int) -> Tensor:  # [B, 1, E]
-            real = r[:, min(k, N - 2)].unsqueeze(1)
-            k_ = torch.full((B, 1, 1), k, device=dev)
-            f = first.view(B, 1, 1)
-            return torch.where(k_ < f, real, torch.where(k_ == f, end, pad))
-
-        p = thinker.prompt
-        cache = self.new_cache(B, L + 2 + max_new_tokens)
-        prompt = self.prompt_track(input_ids, p.hidden, p.embeds)
-        bos = text_embed(self._ids(B, speaker_bos))
-        logits = self.prefill(
-            cache, prompt, p.position_ids, p.rope_deltas, bos, reply(0), attention_mask
-        )
-        # the reference's repetition penalty counts its prompt codec ids: mask (x L), pad, bos
-        start = [c.tts_codec_pad_token_id, c.tts_codec_start_token_id]
-        start += [c.tts_codec_mask_token_id] * (L > 0)
-        seen = seen_mask(B, c.vocab_size, torch.tensor(start, device=dev).expand(B, -1), dev)
-        stop = torch.tensor([c.tts_codec_pad_token_id, c.tts_codec_end_token_id], device=dev)
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
-        codes = []
-        for k in range(1, max_new_tokens + 1):
-            code = sample(logits, params, seen, generator)
-            code = torch.where(done, c.tts_codec_pad_token_id, code)
-            codes.append(code)
-            done |= torch.isin(code, stop)
-            if k == max_new_tokens or bool(done.all()):
-                break
-            logits = self.step(cache, code, reply(k), p.rope_deltas)
-        codes = torch.stack(codes, 1)  # [B, n]
-        n = codes.shape[1]
-        lengths = torch.where(torch.isin(codes, stop), torch.arange(n, device=dev), n).amin(-1)
-        return codes, lengths

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from omnistream.engine.cache import KVCache
+from omnistream.nn.cache import KVCache
 from omnistream.nn.rope import MRoPE, apply_rotary
 
 

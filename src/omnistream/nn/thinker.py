@@ -10,7 +10,8 @@ The per-step API is what the streaming engine reuses:
 * ``decode_step(tokens, cache, rope_deltas)`` -> ``ThinkerStep`` for one new token.
 
 A ``ThinkerStep`` carries the next-token logits plus the two per-position tensors the Talker
-consumes (final hidden state and input embedding), nothing else.
+consumes (final hidden state and input embedding), nothing else. The loops that drive these
+steps live above ``nn/``: ``engine/offline.py`` (a whole batch) and ``engine/session.py``.
 """
 
 from __future__ import annotations
@@ -23,12 +24,11 @@ import torch
 from torch import Tensor, nn
 
 from omnistream.config import ThinkerConfig
-from omnistream.engine.cache import KVCache
-from omnistream.engine.sampling import SamplingParams, sample, seen_mask
 from omnistream.nn.audio_encoder import AudioEncoder
+from omnistream.nn.cache import KVCache
+from omnistream.nn.positions import get_rope_index
 from omnistream.nn.text import TextModel
 from omnistream.nn.vision_encoder import VisionEncoder
-from omnistream.positions import get_rope_index
 
 MEDIA_FIELDS = (
     "input_features",
@@ -76,14 +76,6 @@ class ThinkerStep:
     embeds: Tensor  # [B, T, D] input embeddings (media merged)
     position_ids: Tensor  # [3, B, T]
     rope_deltas: Tensor  # [B, 1]: next position = cache.length + rope_deltas
-
-
-@dataclass
-class ThinkerGeneration:
-    tokens: Tensor  # [B, N] generated ids (pad after a row's eos)
-    prompt: ThinkerStep  # the prefill
-    reply_hidden: Tensor  # [B, N-1, D] hidden of generated tokens 0..N-2 (the ones fed back)
-    reply_embeds: Tensor  # [B, N-1, D]
 
 
 class Thinker(nn.Module):
@@ -217,47 +209,3 @@ class Thinker(nn.Module):
         pos = (rope_deltas + cache.length).unsqueeze(0).expand(3, -1, -1)  # [3, B, 1]
         logits, hidden = self(embeds, pos, cache, None, True)
         return ThinkerStep(logits[:, -1], hidden, embeds, pos, rope_deltas)
-
-    # -- a simple loop (tests, offline use; the streaming engine drives the steps itself) ---------
-
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: Tensor,
-        max_new_tokens: int,
-        params: SamplingParams = SamplingParams(),
-        eos_ids: tuple[int, ...] = (151645,),
-        attention_mask: Tensor | None = None,
-        media: Media | None = None,
-        pad_id: int = 151643,
-        generator: torch.Generator | None = None,
-    ) -> ThinkerGeneration:
-        """Greedy / sampled generation; stops when every row produced an eos id."""
-        B, T = input_ids.shape
-        cache = self.model.new_cache(B, T + max_new_tokens)
-        step = self.prefill(input_ids, cache, attention_mask, media)
-        prompt, deltas = step, step.rope_deltas
-        seen = None
-        if params.repetition_penalty != 1.0:
-            seen = seen_mask(B, step.logits.shape[-1], input_ids, device=input_ids.device)
-        eos = torch.tensor(eos_ids, device=input_ids.device)
-        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        tokens, hidden, embeds = [], [], []
-        for i in range(max_new_tokens):
-            tok = sample(step.logits, params, seen, generator)
-            tok = torch.where(done, pad_id, tok)
-            tokens.append(tok)
-            done |= torch.isin(tok, eos)
-            if i == max_new_tokens - 1 or bool(done.all()):
-                break
-            step = self.decode_step(tok, cache, deltas)
-            hidden.append(step.hidden)
-            embeds.append(step.embeds)
-        D = prompt.hidden.shape[-1]
-        empty = prompt.hidden.new_zeros(B, 0, D)
-        return ThinkerGeneration(
-            torch.stack(tokens, 1),
-            prompt,
-            torch.cat(hidden, 1) if hidden else empty,
-            torch.cat(embeds, 1) if embeds else empty,
-        )

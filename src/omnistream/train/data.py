@@ -34,7 +34,7 @@ from torch import Tensor
 
 from omnistream import chat
 from omnistream.config import ThinkerConfig
-from omnistream.positions import audio_token_count, get_rope_index
+from omnistream.nn.positions import audio_token_count, get_rope_index
 from omnistream.tokenizer import Tokenizer
 
 IGNORE = -100

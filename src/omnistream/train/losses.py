@@ -4,7 +4,9 @@ batch (accumulation, data parallel) gives the same loss and gradients.
 
 * ``thinker_loss``: next-token cross entropy on the assistant text (labels from ``data.encode``).
 * ``talker_loss``: next-code cross entropy, teacher forced on the dual-track input the Talker sees
-  at inference (facts sheet §8), built from the (frozen) Thinker's states of prompt and reply.
+  at inference (facts sheet §8), built by ``nn/talker.py``'s one builder from the Thinker's states
+  of prompt and reply. The Thinker runs without gradients unless the stage trains some of its
+  parameters (joint training: then the talker loss reaches them).
 * ``dpo_loss``: DPO on chosen/rejected code sequences of the same reply, against a frozen
   reference Talker.
 """
@@ -17,11 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from omnistream.nn.talker import TextTrack
 from omnistream.nn.thinker import Media
 from omnistream.train.data import IGNORE
-
-CODEC_PAD, CODEC_BOS, CODEC_EOS = 8292, 8293, 8294
-TTS_PAD, TTS_END = 151859, 151861
 
 
 def encode_media(thinker: nn.Module, media: dict[str, list] | None) -> Media | None:
@@ -70,69 +70,50 @@ def thinker_loss(thinker: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, int
 # -- talker -------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def thinker_side(thinker: nn.Module, batch: dict[str, Any], speaker_bos: int) -> dict[str, Tensor]:
-    """The Thinker's half of the talker input (computed once, no gradient): hidden + embedding
-    per position [B, T, D] (embedding zeroed at media placeholders), and the embeddings of the
-    speaker bos, TTS end and TTS pad tokens [D]."""
-    hidden, embeds = thinker_states(thinker, batch)
-    ids = batch["input_ids"]
-    c = thinker.cfg
-    media_tok = torch.tensor([c.audio_token_index, c.image_token_index, c.video_token_index])
-    embeds = embeds.masked_fill(torch.isin(ids, media_tok.to(ids.device)).unsqueeze(-1), 0.0)
-    spk, end, pad = thinker.model.embed_tokens(
-        torch.tensor([speaker_bos, TTS_END, TTS_PAD], device=ids.device)
-    )
-    return {"both": hidden + embeds, "spk": spk, "end": end, "pad": pad}
+def talker_side(
+    thinker: nn.Module, talker: nn.Module, batch: dict[str, Any], speaker_bos: int
+) -> tuple[Tensor, TextTrack]:
+    """The Thinker's half of the talker input: the text track of every position [B, T, D]
+    (hidden + embedding, the embedding zeroed at media placeholders) and the voice's
+    ``TextTrack``. Computed with gradients only when a Thinker parameter is trainable."""
+    joint = torch.is_grad_enabled() and any(p.requires_grad for p in thinker.parameters())
+    with torch.set_grad_enabled(joint):
+        hidden, embeds = thinker_states(thinker, batch)
+        both = talker.prompt_track(batch["input_ids"], hidden, embeds)
+        track = talker.text_track(thinker.model.embed_tokens, speaker_bos)
+    return both, track
 
 
 def talker_inputs(
-    talker: nn.Module, side: dict[str, Tensor], batch: dict[str, Any], codes: list[list[int]]
+    talker: nn.Module, both: Tensor, track: TextTrack, batch: dict[str, Any],
+    codes: list[list[int]],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Teacher-forced talker inputs; row i uses example ``i % B`` of the batch and ``codes[i]``.
 
-    Per row, with prompt length P (up to and including ``<|im_start|>assistant\\n``), reply tokens
-    r_0..r_{n-1} and codes c_0..c_{m-1}, the input (thinker-hidden space) is::
-
-        t < P        hidden[t] + embed[t]            (embed zeroed at media placeholders)
-        t = P        embed(speaker bos) + codec(PAD)
-        t = P+1      hidden/embed(r_0)  + codec(BOS)  -> predicts c_0
-        t = P+2+k    codec(c_k) + text(k+1)           -> predicts c_{k+1}, finally EOS
-
-    where text(j) is hidden+embed of r_j, then embed(TTS_END) once, then embed(TTS_PAD).
-    Positions: the thinker's TMRoPE ids for the prompt, then one more per step on all rows.
+    Per row, with prompt length P (up to and including ``<|im_start|>assistant\\n``), reply
+    tokens r_0..r_{n-1} and codes c_0..c_{m-1}: the prompt's text track ``both[:P]``, then
+    ``Talker.teacher_forced`` (the start and m steps, exactly as inference builds them), whose
+    positions P+1.. predict c_0..c_{m-1} and then codec eos (``Talker.targets``). Positions: the
+    thinker's TMRoPE ids for the prompt, then one more per step on all rows.
 
     Returns inputs [R, L, D], position ids [3, R, L] and targets [R, L] (-100 = none).
     """
-    both, spk, end, pad = side["both"], side["spk"], side["end"], side["pad"]
     dev = both.device
-    codec_emb = talker.model.embed_tokens
     examples = batch["examples"]
     rows, poss, tgts = [], [], []
     for i, cs in enumerate(codes):
         b = i % len(examples)
-        ex = examples[b]
-        P, n = ex.reply_start, ex.reply_len
-        c = torch.tensor(cs, device=dev)
-        m = len(c)
-        reply = both[b, P : P + n]  # [n, D]
-        track = torch.cat([reply[1:], end[None], pad[None].expand(max(0, m + 1 - n), -1)])[:m]
-        cin = codec_emb(
-            torch.cat([torch.tensor([CODEC_PAD, CODEC_BOS], device=dev), c])
-        )  # [m+2, D]
-        x = torch.cat(
-            [
-                both[b, :P],
-                (spk + cin[0])[None],
-                (reply[0] + cin[1])[None],
-                cin[2:] + track,
-            ]
-        )  # [P+2+m, D]
+        P, n = examples[b].reply_start, examples[b].reply_len
+        c = torch.tensor([cs], dtype=torch.long, device=dev)  # [1, m]
+        m = c.shape[1]
+        step_state = P + torch.arange(m + 1, device=dev).clamp(max=max(n - 1, 0))
+        after = talker.teacher_forced(track, both[b, step_state][None], n, c)[0]  # [m+2, D]
+        x = torch.cat([both[b, :P], after])  # [P+2+m, D]
         p0 = batch["position_ids"][:, b, :P]  # [3, P]
-        after = p0.max() + 1 + torch.arange(m + 2, device=dev)
-        pos = torch.cat([p0, after.expand(3, -1)], 1)  # [3, P+2+m]
+        tail = p0.max() + 1 + torch.arange(m + 2, device=dev)
+        pos = torch.cat([p0, tail.expand(3, -1)], 1)  # [3, P+2+m]
         tgt = torch.full((P + 2 + m,), IGNORE, dtype=torch.long, device=dev)
-        tgt[P + 1 :] = torch.cat([c, torch.tensor([CODEC_EOS], device=dev)])
+        tgt[P + 1 :] = talker.targets(c)[0]
         rows.append(x), poss.append(pos), tgts.append(tgt)
     L, R = max(len(r) for r in rows), len(rows)
     x = rows[0].new_zeros(R, L, rows[0].shape[-1])
@@ -152,8 +133,8 @@ def talker_logits(talker: nn.Module, x: Tensor, pos: Tensor, keep: Tensor) -> Te
 
 
 def talker_loss(thinker, talker, batch, speaker_bos: int) -> tuple[Tensor, int]:
-    side = thinker_side(thinker, batch, speaker_bos)
-    x, pos, tgt = talker_inputs(talker, side, batch, [ex.codes for ex in batch["examples"]])
+    both, track = talker_side(thinker, talker, batch, speaker_bos)
+    x, pos, tgt = talker_inputs(talker, both, track, batch, [ex.codes for ex in batch["examples"]])
     keep = tgt != IGNORE
     logits = talker_logits(talker, x, pos, keep)
     return F.cross_entropy(logits, tgt[keep], reduction="sum"), int(keep.sum())
@@ -176,11 +157,11 @@ def dpo_loss(
     ex = batch["examples"]
     B = len(ex)
     codes = [e.codes for e in ex] + [e.rejected for e in ex]  # rows: chosen then rejected
-    side = thinker_side(thinker, batch, speaker_bos)
-    x, pos, tgt = talker_inputs(talker, side, batch, codes)
+    both, track = talker_side(thinker, talker, batch, speaker_bos)
+    x, pos, tgt = talker_inputs(talker, both, track, batch, codes)
     lp = _seq_logp(talker, x, pos, tgt)  # [2B]
     with torch.no_grad():
-        xr, _, _ = talker_inputs(ref_talker, side, batch, codes)
+        xr, _, _ = talker_inputs(ref_talker, both, track, batch, codes)
         ref = _seq_logp(ref_talker, xr, pos, tgt)
     margin = (lp[:B] - lp[B:]) - (ref[:B] - ref[B:])
     return -F.logsigmoid(beta * margin).sum(), B

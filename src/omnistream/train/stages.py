@@ -104,8 +104,15 @@ class Stage:
 
 def select_trainable(model: nn.Module, stage: Stage) -> list[str]:
     """Set ``requires_grad`` on ``model`` per the stage; returns the trained parameter names.
-    With LoRA, call after ``apply_lora``: only the LoRA factors are trained."""
+    With LoRA, call after ``apply_lora``: only the LoRA factors are trained. A ``trainable`` or
+    ``frozen`` pattern that matches no parameter is an error (a typo would silently train
+    nothing). Thinker parameters in a talker stage are trained jointly: the talker loss reaches
+    them (``losses.talker_side``)."""
     names = [n for n, _ in model.named_parameters()]
+    unmatched = [p for p in (*stage.trainable, *stage.frozen)
+                 if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unmatched and stage.lora is None:
+        raise ValueError(f"stage {stage.name!r}: patterns {unmatched} match no parameter")
     if stage.lora is not None:
         chosen = {n for n in names if n.endswith((".lora_A", ".lora_B"))}
     else:
