@@ -243,6 +243,23 @@ def test_malformed_requests(server, client):
     _err(_post(server, {"model": "m", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "/etc/passwd"}}]}]}), 400,
          "local_path_disabled")
+    # pydantic validation: the message and param name the field
+    for body, param in (
+            ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+            ({"messages": user, "temperature": 3}, "temperature"),
+            ({"messages": user, "stop": ["", "a"]}, "stop[0]"),
+            ({"messages": [{"role": "user", "content": [{"type": "hologram"}]}]},
+             "messages[0].content[0].type"),
+            ({"messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": ""}}]}]},
+             "messages[0].content[0].image_url.url"),
+            ({"messages": [{"role": "system", "content": [
+                {"type": "image_url", "image_url": "x"}]}, *user]},
+             "messages[0].content[0].type"),
+            ({"messages": [{"role": "system", "content": "x"}]}, "messages")):
+        e = _err(_post(server, body), 400)
+        assert e["param"] == param and e["message"].startswith(param + ": "), e
+    assert _err(_post(server, b""), 400)["code"] == "missing_required_parameter"
     _err(httpx.get(server.url + "/v1/nothing"), 404)
     _err(httpx.get(server.url + "/v1/chat/completions"), 405)
     # the server is still fine
@@ -255,6 +272,10 @@ def test_api_key_and_concurrency_limit():
     with LiveServer(create_app(FakeEngine(step_delay=0.02), cfg)) as s:
         r = _post(s, {"model": "m", "messages": [{"role": "user", "content": "hi"}]})
         _err(r, 401, "invalid_api_key")
+        # the API description is open, like /health
+        doc = httpx.get(s.url + "/openapi.json").json()
+        assert "/v1/chat/completions" in doc["paths"] and "ChatRequest" in str(doc)
+        assert "swagger" in httpx.get(s.url + "/docs").text.lower()
         bad = openai.OpenAI(base_url=s.url + "/v1", api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             bad.models.list()

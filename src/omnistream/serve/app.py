@@ -25,7 +25,7 @@ from omnistream.engine.events import Done
 
 from .bridge import new_session
 from .config import ServeConfig
-from .errors import APIError
+from .errors import APIError, validation_error
 from .scheduler import Scheduler, SlotLimiter
 
 log = logging.getLogger("omnistream.serve")
@@ -50,11 +50,15 @@ class ServerState:
                 "owned_by": "omnistream"}
 
     async def warm_up(self) -> None:
-        """One short text+speech reply through the whole stack before /ready says yes."""
+        """One short text+speech reply through the whole stack before the server listens.
+
+        Raises ``WarmupError`` naming the cause when it fails: a server that cannot answer
+        "Hi" does not start."""
         t0 = time.perf_counter()
         if self.cfg.warmup:
             def make_gen():
-                sess = new_session(self.engine, voice=None, system=None, audio_output=True,
+                sess = new_session(self.engine, voice=None, system=None,
+                                   audio_output=bool(list(self.engine.speakers)),
                                    sampling={"temperature": 0.0}, max_new_tokens=2, seed=0,
                                    max_speech_s=1.0)
                 return sess.respond([{"role": "user", "content": [{"type": "text",
@@ -63,10 +67,54 @@ class ServerState:
                 async for ev in self.scheduler.stream(make_gen, None, name="warmup"):
                     if isinstance(ev, Done):
                         break
-            except Exception:  # noqa: BLE001 - a failed warm-up should not kill the server
-                log.exception("warm-up failed")
+            except Exception as e:  # noqa: BLE001 - re-raised with its cause named
+                raise WarmupError(f"warm-up failed: {type(e).__name__}: {e}") from e
         self.warmup_s = time.perf_counter() - t0
         self.ready.set()
+
+
+class WarmupError(RuntimeError):
+    """The warm-up reply failed; the server does not start."""
+
+
+class BodyLimit:
+    """Refuses request bodies over ``limit`` bytes with 413, by Content-Length or as they stream
+    in (before any JSON parsing or validation)."""
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        cl = dict(scope.get("headers") or ()).get(b"content-length")
+        if cl is not None and cl.isdigit() and int(cl) > self.limit:
+            err = APIError(413, f"request body is {int(cl)} bytes; the limit is {self.limit}",
+                           code="request_too_large")
+            return await err.response()(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:  # FastAPI passes HTTP exceptions from body reading on
+                    raise StarletteHTTPException(
+                        413, f"request body is over the limit of {self.limit} bytes")
+            return msg
+
+        await self.app(scope, limited, send)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("omnistream")
+    except PackageNotFoundError:
+        return "0"
 
 
 def bearer_ok(cfg: ServeConfig, header: str | None) -> bool:
@@ -85,16 +133,25 @@ def create_app(engine, cfg: ServeConfig | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         st = ServerState(engine, cfg)
         app.state.omni = st
+        app.state.startup_error = None
         st.scheduler.start()
-        warm = asyncio.create_task(st.warm_up())
         try:
+            try:
+                await st.warm_up()
+            except WarmupError as e:
+                app.state.startup_error = str(e)
+                log.error("%s; the server does not start", e)
+                raise
             yield
         finally:
-            warm.cancel()
             await asyncio.to_thread(st.scheduler.stop)
 
-    app = FastAPI(title="omnistream", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+    # /openapi.json and /docs are open like /health (auth covers /v1/ only)
+    app = FastAPI(title="omnistream", version=_version(), lifespan=lifespan, docs_url="/docs",
+                  redoc_url=None, openapi_url="/openapi.json",
+                  description="OpenAI-compatible chat completions (text and speech in and out) "
+                  "and the Realtime socket `/v1/realtime` (not described here: WebSocket).")
+    app.add_middleware(BodyLimit, limit=cfg.max_body_bytes)
 
     @app.middleware("http")
     async def auth(request: Request, call_next):
@@ -110,11 +167,12 @@ def create_app(engine, cfg: ServeConfig | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        return APIError(exc.status_code, str(exc.detail)).response()
+        code = "request_too_large" if exc.status_code == 413 else None
+        return APIError(exc.status_code, str(exc.detail), code=code).response()
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError):
-        return APIError(400, str(exc.errors())[:500]).response()
+    async def request_invalid(request: Request, exc: RequestValidationError):
+        return validation_error(list(exc.errors())).response()
 
     @app.exception_handler(Exception)
     async def any_error(request: Request, exc: Exception):
@@ -123,12 +181,14 @@ def create_app(engine, cfg: ServeConfig | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health(request: Request):
+        """Liveness and load (no API key needed)."""
         st = request.app.state.omni
         return {"status": "ok", "ready": st.ready.is_set(), "active": st.slots.used,
                 "max_concurrent": cfg.max_concurrent}
 
-    @app.get("/ready")
+    @app.get("/ready", responses={503: {"description": "still warming up"}})
     async def ready(request: Request):
+        """Readiness: the model answered its warm-up (no API key needed)."""
         st = request.app.state.omni
         if not st.ready.is_set():
             return JSONResponse({"status": "warming_up"}, status_code=503)
@@ -190,8 +250,6 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Load the model and serve until interrupted."""
-    import uvicorn
-
     from omnistream.engine.session import Engine
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
@@ -202,9 +260,25 @@ def run_serve(args: argparse.Namespace) -> int:
               file=sys.stderr)
     print(f"serving {engine.model_id} on http://{args.host}:{args.port} "
           f"(voices: {', '.join(engine.speakers)}; web page at /)", file=sys.stderr)
-    app = create_app(engine, config_from_args(args))
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                ws_max_size=16 * 2**20)
+    return serve_app(create_app(engine, config_from_args(args)), args.host, args.port,
+                     args.log_level)
+
+
+def serve_app(app: FastAPI, host: str, port: int, log_level: str = "warning") -> int:
+    """Run ``app`` with uvicorn until interrupted; 1 with an error line when it cannot start
+    (a failed warm-up, a port in use)."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                           ws_max_size=16 * 2**20, lifespan="on"))
+    try:
+        server.run()
+    except SystemExit:  # uvicorn exits when the app's startup fails
+        pass
+    if not server.started:
+        why = getattr(app.state, "startup_error", None) or "see the log above"
+        print(f"error: the server did not start: {why}", file=sys.stderr)
+        return 1
     return 0
 
 

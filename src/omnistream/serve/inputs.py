@@ -1,4 +1,8 @@
-"""OpenAI chat request -> engine messages and options, with validation and media limits.
+"""The chat-completions request: pydantic models (the OpenAPI schema), then engine inputs.
+
+FastAPI validates the body against ``ChatRequest`` (a bad request never reaches the route; the app
+maps the error to OpenAI's shape, naming the field); ``to_params`` adds the checks that depend on
+the running server (voices, the token limit) and turns the request into engine messages.
 
 Media stays encoded: data URLs (and local paths, where allowed) are passed to the engine, which
 decodes them through ``omnistream.media``. The server only checks what it must before spending
@@ -14,21 +18,143 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from .config import ServeConfig
 from .errors import APIError
 
-ROLES = ("system", "developer", "user", "assistant", "tool")
 AUDIO_IN_FORMATS = {"wav": "audio/wav", "mp3": "audio/mpeg", "flac": "audio/flac",
                     "ogg": "audio/ogg", "opus": "audio/ogg", "m4a": "audio/mp4",
                     "webm": "audio/webm", "pcm16": "audio/L16;rate=24000"}
 _DATA_URL = re.compile(r"^data:([\w.+/-]*)((?:;[\w.+-]+=[\w.+-]+)*)(;base64)?,(.*)$", re.S)
 
+NonEmpty = Annotated[str, Field(min_length=1)]
+# an integer; 2.0 counts (JSON Schema's integers include it), "2" and true do not
+Int = Annotated[int, BeforeValidator(lambda v: int(v) if isinstance(v, float) and v.is_integer()
+                                     else v)]
+
+
+class _Model(BaseModel):
+    # strict: "5" is not a number and "yes" not a boolean (as OpenAI answers); unknown keys are
+    # ignored, so clients that send newer fields still work
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class TextPart(_Model):
+    type: Literal["text", "input_text", "output_text"]
+    text: str
+
+
+class MediaURL(_Model):
+    url: NonEmpty  # data URL, http(s) URL, or a local path where the server allows it
+
+
+class ImagePart(_Model):
+    type: Literal["image_url"]
+    image_url: MediaURL | NonEmpty
+
+
+class VideoPart(_Model):  # a common extension
+    type: Literal["video_url"]
+    video_url: MediaURL | NonEmpty
+
+
+class AudioURLPart(_Model):  # a common extension
+    type: Literal["audio_url"]
+    audio_url: MediaURL | NonEmpty
+
+
+class InputAudio(_Model):
+    data: str  # base64 of the encoded file (pcm16: raw 24 kHz mono little-endian)
+    format: Literal["wav", "mp3", "flac", "ogg", "opus", "m4a", "webm", "pcm16"] = "wav"
+
+
+class InputAudioPart(_Model):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+ContentPart = Annotated[TextPart | ImagePart | VideoPart | AudioURLPart | InputAudioPart,
+                        Field(discriminator="type")]
+
+
+class AssistantAudio(_Model):
+    id: str | None = None
+    transcript: str | None = None  # stands for the content of an earlier spoken reply
+
+
+class SystemMessage(_Model):
+    role: Literal["system", "developer"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+class UserMessage(_Model):
+    role: Literal["user"]
+    content: str | list[ContentPart]
+    name: str | None = None
+
+
+class AssistantMessage(_Model):
+    role: Literal["assistant"]
+    content: str | list[TextPart] | None = None  # None: the reply is given by ``audio``
+    name: str | None = None
+    audio: AssistantAudio | None = None
+
+
+class ToolMessage(_Model):  # taken as a user turn's text
+    role: Literal["tool"]
+    content: str | list[TextPart]
+    tool_call_id: str | None = None
+
+
+Message = Annotated[SystemMessage | UserMessage | AssistantMessage | ToolMessage,
+                    Field(discriminator="role")]
+
+
+class AudioOutput(_Model):
+    voice: str | None = None  # one of the engine's voices (case-insensitive); None: default
+    format: Literal["wav", "mp3", "flac", "opus", "pcm16"] = "wav"  # streaming sends pcm16
+
+
+class StreamOptions(_Model):
+    include_usage: bool = False
+
+
+class ChatRequest(_Model):
+    """``POST /v1/chat/completions``: OpenAI's fields that this server reads."""
+
+    model: str = ""
+    messages: list[Message] = Field(min_length=1)
+    modalities: list[Literal["text", "audio"]] | None = None  # "audio": a spoken reply
+    audio: AudioOutput | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Literal[1] | None = None
+    max_tokens: Int | None = Field(None, ge=1)
+    max_completion_tokens: Int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    top_k: Int | None = Field(None, ge=-1, le=10**6)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=10)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)  # accepted, not used
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)  # accepted, not used
+    seed: Int | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    stop: NonEmpty | Annotated[list[NonEmpty], Field(max_length=4)] | None = None
+
+    @field_validator("messages")
+    @classmethod
+    def _has_user_turn(cls, messages: list[Message]) -> list[Message]:
+        if all(isinstance(m, SystemMessage) for m in messages):
+            raise ValueError("there must be a message other than system ones")
+        return messages
+
 
 @dataclass
 class ChatParams:
-    """A validated chat-completions request."""
+    """A validated chat-completions request, in the engine's terms."""
 
     messages: list[dict]  # engine schema: [{"role", "content": [parts]}]
     system: str | None
@@ -48,167 +174,64 @@ def _bad(message: str, param: str | None = None, code: str | None = None) -> API
     return APIError(400, message, param=param, code=code)
 
 
-def _num(body: dict, key: str, lo: float, hi: float, integer: bool = False):
-    v = body.get(key)
-    if v is None:
-        return None
-    ok = isinstance(v, int) if integer else isinstance(v, (int, float))
-    if isinstance(v, bool) or not ok:
-        raise _bad(f"'{key}' must be {'an integer' if integer else 'a number'}", key,
-                   "invalid_type")
-    if not lo <= v <= hi:
-        raise _bad(f"'{key}' must be between {lo} and {hi}, got {v}", key, "invalid_value")
-    return v
+def to_params(req: ChatRequest, cfg: ServeConfig, speakers: list[str]) -> tuple[ChatParams,
+                                                                                list[tuple]]:
+    """The checks that depend on this server, and the engine's messages.
 
-
-def parse_chat_request(body: Any, cfg: ServeConfig, speakers: list[str]) -> tuple[ChatParams,
-                                                                                 list[tuple]]:
-    """Validate the JSON body; returns params and the media items still to resolve.
-
-    Media items are ``(kind, source, msg_index, part_index)``; ``resolve_media`` checks them and
-    ``ChatParams.messages`` gets the resolved value at that place.
-    """
-    if not isinstance(body, dict):
-        raise _bad("the request body must be a JSON object")
-    model = body.get("model", "")
-    if not isinstance(model, str):
-        raise _bad("'model' must be a string", "model", "invalid_type")
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise _bad("'messages' must be a non-empty array", "messages", "invalid_type")
-    if body.get("n") not in (None, 1):
-        raise _bad("only n=1 is supported", "n", "invalid_value")
-
-    modalities = body.get("modalities") or ["text"]
-    if not isinstance(modalities, list) or not all(m in ("text", "audio") for m in modalities):
-        raise _bad("'modalities' must be a list of 'text' and 'audio'", "modalities",
-                   "invalid_value")
-    audio_output = "audio" in modalities
-    audio = body.get("audio") or {}
-    if not isinstance(audio, dict):
-        raise _bad("'audio' must be an object", "audio", "invalid_type")
-    voice = audio.get("voice")
+    Returns params and the media items still to resolve, ``(kind, source, msg_index, part_index,
+    param)``: ``resolve_media`` checks each and ``ChatParams.messages`` gets the resolved value at
+    that place."""
+    audio = req.audio or AudioOutput()
+    voice = audio.voice
     if voice is not None:
-        if not isinstance(voice, str):
-            raise _bad("'audio.voice' must be a string", "audio.voice", "invalid_type")
-        match = {s.lower(): s for s in speakers}.get(voice.lower())
-        if match is None:
-            raise _bad(f"unknown voice {voice!r}; available voices: {', '.join(speakers)}",
+        voice = {s.lower(): s for s in speakers}.get(voice.lower())
+        if voice is None:
+            raise _bad(f"unknown voice {audio.voice!r}; available voices: {', '.join(speakers)}",
                        "audio.voice", "invalid_value")
-        voice = match
-    from .audio import AUDIO_FORMATS
-
-    fmt = audio.get("format", "wav")
-    if fmt not in AUDIO_FORMATS:
-        raise _bad(f"unsupported audio.format {fmt!r}; use one of {', '.join(AUDIO_FORMATS)}",
-                   "audio.format", "invalid_value")
-
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise _bad("'stream' must be a boolean", "stream", "invalid_type")
-    so = body.get("stream_options") or {}
-    if not isinstance(so, dict):
-        raise _bad("'stream_options' must be an object", "stream_options", "invalid_type")
-    include_usage = bool(so.get("include_usage", False))
-
-    max_tokens = _num(body, "max_completion_tokens", 1, 10**9, True)
-    if max_tokens is None:
-        max_tokens = _num(body, "max_tokens", 1, 10**9, True)
+    max_tokens = req.max_completion_tokens or req.max_tokens
     if max_tokens is not None and max_tokens > cfg.max_tokens:
         raise _bad(f"max_tokens is {max_tokens}, the server allows at most {cfg.max_tokens}",
                    "max_tokens", "invalid_value")
-    sampling: dict[str, Any] = {}
-    for key, lo, hi, integer in (("temperature", 0, 2, False), ("top_p", 0, 1, False),
-                                 ("top_k", -1, 10**6, True),
-                                 ("repetition_penalty", 0.01, 10, False)):
-        v = _num(body, key, lo, hi, integer)
-        if v is not None:
-            sampling[key] = v
-    for key in ("presence_penalty", "frequency_penalty"):
-        _num(body, key, -2, 2)  # accepted and validated, not used
-    seed = _num(body, "seed", -(2**63), 2**64 - 1, True)
-    stop = body.get("stop")
-    if stop is None:
-        stop = []
-    elif isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) \
-            or len(stop) > 4:
-        raise _bad("'stop' must be a string or up to 4 non-empty strings", "stop",
-                   "invalid_type")
+    sampling = {k: getattr(req, k) for k in ("temperature", "top_p", "top_k",
+                                             "repetition_penalty") if getattr(req, k) is not None}
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
 
     out: list[dict] = []
     system_parts: list[str] = []
     media: list[tuple] = []
-    for i, m in enumerate(msgs):
-        p = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise _bad(f"{p} must be an object", p, "invalid_type")
-        role = m.get("role")
-        if role not in ROLES:
-            raise _bad(f"{p}.role must be one of {', '.join(ROLES)}", f"{p}.role",
-                       "invalid_value")
-        content = m.get("content")
-        if content is None and role == "assistant":
-            content = ""
-            if isinstance(m.get("audio"), dict) and "transcript" in m["audio"]:
-                content = str(m["audio"]["transcript"])
-        if isinstance(content, str):
-            parts_in: list = [{"type": "text", "text": content}]
-        elif isinstance(content, list):
-            parts_in = content
-        else:
-            raise _bad(f"{p}.content must be a string or an array of parts", f"{p}.content",
-                       "invalid_type")
+    for i, m in enumerate(req.messages):
+        content = m.content
+        if content is None:  # an assistant turn given by its audio
+            content = (m.audio.transcript or "") if m.audio is not None else ""
+        parts_in = [TextPart(type="text", text=content)] if isinstance(content, str) else content
         parts: list[dict] = []
-        for j, part in enumerate(parts_in):
-            pp = f"{p}.content[{j}]"
-            if not isinstance(part, dict):
-                raise _bad(f"{pp} must be an object", pp, "invalid_type")
-            t = part.get("type")
-            if t in ("text", "input_text", "output_text"):
-                text = part.get("text")
-                if not isinstance(text, str):
-                    raise _bad(f"{pp}.text must be a string", f"{pp}.text", "invalid_type")
-                parts.append({"type": "text", "text": text})
+        for j, p in enumerate(parts_in):
+            pp = f"messages[{i}].content[{j}]"
+            if isinstance(p, TextPart):
+                parts.append({"type": "text", "text": p.text})
                 continue
-            if role in ("system", "developer", "assistant", "tool"):
-                raise _bad(f"{pp}: {role} messages may only hold text", pp, "invalid_value")
-            if t in ("image_url", "video_url", "audio_url"):
-                v = part.get(t)
-                url = v.get("url") if isinstance(v, dict) else v
-                if not isinstance(url, str) or not url:
-                    raise _bad(f"{pp}.{t}.url must be a string", f"{pp}.{t}.url",
-                               "invalid_type")
-                kind = {"image_url": "image", "video_url": "video", "audio_url": "audio"}[t]
-                media.append((kind, url, len(out), len(parts), f"{pp}.{t}.url"))
-                parts.append({"type": kind, kind: None})
-            elif t == "input_audio":
-                v = part.get("input_audio")
-                if not isinstance(v, dict) or not isinstance(v.get("data"), str):
-                    raise _bad(f"{pp}.input_audio.data must be a base64 string",
-                               f"{pp}.input_audio.data", "invalid_type")
-                afmt = v.get("format", "wav")
-                if afmt not in AUDIO_IN_FORMATS:
-                    raise _bad(f"unsupported input_audio.format {afmt!r}",
-                               f"{pp}.input_audio.format", "invalid_value")
-                url = f"data:{AUDIO_IN_FORMATS[afmt]};base64,{v['data']}"
-                media.append(("audio", url, len(out), len(parts), f"{pp}.input_audio.data"))
-                parts.append({"type": "audio", "audio": None})
+            if isinstance(p, InputAudioPart):
+                kind, param = "audio", f"{pp}.input_audio.data"
+                url = f"data:{AUDIO_IN_FORMATS[p.input_audio.format]};base64,{p.input_audio.data}"
             else:
-                raise _bad(f"{pp}.type {t!r} is not supported", f"{pp}.type", "invalid_value")
-        if role in ("system", "developer"):
+                kind = p.type.removesuffix("_url")
+                v = getattr(p, p.type)
+                url = v.url if isinstance(v, MediaURL) else v
+                param = f"{pp}.{p.type}.url"
+            media.append((kind, url, len(out), len(parts), param))
+            parts.append({"type": kind, kind: None})
+        if isinstance(m, SystemMessage):
             system_parts.append("".join(x["text"] for x in parts))
             continue
-        out.append({"role": "assistant" if role == "assistant" else "user", "content": parts})
-    if not out:
-        raise _bad("'messages' must contain a user message", "messages", "invalid_value")
+        out.append({"role": "assistant" if m.role == "assistant" else "user", "content": parts})
 
     params = ChatParams(
         messages=out, system="\n".join(system_parts) if system_parts else None,
-        audio_output=audio_output, voice=voice, audio_format=fmt, stream=stream,
-        include_usage=include_usage, max_new_tokens=max_tokens or cfg.default_max_tokens,
-        sampling=sampling, seed=seed, stop=stop, model=model)
+        audio_output="audio" in (req.modalities or ()), voice=voice, audio_format=audio.format,
+        stream=req.stream, include_usage=bool(req.stream_options and
+                                              req.stream_options.include_usage),
+        max_new_tokens=max_tokens or cfg.default_max_tokens, sampling=sampling, seed=req.seed,
+        stop=stop, model=req.model)
     return params, media
 
 
@@ -333,3 +356,24 @@ async def _fetch(url: str, cfg: ServeConfig, param: str) -> tuple[bytes, str]:
                 return bytes(buf), r.headers.get("content-type", "").split(";")[0].lower()
     except httpx.HTTPError as e:
         raise _bad(f"fetching the media URL failed: {e}", param, "fetch_failed") from None
+
+
+def _field_names(model: type[BaseModel], seen: set) -> set[str]:
+    import typing
+
+    names = set()
+    if model in seen:
+        return names
+    seen.add(model)
+    for name, f in model.model_fields.items():
+        names.add(name)
+        stack = [f.annotation]
+        while stack:
+            t = stack.pop()
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                names |= _field_names(t, seen)
+            stack += list(typing.get_args(t))
+    return names
+
+
+FIELD_NAMES = frozenset(_field_names(ChatRequest, set()))  # for error locations (errors.py)

@@ -17,34 +17,12 @@ from omnistream.engine.events import AudioChunk, Done, TextDelta
 
 from .audio import encode_audio, float_to_pcm16
 from .bridge import new_session
-from .errors import APIError
-from .inputs import ChatParams, parse_chat_request, resolve_media
+from .errors import APIError, ErrorBody
+from .inputs import ChatParams, ChatRequest, resolve_media, to_params
 
 log = logging.getLogger("omnistream.serve")
 router = APIRouter()
 AUDIO_TTL_S = 3600
-
-
-async def read_json(request: Request, limit: int):
-    """The request body as JSON, refusing bodies over ``limit`` bytes (413) and bad JSON (400)."""
-    cl = request.headers.get("content-length")
-    if cl is not None:
-        if not cl.isdigit():
-            raise APIError(400, "invalid Content-Length header")
-        if int(cl) > limit:
-            raise APIError(413, f"request body is {cl} bytes; the limit is {limit}",
-                           code="request_too_large")
-    buf = bytearray()
-    async for chunk in request.stream():
-        buf += chunk
-        if len(buf) > limit:
-            raise APIError(413, f"request body is over the limit of {limit} bytes",
-                           code="request_too_large")
-    try:
-        return json.loads(buf)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"We could not parse the JSON body of your request: {e}",
-                       code="invalid_json") from None
 
 
 def engine_error(e: BaseException) -> APIError:
@@ -109,7 +87,7 @@ async def list_models(request: Request):
     return {"object": "list", "data": [st.model_card()]}
 
 
-@router.get("/v1/models/{model_id:path}")
+@router.get("/v1/models/{model_id:path}", responses={404: {"model": ErrorBody}})
 async def get_model(model_id: str, request: Request):
     st = request.app.state.omni
     if model_id != st.model_id:
@@ -117,12 +95,16 @@ async def get_model(model_id: str, request: Request):
     return st.model_card()
 
 
-@router.post("/v1/chat/completions")
-async def chat_completions(request: Request):
+_ERRORS = {s: {"model": ErrorBody} for s in (400, 401, 403, 413, 429, 500)}
+
+
+@router.post("/v1/chat/completions", responses=_ERRORS)
+async def chat_completions(req: ChatRequest, request: Request):
+    """Chat completions: text and audio in, text and (with ``modalities: ["text", "audio"]``)
+    speech out, streamed as server-sent events with ``stream: true``."""
     st = request.app.state.omni
     cfg = st.cfg
-    body = await read_json(request, cfg.max_body_bytes)
-    params, media = parse_chat_request(body, cfg, list(st.engine.speakers))
+    params, media = to_params(req, cfg, list(st.engine.speakers))
     for kind, src, mi, pi, param in media:
         params.messages[mi]["content"][pi][kind] = await resolve_media(kind, src, cfg, param)
     if not st.slots.try_acquire():
