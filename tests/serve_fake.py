@@ -57,7 +57,8 @@ class FakeSession:
         self._cancel.set()
 
     def append_audio(self, pcm, sample_rate):
-        assert sample_rate == 16_000 and pcm.dtype == np.float32 and pcm.ndim == 1
+        # the server passes audio at the rate it arrived (the engine resamples)
+        assert sample_rate == 24_000 and pcm.dtype == np.float32 and pcm.ndim == 1
         self.live_audio_s += len(pcm) / sample_rate
 
     def append_video_frame(self, rgb, timestamp_s):

@@ -1,4 +1,4 @@
-"""Server parts without a socket: scheduler fairness and cancel, VAD, stop strings, resampling."""
+"""Server parts without a socket: scheduler fairness and cancel, VAD, stop strings."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 
 from omnistream.engine.events import Done, TextDelta
-from omnistream.serve.audio import EnergyVAD, StreamResampler, VADConfig
+from omnistream.serve.audio import EnergyVAD, VADConfig
 from omnistream.serve.openai import StopMatcher
 from omnistream.serve.scheduler import Scheduler
 
@@ -88,9 +88,21 @@ def test_stop_matcher_holds_partial_matches():
     assert m.feed("hello E") + m.feed("ast") + m.flush() == "hello East" and not m.hit
 
 
-def test_stream_resampler_rate():
-    rs = StreamResampler(24_000, 16_000)
-    x = np.sin(np.arange(24_000) * 2 * np.pi * 440 / 24_000).astype(np.float32)
-    y = np.concatenate([rs(x[i:i + 2400]) for i in range(0, 24_000, 2400)])
-    assert abs(len(y) - 16_000) < 100
-    assert 0.5 < np.abs(y[1000:15000]).max() < 1.1
+def test_failed_warmup_stops_the_server(capsys):
+    """A warm-up that fails keeps the server from starting, with the cause named."""
+    import pytest
+    from fastapi.testclient import TestClient
+    from serve_fake import FakeEngine, free_port
+
+    from omnistream.serve.app import WarmupError, create_app, serve_app
+
+    class Broken(FakeEngine):
+        def session(self, **kw):
+            raise RuntimeError("CUDA out of memory (test)")
+
+    with pytest.raises(WarmupError, match="CUDA out of memory"):
+        with TestClient(create_app(Broken())):
+            pass
+    assert serve_app(create_app(Broken()), "127.0.0.1", free_port(), "critical") == 1
+    err = capsys.readouterr().err
+    assert "did not start" in err and "warm-up failed: RuntimeError: CUDA out of memory" in err

@@ -1,4 +1,6 @@
-"""Audio plumbing for the server: PCM16 <-> float, reply encoding, streaming resampling, VAD."""
+"""Audio plumbing for the server: PCM16 <-> float, reply encoding, VAD.
+
+Input audio is not resampled here: the engine's live turn takes any rate and resamples exactly."""
 
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ import numpy as np
 from omnistream.engine.events import SAMPLE_RATE  # 24 kHz, the engine's output rate
 
 INPUT_RATE = 24_000  # Realtime input PCM16 rate (Hz), the protocol default
-ENGINE_INPUT_RATE = 16_000  # the audio encoder's rate (Hz)
 
 # format -> (PyAV container, codec, MIME type); wav and pcm16 are written without PyAV
 AUDIO_FORMATS = {
@@ -64,31 +65,6 @@ def encode_audio(pcm: np.ndarray, fmt: str, rate: int = SAMPLE_RATE) -> bytes:
         for packet in stream.encode(None):
             out.mux(packet)
     return buf.getvalue()
-
-
-class StreamResampler:
-    """Streaming mono float32 resampler (libswresample through PyAV); keeps filter state."""
-
-    def __init__(self, src_rate: int = INPUT_RATE, dst_rate: int = ENGINE_INPUT_RATE):
-        import av
-
-        self.src_rate, self.dst_rate = src_rate, dst_rate
-        self._av = av
-        self._rs = av.AudioResampler(format="flt", layout="mono", rate=dst_rate)
-        self._pts = 0
-
-    def __call__(self, pcm: np.ndarray) -> np.ndarray:
-        if self.src_rate == self.dst_rate or len(pcm) == 0:
-            return np.asarray(pcm, dtype=np.float32)
-        frame = self._av.AudioFrame.from_ndarray(
-            np.ascontiguousarray(pcm, dtype=np.float32)[None, :], format="flt", layout="mono")
-        frame.sample_rate = self.src_rate
-        frame.pts = self._pts
-        self._pts += len(pcm)
-        outs = self._rs.resample(frame)
-        if not outs:
-            return np.zeros(0, dtype=np.float32)
-        return np.concatenate([f.to_ndarray().reshape(-1) for f in outs]).astype(np.float32)
 
 
 @dataclass

@@ -1,11 +1,16 @@
 """``WS /v1/realtime``: the Realtime event protocol over one engine session per socket.
 
 Input audio (PCM16 24 kHz, base64) is run through an energy VAD as it arrives; while the user
-speaks it is resampled to 16 kHz and handed to ``sess.append_audio`` (the engine encodes it block
-by block). The end of speech commits the turn and starts a reply; speech that starts while a
-reply is playing cancels it (barge-in). Every engine call goes through one ordered per-socket
-queue onto the scheduler thread, so audio that arrives during a reply waits for the reply to end
-(or be cancelled) before it reaches the session.
+speaks it is handed to ``sess.append_audio`` at the rate it arrived (the engine's live turn
+resamples exactly, as offline, and encodes block by block: a turn spoken here gets the prompt the
+same audio sent as a message gets). The end of speech commits the turn and starts a reply; speech
+that starts while a reply is playing cancels it (barge-in). Every engine call goes through one
+ordered per-socket queue onto the scheduler thread, so audio that arrives during a reply waits
+for the reply to end (or be cancelled) before it reaches the session; ``State`` is where that
+queue has brought the session.
+
+``response.done`` carries the live turn's input counters in ``usage.live_input`` (an extension):
+camera frames dropped, audio gaps filled, audio blocks re-encoded.
 
 Custom client event (not in OpenAI's protocol): ``input_video_frame.append`` with ``image`` (base64
 JPEG/PNG or a data URL): a camera frame, sent to ``sess.append_video_frame`` during a user turn.
@@ -16,25 +21,64 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import enum
 import io
 import json
 import logging
 import time
 import uuid
+from collections import deque
 from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-from omnistream.engine.events import AudioChunk, Done, TextDelta
+from omnistream.engine.events import AudioChunk, Done, TextDelta, Usage
 
-from .audio import INPUT_RATE, EnergyVAD, StreamResampler, VADConfig, float_to_pcm16, pcm16_to_float
+from .audio import INPUT_RATE, EnergyVAD, VADConfig, float_to_pcm16, pcm16_to_float
 from .bridge import new_session, respond_live
 from .errors import APIError
 
 log = logging.getLogger("omnistream.serve")
 router = APIRouter()
 HIST_S = 2.0  # input kept while idle (for the VAD's prefix padding)
+
+
+class State(enum.Enum):
+    """Where a socket's conversation is. The worker applies the queued engine operations one at
+    a time, so the states follow one another (audio that arrives during a reply is queued behind
+    it); only ``CLOSED`` is set from the receiving side, and nothing leaves it."""
+
+    IDLE = "idle"  # nothing open: waiting for user input
+    LISTENING = "listening"  # a live user turn is open: audio / frames appended, not committed
+    COMMITTED = "committed"  # the live turn is closed and prefilled; the next response answers it
+    RESPONDING = "responding"  # a reply is being generated (or about to be)
+    CLOSED = "closed"  # the socket is gone
+
+
+class _Ops:
+    """The ordered engine operations of one socket: the receiver puts, the worker takes."""
+
+    def __init__(self):
+        self.items: deque[tuple] = deque()
+        self._more = asyncio.Event()
+
+    def put(self, *op) -> None:
+        self.items.append(op)
+        self._more.set()
+
+    async def get(self) -> tuple:
+        while not self.items:
+            self._more.clear()
+            await self._more.wait()
+        return self.items.popleft()
+
+    def has(self, kind: str) -> bool:
+        return any(op[0] == kind for op in self.items)
+
+    def drop(self, kind: str) -> None:
+        """Remove queued operations of one kind (they have not reached the engine)."""
+        self.items = deque(op for op in self.items if op[0] != kind)
 
 
 def _id(prefix: str) -> str:
@@ -106,38 +150,50 @@ class RealtimeConnection:
             "tools": [], "tool_choice": "auto", "temperature": 0.8,
             "max_response_output_tokens": "inf",
         }
-        self.vad: EnergyVAD | None = None
-        self._make_vad()
-        self.resampler = StreamResampler(INPUT_RATE, 16_000)
         self.hist = np.zeros(0, dtype=np.float32)  # recent input at 24 kHz
         self.hist_start = 0  # absolute sample index of hist[0]
         self.fwd_pos = 0  # absolute sample index up to which input went to the engine
-        self.speaking = False
+        self.vad: EnergyVAD | None = None  # server VAD (None: the client commits turns)
+        self._make_vad()
         self.turn_samples = 0  # input samples in the open (uncommitted) user turn
         self.turn_item: str | None = None
         self.last_item: str | None = None
-        self.ops: asyncio.Queue = asyncio.Queue()  # ordered engine operations
+        self.ops = _Ops()
+        self.state = State.IDLE
         self.sess = None  # engine session (built on the model thread at first use)
         self.sess_turns = 0
-        self.live_open = False  # audio/frames appended to the engine and not yet committed
-        self.live_committed = False
-        self.pending_text: list[str] = []
+        self.pending_text: list[str] = []  # text items for the next user turn
         self.job = None  # the reply being generated
         self.response_id: str | None = None
         self.cancel_reason: str | None = None
-        self.response_pending = False  # a response.create is queued or running
-        self.closed = False
 
     # ------------------------------------------------------------------ plumbing
+    def _to(self, state: State) -> None:
+        if self.state is not State.CLOSED:
+            self.state = state
+
+    def _response_active(self) -> bool:
+        """A reply is being generated or a ``respond`` is queued."""
+        return self.state is State.RESPONDING or self.ops.has("respond")
+
+    def _cancel_response(self, reason: str) -> bool:
+        """Cancel the reply being generated (or about to start); False if there is none."""
+        if self.state is not State.RESPONDING:
+            return False
+        self.cancel_reason = reason
+        if self.job is not None:
+            self.job.cancel()
+        return True
+
     async def send(self, type_: str, **fields) -> None:
-        if self.closed:
+        if self.state is State.CLOSED:
             return
         ev = {"type": type_, "event_id": _id("event"), **fields}
         try:
             async with self.send_lock:
                 await self.ws.send_text(json.dumps(ev, separators=(",", ":")))
         except (WebSocketDisconnect, RuntimeError, OSError):
-            self.closed = True
+            self._to(State.CLOSED)
 
     async def error(self, message: str, code: str | None = None, param: str | None = None,
                     event_id: str | None = None, type_: str = "invalid_request_error") -> None:
@@ -145,20 +201,27 @@ class RealtimeConnection:
                                         "param": param, "event_id": event_id})
 
     def _make_vad(self) -> None:
+        """The VAD ``turn_detection`` asks for, on the input's clock (it may change mid-stream)."""
         td = self.session.get("turn_detection")
         if td and td.get("type", "server_vad") == "server_vad":
             self.vad = EnergyVAD(VADConfig(
                 threshold=float(td.get("threshold", 0.5)),
                 prefix_padding_ms=int(td.get("prefix_padding_ms", 300)),
                 silence_duration_ms=int(td.get("silence_duration_ms", 500))))
+            self.vad.samples_seen = self.hist_start + len(self.hist)
         else:
             self.vad = None
+
+    @property
+    def speaking(self) -> bool:
+        """The server VAD hears the user (always False when the client commits turns)."""
+        return self.vad is not None and self.vad.speaking
 
     async def run(self) -> None:
         worker = asyncio.create_task(self._worker())
         await self.send("session.created", session=self.session)
         try:
-            while not self.closed:
+            while self.state is not State.CLOSED:
                 msg = await self.ws.receive()
                 if msg["type"] == "websocket.disconnect":
                     break
@@ -180,7 +243,7 @@ class RealtimeConnection:
         except WebSocketDisconnect:
             pass
         finally:
-            self.closed = True
+            self._to(State.CLOSED)
             if self.job is not None:
                 self.job.cancel()
             worker.cancel()
@@ -198,7 +261,7 @@ class RealtimeConnection:
         elif t == "input_audio_buffer.append":
             await self._append(ev.get("audio"), eid)
         elif t == "input_audio_buffer.commit":
-            if self.turn_samples == 0 and not self.live_open:
+            if self.turn_samples == 0 and self.state is not State.LISTENING:
                 raise APIError(400, "the input audio buffer is empty",
                                code="input_audio_buffer_commit_empty")
             await self._commit()
@@ -207,22 +270,17 @@ class RealtimeConnection:
         elif t == "conversation.item.create":
             await self._item_create(ev.get("item"), eid)
         elif t == "response.create":
-            if self.response_pending:
+            if self._response_active():
                 raise APIError(400, "the conversation already has an active response",
                                code="conversation_already_has_active_response")
-            self.response_pending = True
             resp = ev.get("response") or {}
-            self.ops.put_nowait(("respond", resp if isinstance(resp, dict) else {}))
+            self.ops.put("respond", resp if isinstance(resp, dict) else {})
         elif t == "response.cancel":
-            if self.job is None:
-                if self.response_pending:  # queued, not started: drop it
-                    self._drop_ops("respond")
-                    self.response_pending = False
-                    return
+            if self.ops.has("respond"):  # queued, not started: drop it
+                self.ops.drop("respond")
+            elif not self._cancel_response("client_cancelled"):
                 raise APIError(400, "there is no active response",
                                code="response_cancel_not_active")
-            self.cancel_reason = "client_cancelled"
-            self.job.cancel()
         elif t == "input_video_frame.append":
             await self._video_frame(ev.get("image"), ev.get("timestamp"))
         else:
@@ -264,11 +322,12 @@ class RealtimeConnection:
                 if k == "turn_detection" and v is not None:
                     v = {**(self.session["turn_detection"] or {"type": "server_vad"}), **v}
                 self.session[k] = v
-        self._make_vad()
+        if "turn_detection" in s:
+            self._make_vad()
         needs_new = any(k in s for k in ("voice", "instructions", "modalities", "temperature",
                                          "max_response_output_tokens"))
         if needs_new and self.sess_turns == 0:
-            self.ops.put_nowait(("reset_session",))
+            self.ops.put("reset_session")
         await self.send("session.updated", session=self.session)
 
     def _max_tokens(self, resp: dict | None = None) -> int:
@@ -298,32 +357,30 @@ class RealtimeConnection:
             for kind, ms in self.vad.feed(pcm):
                 pos = ms * INPUT_RATE // 1000
                 if kind == "start":
-                    self.speaking = True
                     self.fwd_pos = max(pos, self.hist_start)
                     self.turn_item = self.turn_item or _id("item")
                     await self.send("input_audio_buffer.speech_started", audio_start_ms=ms,
                                     item_id=self.turn_item)
                     td = self.session.get("turn_detection") or {}
-                    if self.job is not None and td.get("interrupt_response", True):
-                        self.cancel_reason = "turn_detected"
-                        self.job.cancel()  # barge-in
+                    if td.get("interrupt_response", True):
+                        self._cancel_response("turn_detected")  # barge-in
                 else:
                     self._forward_to(pos)
-                    self.speaking = False
                     await self.send("input_audio_buffer.speech_stopped", audio_end_ms=ms,
                                     item_id=self.turn_item)
                     await self._commit()
                     td = self.session.get("turn_detection") or {}
-                    if td.get("create_response", True) and not self.response_pending:
-                        self.response_pending = True
-                        self.ops.put_nowait(("respond", {}))
+                    # a reply still running (not barged into) is answered first, then this
+                    if td.get("create_response", True) and not self.ops.has("respond"):
+                        self.ops.put("respond", {})
             if self.speaking:
                 self._forward_to(end)
         keep_from = max(end - int(HIST_S * INPUT_RATE), self.hist_start)
         if keep_from > self.hist_start:
             self.hist = self.hist[keep_from - self.hist_start:]
             self.hist_start = keep_from
-        self.fwd_pos = max(self.fwd_pos, self.hist_start) if not self.speaking else self.fwd_pos
+        if not self.speaking:
+            self.fwd_pos = max(self.fwd_pos, self.hist_start)
 
     def _forward_to(self, pos: int) -> None:
         a = max(self.fwd_pos, self.hist_start) - self.hist_start
@@ -332,12 +389,12 @@ class RealtimeConnection:
             pcm = self.hist[a:b]
             self.turn_samples += len(pcm)
             self.turn_item = self.turn_item or _id("item")
-            self.ops.put_nowait(("audio", self.resampler(pcm)))
+            self.ops.put("audio", pcm)
         self.fwd_pos = max(self.fwd_pos, pos)
 
     async def _commit(self) -> None:
         item = self.turn_item or _id("item")
-        self.ops.put_nowait(("commit", None))
+        self.ops.put("commit")
         await self.send("input_audio_buffer.committed", previous_item_id=self.last_item,
                         item_id=item)
         await self.send("conversation.item.created", previous_item_id=self.last_item,
@@ -348,19 +405,9 @@ class RealtimeConnection:
         self.turn_item = None
         self.turn_samples = 0
 
-    def _drop_ops(self, kind: str) -> None:
-        """Remove queued engine operations of one kind (they have not reached the engine)."""
-        kept = []
-        while not self.ops.empty():
-            op = self.ops.get_nowait()
-            if op[0] != kind:
-                kept.append(op)
-        for op in kept:
-            self.ops.put_nowait(op)
-
     async def _clear(self) -> None:
-        self._drop_ops("audio")
-        self.ops.put_nowait(("clear",))
+        self.ops.drop("audio")
+        self.ops.put("clear")
         self.turn_samples = 0
         self.turn_item = None
         await self.send("input_audio_buffer.cleared")
@@ -378,7 +425,7 @@ class RealtimeConnection:
             text = "".join(p.get("text", "") for p in content if isinstance(p, dict))
             self.session["instructions"] = text
             if self.sess_turns == 0:
-                self.ops.put_nowait(("reset_session",))
+                self.ops.put("reset_session")
         elif role == "user":
             for i, p in enumerate(content):
                 if not isinstance(p, dict):
@@ -388,7 +435,7 @@ class RealtimeConnection:
                     if not isinstance(p.get("text"), str):
                         raise APIError(400, "text must be a string",
                                        param=f"item.content[{i}].text", code="invalid_type")
-                    self.ops.put_nowait(("text", p["text"]))
+                    self.ops.put("text", p["text"])
                 elif p.get("type") == "input_audio":
                     try:
                         pcm = pcm16_to_float(base64.b64decode(p.get("audio") or "",
@@ -397,8 +444,8 @@ class RealtimeConnection:
                         raise APIError(400, "audio is not valid base64",
                                        param=f"item.content[{i}].audio",
                                        code="invalid_base64") from None
-                    self.ops.put_nowait(("audio", StreamResampler(INPUT_RATE, 16_000)(pcm)))
-                    self.ops.put_nowait(("commit", None))
+                    self.ops.put("audio", pcm)
+                    self.ops.put("commit")
                 else:
                     raise APIError(400, f"unsupported content type {p.get('type')!r}",
                                    param=f"item.content[{i}].type", code="invalid_value")
@@ -426,7 +473,7 @@ class RealtimeConnection:
             raise APIError(400, f"could not decode the frame: {e}", param="image",
                            code="invalid_media") from None
         t = float(ts) if isinstance(ts, (int, float)) else time.monotonic()
-        self.ops.put_nowait(("frame", rgb, t))
+        self.ops.put("frame", rgb, t)
 
     # ------------------------------------------------------------------ engine side
     async def _ensure_session(self):
@@ -447,6 +494,10 @@ class RealtimeConnection:
         call = self.st.scheduler.acall
         while True:
             op = await self.ops.get()
+            before = self.state
+            if op[0] == "respond":  # at once: a response.cancel from now on finds it
+                self._to(State.RESPONDING)
+                self.cancel_reason = None
             try:
                 kind = op[0]
                 if kind == "reset_session":
@@ -456,31 +507,33 @@ class RealtimeConnection:
                 sess = await self._ensure_session()
                 if kind == "audio":
                     if len(op[1]):
-                        await call(sess.append_audio, op[1], 16_000)
-                        self.live_open = True
+                        await call(sess.append_audio, op[1], INPUT_RATE)
+                        self._to(State.LISTENING)
                 elif kind == "frame":
                     await call(sess.append_video_frame, op[1], op[2])
-                    self.live_open = True
+                    self._to(State.LISTENING)
                 elif kind == "commit":
-                    if self.live_open:
+                    if self.state is State.LISTENING:
                         text = " ".join(self.pending_text) or None
                         self.pending_text = []
                         await call(sess.commit_user_turn, text)
-                        self.live_open = False
-                        self.live_committed = True
+                        self._to(State.COMMITTED)
                 elif kind == "clear":
-                    if self.live_open:
+                    if self.state is State.LISTENING:
                         clear = getattr(sess, "clear_user_turn", None)
                         if clear is None:
                             await self.error("audio already sent to the model cannot be "
                                              "cleared", "clear_unsupported")
                         else:
                             await call(clear)
-                            self.live_open = False
+                            self._to(State.IDLE)
                 elif kind == "text":
                     self.pending_text.append(op[1])
                 elif kind == "respond":
-                    await self._respond(sess, op[1])
+                    if await self._respond(sess, op[1], live=before is State.COMMITTED):
+                        self._to(State.IDLE)
+                    else:
+                        self._to(before)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - reported to the client
@@ -490,11 +543,12 @@ class RealtimeConnection:
                                  type_="invalid_request_error" if isinstance(e, ValueError)
                                  else "server_error")
                 if op[0] == "respond":
-                    self.response_pending = False
+                    self._to(before)
 
-    async def _respond(self, sess, resp: dict) -> None:
-        if self.live_committed:
-            self.live_committed = False
+    async def _respond(self, sess, resp: dict, live: bool) -> bool:
+        """Answer the committed live turn (``live``) or the pending text items; False (and an
+        error event) when there is nothing new to answer."""
+        if live:
             self.pending_text = []
 
             def make_gen():
@@ -507,16 +561,17 @@ class RealtimeConnection:
             def make_gen():
                 return sess.respond(msgs)
         else:
-            self.response_pending = False
             await self.error("there is no new user input to respond to", "no_input")
-            return
+            return False
+        self.job = self.st.scheduler.stream(make_gen, sess.cancel, name="realtime")
+        if self.cancel_reason is not None:  # cancelled before it started
+            self.job.cancel()
         rid = _id("resp")
         item_id = _id("item")
         audio_out = "audio" in (resp.get("modalities") or self.session.get("modalities",
                                                                             ["audio"]))
         audio_out = audio_out and getattr(sess, "audio_output", True)
         self.response_id = rid
-        self.cancel_reason = None
         base = {"response_id": rid, "item_id": item_id, "output_index": 0, "content_index": 0}
         item = {"id": item_id, "object": "realtime.item", "type": "message",
                 "role": "assistant", "status": "in_progress", "content": []}
@@ -531,7 +586,6 @@ class RealtimeConnection:
         part_type = "audio" if audio_out else "text"
         await self.send("response.content_part.added", **base,
                         part={"type": part_type, "transcript" if audio_out else "text": ""})
-        self.job = self.st.scheduler.stream(make_gen, sess.cancel, name="realtime")
         text: list[str] = []
         done: Done | None = None
         failed: str | None = None
@@ -556,7 +610,6 @@ class RealtimeConnection:
         finally:
             job = self.job
             self.job = None
-            self.response_pending = False
             if job is not None and not job.finished.is_set():
                 job.cancel()
         self.sess_turns += 1
@@ -581,18 +634,24 @@ class RealtimeConnection:
         item = {**item, "status": "completed" if status == "completed" else "incomplete",
                 "content": [part]}
         await self.send("response.output_item.done", response_id=rid, output_index=0, item=item)
-        usage = None
-        if done is not None:
-            u = done.usage
-            usage = {"total_tokens": u.prompt_tokens + u.completion_tokens,
-                     "input_tokens": u.prompt_tokens, "output_tokens": u.completion_tokens,
-                     "input_token_details": {"cached_tokens": u.cached_tokens},
-                     "output_token_details": {"text_tokens": u.completion_tokens,
-                                              "audio_tokens": u.audio_codes}}
         await self.send("response.done", response={
             "id": rid, "object": "realtime.response", "status": status,
-            "status_details": details, "output": [item], "usage": usage,
+            "status_details": details, "output": [item],
+            "usage": _usage(done.usage) if done is not None else None,
             "metadata": {"timings": done.timings if done is not None else {}}})
+        return True
+
+
+def _usage(u: Usage) -> dict:
+    """``response.done``'s usage; ``live_input`` (an extension) counts what the live turn's input
+    lost or redid."""
+    return {"total_tokens": u.prompt_tokens + u.completion_tokens,
+            "input_tokens": u.prompt_tokens, "output_tokens": u.completion_tokens,
+            "input_token_details": {"cached_tokens": u.cached_tokens},
+            "output_token_details": {"text_tokens": u.completion_tokens,
+                                     "audio_tokens": u.audio_codes},
+            "live_input": {"dropped_frames": u.live_dropped_frames, "gaps": u.live_gaps,
+                           "gap_s": round(u.live_gap_s, 3), "rollbacks": u.live_rollbacks}}
 
 
 def _decode_rgb(raw: bytes) -> np.ndarray:
