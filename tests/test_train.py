@@ -15,7 +15,7 @@ import torch
 
 from omnistream.tiny import tiny_config
 from omnistream.tokenizer import Tokenizer
-from omnistream.train.data import IGNORE, Dataset
+from omnistream.train.data import IGNORE, Dataset, collate
 from omnistream.train.loop import train
 from omnistream.train.lora import LoRALinear, apply_lora, merge_lora
 from omnistream.train.model import OmniTrain, read_tensors
@@ -198,6 +198,93 @@ def test_speaker_finetune_selects_last_talker_layers():
         for n in names
     )
     assert not any(p.requires_grad for n, p in model.named_parameters() if n.startswith("thinker."))
+
+
+def _talker_model(seed: int = 0) -> OmniTrain:
+    """A tiny Thinker + Talker with every parameter random (biases and norms too)."""
+    from helpers import randomize_
+
+    from omnistream.config import OmniConfig
+
+    model = OmniTrain(OmniConfig.from_dict(tiny_config()), with_talker=True)
+    randomize_(model.thinker, seed=seed)
+    randomize_(model.talker, seed=seed + 1, std=0.1)
+    return model.eval()
+
+
+def _talker_batch(tiny_dir, data, model, idx=(1, 2)) -> dict:
+    """A collated talker batch of examples ``idx`` (1 and 2 hold an image and a question)."""
+    tok = Tokenizer.from_dir(tiny_dir)
+    ds = Dataset(data, tok, model.cfg.thinker_config, task="talker")
+    return collate([ds.examples[i] for i in idx], tok.special.pad)
+
+
+@torch.no_grad()
+def test_teacher_forced_talker_logits_equal_inference(tiny_dir, data):
+    """Training's talker input (``losses.talker_inputs``, right-padded batch, media in the
+    prompt) gives the logits inference gets from ``Talker.prefill`` + ``Talker.step`` fed with
+    the Thinker's prefill + decode states of the same prompt and reply."""
+    from omnistream.train import losses
+
+    model = _talker_model()
+    thinker, talker = model.thinker, model.talker
+    batch = _talker_batch(tiny_dir, data, model)
+    bos = Stage().speaker_bos
+    both, track = losses.talker_side(thinker, talker, batch, bos)
+    codes = [ex.codes for ex in batch["examples"]]
+    x, pos, tgt = losses.talker_inputs(talker, both, track, batch, codes)
+    keep = tgt != IGNORE
+    trained = losses.talker_logits(talker, x, pos, keep).split(keep.sum(1).tolist())
+    for b, ex in enumerate(batch["examples"]):
+        assert ex.media, "the prompt has media placeholders (zeroed on the text track)"
+        P, n, m = ex.reply_start, ex.reply_len, len(ex.codes)
+        one = collate([ex], 0)
+        media = losses.encode_media(thinker, one["media"])
+        ids = one["input_ids"][:, :P]
+        cache = thinker.model.new_cache(1, P + n)
+        step = thinker.prefill(ids, cache, media=media)
+        deltas = step.rope_deltas
+        reply = []
+        for t in ex.input_ids[P : P + n]:  # the reply tokens, fed as inference feeds them
+            s = thinker.decode_step(torch.tensor([t]), cache, deltas)
+            reply.append(s.hidden + s.embeds)  # [1, 1, D]
+        tcache = talker.new_cache(1, P + m + 2)
+        prompt = talker.prompt_track(ids, step.hidden, step.embeds)
+        logits = [talker.prefill(tcache, prompt, step.position_ids, deltas, track.bos, reply[0])]
+        for k in range(1, m + 1):
+            text = track.at(k, n, reply[k] if k < n else None)
+            logits.append(talker.step(tcache, torch.tensor([ex.codes[k - 1]]), text, deltas))
+        assert m + 1 > n + 1  # the steps run past the reply (text end, then text pad)
+        torch.testing.assert_close(trained[b], torch.cat(logits), atol=1e-4, rtol=0)
+
+
+def test_joint_talker_training_reaches_thinker_params(tiny_dir, data):
+    """A talker stage that lists Thinker parameters trains them (the loss reaches them); one
+    that does not leaves the Thinker without gradients."""
+    from omnistream.train import losses
+
+    for trainable, joint in ((["talker.*", "thinker.model.layers.*"], True), (["talker.*"], False)):
+        model = _talker_model()
+        select_trainable(model, Stage(task="talker", trainable=trainable))
+        batch = _talker_batch(tiny_dir, data, model)
+        loss, count = losses.talker_loss(model.thinker, model.talker, batch, Stage().speaker_bos)
+        loss.backward()
+        grad = model.thinker.model.layers[0].mlp.down_proj.weight.grad
+        assert (grad is not None and bool(grad.abs().sum() > 0)) == joint
+        assert model.thinker.model.embed_tokens.weight.grad is None  # not listed: not trained
+        assert model.talker.codec_head.weight.grad is not None and count > 0
+
+
+def test_trainable_pattern_that_matches_nothing_is_an_error():
+    from omnistream.config import OmniConfig
+
+    model = OmniTrain(OmniConfig.from_dict(tiny_config()), with_talker=False)
+    with pytest.raises(ValueError, match=r"thinker\.modle\.\*"):
+        select_trainable(model, Stage(trainable=["thinker.audio_tower.*", "thinker.modle.*"]))
+    with pytest.raises(ValueError, match=r"talker\.\*"):  # a thinker-only model has no talker
+        select_trainable(model, Stage(trainable=["talker.*"]))
+    with pytest.raises(ValueError, match="thinker.visaul"):
+        select_trainable(model, Stage(frozen=["thinker.visaul.*"]))
 
 
 def test_lora_merge_equals_adapted_layer():
