@@ -9,6 +9,8 @@ so the whole run stays well under a minute on two cores.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from serve_fake import FakeEngine, LiveServer
 
@@ -19,7 +21,8 @@ schemathesis = pytest.importorskip("schemathesis")
 hypothesis = pytest.importorskip("hypothesis")
 from schemathesis.checks import negative_data_rejection, not_a_server_error  # noqa: E402
 
-EXAMPLES = 60  # generated requests per operation and phase
+# generated requests per operation and phase; OMNISTREAM_FUZZ_EXAMPLES=1000 for a deeper run
+EXAMPLES = int(os.environ.get("OMNISTREAM_FUZZ_EXAMPLES", "60"))
 CASES: list[tuple[str, str, int]] = []  # (method, path, status) of every request sent
 
 
