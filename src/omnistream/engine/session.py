@@ -29,17 +29,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from omnistream import chat
 from omnistream.engine.events import Done, Event, TextDelta, Usage
-from omnistream.engine.sampling import TALKER_SAMPLING, SamplingParams, sample, seen_mask
+from omnistream.engine.options import SessionOptions
+from omnistream.engine.sampling import sample, seen_mask
 from omnistream.engine.speech import Speech
+from omnistream.models import RANDOM_WEIGHTS_MARKER
 from omnistream.nn.cache import KVCache
 
-DEFAULT_SYSTEM = "You are a helpful assistant."
-SPEECH_SYSTEM = (
-    "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of "
-    "perceiving auditory and visual inputs, as well as generating text and speech."
-)
-RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS"  # file make-tiny leaves in a checkpoint it writes
 PREFILL_CHUNK = 1024  # prompt tokens per prefill call: bounds activations for long video prompts
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -161,58 +158,49 @@ class Engine:
         except LookupError as e:
             raise ValueError(str(e).strip("'\"")) from None
 
-    def session(self, **options) -> Session:
-        """A conversation; ``options`` are ``Session``'s keyword arguments."""
-        return Session(self, **options)
+    def session(self, options: SessionOptions | None = None, /, **fields) -> Session:
+        """A conversation configured by ``options`` with ``fields`` (``SessionOptions`` field
+        names) changed: ``engine.session(SessionOptions(voice="Ethan"))`` or
+        ``engine.session(voice="Ethan")``."""
+        return Session(self, options, **fields)
 
 
 class Session:
     """One conversation; see the module docstring for the schedule."""
 
-    def __init__(self, engine: Engine, *, voice: str | None = None, system: str | None = None,
-                 audio_output: bool = True, sampling: SamplingParams | None = None,
-                 talker_sampling: SamplingParams | None = None, max_new_tokens: int = 256,
-                 talker_max_new_tokens: int = 4096, max_codes_per_token: int = 50,
-                 seed: int | None = None, ignore_eos: bool = False,
-                 use_audio_in_video: bool = False, max_context: int = 8192,
-                 chunk_frames: int = 48, max_chunk_frames: int = 144, ode_steps: int = 10,
-                 solver: str = "rk4"):
-        """Validates the voice at once (unknown voice -> ValueError; None = "Chelsie").
+    def __init__(self, engine: Engine, options: SessionOptions | None = None, /, **fields):
+        """``options`` (``SessionOptions``, defaults when None) with ``fields`` changed.
+        Validates the voice at once (unknown voice -> ValueError; None = "Chelsie").
 
         Speech stops at the Talker's codec eos, at ``talker_max_new_tokens`` codes, or at
         ``max_codes_per_token`` codes (50 = 1 s) per reply token: real speech needs far fewer,
-        and the cap stops a Talker that never ends (e.g. random weights) from babbling.
-
-        Speech is synthesised in chunks of ``chunk_frames`` mel frames (10 ms each; the first
-        audio needs (chunk_frames + 24) / 2 codes), doubling up to ``max_chunk_frames`` so later
-        chunks redo less overlapping context (see ``engine/code2wav.py``)."""
+        and the cap stops a Talker that never ends (e.g. random weights) from babbling."""
+        o = self.options = (options or SessionOptions()).replace(**fields)
         self.engine = engine
-        self.audio_output = bool(audio_output and engine.talker is not None)
-        if audio_output and engine.talker is None:
+        self.audio_output = bool(o.audio_output and engine.talker is not None)
+        if o.audio_output and engine.talker is None:
             raise ValueError("audio output requested but the engine was loaded text-only")
-        self.speaker = engine.speaker(voice) if self.audio_output else None
-        self.system = system
-        self.sampling = sampling or SamplingParams()
-        self.talker_sampling = talker_sampling or TALKER_SAMPLING
-        self.max_new_tokens = max_new_tokens
-        self.talker_max_new_tokens = talker_max_new_tokens
-        self.max_codes_per_token = max_codes_per_token
+        self.speaker = engine.speaker(o.voice) if self.audio_output else None
+        # the options the reply loops read, as attributes
+        self.system = o.system
+        self.sampling, self.talker_sampling = o.sampling, o.talker_sampling
+        self.max_new_tokens = o.max_new_tokens
+        self.talker_max_new_tokens = o.talker_max_new_tokens
+        self.max_codes_per_token = o.max_codes_per_token
+        self.ignore_eos = o.ignore_eos
+        self.use_audio_in_video = o.use_audio_in_video
+        self.chunk_frames, self.max_chunk_frames = o.chunk_frames, o.max_chunk_frames
+        self.ode_steps, self.solver = o.ode_steps, o.solver
         self.reuse_talker_cache = True  # False: re-prefill the whole history each turn (tests)
-        self.ignore_eos = ignore_eos
-        self.use_audio_in_video = use_audio_in_video
-        self.chunk_frames = chunk_frames
-        self.max_chunk_frames = max_chunk_frames
-        self.ode_steps = ode_steps
-        self.solver = solver
         # one generator per stage, so streaming and offline draw the same numbers in each
-        base = seed if seed is not None else int(torch.seed() % (2**62))
+        base = o.seed if o.seed is not None else int(torch.seed() % (2**62))
         self.generator, self.talker_gen, self.noise_gen = (
             torch.Generator(device=engine.device).manual_seed(base + i) for i in range(3))
         self.noise_seed = base + 2
-        self.cache = engine.thinker.model.new_cache(1, max_context)
+        self.cache = engine.thinker.model.new_cache(1, o.max_context)
         self.ctx = _Context()
         self.next_pos = 0  # TMRoPE id of the next token fed to the Thinker
-        self.pending: list[int] = []  # sampled but not yet fed (the previous reply's <|im_end|>)
+        self.pending: list[int] = []  # the previous reply's last token: sampled, not yet fed
         self.turns = 0
         self.last_prompt_ids: list[int] = []
         self._cancel = threading.Event()
@@ -238,29 +226,18 @@ class Session:
     # -- prompt ---------------------------------------------------------------------------------
 
     def _system_prompt(self) -> str:
-        if self.system is not None:
-            return self.system
-        return SPEECH_SYSTEM if self.audio_output else DEFAULT_SYSTEM
+        return chat.system_prompt_for(self.audio_output, self.system)
 
     def _prepare(self, messages: list[dict] | str):
-        """The new turn's inputs; ids [1, T] continue the cached conversation."""
-        if isinstance(messages, str):
-            messages = [{"role": "user", "content": messages}]
-        first = self.cache.length == 0
-        system = self._system_prompt()
-        inputs = self.engine.processor(list(messages), add_generation_prompt=True,
+        """The new turn's inputs; ids [1, T] continue the cached conversation (rendered by
+        ``omnistream.chat``: a later turn first closes the previous reply, no system block)."""
+        inputs = self.engine.processor(chat.normalize(messages), add_generation_prompt=True,
                                        use_audio_in_video=self.use_audio_in_video,
-                                       speech_output=self.audio_output, system_prompt=system)
+                                       speech_output=self.audio_output,
+                                       system_prompt=self._system_prompt(),
+                                       continued=self.cache.length > 0)
         ids = inputs.input_ids.reshape(-1)
-        if not first:
-            if messages and messages[0].get("role") == "system":
-                raise ValueError("a system turn can only start a conversation")
-            # drop the system block the template inserts; close the previous assistant turn
-            sys_ids = self.engine.tokenizer.encode(f"<|im_start|>system\n{system}<|im_end|>\n")
-            if ids[: len(sys_ids)].tolist() != sys_ids:
-                raise RuntimeError("unexpected prompt rendering of a continued conversation")
-            head = self.pending + self.engine.tokenizer.encode("\n")
-            ids = torch.cat([torch.tensor(head, dtype=ids.dtype), ids[len(sys_ids):]])
+        ids = torch.cat([torch.tensor(self.pending, dtype=ids.dtype), ids])
         self.pending = []
         return inputs, ids[None]
 
@@ -316,10 +293,7 @@ class Session:
         if self._live is None:
             raise ValueError("no live user turn to commit (append audio or frames first)")
         live, self._live = self._live, None
-        tok = self.engine.tokenizer
-        suffix = (tok.encode(text) if text else []) + tok.encode(
-            "<|im_end|>\n<|im_start|>assistant\n")
-        c = live.turn.commit(suffix)
+        c = live.turn.commit(self.engine.tokenizer.encode(chat.turn_suffix(text)))
         if c.segment is not None:
             self._feed_live(c.segment, live)
         logits = live.logits.reshape(1, -1)
@@ -346,12 +320,8 @@ class Session:
         if live is not None and (live.video or not video):
             return live
         if live is None:
-            tok = self.engine.tokenizer
-            if self.cache.length == 0:
-                head = tok.encode(f"<|im_start|>system\n{self._system_prompt()}<|im_end|>\n")
-            else:
-                head = self.pending + tok.encode("\n")
-            prefix = head + tok.encode("<|im_start|>user\n")
+            prefix = self.pending + self.engine.tokenizer.encode(chat.turn_prefix(
+                "user", system_prompt=self._system_prompt(), continued=self.cache.length > 0))
             live = _Live(start=self.cache.length, pending=self.pending, prefix=prefix,
                          position=self.next_pos)
             self.pending = []
@@ -454,7 +424,7 @@ class Session:
         self.next_pos = int(self.cache.length + deltas[0, 0])
         # the next turn feeds what was sampled but not fed, then closes the reply as the chat
         # template renders it (a cut or cancelled reply stays in the history as far as it got)
-        self.pending = unfed + [eng.cfg.thinker_config.eos_token_id]
+        self.pending = unfed
         if speech is not None and finish != "cancelled":
             yield from speech.finish()
         if self._cancel.is_set():

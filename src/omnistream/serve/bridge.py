@@ -3,24 +3,31 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
+from omnistream.engine.options import SessionOptions
 from omnistream.engine.sampling import SamplingParams
 
 _FIELDS = ("temperature", "top_k", "top_p", "repetition_penalty")
 
 
-def new_session(engine, *, voice: str | None, system: str | None, audio_output: bool,
-                sampling: dict, max_new_tokens: int, seed: int | None,
-                max_speech_s: float | None = None):
-    """``engine.session(...)`` from request fields; runs on the model thread."""
-    kw: dict[str, Any] = {k: v for k, v in sampling.items() if k in _FIELDS}
-    extra: dict[str, Any] = {}
-    if max_speech_s is not None:  # 50 codec tokens per second of speech
-        extra["talker_max_new_tokens"] = max(1, int(50 * max_speech_s))
-    return engine.session(voice=voice, system=system, audio_output=audio_output,
-                          sampling=SamplingParams(**kw), max_new_tokens=max_new_tokens, seed=seed,
-                          **extra)
+def session_options(*, voice: str | None, system: str | None, audio_output: bool,
+                    sampling: dict, max_new_tokens: int, seed: int | None,
+                    max_speech_s: float | None = None) -> SessionOptions:
+    """``SessionOptions`` from request fields: ``sampling`` holds the request's sampling keys
+    (others are ignored); ``max_speech_s`` caps the spoken reply."""
+    opts = SessionOptions(
+        voice=voice, system=system, audio_output=audio_output,
+        sampling=SamplingParams(**{k: v for k, v in sampling.items() if k in _FIELDS}),
+        max_new_tokens=max_new_tokens, seed=seed)
+    if max_speech_s is not None:
+        opts = opts.replace(talker_max_new_tokens=SessionOptions.speech_limit(max_speech_s))
+    return opts
+
+
+def new_session(engine, **request_fields):
+    """``engine.session(...)`` from request fields (``session_options``'s); runs on the model
+    thread. The options go as keywords, the form every engine (and test double) accepts."""
+    return engine.session(**session_options(**request_fields).as_kwargs())
 
 
 def respond_live(sess) -> Iterator:
