@@ -79,3 +79,178 @@ def test_bad_input_is_one_line_and_leaves_no_file(tiny_dir, tmp_path, capsys):
     assert not out.exists()
     rc = main(["generate", "--model", str(tiny_dir), "--prompt", "x", "--voice", "Bob"])
     assert rc == 2 and "available: Chelsie, Ethan" in capsys.readouterr().err
+
+
+# -- issue 15: causes named, defaults that work from anywhere ------------------------------------
+
+
+def _wav(path, seconds=1.0):
+    import numpy as np
+
+    from omnistream.engine.wav import wav_bytes
+
+    t = np.arange(int(24000 * seconds)) / 24000
+    path.write_bytes(wav_bytes((0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)))
+    return path
+
+
+def test_spoken_question_without_prompt(tiny_dir, tmp_path, capsys):
+    q = _wav(tmp_path / "question.wav")
+    rc = main(["generate", "--model", str(tiny_dir), "--audio", str(q), "--no-audio",
+               "--max-new-tokens", "2", "--json"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 151646 in res["prompt_ids"]  # <|AUDIO|>
+    assert main(["generate", "--model", str(tiny_dir)]) == 2
+    assert "give --prompt, --audio, --image or --video" in capsys.readouterr().err
+
+
+def test_play_without_sounddevice_fails_before_any_output(tiny_dir, tmp_path, monkeypatch,
+                                                          capsys):
+    import sys
+
+    out = tmp_path / "r.wav"
+    monkeypatch.setitem(sys.modules, "sounddevice", None)  # import fails
+    rc = main(["generate", "--model", str(tiny_dir), "--prompt", "x", "--play", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "pip install 'omnistream[audio]'" in err and "Traceback" not in err
+    assert not out.exists()
+
+    fake = _FakeSoundDevice(devices=False)
+    monkeypatch.setitem(sys.modules, "sounddevice", fake)
+    rc = main(["generate", "--model", str(tiny_dir), "--prompt", "x", "--play", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no audio output device" in err and "Error querying device -1" in err
+    assert not out.exists()
+
+
+def test_play_streams_what_the_wav_holds(tiny_dir, tmp_path, monkeypatch, capsys):
+    import sys
+
+    import numpy as np
+
+    fake = _FakeSoundDevice()
+    monkeypatch.setitem(sys.modules, "sounddevice", fake)
+    out = tmp_path / "r.wav"
+    rc = main(["generate", "--model", str(tiny_dir), "--prompt", "Hi", "--play", "--out",
+               str(out), "--max-new-tokens", "4", "--talker-max-new-tokens", "30", "--seed", "0"])
+    assert rc == 0, capsys.readouterr().err
+    from omnistream.engine.wav import pcm16
+
+    with wave.open(str(out)) as w:
+        wav = np.frombuffer(w.readframes(w.getnframes()), "<i2")
+    # as PCM16, with the silence of underruns (the fake device never waits) left out
+    played = np.frombuffer(pcm16(np.concatenate(fake.played)[:, 0]), "<i2")
+    assert fake.closed and np.count_nonzero(wav) > 0
+    assert np.array_equal(played[played != 0], wav[wav != 0])
+
+
+class _FakeSoundDevice:
+    """The parts of ``sounddevice`` the player uses; plays into ``played`` on a thread."""
+
+    class PortAudioError(Exception):
+        pass
+
+    class CallbackStop(Exception):  # noqa: N818 - sounddevice's name
+        pass
+
+    def __init__(self, devices: bool = True):
+        self.devices = devices
+        self.played: list = []
+        self.closed = False
+
+    def check_output_settings(self, **kw):
+        if not self.devices:
+            raise self.PortAudioError("Error querying device -1")
+
+    def OutputStream(self, samplerate, channels, dtype, callback, finished_callback):  # noqa: N802
+        import threading
+
+        import numpy as np
+
+        fake = self
+
+        class Stream:
+            def start(self):
+                def run():
+                    while True:
+                        buf = np.full((512, channels), np.nan, dtype=np.float32)
+                        try:
+                            callback(buf, 512, None, None)
+                            fake.played.append(buf)
+                        except fake.CallbackStop:
+                            fake.played.append(buf)
+                            break
+                    finished_callback()
+
+                self.t = threading.Thread(target=run, daemon=True)
+                self.t.start()
+
+            def close(self):
+                fake.closed = True
+
+        return Stream()
+
+
+def test_missing_extra_names_the_module_and_the_extra(monkeypatch, capsys):
+    import sys
+
+    import omnistream
+
+    monkeypatch.setattr(omnistream, "serve", getattr(omnistream, "serve", None), raising=False)
+    for name in [m for m in sys.modules if m.startswith("omnistream.serve")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "fastapi", None)
+    assert main(["serve", "--port", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "fastapi" in err and "pip install 'omnistream[serve]'" in err
+
+    monkeypatch.setitem(sys.modules, "omnistream.train.cli", None)
+    assert main(["train", "--config", "x"]) == 2
+    assert "cannot import omnistream.train.cli" in capsys.readouterr().err
+
+
+def test_default_model_resolution(tiny_dir, tmp_path, monkeypatch, capsys):
+    import pytest
+
+    from omnistream import models
+    from omnistream.checkpoint import CheckpointError
+
+    # the repository's tiny/, else nothing (models/omni-mini first when it exists)
+    repo = tmp_path / "repo"
+    monkeypatch.setattr(models, "REPO_ROOT", repo)
+    monkeypatch.delenv(models.ENV_VAR, raising=False)
+    with pytest.raises(CheckpointError, match=r"omnistream make-tiny .*repo/tiny.*make demo"):
+        models.default_model()
+    for d in ("tiny", "models/omni-mini"):
+        (repo / d).mkdir(parents=True)
+        (repo / d / "config.json").write_text("{}")
+        assert models.default_model() == str(repo / d)
+    monkeypatch.setenv(models.ENV_VAR, str(tiny_dir))
+    assert models.default_model() == str(tiny_dir)
+    assert models.resolve_model("elsewhere") == "elsewhere"
+
+    # generate without --model, from another directory
+    monkeypatch.chdir(tmp_path)
+    rc = main(["generate", "--prompt", "Hi", "--no-audio", "--max-new-tokens", "2", "--json"])
+    assert rc == 0 and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["text_ids"]
+    monkeypatch.delenv(models.ENV_VAR)
+    (repo / "models/omni-mini/config.json").unlink()
+    (repo / "tiny/config.json").unlink()
+    assert main(["chat"]) == 2
+    assert "no default model found" in capsys.readouterr().err
+
+
+def test_trained_checkpoint_drops_the_random_weights_marker(tiny_dir, tmp_path):
+    from omnistream.engine.session import Engine
+    from omnistream.models import RANDOM_WEIGHTS_MARKER
+    from omnistream.train.model import read_tensors, save_released
+
+    assert (tiny_dir / RANDOM_WEIGHTS_MARKER).exists()
+    out = tmp_path / "trained"
+    out.mkdir()
+    (out / RANDOM_WEIGHTS_MARKER).write_text("stale")  # even one left in the output folder
+    k = "thinker.lm_head.weight"
+    save_released(out, tiny_dir, {k: read_tensors(tiny_dir, (k,))[k] + 1})
+    assert not (out / RANDOM_WEIGHTS_MARKER).exists()
+    assert not Engine.load(out, quiet=True, audio_output=False).random_weights

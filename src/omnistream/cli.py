@@ -13,6 +13,8 @@ RANDOM_WEIGHTS_NOTICE = (
     "note: this checkpoint has RANDOM weights (made by `omnistream make-tiny`); its text and "
     "speech are noise. Use --model with a real Qwen2.5-Omni checkpoint for real answers."
 )
+# commands whose code needs an optional extra: (module imported first, the extra's name)
+EXTRAS = {"serve": ("omnistream.serve.app", "serve"), "train": ("omnistream.train.cli", None)}
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
@@ -29,8 +31,14 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
+def _add_model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="checkpoint directory or hub id (default: $OMNISTREAM_MODEL, else the "
+                        "repository's models/omni-mini, else its tiny/)")
+
+
 def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="checkpoint directory or hub id")
+    _add_model_arg(p)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quantize", default=None, choices=["int8", "int4"],
                    help="weight-only quantization of the Thinker/Talker decoders")
@@ -47,7 +55,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="answer one prompt in streamed text (+ speech)")
     _add_model(p)
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", default=None,
+                   help="the question in text (optional with --audio / --image / --video)")
     p.add_argument("--system", default=None)
     p.add_argument("--audio", action="append", default=[], metavar="F")
     p.add_argument("--image", action="append", default=[], metavar="F")
@@ -71,13 +80,16 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="chat_audio")
     _add_sampling(p)
 
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP + Realtime server with a web page")
+    # (conflict_handler: our --model, with its default, replaces the server's own)
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP + Realtime server with a web page",
+                       conflict_handler="resolve")
     try:
         from omnistream.serve.app import add_serve_args
-    except ImportError:  # server extras not installed
+    except ImportError:  # `omnistream serve` itself says what to install (main)
         add_serve_args = None
     if add_serve_args is not None:
         add_serve_args(p)
+        _add_model_arg(p)
 
     sub.add_parser("bench", help="benchmarks against the transformers reference "
                    "(`omnistream bench --help`)")
@@ -85,7 +97,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune (SFT / DPO / talker / encoder alignment)")
     try:
         from omnistream.train.cli import add_train_args
-    except ImportError:  # training needs only torch; keep the CLI usable if it breaks
+    except ImportError:  # `omnistream train` itself names the missing module (main)
         add_train_args = None
     if add_train_args is not None:
         add_train_args(p)
@@ -100,7 +112,10 @@ def _messages(args: argparse.Namespace) -> list[dict]:
         content.append({"type": "image", "image": f})
     for f in args.video:
         content.append({"type": "video", "video": f})
-    content.append({"type": "text", "text": args.prompt})
+    if args.prompt:
+        content.append({"type": "text", "text": args.prompt})
+    if not content:
+        raise ValueError("nothing to answer: give --prompt, --audio, --image or --video")
     msgs = []
     if args.system:
         msgs.append({"role": "system", "content": args.system})
@@ -108,27 +123,31 @@ def _messages(args: argparse.Namespace) -> list[dict]:
     return msgs
 
 
-def _sampling(args: argparse.Namespace) -> dict:
-    """Session keyword arguments from the sampling options."""
+def _session_options(args: argparse.Namespace):
+    """The ``SessionOptions`` of ``generate`` / ``chat`` from their flags."""
+    from omnistream.engine.options import SessionOptions
     from omnistream.engine.sampling import TALKER_SAMPLING, SamplingParams
 
-    return dict(
+    return SessionOptions(
+        voice=args.voice, system=args.system, audio_output=not args.no_audio,
+        use_audio_in_video=getattr(args, "use_audio_in_video", False),
         sampling=SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                 repetition_penalty=args.repetition_penalty),
+        max_new_tokens=args.max_new_tokens, ignore_eos=getattr(args, "ignore_eos", False),
+        seed=args.seed,
         talker_sampling=SamplingParams(
             temperature=args.talker_temperature, top_k=args.talker_top_k,
             top_p=args.talker_top_p, repetition_penalty=args.talker_repetition_penalty,
             suppress_ids=TALKER_SAMPLING.suppress_ids),
-        max_new_tokens=args.max_new_tokens,
         talker_max_new_tokens=args.talker_max_new_tokens,
-        seed=args.seed,
     )
 
 
 def _load_engine(args: argparse.Namespace, audio_output: bool):
     from omnistream.engine.session import Engine
+    from omnistream.models import resolve_model
 
-    engine = Engine.load(args.model, dtype=args.dtype, device=args.device,
+    engine = Engine.load(resolve_model(args.model), dtype=args.dtype, device=args.device,
                          audio_output=audio_output, quantize=args.quantize)
     if engine.random_weights:
         print(RANDOM_WEIGHTS_NOTICE, file=sys.stderr)
@@ -139,30 +158,32 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from omnistream.engine.events import AudioChunk, Done, TextDelta
     from omnistream.engine.wav import Player, StreamingWavWriter
 
-    audio_output = not args.no_audio
-    engine = _load_engine(args, audio_output)
-    sess = engine.session(voice=args.voice, system=args.system, audio_output=audio_output,
-                          ignore_eos=args.ignore_eos, use_audio_in_video=args.use_audio_in_video,
-                          **_sampling(args))
-    events = sess.respond(_messages(args), offline=args.offline)
-    first = next(events)  # media decoding and prefill: bad input fails here, before any file
-    writer = StreamingWavWriter(args.out) if audio_output else None
-    player = Player.open() if (args.play and audio_output) else None
-    done = None
-    for ev in itertools.chain([first], events):
-        if isinstance(ev, TextDelta):
-            if not args.json:
-                print(ev.text, end="", flush=True)
-        elif isinstance(ev, AudioChunk):
-            writer.write(ev.pcm)
-            if player is not None:
-                player.write(ev.pcm)
-        elif isinstance(ev, Done):
-            done = ev
-    if writer is not None:
-        writer.close()
-    if player is not None:
-        player.close()
+    options = _session_options(args)
+    messages = _messages(args)
+    # a missing audio device fails here, before the model loads and before any output
+    player = Player.open() if (args.play and options.audio_output) else None
+    try:
+        engine = _load_engine(args, options.audio_output)
+        sess = engine.session(options)
+        events = sess.respond(messages, offline=args.offline)
+        first = next(events)  # media decoding and prefill: bad input fails here, before any file
+        writer = StreamingWavWriter(args.out) if options.audio_output else None
+        done = None
+        for ev in itertools.chain([first], events):
+            if isinstance(ev, TextDelta):
+                if not args.json:
+                    print(ev.text, end="", flush=True)
+            elif isinstance(ev, AudioChunk):
+                writer.write(ev.pcm)
+                if player is not None:
+                    player.write(ev.pcm)
+            elif isinstance(ev, Done):
+                done = ev
+        if writer is not None:
+            writer.close()
+    finally:
+        if player is not None:
+            player.close()
     assert done is not None
     if args.json:
         print(json.dumps({
@@ -184,10 +205,10 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     from omnistream.engine.events import AudioChunk, Done, TextDelta
     from omnistream.engine.wav import StreamingWavWriter
 
-    audio_output = not args.no_audio
+    options = _session_options(args)
+    audio_output = options.audio_output
     engine = _load_engine(args, audio_output)
-    sess = engine.session(voice=args.voice, system=args.system, audio_output=audio_output,
-                          **_sampling(args))
+    sess = engine.session(options)
     out_dir = Path(args.out_dir)
     print("omnistream chat: type a message; attach files with /audio F, /image F, /video F; "
           "/quit to leave.", file=sys.stderr)
@@ -241,14 +262,36 @@ def main(argv: list[str] | None = None) -> int:
         from omnistream.bench import main as bench_main
 
         return bench_main(argv[1:]) or 0
+    if argv[:1] and argv[0] in EXTRAS:
+        missing = _missing_extra(argv[0])
+        if missing:
+            print(f"omnistream {argv[0]}: error: {missing}", file=sys.stderr)
+            return 2
     args = _build_parser().parse_args(argv)
     from omnistream.checkpoint import CheckpointError
+    from omnistream.engine.wav import AudioDeviceError
 
     try:
         return _dispatch(args)
-    except (ValueError, CheckpointError) as e:  # bad input: one line that names the problem
+    except (ValueError, CheckpointError, AudioDeviceError) as e:  # one line naming the problem
         print(f"omnistream {args.cmd}: error: {e}", file=sys.stderr)
         return 2
+
+
+def _missing_extra(cmd: str) -> str | None:
+    """Why ``cmd``'s code cannot be imported (the real missing module, and the extra that
+    provides it), or None when it can."""
+    module, extra = EXTRAS[cmd]
+    try:
+        __import__(module)
+    except ImportError as e:
+        top = (e.name or "").split(".")[0]
+        if not top or top == "omnistream":  # not a missing package: our own code is broken
+            return f"cannot import {module}: {e}"
+        if extra is not None:
+            return f"{e}; install the {extra} extra: pip install 'omnistream[{extra}]'"
+        return f"{e}; install it: pip install {top}"
+    return None
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -264,8 +307,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "chat":
         return _cmd_chat(args)
     if args.cmd == "serve":
+        from omnistream.models import resolve_model
         from omnistream.serve.app import run_serve
 
+        args.model = resolve_model(args.model)
         return run_serve(args) or 0
     if args.cmd == "train":
         from omnistream.train.cli import run_train

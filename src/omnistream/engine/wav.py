@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
 import struct
-import subprocess
+import threading
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -63,31 +63,75 @@ class StreamingWavWriter:
             self._f.close()
 
 
-class Player:
-    """Plays PCM as it arrives through the first player found (aplay, pw-play, ffplay)."""
+class AudioDeviceError(RuntimeError):
+    """Live playback is impossible here; the message says why and what to install."""
 
-    def __init__(self, proc: subprocess.Popen):
-        self._proc = proc
+
+class Player:
+    """Plays PCM on the default output device as it arrives (``sounddevice``, i.e. PortAudio).
+
+    ``write`` never blocks: chunks are queued and a PortAudio callback plays them, so generation
+    runs on at its own pace; ``close`` waits until everything written has been played."""
+
+    def __init__(self, sd, rate: int = SAMPLE_RATE):
+        self._queue: deque[np.ndarray] = deque()  # float32 chunks not yet (fully) played
+        self._lock = threading.Lock()
+        self._closing = False
+        self._drained = threading.Event()
+        self._stop = sd.CallbackStop
+        self._rate = rate
+        self._stream = sd.OutputStream(samplerate=rate, channels=1, dtype="float32",
+                                       callback=self._callback,
+                                       finished_callback=self._drained.set)
+        self._stream.start()
 
     @classmethod
     def open(cls, rate: int = SAMPLE_RATE) -> Player:
-        cmds = {
-            "aplay": ["aplay", "-q", "-f", "S16_LE", "-c", "1", "-r", str(rate)],
-            "pw-play": ["pw-play", "--format", "s16", "--channels", "1", "--rate", str(rate), "-"],
-            "ffplay": ["ffplay", "-loglevel", "quiet", "-nodisp", "-autoexit", "-f", "s16le",
-                       "-ch_layout", "mono", "-ar", str(rate), "-"],
-        }
-        for name, cmd in cmds.items():
-            if shutil.which(name):
-                return cls(subprocess.Popen(cmd, stdin=subprocess.PIPE))
-        raise RuntimeError("--play needs an audio player (aplay, pw-play or ffplay); none found")
+        """A started player, or ``AudioDeviceError`` (sounddevice or PortAudio missing, no
+        output device) before anything is played or written."""
+        try:
+            import sounddevice as sd
+        except ImportError as e:
+            raise AudioDeviceError(
+                f"playing audio needs the sounddevice package ({e}): "
+                "pip install 'omnistream[audio]'") from e
+        except OSError as e:  # sounddevice is there but the PortAudio library is not
+            raise AudioDeviceError(
+                f"playing audio needs the PortAudio library ({e}): install it "
+                "(e.g. apt-get install libportaudio2)") from e
+        try:
+            sd.check_output_settings(samplerate=rate, channels=1, dtype="float32")
+            return cls(sd, rate)
+        except Exception as e:  # noqa: BLE001 - PortAudioError / ValueError: no usable device
+            raise AudioDeviceError(
+                f"no audio output device to play on ({type(e).__name__}: {e}); "
+                "drop --play (the reply is still written to --out)") from e
+
+    def _callback(self, out: np.ndarray, frames: int, _time, _status) -> None:
+        n = 0
+        with self._lock:
+            while n < frames and self._queue:
+                head = self._queue[0]
+                k = min(frames - n, head.size)
+                out[n:n + k, 0] = head[:k]
+                n += k
+                if k == head.size:
+                    self._queue.popleft()
+                else:
+                    self._queue[0] = head[k:]
+            done = self._closing and not self._queue
+        out[n:, 0] = 0.0  # an underrun plays silence until more arrives
+        if done:
+            raise self._stop
 
     def write(self, pcm: np.ndarray) -> None:
-        assert self._proc.stdin is not None
-        self._proc.stdin.write(pcm16(pcm))
-        self._proc.stdin.flush()
+        with self._lock:
+            self._queue.append(np.asarray(pcm, dtype=np.float32).reshape(-1).copy())
 
     def close(self) -> None:
-        if self._proc.stdin:
-            self._proc.stdin.close()
-        self._proc.wait()
+        """Play what is queued, then release the device."""
+        with self._lock:
+            self._closing = True
+            queued_s = sum(c.size for c in self._queue) / self._rate
+        self._drained.wait(queued_s + 5.0)  # bounded: a stalled device does not hang the CLI
+        self._stream.close()

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from omnistream import checkpoint
 from omnistream.config import OmniConfig
+from omnistream.models import RANDOM_WEIGHTS_MARKER
 from omnistream.nn.talker import Talker
 from omnistream.nn.thinker import Thinker
 
@@ -66,16 +67,15 @@ def save_released(out_dir: str | Path, src_dir: str | Path, trained: dict[str, T
     """Write a complete release-layout checkpoint to ``out_dir``: the source's non-weight files
     (config, tokenizer, processor, spk_dict ...) and one ``model.safetensors`` holding the source
     tensors with ``trained`` (checkpoint names, LoRA already merged) written over them, each in the
-    source tensor's dtype."""
+    source tensor's dtype. The source's random-weights marker is not copied: trained weights are
+    not make-tiny's noise."""
     out, src = Path(out_dir), Path(src_dir)
     out.mkdir(parents=True, exist_ok=True)
+    skip = ("model.safetensors.index.json", RANDOM_WEIGHTS_MARKER)
     for f in src.iterdir():
-        if (
-            f.is_file()
-            and not f.name.endswith(".safetensors")
-            and f.name != "model.safetensors.index.json"
-        ):
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name not in skip:
             shutil.copy2(f, out / f.name)
+    (out / RANDOM_WEIGHTS_MARKER).unlink(missing_ok=True)
     tensors = read_tensors(src)
     for k, v in trained.items():
         if k not in tensors:
