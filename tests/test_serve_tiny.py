@@ -27,9 +27,30 @@ def engine(tiny_dir):
     return Engine.load(tiny_dir, quiet=True)
 
 
+class Recorder:
+    """The engine, remembering the sessions the server makes (to read their prompt ids)."""
+
+    def __init__(self, engine):
+        self._engine = engine
+        self.sessions: list = []
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def session(self, *args, **kw):
+        sess = self._engine.session(*args, **kw)
+        self.sessions.append(sess)
+        return sess
+
+
 @pytest.fixture(scope="module")
-def server(engine):
-    with LiveServer(create_app(engine, ServeConfig(max_speech_s=SPEECH_S))) as s:
+def recorder(engine):
+    return Recorder(engine)
+
+
+@pytest.fixture(scope="module")
+def server(recorder):
+    with LiveServer(create_app(recorder, ServeConfig(max_speech_s=SPEECH_S))) as s:
         yield s
 
 
@@ -126,3 +147,47 @@ def test_realtime_on_engine(server, engine):
     assert done["response"]["status"] in ("completed", "incomplete")
     assert "error" not in [e["type"] for e in _]
     c.close()
+
+
+def test_realtime_audio_equals_message_audio(server, recorder, engine):
+    """24 kHz PCM16 sent over the Realtime socket in 100 ms pieces gets the prompt ids the same
+    audio sent as a message gets (the live turn resamples it exactly, once), and response.done
+    reports the live turn's counters: the loud end re-encodes the quiet first block."""
+    from test_realtime import Client
+
+    from omnistream.serve.bridge import new_session
+
+    rate = 24_000
+    # 41 928 samples at 16 kHz = 262 hops + 8 samples: one more mel frame than a resampler that
+    # loses its last few samples (the one the server used before) gets, and one audio token more
+    t = np.arange(62_892) / rate
+    x = 0.02 * np.sin(2 * np.pi * 300 * t)
+    x[int(2.2 * rate):] *= 40  # louder after the first 2 s block was handed out
+    pcm = (x * 32767).astype("<i2")
+    c = Client(server.url)
+    c.until("session.created")
+    c.send("session.update", session={"turn_detection": None, "modalities": ["text"],
+                                      "temperature": 0, "max_response_output_tokens": 4})
+    c.until("session.updated")
+    for i in range(0, len(pcm), rate // 10):
+        c.send("input_audio_buffer.append",
+               audio=base64.b64encode(pcm[i:i + rate // 10].tobytes()).decode())
+    c.send("input_audio_buffer.commit")
+    c.until("input_audio_buffer.committed", timeout=60)
+    c.send("response.create")
+    done, _ = c.until("response.done", timeout=120)
+    c.close()
+    live_ids = recorder.sessions[-1].last_prompt_ids
+
+    ref = new_session(engine, voice=None, system=None, audio_output=False,
+                      sampling={"temperature": 0.0}, max_new_tokens=4, seed=0)
+    ref_done = [ev for ev in ref.respond([{"role": "user", "content": [
+        {"type": "audio", "audio": (pcm.astype(np.float32) / 32768, rate)}]}])][-1]
+    assert live_ids == ref.last_prompt_ids
+    assert engine.cfg.thinker_config.audio_token_index in live_ids
+    usage = done["response"]["usage"]
+    assert usage["input_tokens"] == ref_done.usage.prompt_tokens == len(live_ids)
+    assert done["response"]["output"][0]["content"][0]["text"] == ref_done.text  # greedy
+    assert usage["live_input"]["rollbacks"] >= 1
+    assert usage["live_input"]["dropped_frames"] == usage["live_input"]["gaps"] == 0
+    assert ref_done.usage.live_rollbacks == 0  # audio sent as a message is no live turn

@@ -299,7 +299,7 @@ class Session:
         logits = live.logits.reshape(1, -1)
         deltas = torch.tensor([[c.next_position - self.cache.length]], device=self.engine.device)
         prompt_ids = self.ctx.ids[live.start:]
-        self._ready = (logits, deltas, prompt_ids, live.start)
+        self._ready = (logits, deltas, prompt_ids, live.start, live.turn.counters())
         self.next_pos = c.next_position
 
     def clear_user_turn(self) -> None:
@@ -371,8 +371,9 @@ class Session:
             if self._live is not None or self._ready is not None:
                 raise ValueError("a live user turn is open: commit it and respond([]), or clear it")
             logits, deltas, prompt_ids, cached = self._prefill(messages)
+            live_counts = {}  # Usage's live_* fields: a live turn's input counters
         elif self._ready is not None:
-            (logits, deltas, prompt_ids, cached), self._ready = self._ready, None
+            (logits, deltas, prompt_ids, cached, live_counts), self._ready = self._ready, None
         else:
             raise ValueError("nothing to respond to: pass messages, or commit a live user turn")
         self.last_prompt_ids = prompt_ids
@@ -435,7 +436,7 @@ class Session:
         timings["total_s"] = time.perf_counter() - t0
         self.turns += 1
         text = eng.tokenizer.decode([t for t in text_ids if t not in eos], skip_special_tokens=True)
-        usage = Usage(n_prompt, n_text, len(codec), cached)
+        usage = Usage(n_prompt, n_text, len(codec), cached, **live_counts)
         yield Done(text, finish, usage, timings, text_ids, codec)
 
 
