@@ -1,7 +1,15 @@
 """Talker parity against transformers' Qwen2.5-Omni talker (fp32), and the thinker -> talker
-composition against ``Qwen2_5OmniForConditionalGeneration.generate`` (codec ids, no waveform)."""
+composition against ``Qwen2_5OmniForConditionalGeneration.generate`` (codec ids, no waveform):
+the offline loops (``engine/offline.py``, batched, left padding) and the path users run
+(``Session.respond`` streaming and offline, and ``omnistream generate``) on a checkpoint written
+from the reference's random weights."""
 
 from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,20 +28,27 @@ SPEAKER_BOS = 151872  # "Chelsie"
 GREEDY_TALKER = SamplingParams(temperature=0, repetition_penalty=1.05, suppress_ids=(8293,))
 
 
-@pytest.fixture(scope="module")
-def omni():
-    """(reference Qwen2_5OmniForConditionalGeneration, our thinker, our talker)."""
+OVERRIDES = {"thinker_config.vision_start_token_id": VS}
+
+
+def _reference(seed: int = 1):
+    """A tiny ``Qwen2_5OmniForConditionalGeneration`` with every parameter random."""
     from transformers import Qwen2_5OmniForConditionalGeneration
 
-    overrides = {"thinker_config.vision_start_token_id": VS}
-    hf_cfg = tiny_hf_config(**overrides)
+    hf_cfg = tiny_hf_config(**OVERRIDES)
     hf_cfg.thinker_config._attn_implementation = "sdpa"
     hf_cfg.talker_config._attn_implementation = "sdpa"
     ref = Qwen2_5OmniForConditionalGeneration(hf_cfg)
-    randomize_(ref.thinker, seed=1)
-    randomize_(ref.talker, seed=2, std=0.1)
-    ref.eval()
-    cfg = OmniConfig.from_dict(tiny_config(**overrides))
+    randomize_(ref.thinker, seed=seed)
+    randomize_(ref.talker, seed=seed + 1, std=0.1)
+    return ref.eval()
+
+
+@pytest.fixture(scope="module")
+def omni():
+    """(reference Qwen2_5OmniForConditionalGeneration, our thinker, our talker)."""
+    ref = _reference(seed=1)
+    cfg = OmniConfig.from_dict(tiny_config(**OVERRIDES))
     thinker, talker = Thinker(cfg.thinker_config).eval(), Talker(cfg.talker_config).eval()
     sd = hf_to_ckpt(ref.thinker.state_dict())
     thinker.load_state_dict(sd, strict=True)
@@ -167,3 +182,130 @@ def test_greedy_codes_match_reference_generate(omni, prompt):
     assert codes.shape[1] > n_text + 2  # the codes run past the reply (end / pad text tokens)
     assert torch.equal(codes, want_codes[:, : codes.shape[1]])
     assert codes.shape[1] == want_codes.shape[1]
+
+
+# -- the path users run: Session.respond and the CLI ---------------------------------------------
+
+EOS = 151645  # <|im_end|>
+N_CODES = 24
+EOS_PROMPT, LENGTH_PROMPT = "Say something short.", "Tell me a long story."
+
+
+def _write_checkpoint(ref, src: Path, out: Path) -> Path:
+    """A released-layout checkpoint (fp32) of the reference's thinker and talker weights, with
+    ``src``'s token2wav, configs, tokenizer and voices."""
+    from omnistream.checkpoint import read_tensors
+    from omnistream.maketiny import write_safetensors
+
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and not f.name.startswith("model"):  # not the weights or their index
+            shutil.copy2(f, out / f.name)
+    tensors = {f"thinker.{k}": v for k, v in hf_to_ckpt(ref.thinker.state_dict()).items()}
+    tensors |= {f"talker.{k}": v for k, v in ref.talker.state_dict().items()}
+    tensors |= {k: v.clone() for k, v in read_tensors(src, "token2wav.")}
+    write_safetensors(out, [tensors])
+    return out
+
+
+@pytest.fixture(scope="module")
+def user_path(tiny_dir, tmp_path_factory):
+    """{"plain": (reference, checkpoint dir, ``Engine.load`` of it) with the same random
+    weights, "eos": the same with the <|im_end|> row of the LM head made to win at the third
+    reply token of ``EOS_PROMPT``} (random weights never end a reply by themselves)."""
+    from omnistream.engine.session import Engine
+
+    ref = _reference(seed=5)
+    d = _write_checkpoint(ref, tiny_dir, tmp_path_factory.mktemp("plain"))
+    plain = Engine.load(d, quiet=True)
+    done = list(plain.session(max_new_tokens=3, talker_max_new_tokens=1).respond(EOS_PROMPT))[-1]
+    ref_eos = copy.deepcopy(ref)
+    with torch.no_grad():
+        head = ref_eos.thinker.lm_head.weight
+        head[EOS] = head[done.text_ids[2]] * 1.1  # scores above the greedy token wherever it wins
+    d_eos = _write_checkpoint(ref_eos, tiny_dir, tmp_path_factory.mktemp("eos"))
+    return {"plain": (ref, d, plain), "eos": (ref_eos, d_eos, Engine.load(d_eos, quiet=True))}
+
+
+def _until_stop(codes: torch.Tensor) -> list[int]:
+    """The reference's codes before its first stop id (the engine never reports stop ids)."""
+    out = []
+    for c in codes.tolist():
+        if c in (8292, 8294):
+            break
+        out.append(c)
+    return out
+
+
+def _media_messages(tmp: Path, kind: str) -> list[dict]:
+    from media_helpers import tone, write_video
+
+    small = {"resized_height": 56, "resized_width": 56}  # 4 tokens per 2 frames
+    if kind == "audio-in-video":
+        video = write_video(tmp / "aiv.mp4", 20, fps=10, size=(56, 56), audio=(tone(2.0, 16000),
+                                                                                 16000))
+        content = [{"type": "video", "video": str(video), **small}]
+    else:
+        video = write_video(tmp / "v.mp4", 20, fps=10, size=(56, 56))
+        image = (torch.arange(56 * 56 * 3) % 251).reshape(56, 56, 3).to(torch.uint8).numpy()
+        content = [{"type": "audio", "audio": (tone(1.5, 16000)[0], 16000)},
+                   {"type": "image", "image": image},
+                   {"type": "video", "video": str(video), **small}]
+    return [{"role": "user", "content": [*content, {"type": "text", "text": "What is this?"}]}]
+
+
+@pytest.mark.parametrize("case", ["eos", "eos-offline", "length", "audio-image-video",
+                                  "audio-in-video"])
+def test_session_codes_match_reference_generate(user_path, case, tmp_path):
+    """``Session.respond`` (streaming; once ``offline=True``) gives the reference's greedy text
+    and codec ids: a reply ending with <|im_end|>, one cut by the token limit, and prompts with
+    audio + image + video and with a video's own audio track."""
+    from omnistream.nn.thinker import MEDIA_FIELDS
+
+    ref, _, engine = user_path["eos" if case.startswith("eos") else "plain"]
+    aiv = case == "audio-in-video"
+    n_text = 5 if case == "length" else 8
+    if case.startswith("eos"):
+        messages = [{"role": "user", "content": EOS_PROMPT}]
+    elif case == "length":
+        messages = [{"role": "user", "content": LENGTH_PROMPT}]
+    else:
+        messages = _media_messages(tmp_path, case)
+    sess = engine.session(max_new_tokens=n_text, talker_max_new_tokens=N_CODES,
+                          talker_sampling=GREEDY_TALKER, use_audio_in_video=aiv, seed=0)
+    done = list(sess.respond(messages, offline=case == "eos-offline"))[-1]
+
+    inputs = engine.processor(messages, add_generation_prompt=True, use_audio_in_video=aiv,
+                              speech_output=True)
+    assert inputs.input_ids.tolist() == sess.last_prompt_ids  # the features the session used
+    media = {k: getattr(inputs, k) for k in MEDIA_FIELDS if getattr(inputs, k) is not None}
+    media.pop("use_audio_in_video", None)
+    if aiv:
+        media["use_audio_in_video"] = True
+    ids = torch.tensor([sess.last_prompt_ids])
+    want_text, want_codes = _reference_codes(ref, ids, torch.ones_like(ids), n_text, N_CODES,
+                                             media)
+    assert done.text_ids == want_text[0].tolist()
+    assert done.codec_ids == _until_stop(want_codes[0])
+    if case.startswith("eos"):
+        assert done.finish_reason == "stop" and done.text_ids[-1] == EOS
+        assert len(done.text_ids) > 1  # a reply before the <|im_end|>
+    if case == "length":
+        assert done.finish_reason == "length" and len(done.text_ids) == n_text
+    assert len(done.codec_ids) > len(done.text_ids) + 1  # past the reply: text end, then pad
+
+
+def test_cli_generate_codes_match_reference_generate(user_path, tmp_path, capsys):
+    """``omnistream generate --json`` with a greedy Talker gives the reference's ids."""
+    from omnistream.cli import main
+
+    ref, d, _ = user_path["plain"]
+    rc = main(["generate", "--model", str(d), "--prompt", LENGTH_PROMPT, "--json",
+               "--max-new-tokens", "5", "--talker-max-new-tokens", str(N_CODES),
+               "--talker-temperature", "0", "--out", str(tmp_path / "reply.wav")])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    ids = torch.tensor([res["prompt_ids"]])
+    want_text, want_codes = _reference_codes(ref, ids, torch.ones_like(ids), 5, N_CODES, {})
+    assert res["text_ids"] == want_text[0].tolist()
+    assert res["codec_ids"] == _until_stop(want_codes[0]) and len(res["codec_ids"]) > 6
