@@ -203,3 +203,23 @@ def test_talker_cache_is_reused_across_turns(engine, monkeypatch):
     assert with_reuse[0] == without[0] == p1
     assert with_reuse[1] < without[1]  # only the positions after the first prompt
     assert codes[0] == codes[1] and len(codes[0][1]) == 12
+
+
+def test_session_options_object_or_fields(engine):
+    import dataclasses
+
+    from omnistream.engine.options import SessionOptions
+
+    opts = SessionOptions(audio_output=False, seed=5, max_new_tokens=5, ignore_eos=True)
+    _, a = _run(engine.session(opts), "Hello")
+    _, b = _run(engine.session(audio_output=False, seed=5, max_new_tokens=5, ignore_eos=True),
+                "Hello")
+    sess = engine.session(opts, seed=6)
+    assert a.text_ids == b.text_ids and len(a.text_ids) == 5
+    assert sess.options == opts.replace(seed=6) and opts.seed == 5
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.seed = 1
+    for bad in (dict(max_new_tokens=0), dict(solver="heun"), dict(max_chunk_frames=8)):
+        with pytest.raises(ValueError):
+            SessionOptions(**bad)
+    assert SessionOptions.speech_limit(2.0) == 100
