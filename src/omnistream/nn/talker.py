@@ -9,11 +9,11 @@ This module is the one home of that input (facts §8); the streaming engine
 (``engine/speech.py``), the offline loop (``engine/offline.py``) and training
 (``train/losses.py``) all build it here:
 
-    position            text track                          codec track
-    prompt t < P        hidden_t + embed_t (embed 0 at media)   -          (``prompt_track``)
-    P                   embed(speaker bos)                  codec(pad)  \\ (``start``)
-    P + 1               text(0)                             codec(bos)  /  -> code 0
-    P + 1 + k (k >= 1)  text(k)                             codec(code k-1)   -> code k
+    position            text track                             codec track
+    t < P (prompt)      hidden_t + embed_t (embed 0 at media)  -                ``prompt_track``
+    P                   embed(speaker bos)                     codec(pad)       ``start``
+    P + 1               text(0)                                codec(bos)       -> code 0
+    P + 1 + k, k >= 1   text(k)                                codec(code k-1)  -> code k
 
 ``text(k)`` (``TextTrack.at``) is ``r_k = hidden_k + embed_k`` of reply token k (``hidden_k`` the
 thinker's final hidden state when token k was fed) while k < n (the reply's length), then
