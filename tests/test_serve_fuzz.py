@@ -24,6 +24,7 @@ from schemathesis.checks import negative_data_rejection, not_a_server_error  # n
 # generated requests per operation and phase; OMNISTREAM_FUZZ_EXAMPLES=1000 for a deeper run
 EXAMPLES = int(os.environ.get("OMNISTREAM_FUZZ_EXAMPLES", "60"))
 CASES: list[tuple[str, str, int]] = []  # (method, path, status) of every request sent
+FALSE_ALARMS: list = []  # bodies labelled negative that satisfy the schema (see _check)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,32 @@ def _cfg() -> ServeConfig:
 
 
 # the document the server serves at /openapi.json (test_openapi_served checks they are equal)
-schema = schemathesis.openapi.from_dict(create_app(FakeEngine(), _cfg()).openapi())
+DOC = create_app(FakeEngine(), _cfg()).openapi()
+schema = schemathesis.openapi.from_dict(DOC)
+
+
+def _body_is_valid(case) -> bool:
+    """The request body satisfies the schema (JSON Schema 2020-12, as OpenAPI 3.1 says)."""
+    import jsonschema_rs
+
+    body_schema = DOC["paths"][case.path][case.method.lower()]["requestBody"]["content"][
+        "application/json"]["schema"]
+    return jsonschema_rs.validator_for({**body_schema, "components": DOC["components"]}
+                                       ).is_valid(case.body)
+
+
+def _check(case, response) -> None:
+    """schemathesis' checks, less a known false alarm: a case generated as negative that
+    shrinking turned valid (the label stays) is no schema-violating request."""
+    from schemathesis.core.failures import AcceptedNegativeData, FailureGroup
+
+    try:
+        case.validate_response(response, checks=[not_a_server_error, negative_data_rejection])
+    except FailureGroup as e:
+        if not (all(isinstance(x, AcceptedNegativeData) for x in e.exceptions)
+                and _body_is_valid(case)):
+            raise
+        FALSE_ALARMS.append(case.body)
 
 
 def _assert_openai_error_shape(response) -> None:
@@ -57,13 +83,13 @@ def test_openapi_served(fuzz_server):
 
 
 @schema.parametrize()
-@hypothesis.settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
+@hypothesis.settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                      suppress_health_check=list(hypothesis.HealthCheck))
 def test_fuzz_openapi(case, fuzz_server):
     """No 5xx; requests that break the schema are refused (4xx); errors in OpenAI's shape."""
     r = case.call(base_url=fuzz_server.url, timeout=30)
     CASES.append((case.method, case.path, r.status_code))
-    case.validate_response(r, checks=[not_a_server_error, negative_data_rejection])
+    _check(case, r)
     _assert_openai_error_shape(r)
 
 
@@ -81,4 +107,5 @@ def test_server_answers_after_fuzz(fuzz_server):
         assert {"/v1/chat/completions", "/v1/models", "/health"} <= paths, paths
         from collections import Counter
 
-        print(f"\nfuzz: {len(CASES)} requests:", dict(Counter(CASES)))
+        print(f"\nfuzz: {len(CASES)} requests ({len(FALSE_ALARMS)} valid bodies labelled "
+              "negative):", dict(Counter(CASES)))
