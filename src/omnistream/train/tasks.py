@@ -1,0 +1,296 @@
+"""The omni-mini task generator: ``../shared/mini/TASKS.md`` implemented exactly, deterministic
+for a seed.
+
+``make_case(family, rng)`` draws one conversation of a family (its media as encoded bytes, the
+question, the exact answer string, and the ground truth it rendered); ``make_dataset`` writes
+``n_per_family`` cases of each family under a folder as ChatML JSONL (``omnistream.train.data``'s
+record format)::
+
+    python -m omnistream.train.tasks OUT --n-per-family 100 --seed 0
+
+Records: the release's speech system prompt, one user turn (media parts first, then the text part
+if any), the assistant's reply (the answer string; its speech codes are made later by the codec).
+Extra keys: ``family``, ``case`` (the seed words of the case), and ``use_audio_in_video: true``
+for audio-in-video (the engine's ``SessionOptions.use_audio_in_video``: the video's audio track is
+an input too).
+
+Seeds: case ``i`` of family ``f`` is drawn from ``numpy.random.default_rng([seed, f, i])``, so a
+case does not depend on ``n_per_family`` or on which families are made. Training data uses seeds
+below ``EVAL_SEED_BASE``; evaluation cases use seeds from ``EVAL_SEED_BASE`` up, so the two never
+share a random stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from omnistream.chat import SPEECH_SYSTEM_PROMPT
+from omnistream.train import tasks_media as tm
+from omnistream.train.sentences import COLORS, NUMBERS, SHAPES, repeat_vocabulary
+
+FAMILIES = (
+    "image-count",
+    "image-count-color",
+    "image-color",
+    "image-shape",
+    "spoken-image",
+    "arithmetic",
+    "beeps",
+    "video-motion",
+    "audio-in-video",
+    "chat",
+    "repeat",
+)
+EVAL_SEED_BASE = 1_000_000  # training seeds are below, evaluation seeds at or above
+CHAT_QUESTIONS = ("Hello!", "Hi!", "Who are you?")
+CHAT_ANSWER = "Hello! I am omnistream, a small model that can see, hear and talk."
+REPEAT_WORDS = (3, 8)
+# the tasks' vocabulary and the words of all answers ("omnistream" is in the chat answer)
+REPEAT_VOCABULARY = tuple(sorted(set(repeat_vocabulary()) | {"omnistream"}))
+SPOKEN_P = 0.5  # arithmetic: the question is spoken (audio only) this often
+MOTION_ANSWERS = {"left": "It moves to the left.", "right": "It moves to the right.",
+                  "up": "It moves up.", "down": "It moves down."}
+
+
+@dataclass
+class Media:
+    """One encoded media item: ``kind`` audio | image | video, file extension, bytes."""
+
+    kind: str
+    ext: str
+    data: bytes
+
+
+@dataclass
+class Case:
+    """One conversation: media (prompt order), the text question (None when it is spoken or
+    the input is media only), the answer string, and the ground truth of the rendering."""
+
+    family: str
+    media: list[Media]
+    question: str | None
+    answer: str
+    meta: dict = field(default_factory=dict)
+    use_audio_in_video: bool = False
+
+    def record(self, paths: list[str]) -> dict:
+        """The ChatML JSONL record, with the media at ``paths`` (relative to the JSONL file)."""
+        content: list[dict] = [{"type": m.kind, m.kind: p}
+                               for m, p in zip(self.media, paths, strict=True)]
+        if self.question is not None:
+            content.append({"type": "text", "text": self.question})
+        rec = {"messages": [{"role": "system", "content": SPEECH_SYSTEM_PROMPT},
+                            {"role": "user", "content": content},
+                            {"role": "assistant", "content": self.answer}],
+               "family": self.family}
+        if self.use_audio_in_video:
+            rec["use_audio_in_video"] = True
+        return rec
+
+
+# -- strings ---------------------------------------------------------------------------------
+
+
+def cap(s: str) -> str:
+    """First letter upper-cased."""
+    return s[:1].upper() + s[1:]
+
+
+def count_answer(n: int, color: str | None = None) -> str:
+    """There are N [color] shapes. / There is one [color] shape. / There are no color shapes."""
+    c = f"{color} " if color else ""
+    if n == 1:
+        return f"There is one {c}shape."
+    if n == 0:
+        if color is None:
+            raise ValueError("an image always has a shape")
+        return f"There are no {c}shapes."
+    return f"There are {NUMBERS[n]} {c}shapes."
+
+
+# -- families ----------------------------------------------------------------------------------
+
+
+def _choice(rng: np.random.Generator, xs):
+    return xs[int(rng.integers(len(xs)))]
+
+
+def _image_count(rng: np.random.Generator) -> tuple[list[tuple[str, str]], str, str]:
+    n = int(rng.integers(1, tm.MAX_SHAPES + 1))
+    specs = [(_choice(rng, SHAPES), _choice(rng, COLORS)) for _ in range(n)]
+    return specs, "How many shapes are there?", count_answer(n)
+
+
+def _image_count_color(rng: np.random.Generator) -> tuple[list[tuple[str, str]], str, str]:
+    color = _choice(rng, COLORS)
+    k = int(rng.integers(0, tm.MAX_SHAPES + 1))  # shapes of that color
+    n = int(rng.integers(max(k, 1), tm.MAX_SHAPES + 1))
+    others = [c for c in COLORS if c != color]
+    specs = [(_choice(rng, SHAPES), color) for _ in range(k)]
+    specs += [(_choice(rng, SHAPES), _choice(rng, others)) for _ in range(n - k)]
+    return specs, f"How many {color} shapes are there?", count_answer(k, color)
+
+
+def _image_color(rng: np.random.Generator) -> tuple[list[tuple[str, str]], str, str]:
+    shape, color = _choice(rng, SHAPES), _choice(rng, COLORS)
+    n = int(rng.integers(1, tm.MAX_SHAPES + 1))
+    others = [s for s in SHAPES if s != shape]
+    specs = [(shape, color)] + [(_choice(rng, others), _choice(rng, COLORS))
+                                for _ in range(n - 1)]
+    return specs, f"What color is the {shape}?", f"The {shape} is {color}."
+
+
+def _image_shape(rng: np.random.Generator) -> tuple[list[tuple[str, str]], str, str]:
+    shape, color = _choice(rng, SHAPES), _choice(rng, COLORS)
+    n = int(rng.integers(1, tm.MAX_SHAPES + 1))
+    others = [c for c in COLORS if c != color]
+    specs = [(shape, color)] + [(_choice(rng, SHAPES), _choice(rng, others))
+                                for _ in range(n - 1)]
+    return specs, f"Which shape is {color}?", f"The {color} shape is a {shape}."
+
+
+IMAGE_FAMILIES = {"image-count": _image_count, "image-count-color": _image_count_color,
+                  "image-color": _image_color, "image-shape": _image_shape}
+
+
+def _image_case(family: str, sub: str, rng: np.random.Generator, spoken: bool) -> Case:
+    specs, q, a = IMAGE_FAMILIES[sub](rng)
+    png, meta = tm.render_image(specs, rng)
+    media = [Media("image", "png", png)]
+    meta |= {"image_family": sub, "question": q}
+    if spoken:
+        wav, meta["speech"] = tm.spoken_question(q, rng)
+        media.append(Media("audio", "wav", wav))
+    return Case(family, media, None if spoken else q, a, meta)
+
+
+def _arithmetic(rng: np.random.Generator) -> Case:
+    plus = bool(rng.random() < 0.5)
+    a, b = (int(v) for v in rng.integers(0, 11, 2))
+    if not plus and a < b:
+        a, b = b, a
+    op, c = ("plus", a + b) if plus else ("minus", a - b)
+    q = f"What is {NUMBERS[a]} {op} {NUMBERS[b]}?"
+    ans = f"{cap(NUMBERS[a])} {op} {NUMBERS[b]} is {NUMBERS[c]}."
+    meta = {"a": a, "b": b, "op": op, "question": q}
+    if rng.random() < SPOKEN_P:
+        wav, meta["speech"] = tm.spoken_question(q, rng)
+        return Case("arithmetic", [Media("audio", "wav", wav)], None, ans, meta)
+    return Case("arithmetic", [], q, ans, meta)
+
+
+def _beeps(rng: np.random.Generator) -> Case:
+    n = int(rng.integers(1, 6))
+    wav, meta = tm.beeps(n, rng)
+    ans = "I hear one beep." if n == 1 else f"I hear {NUMBERS[n]} beeps."
+    return Case("beeps", [Media("audio", "wav", wav)], "How many beeps do you hear?", ans,
+                meta | {"n": n})
+
+
+def _video_motion(rng: np.random.Generator) -> Case:
+    kind, color = _choice(rng, SHAPES), _choice(rng, COLORS)
+    direction = _choice(rng, tuple(tm.DIRECTIONS))
+    mp4, meta = tm.motion_video(kind, color, direction, rng)
+    return Case("video-motion", [Media("video", "mp4", mp4)],
+                f"Which way does the {color} {kind} move?", MOTION_ANSWERS[direction],
+                meta | {"shape": kind, "color": color, "direction": direction})
+
+
+def _audio_in_video(rng: np.random.Generator) -> Case:
+    word = NUMBERS[int(rng.integers(1, 10))]
+    mp4, color, meta = tm.color_change_video(word, rng)
+    return Case("audio-in-video", [Media("video", "mp4", mp4)],
+                "What color was the shape when the voice spoke?", f"It was {color}.", meta,
+                use_audio_in_video=True)
+
+
+def _repeat(rng: np.random.Generator) -> Case:
+    n = int(rng.integers(REPEAT_WORDS[0], REPEAT_WORDS[1] + 1))
+    words = [_choice(rng, REPEAT_VOCABULARY) for _ in range(n)]
+    words = ["I" if w == "i" else w for w in words]
+    text = " ".join(words)
+    return Case("repeat", [], f"Repeat after me: {text}", cap(text) + ".", {"words": words})
+
+
+def make_case(family: str, rng: np.random.Generator) -> Case:
+    """One case of ``family`` (one of FAMILIES), all randomness from ``rng``."""
+    if family in IMAGE_FAMILIES:
+        return _image_case(family, family, rng, spoken=False)
+    if family == "spoken-image":
+        return _image_case(family, _choice(rng, tuple(IMAGE_FAMILIES)), rng, spoken=True)
+    if family == "arithmetic":
+        return _arithmetic(rng)
+    if family == "beeps":
+        return _beeps(rng)
+    if family == "video-motion":
+        return _video_motion(rng)
+    if family == "audio-in-video":
+        return _audio_in_video(rng)
+    if family == "chat":
+        return Case("chat", [], _choice(rng, CHAT_QUESTIONS), CHAT_ANSWER)
+    if family == "repeat":
+        return _repeat(rng)
+    raise ValueError(f"unknown family {family!r} (one of {', '.join(FAMILIES)})")
+
+
+def case_rng(seed: int, family: str, i: int) -> np.random.Generator:
+    """The random stream of case ``i`` of ``family`` for ``seed``."""
+    return np.random.default_rng([seed, FAMILIES.index(family), i])
+
+
+# -- dataset -----------------------------------------------------------------------------------
+
+
+def make_dataset(out_dir: str | Path, n_per_family: int, seed: int,
+                 families: list[str] | tuple[str, ...] | None = None,
+                 progress: bool = True) -> Path:
+    """``n_per_family`` cases of each family (default: all) written under ``out_dir``: media in
+    ``out_dir/media/{family}/``, records in ``out_dir/data.jsonl`` (family by family, case by
+    case). The same arguments write the same bytes. Returns the JSONL path."""
+    from tqdm import tqdm
+
+    families = tuple(FAMILIES if families is None else families)
+    for f in families:
+        if f not in FAMILIES:
+            raise ValueError(f"unknown family {f!r} (one of {', '.join(FAMILIES)})")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(f, i) for f in families for i in range(n_per_family)]
+    lines = []
+    for f, i in tqdm(jobs, desc="omni-mini cases", disable=not progress, unit="case"):
+        case = make_case(f, case_rng(seed, f, i))
+        paths = []
+        for k, m in enumerate(case.media):
+            rel = f"media/{f}/{i:06d}_{k}.{m.ext}"
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            (out / rel).write_bytes(m.data)
+            paths.append(rel)
+        rec = case.record(paths) | {"case": [seed, f, i]}
+        lines.append(json.dumps(rec, ensure_ascii=False))
+    path = out / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m omnistream.train.tasks OUT --n-per-family N --seed S [--families a,b]``."""
+    p = argparse.ArgumentParser(prog="python -m omnistream.train.tasks",
+                                description="Write omni-mini task cases (TASKS.md) as JSONL.")
+    p.add_argument("out", type=Path)
+    p.add_argument("--n-per-family", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0,
+                   help=f"training: < {EVAL_SEED_BASE}; evaluation: >= {EVAL_SEED_BASE}")
+    p.add_argument("--families", default=None, help="comma-separated (default: all)")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    fams = a.families.split(",") if a.families else None
+    print(make_dataset(a.out, a.n_per_family, a.seed, fams, progress=not a.no_progress))
+
+
+if __name__ == "__main__":
+    main()
