@@ -321,6 +321,45 @@ def test_parameters_on_meta_builds_big_modules_cheaply():
     assert r.inv_freq.device.type == "cpu" and torch.isfinite(r.inv_freq).all()
 
 
+def test_parameters_on_meta_skips_initialisers_and_restores_them():
+    """Initialisers skip meta tensors inside the context (on meta they would run torch's Python
+    reference kernels and import torch._dynamo, 2 s) and are torch's own again after it."""
+    import subprocess
+    import sys
+
+    normal = nn.init.normal_
+    with ckpt.parameters_on_meta():
+        nn.Embedding(10, 4)
+        real = torch.empty(3)
+        nn.init.ones_(real)  # real tensors are still initialised
+    assert nn.init.normal_ is normal and torch.equal(real, torch.ones(3))
+    code = ("import sys, torch\nfrom torch import nn\nfrom omnistream import checkpoint\n"
+            "with checkpoint.parameters_on_meta():\n    nn.Embedding(151936, 64)\n"
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_resolve_dtype_one_table():
+    assert ckpt.resolve_dtype("bf16") is ckpt.resolve_dtype("torch.bfloat16") is torch.bfloat16
+    assert ckpt.resolve_dtype("half") is torch.float16 and ckpt.resolve_dtype("auto") is None
+    assert ckpt.resolve_dtype(torch.float32) is torch.float32
+    assert set(ckpt.DTYPES) == {"float32", "bfloat16", "float16"}
+    with pytest.raises(ValueError, match="float32, bfloat16, float16"):
+        ckpt.resolve_dtype("int3")
+
+
+def test_release_pages_of_a_mapped_tensor(standin_dir):
+    """Pages of a tensor mapped from a weights file can be handed back; it still reads the
+    file's values. A tensor not from a file is left alone."""
+    d, full = standin_dir
+    m = _load(d)  # stored dtype: views of the file
+    w = m.lm_head.weight
+    assert ckpt.release_pages(w)
+    assert torch.equal(w, full["thinker.lm_head.weight"])
+    assert not ckpt.release_pages(torch.zeros(4096))
+
+
 def test_copy_checkpoint_dir(standin_dir, tmp_path):
     """A directory copied elsewhere loads the same (paths are relative to the directory)."""
     d, full = standin_dir

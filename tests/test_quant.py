@@ -124,21 +124,26 @@ def test_before_load_path_equals_after_load():
     torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("t_col, changed", [(0.5, True), (0.95, False)])
-def test_head_layout_keeps_name_shape_and_values(monkeypatch, t_col, changed):
+@pytest.mark.parametrize("dtype, width, tied, changed", [
+    (torch.float32, 64, False, True),  # 39 MB fp32 head: column-major decodes faster
+    (torch.bfloat16, 64, False, False),  # bf16 kernels prefer row-major
+    (torch.float32, 16, False, False),  # 10 MB: below MIN_BYTES
+    (torch.float32, 64, True, False),  # tied to the embedding: never copied
+])
+def test_head_layout_by_shape_keeps_name_shape_and_values(dtype, width, tied, changed):
     from omnistream.engine import layout
 
-    times = iter([1.0, t_col])  # row-major, then column-major timing
-    monkeypatch.setattr(layout, "_time", lambda fn: (fn(), next(times))[1])
     torch.manual_seed(0)
-    head = torch.nn.Linear(64, 151936, bias=False)
-    x = torch.randn(1, 3, 64)
+    head = torch.nn.Linear(width, 151936, bias=False).to(dtype)
+    x = torch.randn(1, 3, width, dtype=dtype)
     want = head(x)
-    assert layout.tune_head_layout_(head) is changed
+    assert layout.tune_head_layout_(head, tied=tied) is changed
+    assert layout.tune_head_layout_(head, tied=tied) is False  # already decided
     assert [n for n, _ in head.named_parameters()] == ["weight"]
-    assert head.weight.shape == (151936, 64)
-    assert head.weight.stride() == ((1, 151936) if changed else (64, 1))
+    assert head.weight.shape == (151936, width)
+    assert head.weight.stride() == ((1, 151936) if changed else (width, 1))
     torch.testing.assert_close(head(x), want, rtol=1e-5, atol=1e-5)
+    assert not layout.column_major_is_faster((151936, width), dtype, "cuda")
     q = torch.nn.Linear(64, 8, bias=False)
     q.weight = torch.nn.Parameter(q.weight.detach().t().contiguous().t())  # column-major input
     from omnistream.engine.quant import quantize_weight

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,17 +44,14 @@ _COMPONENTS: dict[str, tuple[str, str, str]] = {
     "token2wav": ("omnistream.nn.token2wav", "Token2Wav", "token2wav_config"),
 }
 
-_DTYPES: dict[str, torch.dtype] = {
+# The one table of dtype names (CLI flags, Engine.load, training stages): name -> torch dtype.
+DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
-    "fp32": torch.float32,
-    "f32": torch.float32,
     "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
     "float16": torch.float16,
-    "fp16": torch.float16,
-    "f16": torch.float16,
-    "half": torch.float16,
 }
+_DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16",
+                  "f16": "float16", "half": "float16"}
 
 
 class CheckpointError(RuntimeError):
@@ -183,6 +181,7 @@ class _Mapped:
             self.header = json.loads(fh.read(n))
             self.base = 8 + n
             self.map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+        _register_map(self.map)
 
     def get_tensor(self, name: str) -> Tensor:
         info = self.header[name]
@@ -212,6 +211,42 @@ class _Mapped:
         hi = self.base + end
         if hasattr(self.map, "madvise") and hi > lo:
             self.map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
+# (address, length, map) of every file mapping made for loading, while the map lives
+_MAPS: list[tuple[int, int, weakref.ref]] = []
+
+
+def _register_map(m) -> None:
+    if len(m) == 0:
+        return
+    addr = torch.frombuffer(m, dtype=torch.uint8, count=1).data_ptr()
+    _MAPS[:] = [e for e in _MAPS if e[2]() is not None]
+    _MAPS.append((addr, len(m), weakref.ref(m)))
+
+
+def release_pages(t: Tensor) -> bool:
+    """Hand back the resident pages of ``t`` when it is a view of a weights file mapped by the
+    loader (for a tensor whose values now live elsewhere, e.g. re-laid out by
+    ``engine/layout.py``). Only pages wholly inside ``t`` are dropped; they are clean, so if
+    anything still reads ``t`` it sees the file's values again. Returns True when released."""
+    import mmap
+
+    if t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
+        return False
+    lo = t.data_ptr()
+    hi = lo + t.numel() * t.element_size()
+    for addr, n, ref in _MAPS:
+        m = ref()
+        if m is None or not (addr <= lo and hi <= addr + n) or not hasattr(m, "madvise"):
+            continue
+        page = mmap.PAGESIZE
+        start = -(-(lo - addr) // page) * page
+        end = (hi - addr) // page * page
+        if end > start:
+            m.madvise(mmap.MADV_DONTNEED, start, end - start)
+        return True
+    return False
 
 
 def _open_mapped(path: Path) -> _Mapped:
@@ -304,8 +339,12 @@ def _get(f, path: Path, name: str) -> Tensor:
 @contextmanager
 def parameters_on_meta():
     """Inside this context new ``nn.Parameter``s are moved to the ``meta`` device as soon as they
-    are registered (their initialisers then cost nothing), while buffers are computed normally.
-    A 7B model builds in a second with a few MB of memory and correct non-persistent buffers."""
+    are registered, while buffers are computed normally. The ``torch.nn.init`` initialisers skip
+    meta tensors: on meta they would run torch's Python reference kernels, whose first use imports
+    ``torch._dynamo`` (2 s, the whole cost of building a 0.45B Thinker before this). A 7B model
+    builds in well under a second with a few MB of memory and correct non-persistent buffers."""
+    import torch.nn.init as init
+
     original = nn.Module.register_parameter
 
     def register_parameter(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
@@ -313,11 +352,28 @@ def parameters_on_meta():
             param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
         original(self, name, param)
 
+    def skip_meta(fn):
+        def init_(tensor, *args, **kwargs):
+            return tensor if tensor.device.type == "meta" else fn(tensor, *args, **kwargs)
+
+        return init_
+
+    inits = {n: getattr(init, n) for n in _INITS if hasattr(init, n)}
     nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
+    for n, fn in inits.items():
+        setattr(init, n, skip_meta(fn))
     try:
         yield
     finally:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
+        for n, fn in inits.items():
+            setattr(init, n, fn)
+
+
+# torch.nn.init's in-place initialisers (the ones module constructors call)
+_INITS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_",
+          "dirac_", "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_",
+          "orthogonal_", "sparse_")
 
 
 def component_factory(part: str) -> Callable[[OmniConfig], nn.Module]:
@@ -343,15 +399,19 @@ def build_component(
         return (factory or component_factory(part))(config)
 
 
-def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A torch dtype from a name in ``DTYPES`` (or an alias: fp32, bf16, fp16, half, ...; a
+    ``torch.`` prefix is fine), a dtype itself, or None / "auto" (None: keep what is stored).
+    An unknown name raises ValueError listing the known ones."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
         return None
+    name = str(dtype).lower().removeprefix("torch.")
     try:
-        return _DTYPES[str(dtype).lower().removeprefix("torch.")]
+        return DTYPES[_DTYPE_ALIASES.get(name, name)]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
+        raise ValueError(f"unknown dtype {dtype!r}; use {', '.join(DTYPES)}") from None
 
 
 def _set(module: nn.Module, name: str, value: Tensor, is_param: bool, requires_grad: bool) -> None:
@@ -390,7 +450,7 @@ def load_component(
         raise ValueError(f"unknown part {part!r}; expected one of {PARTS}")
     d = resolve_model_dir(model_dir)
     cfg = config if config is not None else load_config(d)
-    want = torch.float32 if part == "token2wav" else _resolve_dtype(dtype)
+    want = torch.float32 if part == "token2wav" else resolve_dtype(dtype)
     device = torch.device(device)
 
     module = build_component(part, cfg, factory)

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from omnistream import chat
+from omnistream.checkpoint import resolve_dtype
 from omnistream.engine.events import Done, Event, TextDelta, Usage
 from omnistream.engine.options import SessionOptions
 from omnistream.engine.sampling import sample, seen_mask
@@ -38,7 +39,6 @@ from omnistream.models import RANDOM_WEIGHTS_MARKER
 from omnistream.nn.cache import KVCache
 
 PREFILL_CHUNK = 1024  # prompt tokens per prefill call: bounds activations for long video prompts
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -117,7 +117,7 @@ class Engine:
 
         d = resolve_model_dir(model)
         cfg = load_config(d)
-        dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        dt = resolve_dtype(dtype)  # a name (float32, bf16, ...) or a torch dtype
         thinker = load_component(d, "thinker", dtype=dt, device=device, quiet=quiet).eval()
         talker = token2wav = speakers = None
         if audio_output and cfg.enable_audio_output:

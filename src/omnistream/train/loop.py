@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from omnistream.checkpoint import resolve_dtype
 from omnistream.tokenizer import Tokenizer
 from omnistream.train import losses
 from omnistream.train.data import IGNORE, Batches, Dataset, collate, split
@@ -149,7 +150,8 @@ def train(
     torch.manual_seed(s.seed + rank)
     random.seed(s.seed + rank)
     np.random.seed(s.seed + rank)
-    amp_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[s.dtype]
+    amp_dtype = resolve_dtype(s.dtype)
+    amp_dtype = None if amp_dtype == torch.float32 else amp_dtype  # float32: autocast off
     autocast = (
         torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     )
