@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import struct
+import io
 import threading
+import wave
 from collections import deque
 from pathlib import Path
 
 import numpy as np
 
-from omnistream.engine.events import SAMPLE_RATE
+from omnistream.media.audio import OUTPUT_SAMPLE_RATE
 
 
 def pcm16(pcm: np.ndarray) -> bytes:
@@ -17,41 +18,40 @@ def pcm16(pcm: np.ndarray) -> bytes:
     return (np.clip(pcm, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
 
 
-def wav_bytes(pcm: np.ndarray, rate: int = SAMPLE_RATE) -> bytes:
+def wav_bytes(pcm: np.ndarray, rate: int = OUTPUT_SAMPLE_RATE) -> bytes:
     """A whole mono PCM16 WAV file in memory."""
-    data = pcm16(pcm)
-    return _header(len(data), rate) + data
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        _setup(w, rate)
+        w.writeframes(pcm16(pcm))
+    return buf.getvalue()
 
 
-def _header(n_bytes: int, rate: int) -> bytes:
-    return (
-        b"RIFF" + struct.pack("<I", 36 + n_bytes) + b"WAVE"
-        + b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16)
-        + b"data" + struct.pack("<I", n_bytes)
-    )
+def _setup(w: wave.Wave_write, rate: int) -> None:
+    w.setnchannels(1)
+    w.setsampwidth(2)  # PCM16
+    w.setframerate(rate)
 
 
 class StreamingWavWriter:
-    """Appends PCM chunks to a mono PCM16 WAV, rewriting the two size fields after each chunk so
-    that a reader opening the file mid-reply sees every sample written so far."""
+    """Appends PCM chunks to a mono PCM16 WAV that is valid after every chunk: ``wave`` patches
+    the header's two size fields after each ``writeframes`` and the file is flushed, so a reader
+    opening it mid-reply sees every sample written so far."""
 
-    def __init__(self, path: str | Path, rate: int = SAMPLE_RATE):
+    def __init__(self, path: str | Path, rate: int = OUTPUT_SAMPLE_RATE):
         self.path = Path(path)
         self.rate = rate
         self.n_bytes = 0
         self._f = open(self.path, "wb")  # noqa: SIM115 - closed by close()
-        self._f.write(_header(0, rate))
+        self._w = wave.open(self._f, "wb")  # a file object: closing ``_w`` leaves ``_f`` open
+        _setup(self._w, rate)
+        self._w.writeframes(b"")  # the header (0 frames): a valid empty file from the start
         self._f.flush()
 
     def write(self, pcm: np.ndarray) -> None:
         data = pcm16(np.asarray(pcm, dtype=np.float32))
-        self._f.seek(0, 2)
-        self._f.write(data)
+        self._w.writeframes(data)
         self.n_bytes += len(data)
-        self._f.seek(4)
-        self._f.write(struct.pack("<I", 36 + self.n_bytes))
-        self._f.seek(40)
-        self._f.write(struct.pack("<I", self.n_bytes))
         self._f.flush()
 
     @property
@@ -60,6 +60,7 @@ class StreamingWavWriter:
 
     def close(self) -> None:
         if not self._f.closed:
+            self._w.close()
             self._f.close()
 
 
@@ -73,7 +74,7 @@ class Player:
     ``write`` never blocks: chunks are queued and a PortAudio callback plays them, so generation
     runs on at its own pace; ``close`` waits until everything written has been played."""
 
-    def __init__(self, sd, rate: int = SAMPLE_RATE):
+    def __init__(self, sd, rate: int = OUTPUT_SAMPLE_RATE):
         self._queue: deque[np.ndarray] = deque()  # float32 chunks not yet (fully) played
         self._lock = threading.Lock()
         self._closing = False
@@ -86,7 +87,7 @@ class Player:
         self._stream.start()
 
     @classmethod
-    def open(cls, rate: int = SAMPLE_RATE) -> Player:
+    def open(cls, rate: int = OUTPUT_SAMPLE_RATE) -> Player:
         """A started player, or ``AudioDeviceError`` (sounddevice or PortAudio missing, no
         output device) before anything is played or written."""
         try:

@@ -31,7 +31,8 @@ from torch import Tensor
 from omnistream.media._io import open_container
 from omnistream.media.errors import MediaError
 
-SAMPLE_RATE = 16000  # Hz, model input rate
+SAMPLE_RATE = 16000  # Hz, model input rate (the audio encoder's features)
+OUTPUT_SAMPLE_RATE = 24000  # Hz, speech output rate (code2wav PCM)
 N_FFT = 400  # samples (25 ms window)
 HOP_LENGTH = 160  # samples (10 ms hop)
 N_MELS = 128
