@@ -26,11 +26,11 @@ demo: setup tiny/config.json
 		--max-new-tokens 24 --talker-max-new-tokens 250
 
 test: setup-test
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests
 	$(BIN)/python -m pytest tests
 
 lint:
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests
 
 bench: setup-test
 	$(BIN)/python -m omnistream.cli bench

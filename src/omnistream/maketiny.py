@@ -25,6 +25,7 @@ from omnistream.checkpoint import (
     build_component,
 )
 from omnistream.config import OmniConfig
+from omnistream.media.audio import SAMPLE_RATE
 from omnistream.tiny import TINY_CONFIG
 from omnistream.tokenizer import CHAT_TEMPLATE, write_tokenizer_files
 
@@ -59,7 +60,7 @@ PREPROCESSOR_CONFIG = {
     "patch_size": 14,
     "processor_class": "Qwen2_5OmniProcessor",
     "return_attention_mask": True,
-    "sampling_rate": 16000,
+    "sampling_rate": SAMPLE_RATE,
     "temporal_patch_size": 2,
 }
 
@@ -157,25 +158,28 @@ def make_tiny(
     config: dict | None = None,
     factories: dict[str, Callable[[OmniConfig], nn.Module]] | None = None,
     n_speaker_frames: int = 40,
+    dtypes: dict[str, torch.dtype] | None = None,
 ) -> Path:
     """Write a tiny random checkpoint (released layout) to ``out_dir`` and return its path.
 
     ``config``: the config.json dict (default ``TINY_CONFIG``). ``factories``: ``{part: cfg ->
-    module}`` to build instead of our classes. Deterministic for a given seed."""
+    module}`` to build instead of our classes. ``dtypes``: ``{part: dtype}`` stored instead of
+    the released ones (``PART_DTYPES``). Deterministic for a given seed."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg_dict = json.loads(json.dumps(config if config is not None else TINY_CONFIG))
     cfg_dict.setdefault("torch_dtype", "bfloat16")
     cfg = OmniConfig.from_dict(cfg_dict)
 
+    part_dtypes = {**PART_DTYPES, **(dtypes or {})}
     states: dict[str, dict[str, Tensor]] = {}
     for i, part in enumerate(PARTS):
         module = build_component(part, cfg, (factories or {}).get(part))
-        sd = random_state(module, seed * 31 + i, dtype=PART_DTYPES[part])
+        sd = random_state(module, seed * 31 + i, dtype=part_dtypes[part])
         buffers = dict(module.named_buffers())
         for name in STORED_BUFFERS.get(part, ()):
             if name in buffers and name not in sd:  # released files store it (bf16-rounded)
-                sd[name] = buffers[name].to(torch.bfloat16).to(PART_DTYPES[part])
+                sd[name] = buffers[name].to(torch.bfloat16).to(part_dtypes[part])
         states[part] = {f"{part}.{k}": v for k, v in sd.items()}
         del module
 

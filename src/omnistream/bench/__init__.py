@@ -16,14 +16,21 @@ True)``: one copy of the weights), feeds both the same inputs and times them in 
 * ``audio-encoder``  the release audio tower on ``--audio-seconds`` of audio (+ streaming block);
 * ``vision-encoder`` the release vision tower on one ``--image-size`` image;
 * ``load``           loading peak memory on a 1.65 GB (fp32) checkpoint in the released layout
-                     (bf16 thinker/talker on disk, 3B-wide thinker with 8 layers).
+                     (bf16 thinker/talker on disk, 3B-wide thinker with 8 layers);
+* ``answer``         whole-process time to answer: a fresh process each, load a 0.45B Thinker
+                     (1.8 GB fp32) + ``--answer-tokens`` greedy tokens, wall time and peak RSS;
+* ``features``       log-mel features of a ``--features-seconds`` clip.
+
+``omnistream bench serve ...`` is the server load test (its own options: ``--help``), and
+``gpu_bench.sh`` beside this file runs the suite at 7B shapes on one CUDA device.
 
 Beside every decode figure: the hardware limit. Memory bandwidth is measured (a large tensor sum
 = read bandwidth), the bytes one decode step must read are counted (every decoder weight except the
 embedding table, + the KV cache), and ``limit = bytes / bandwidth`` is the fastest a step can be;
 ``% of limit`` = limit / measured step time.
 
-Prints a table; ``--json-out F`` writes every row (and the hardware) as JSON.
+Prints a table; ``--json-out F`` writes every row (and the hardware) as JSON. The reference
+needs the test extra (``pip install 'omnistream[test]'``).
 """
 
 from __future__ import annotations
@@ -54,8 +61,10 @@ from omnistream.bench.decoders import bench_talker, bench_thinker
 from omnistream.bench.e2e import bench_end_to_end, bench_load_memory
 from omnistream.bench.encoders import bench_audio_encoder, bench_vision_encoder
 from omnistream.bench.speech import bench_token2wav
+from omnistream.checkpoint import DTYPES
 
-CONFIGS = ("tiny", "3b-text", "7b-talker", "token2wav", "audio-encoder", "vision-encoder", "load")
+CONFIGS = ("tiny", "3b-text", "7b-talker", "token2wav", "audio-encoder", "vision-encoder", "load",
+           "answer", "features")
 EXTRA_CONFIGS = ("7b-text",)  # GPU-sized; not part of "all" on CPU
 
 
@@ -112,6 +121,14 @@ def run_config(b: Bench, name: str) -> None:
         with tempfile.TemporaryDirectory() as d:
             make_tiny(d, seed=0, config=cfg)
             bench_load_memory(b, name, Path(d))
+    elif name == "answer":
+        from omnistream.bench.answer import bench_answer
+
+        bench_answer(b, name)
+    elif name == "features":
+        from omnistream.bench.features import bench_features
+
+        bench_features(b, name)
     else:
         raise ValueError(name)
 
@@ -229,9 +246,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="loading peak RSS probes (tiny)",
     )
+    ap.add_argument("--answer-tokens", type=int, default=160, help="answer: greedy tokens")
+    ap.add_argument("--cache-dir", default=None,
+                    help="answer: where its checkpoint is written once "
+                         "(default ~/.cache/omnistream/bench)")
+    ap.add_argument("--features-seconds", type=float, default=60.0, help="features: clip length")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--quiet", action="store_true", help="no per-row progress on stderr")
     return ap
+
+
+def missing_reference() -> str | None:
+    """Why the transformers reference cannot run here (a message naming the extra), or None."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        return ("the benchmarks compare against the transformers reference, which is not "
+                "installed: pip install 'omnistream[test]'")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,7 +271,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:  # `omnistream bench -- --config ...`
         argv = argv[1:]
+    if argv[:1] == ["serve"]:  # the server load test, with its own options
+        from omnistream.bench.serve import main as serve_main
+
+        return serve_main(argv[1:])
     a = build_parser().parse_args(argv)
+    missing = missing_reference()
+    if missing:
+        print(f"omnistream bench: error: {missing}", file=sys.stderr)
+        return 2
     if a.threads:
         torch.set_num_threads(a.threads)
     elif a.device == "cpu":
@@ -247,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         )
     device = torch.device(a.device)
-    dtype = getattr(torch, a.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    dtype = DTYPES[a.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     if a.bandwidth_mib is None:
         a.bandwidth_mib = 4096 if device.type == "cuda" else 1024
     names = list(CONFIGS) if a.config == "all" else [c.strip() for c in a.config.split(",")]

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from omnistream.bench.common import Bench
+from omnistream.media.audio import OUTPUT_SAMPLE_RATE
 
 # ---------------------------------------------------------------------------------------------
 # End to end on the tiny checkpoint: first text / first audio, and loading memory
@@ -53,7 +54,7 @@ def bench_end_to_end(b: Bench, name: str, model_dir: Path) -> None:
                 if t_audio is None:
                     t_audio = play_end = now
                 stall += max(0.0, now - play_end)
-                play_end = max(play_end, now) + ev.pcm.shape[-1] / 24000
+                play_end = max(play_end, now) + ev.pcm.shape[-1] / OUTPUT_SAMPLE_RATE
             elif isinstance(ev, Done):
                 break
         return {
@@ -130,7 +131,8 @@ def bench_end_to_end(b: Bench, name: str, model_dir: Path) -> None:
         ours=1e3 * o["audio"],
         ref=None if t_ref is None else 1e3 * t_ref,
         higher_is_better=False,
-        note=f"ours streaming ({N} text tok, <= {M} codes, {o['samples'] / 24000:.2f} s audio, "
+        note=f"ours streaming ({N} text tok, <= {M} codes, "
+        f"{o['samples'] / OUTPUT_SAMPLE_RATE:.2f} s audio, "
         f"chunks {a.chunk_frames}..{a.max_chunk_frames} frames)",
     )
     b.add(

@@ -3,14 +3,15 @@
 # and the transformers reference side by side on shared random weights. A few minutes end to end
 # on an H100 (7B thinker text: ~15 GB of bf16 weights, held once).
 #
-#   bash bench/gpu_bench.sh [extra `omnistream bench` args]     e.g.  --compile  --layers 14
+#   bash src/omnistream/bench/gpu_bench.sh [extra `omnistream bench` args]   e.g. --compile --layers 14
 #
 # Env: OUT (JSON path, default bench_gpu.json), CONFIGS (default below), INT8=1 to also time the
 # int8 weight-only decoders (on CUDA _weight_int8pack_mm may be missing: the fallback dequantizes
 # per call and is slower than bf16 - that is a finding, not a bug).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-[ -f .venv/bin/activate ] && . .venv/bin/activate
+# from a source checkout, its virtual environment (an installed package: the python on PATH)
+ROOT="$(cd "$(dirname "$0")/../../.." && pwd)"
+[ -f "$ROOT/.venv/bin/activate" ] && . "$ROOT/.venv/bin/activate"
 OUT=${OUT:-bench_gpu.json}
 CONFIGS=${CONFIGS:-7b-text,7b-talker,token2wav,audio-encoder,vision-encoder}
 INT8_FLAG=--no-int8

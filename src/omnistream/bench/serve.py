@@ -1,8 +1,9 @@
-"""Bounded load test of the server on loopback: N concurrent streaming clients (text + speech).
+"""``omnistream bench serve``: a bounded load test of the server on loopback, N concurrent
+streaming clients (text + speech).
 
-    python bench/bench_serve.py --model tiny            # the tiny checkpoint (built if missing)
-    python bench/bench_serve.py --fake --step-ms 5      # the deterministic fake engine
-    python bench/bench_serve.py --model DIR --clients 1 4 8 --max-tokens 32
+    omnistream bench serve --model tiny            # the tiny checkpoint (built if missing)
+    omnistream bench serve --fake --step-ms 5      # the deterministic fake engine (a checkout)
+    omnistream bench serve --model DIR --clients 1 4 8 --max-tokens 32
 
 The server runs in a child process on 127.0.0.1 (its own GIL). Every client streams one reply with
 greedy decoding; all replies must equal the single-client reply (no cross-talk) and end normally.
@@ -16,12 +17,32 @@ import asyncio
 import base64
 import json
 import multiprocessing as mp
+import socket
 import statistics
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from omnistream.media.audio import OUTPUT_SAMPLE_RATE
+
+ROOT = Path(__file__).resolve().parents[3]  # the source checkout (for tests/serve_fake.py)
+
+
+def _fake_engine_module():
+    """``tests/serve_fake.py`` of a source checkout (the fake engine the server tests use)."""
+    tests = ROOT / "tests"
+    if not (tests / "serve_fake.py").is_file():
+        raise SystemExit("--fake needs a source checkout (tests/serve_fake.py)")
+    sys.path.insert(0, str(tests))
+    import serve_fake
+
+    return serve_fake
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _serve(model: str | None, fake: bool, step_ms: float, port: int,
@@ -32,10 +53,7 @@ def _serve(model: str | None, fake: bool, step_ms: float, port: int,
     from omnistream.serve.config import ServeConfig
 
     if fake:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from serve_fake import FakeEngine
-
-        engine = FakeEngine(step_delay=step_ms / 1000)
+        engine = _fake_engine_module().FakeEngine(step_delay=step_ms / 1000)
     else:
         from omnistream.engine.session import Engine
 
@@ -81,7 +99,7 @@ async def _one(client, url: str, prompt: str, max_tokens: int) -> dict:
                     audio_bytes += len(base64.b64decode(a["data"]))
     return {
         "text": "".join(text),
-        "audio_s": audio_bytes / 2 / 24_000,
+        "audio_s": audio_bytes / 2 / OUTPUT_SAMPLE_RATE,
         "ttfa": first_audio,
         "ttft": first_text,
         "total": time.perf_counter() - t0,
@@ -126,7 +144,8 @@ def _fmt(v: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(prog="omnistream bench serve", description=__doc__,
+                                formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="tiny", help="checkpoint folder ('tiny' is built if missing)")
     p.add_argument("--fake", action="store_true", help="use the fake engine from tests/")
     p.add_argument("--step-ms", type=float, default=5.0, help="fake engine: time per step")
@@ -139,19 +158,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print JSON rows")
     args = p.parse_args(argv)
 
-    import httpx
-
-    sys.path.insert(0, str(ROOT / "tests"))
-    from serve_fake import free_port
-
+    try:
+        import httpx
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(f"omnistream bench serve needs the server and test extras ({e.name} is "
+                         "missing): pip install 'omnistream[serve,test]'") from None
+    if args.fake:
+        _fake_engine_module()
     model = None
     if not args.fake:
         model = args.model
-        if model == "tiny" and not (ROOT / "tiny" / "config.json").exists():
+        if model == "tiny" and not Path(model, "config.json").exists():
             from omnistream.maketiny import make_tiny
 
-            make_tiny(ROOT / "tiny", seed=0)
-        model = str(ROOT / "tiny") if model == "tiny" else model
+            make_tiny(model, seed=0)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = mp.get_context("spawn").Process(
