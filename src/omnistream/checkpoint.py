@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from omnistream.config import OmniConfig
 
 Part = Literal["thinker", "talker", "token2wav"]
-PARTS: tuple[str, ...] = ("thinker", "talker", "token2wav")
+PARTS: tuple[str, ...] = ("thinker", "talker", "token2wav")  # the release's components
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 SPEAKERS_FILE = "spk_dict.pt"
@@ -42,6 +42,8 @@ _COMPONENTS: dict[str, tuple[str, str, str]] = {
     "thinker": ("omnistream.nn.thinker", "Thinker", "thinker_config"),
     "talker": ("omnistream.nn.talker", "Talker", "talker_config"),
     "token2wav": ("omnistream.nn.token2wav", "Token2Wav", "token2wav_config"),
+    # omnistream's speech tokenizer (not in the release; present when the config has it)
+    "codec_encoder": ("omnistream.codec.encoder", "SpeechEncoder", "codec_encoder_config"),
 }
 
 # The one table of dtype names (CLI flags, Engine.load, training stages): name -> torch dtype.
@@ -446,11 +448,11 @@ def load_component(
     buffer (e.g. the DiT's ``rotary_embed.inv_freq``) replaces the computed value. The module is
     returned in eval mode.
     """
-    if part not in PARTS:
-        raise ValueError(f"unknown part {part!r}; expected one of {PARTS}")
+    if part not in _COMPONENTS:
+        raise ValueError(f"unknown part {part!r}; expected one of {tuple(_COMPONENTS)}")
     d = resolve_model_dir(model_dir)
     cfg = config if config is not None else load_config(d)
-    want = torch.float32 if part == "token2wav" else resolve_dtype(dtype)
+    want = torch.float32 if part in ("token2wav", "codec_encoder") else resolve_dtype(dtype)
     device = torch.device(device)
 
     module = build_component(part, cfg, factory)

@@ -232,6 +232,18 @@ class Token2WavConfig(_Config):
 
 
 @dataclass
+class CodecEncoderConfig(_Config):
+    """omnistream's speech tokenizer (``codec/encoder.py``): not in the release; a checkpoint
+    carries it when ``config.json`` has ``codec_encoder_config`` (weights ``codec_encoder.*``)."""
+
+    hidden_size: int = 192
+    intermediate_size: int = 512
+    num_layers: int = 6
+    kernel_size: int = 7  # depthwise conv taps at 50 Hz (causal)
+    levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])  # FSQ: 1000 codes
+
+
+@dataclass
 class OmniConfig(_Config):
     """Top-level ``config.json`` (model_type ``qwen2_5_omni``)."""
 
@@ -239,6 +251,7 @@ class OmniConfig(_Config):
     talker_config: TalkerConfig = field(default_factory=TalkerConfig)
     token2wav_config: Token2WavConfig = field(default_factory=Token2WavConfig)
     enable_audio_output: bool = True
+    codec_encoder_config: CodecEncoderConfig | None = None
 
     @classmethod
     def from_file(cls, path: str | Path) -> OmniConfig:
@@ -254,4 +267,5 @@ _SUBCONFIGS: dict[tuple[str, str], type[_Config]] = {
     ("OmniConfig", "thinker_config"): ThinkerConfig,
     ("OmniConfig", "talker_config"): TalkerConfig,
     ("OmniConfig", "token2wav_config"): Token2WavConfig,
+    ("OmniConfig", "codec_encoder_config"): CodecEncoderConfig,
 }

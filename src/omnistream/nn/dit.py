@@ -302,10 +302,12 @@ class DiT(nn.Module):
         codes = torch.where((codes >= 0) & (codes < n), codes, torch.zeros_like(codes))
         return self.text_embed.codec_embed(codes).repeat_interleave(self.cfg.repeats, dim=1)
 
-    def condition(self, codes: Tensor, spk: Tensor) -> Tensor:
+    def condition(self, codes: Tensor, spk: Tensor, emb: Tensor | None = None) -> Tensor:
         """Per-frame condition c [B', N*repeats, enc_dim + emb_dim + enc_emb_dim] from codes [B, N]
-        and ``speaker(...)`` [B', ...]; unconditional rows (B' = 2B) use code 0 everywhere."""
-        emb = self.code_embedding(codes)
+        and ``speaker(...)`` [B', ...]; unconditional rows (B' = 2B) use code 0 everywhere.
+        ``emb`` [B, N*repeats, emb_dim] replaces the code embeddings (codec training passes a
+        differentiable one)."""
+        emb = self.code_embedding(codes) if emb is None else emb
         if spk.shape[0] == 2 * codes.shape[0]:
             emb = torch.cat([emb, self.code_embedding(torch.zeros_like(codes))])
         T, e = emb.shape[1], self.cfg.enc_dim

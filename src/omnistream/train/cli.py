@@ -31,7 +31,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from omnistream.train.loop import train
-    from omnistream.train.stages import Stage
+    from omnistream.train.stages import CODEC_TASKS, Stage
 
     stage = Stage.from_file(args.config)
     over = {
@@ -39,6 +39,12 @@ def run_train(args: argparse.Namespace) -> int:
         for k in ("max_steps", "lr", "batch_size", "grad_accum", "dtype", "dist")
     }
     stage = stage.replace(**{k: v for k, v in over.items() if v is not None})
+    if stage.task in CODEC_TASKS:
+        from omnistream.train.codec import train_codec
+
+        train_codec(stage, args.data, args.model, args.out, stop_at=args.stop_at,
+                    resume=not args.no_resume)
+        return 0
     res = train(
         stage,
         args.data,

@@ -6,7 +6,8 @@ One record per line, the API's message schema plus optional speech targets::
                    "content": "text" | [{"type": "text", "text": ...},
                                         {"type": "image", "image": path}, ...]}],
      "codec_ids": [int, ...],              # talker targets for the last assistant turn
-     "speech": "reply.wav",                # the same reply as audio (kept for reference only)
+     "speech": "reply.wav",                # the reply spoken: encoded to talker targets by the
+                                           # checkpoint's codec when codec_ids are absent
      "chosen_codec_ids": [...], "rejected_codec_ids": [...]}   # talker DPO pairs
 
 Relative media paths are resolved against the JSONL file's folder. Every record is checked and
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,9 +173,12 @@ def validate(rec: Any, base: Path) -> dict:
 
 
 def encode(
-    rec: dict, tok: Tokenizer, cfg: ThinkerConfig, base: Path, task: str = "thinker"
+    rec: dict, tok: Tokenizer, cfg: ThinkerConfig, base: Path, task: str = "thinker",
+    speech_codes: Callable[[str], list[int]] | None = None,
 ) -> Example:
-    """Render + tokenise one validated record (media through ``process_media``)."""
+    """Render + tokenise one validated record (media through ``process_media``).
+    ``speech_codes(path)``: the codec that turns a record's ``speech`` file into talker targets
+    (``engine.codec.Codec.encode``) when it has no ``codec_ids``."""
     sp = tok.special
     msgs = rec["messages"]
     system = chat.system_prompt_for(speech_output=task in SPEECH_TASKS)
@@ -220,13 +225,18 @@ def encode(
     ex = Example(ids, labels, pos, media, reply_start, reply_len)
     if task == "talker":
         ex.codes = _check_codes(rec, "codec_ids")
+        if ex.codes is None and "speech" in rec and speech_codes is not None:
+            try:
+                ex.codes = speech_codes(str(base / rec["speech"]))
+            except ValueError as e:  # MediaError and bad audio name the file
+                raise RecordError(f"speech cannot be encoded: {e}") from None
         if ex.codes is None:
             hint = (
-                " (a 'speech' file alone is not enough: no speech tokenizer)"
+                " (a 'speech' file needs a checkpoint with a speech encoder: codec_encoder_config)"
                 if "speech" in rec
                 else ""
             )
-            raise RecordError("talker training needs 'codec_ids'" + hint)
+            raise RecordError("talker training needs 'codec_ids' or 'speech'" + hint)
     elif task == "talker_dpo":
         ex.codes = _check_codes(rec, "chosen_codec_ids")
         ex.rejected = _check_codes(rec, "rejected_codec_ids")
@@ -269,6 +279,7 @@ class Dataset:
         task: str = "thinker",
         max_len: int | None = None,
         log=print,
+        speech_codes: Callable[[str], list[int]] | None = None,
     ):
         self.examples: list[Example] = []
         self.errors: list[str] = []
@@ -284,7 +295,8 @@ class Dataset:
                             rec = json.loads(line)
                         except json.JSONDecodeError as e:
                             raise RecordError(f"invalid JSON: {e.msg} (column {e.colno})") from None
-                        ex = encode(validate(rec, path.parent), tok, cfg, path.parent, task)
+                        ex = encode(validate(rec, path.parent), tok, cfg, path.parent, task,
+                                    speech_codes)
                         if max_len is not None and len(ex) > max_len:
                             raise RecordError(f"{len(ex)} tokens > max_len {max_len}")
                     except RecordError as e:

@@ -82,6 +82,17 @@ def lr_at(step: int, s: Stage) -> float:
     return s.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (s.lr - s.min_lr)
 
 
+def _speech_codes(model_dir: str | Path, cfg):
+    """``path -> codes`` through the checkpoint's speech encoder (None without one), so talker
+    records may give the reply as a recording (``speech``) instead of ``codec_ids``."""
+    if cfg.codec_encoder_config is None:
+        return None
+    from omnistream.engine.codec import Codec
+
+    codec = Codec.load(model_dir)
+    return lambda path: codec.encode(path).tolist()
+
+
 def _rng_state() -> dict:
     st = {
         "torch": torch.get_rng_state(),
@@ -160,8 +171,11 @@ def train(
     model = load_model(model_dir, with_talker=s.needs_talker)  # fp32 master weights
     tok = Tokenizer.from_dir(model_dir)
     tcfg = model.cfg.thinker_config
-    ds = Dataset(data, tok, tcfg, s.task, s.max_len, log=log if master else (lambda _: None))
-    eval_ds = Dataset(eval_data, tok, tcfg, s.task, s.max_len, log=log) if eval_data else None
+    speech_codes = _speech_codes(model_dir, model.cfg) if s.needs_talker else None
+    ds = Dataset(data, tok, tcfg, s.task, s.max_len, log=log if master else (lambda _: None),
+                 speech_codes=speech_codes)
+    eval_ds = (Dataset(eval_data, tok, tcfg, s.task, s.max_len, log=log,
+                       speech_codes=speech_codes) if eval_data else None)
     global_batch = s.batch_size * s.grad_accum * world
     batches = Batches([len(e) for e in ds.examples], global_batch, s.seed, s.length_group)
     log(

