@@ -21,24 +21,35 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium not installed")
 
 
-def speech_like_wav(path: Path, rate: int = 48_000) -> None:
-    """0.6 s quiet, 1.2 s of loud modulated tones, 2.6 s quiet (Chrome loops the file)."""
-    t = np.arange(int(1.2 * rate)) / rate
-    voiced = 0.5 * np.sin(2 * np.pi * 180 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 4 * t))
+def speech_like_wav(path: Path, rate: int = 48_000) -> str:
+    """0.6 s quiet, a sentence (the Piper voice), 2.6 s quiet (Chrome loops the file); the
+    server's turn detector for it: the default (Silero). Without Piper: 1.2 s of loud modulated
+    tones, with turns decided by loudness."""
+    from omnistream.media.audio import resample
+    from omnistream.train.voices import MissingToolError, Voice, speak
+
+    try:
+        speech, sr = speak("The weather today is sunny and warm", Voice("piper", 1.0))
+        voiced, vad = 0.8 * resample(speech, sr, rate) / np.abs(speech).max(), "auto"
+    except MissingToolError:
+        t = np.arange(int(1.2 * rate)) / rate
+        voiced = 0.5 * np.sin(2 * np.pi * 180 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 4 * t))
+        vad = "energy"
     pcm = np.concatenate([np.zeros(int(0.6 * rate)), voiced, np.zeros(int(2.6 * rate))])
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
         w.setframerate(rate)
         w.writeframes((pcm * 32767).astype("<i2").tobytes())
+    return vad
 
 
 def test_page_talks_and_plays(tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
     wav = tmp_path / "mic.wav"
-    speech_like_wav(wav)
+    vad = speech_like_wav(wav)
     ARTIFACTS.mkdir(exist_ok=True)
-    with LiveServer(create_app(FakeEngine(step_delay=0.01), ServeConfig())) as server, \
+    with LiveServer(create_app(FakeEngine(step_delay=0.01), ServeConfig(vad=vad))) as server, \
             sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

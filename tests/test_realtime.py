@@ -67,7 +67,9 @@ class Client:
 
 @pytest.fixture(scope="module")
 def server():
-    with LiveServer(create_app(FakeEngine(step_delay=0.01), ServeConfig())) as s:
+    # tones stand in for speech here, so this server decides turns by loudness; the spoken
+    # tests below use the default detector (Silero)
+    with LiveServer(create_app(FakeEngine(step_delay=0.01), ServeConfig(vad="energy"))) as s:
         yield s
 
 
@@ -206,3 +208,118 @@ def test_realtime_auth_and_slots():
         c = Client(s.url, subprotocols=["realtime", "openai-insecure-api-key.k"])
         c.until("session.created")
         c.close()
+
+
+# -- spoken turns, Silero deciding (the default detector) -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def silero_server():
+    from omnistream.media.vad import silero_available
+
+    if not silero_available():
+        pytest.skip("silero-vad is not installed (the vad extra)")
+    # slow enough (0.15 s a word) for the user to speak over a reply
+    with LiveServer(create_app(FakeEngine(step_delay=0.15), ServeConfig())) as s:
+        yield s
+
+
+def _turn_events(events: list[dict]) -> list[str]:
+    return [e["type"] for e in events if e["type"] in (
+        "input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
+        "input_audio_buffer.committed", "response.done")]
+
+
+def test_two_spoken_turns_around_a_beep(silero_server):
+    """Sentence, a 1 kHz beep in the 2 s gap, sentence: exactly two turns, each answered; the
+    reply hears the turn's audio (300 ms padding + speech + the 500 ms silence, about)."""
+    from test_vad import spoken
+
+    from omnistream.bench.vad import tone
+
+    clip = spoken(gap_s=2.0, between=tone(0.5))
+    (a1, b1), _ = clip.segments
+    cut = b1 + RATE  # after the first turn's end (+ silence), before the beep
+    c = Client(silero_server.url)
+    c.until("session.created")
+    c.send_audio(clip.pcm[:cut])
+    done1, ev1 = c.until("response.done")
+    c.send_audio(clip.pcm[cut:])
+    done2, ev2 = c.until("response.done")
+    c.send_audio(silence(0.5))
+    with pytest.raises(TimeoutError):
+        c.recv(timeout=1.0)  # nothing more: the beep started no turn
+    turns = _turn_events(ev1 + ev2)
+    assert turns == ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
+                     "input_audio_buffer.committed", "response.done"] * 2, turns
+    starts = [e for e in ev1 + ev2 if e["type"] == "input_audio_buffer.speech_started"]
+    stops = [e for e in ev1 + ev2 if e["type"] == "input_audio_buffer.speech_stopped"]
+    for st, sp, (a, b), done in zip(starts, stops, clip.segments, (done1, done2), strict=True):
+        assert done["response"]["status"] == "completed"
+        onset_ms = st["audio_start_ms"] + 300 - a * 1000 / RATE
+        assert abs(onset_ms) <= 150, onset_ms
+        assert 500 <= sp["audio_end_ms"] - b * 1000 / RATE <= 500 + 250
+        heard = float(_reply(_events_of(done, ev1 + ev2))[0].split()[2])
+        want = (sp["audio_end_ms"] - st["audio_start_ms"]) / 1000
+        assert abs(heard - want) <= 0.1, (heard, want)
+    c.close()
+
+
+def _events_of(done: dict, events: list[dict]) -> list[dict]:
+    """The events of the response ``done`` ends."""
+    rid = done["response"]["id"]
+    return [e for e in events if e.get("response_id") == rid]
+
+
+def test_speaking_over_a_reply_cancels_it(silero_server):
+    from test_vad import spoken
+
+    clip = spoken()
+    (a1, b1), (a2, b2) = clip.segments
+    c = Client(silero_server.url)
+    c.until("session.created")
+    c.send_audio(clip.pcm[:b1 + RATE * 7 // 10])  # the first sentence and 700 ms of silence
+    _, first = c.until("response.audio.delta")  # the reply is playing ...
+    c.send_audio(clip.pcm[a2 - RATE // 2:])  # ... when the user speaks again
+    done, events = c.until("response.done")
+    events = first + events
+    assert "input_audio_buffer.speech_started" in [e["type"] for e in events]
+    assert done["response"]["status"] == "cancelled"
+    assert done["response"]["status_details"]["reason"] == "turn_detected"
+    assert len(_reply(events)[0].split()) < 9  # cut short
+    done, events = c.until("response.done")  # the second sentence is answered in full
+    assert done["response"]["status"] == "completed"
+    assert _reply(events)[0].startswith("I heard ")
+    c.close()
+
+
+def test_turn_detection_settings(silero_server):
+    c = Client(silero_server.url)
+    c.until("session.created")
+    for bad, param in (({"type": "semantic_vad"}, "type"), ({"threshold": 2}, "threshold"),
+                       ({"silence_duration_ms": -1}, "silence_duration_ms"),
+                       ({"prefix_padding_ms": "300"}, "prefix_padding_ms")):
+        c.send("session.update", session={"turn_detection": bad})
+        err = c.until("error")[0]["error"]
+        assert err["param"] == f"session.turn_detection.{param}", err
+    from test_vad import spoken
+
+    clip = spoken()
+    c.send("session.update", session={"turn_detection": {
+        "type": "server_vad", "prefix_padding_ms": 100, "silence_duration_ms": 900}})
+    td = c.until("session.updated")[0]["session"]["turn_detection"]
+    assert td["silence_duration_ms"] == 900 and td["threshold"] == 0.5
+    (a1, b1), _ = clip.segments
+    c.send_audio(clip.pcm[:b1 + RATE * 3 // 2])
+    st, _ = c.until("input_audio_buffer.speech_started")
+    sp, _ = c.until("input_audio_buffer.speech_stopped")
+    assert abs(st["audio_start_ms"] + 100 - a1 * 1000 / RATE) <= 150
+    assert 900 <= sp["audio_end_ms"] - b1 * 1000 / RATE <= 900 + 250
+    c.until("response.done")
+    c.send("session.update", session={"turn_detection": None})  # the client commits turns
+    c.until("session.updated")
+    c.send_audio(clip.pcm)
+    c.send("input_audio_buffer.commit")
+    _, events = c.until("input_audio_buffer.committed")
+    assert "input_audio_buffer.speech_started" not in [e["type"] for e in events]
+    c.close()

@@ -50,7 +50,8 @@ def recorder(engine):
 
 @pytest.fixture(scope="module")
 def server(recorder):
-    with LiveServer(create_app(recorder, ServeConfig(max_speech_s=SPEECH_S))) as s:
+    # the Realtime test here speaks in tones: turns by loudness (spoken turns: further down)
+    with LiveServer(create_app(recorder, ServeConfig(max_speech_s=SPEECH_S, vad="energy"))) as s:
         yield s
 
 
@@ -191,3 +192,42 @@ def test_realtime_audio_equals_message_audio(server, recorder, engine):
     assert usage["live_input"]["rollbacks"] >= 1
     assert usage["live_input"]["dropped_frames"] == usage["live_input"]["gaps"] == 0
     assert ref_done.usage.live_rollbacks == 0  # audio sent as a message is no live turn
+
+
+def test_realtime_spoken_turns_on_engine(recorder):
+    """Two sentences with a beep between them, Silero deciding the turns: two live turns reach
+    the engine (each prompt holds audio), two replies, nothing for the beep."""
+    from test_realtime import Client, silence
+    from test_vad import spoken
+
+    from omnistream.bench.vad import tone
+    from omnistream.media.vad import silero_available
+
+    if not silero_available():
+        pytest.skip("silero-vad is not installed (the vad extra)")
+    clip = spoken(gap_s=2.0, between=tone(0.5))
+    (_, b1), _ = clip.segments
+    cut = b1 + 24_000  # between the first sentence's end (+ silence) and the beep
+    audio_id = recorder.cfg.thinker_config.audio_token_index
+    with LiveServer(create_app(recorder, ServeConfig(max_speech_s=SPEECH_S))) as server:
+        c = Client(server.url)
+        c.until("session.created")
+        c.send("session.update", session={"modalities": ["text"], "temperature": 0,
+                                          "max_response_output_tokens": 3})
+        c.until("session.updated")
+        n0 = len(recorder.sessions)
+        events = []
+        for part in (clip.pcm[:cut], clip.pcm[cut:]):
+            c.send_audio(part)
+            done, got = c.until("response.done", timeout=120)
+            events += got
+            assert done["response"]["status"] in ("completed", "incomplete")
+            assert audio_id in recorder.sessions[-1].last_prompt_ids
+        c.send_audio(silence(0.5))
+        with pytest.raises(TimeoutError):
+            c.recv(timeout=1.0)
+        c.close()
+    kinds = [e["type"] for e in events]
+    assert kinds.count("input_audio_buffer.speech_started") == 2
+    assert kinds.count("input_audio_buffer.committed") == 2
+    assert "error" not in kinds and len(recorder.sessions) == n0 + 1  # one engine session

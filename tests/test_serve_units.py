@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 
 from omnistream.engine.events import Done, TextDelta
-from omnistream.serve.audio import EnergyVAD, VADConfig
+from omnistream.media.vad import EnergyDetector, VADConfig
 from omnistream.serve.openai import StopMatcher
 from omnistream.serve.scheduler import Scheduler
 
@@ -69,15 +69,15 @@ def test_energy_vad():
     rate = 24_000
     loud = 0.3 * np.sin(np.arange(rate) * 2 * np.pi * 200 / rate).astype(np.float32)
     x = np.concatenate([np.zeros(rate, np.float32), loud, np.zeros(rate, np.float32)])
-    vad = EnergyVAD(VADConfig())
+    vad = EnergyDetector(VADConfig())
     events = []
     for i in range(0, len(x), 2400):
-        events += vad.feed(x[i:i + 2400])
-    assert [k for k, _ in events] == ["start", "stop"]
-    assert events[0][1] == 1000 - 300  # padding applied
-    assert events[1][1] == 2500
-    quiet = EnergyVAD(VADConfig(threshold=0.95))
-    assert quiet.feed(x) == []
+        events += vad.push(x[i:i + 2400], rate)
+    assert [e.kind for e in events] == ["speech_started", "speech_stopped"]
+    assert events[0].ms(rate) == 1000 - 300 and events[0].speech == rate  # padding applied
+    assert events[1].ms(rate) == 2500 and events[1].speech == 2 * rate
+    quiet = EnergyDetector(VADConfig(threshold=0.95))
+    assert quiet.push(x, rate) == []
 
 
 def test_stop_matcher_holds_partial_matches():

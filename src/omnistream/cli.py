@@ -78,6 +78,14 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--voice", default=None)
     p.add_argument("--no-audio", action="store_true")
     p.add_argument("--out-dir", default="chat_audio")
+    p.add_argument("--mic", action="store_true",
+                   help="talk instead of typing: turns from the microphone, replies on the "
+                        "speaker; speaking over a reply interrupts it (needs the audio extra)")
+    p.add_argument("--vad", default="auto", choices=["auto", "silero", "energy"],
+                   help="--mic: turn detector (auto: Silero when silero-vad is installed)")
+    p.add_argument("--silence-ms", type=int, default=500, help="--mic: silence that ends a turn")
+    p.add_argument("--no-barge-in", action="store_true",
+                   help="--mic: ignore the microphone while a reply plays (no headphones)")
     _add_sampling(p)
 
     # (conflict_handler: our --model, with its default, replaces the server's own)
@@ -205,6 +213,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     from omnistream.engine.events import AudioChunk, Done, TextDelta
     from omnistream.engine.wav import StreamingWavWriter
 
+    if args.mic:
+        return _cmd_chat_mic(args)
     options = _session_options(args)
     audio_output = options.audio_output
     engine = _load_engine(args, audio_output)
@@ -253,6 +263,44 @@ def _cmd_chat(args: argparse.Namespace) -> int:
             print(f"[audio: {writer.path}]", file=sys.stderr)
         turn += 1
     return 0
+
+
+def _cmd_chat_mic(args: argparse.Namespace) -> int:
+    from omnistream.engine.wav import AudioDeviceError, Player
+    from omnistream.media.vad import VADConfig, make_detector
+    from omnistream.mic import MicChat, open_microphone
+
+    options = _session_options(args)
+    # a missing microphone, speaker or detector fails here, before the model loads
+    sd, rate = open_microphone()
+    try:
+        detector = make_detector(VADConfig(silence_duration_ms=args.silence_ms), args.vad)
+    except ImportError as e:
+        raise ValueError(str(e)) from e
+    player = None
+    if options.audio_output:
+        try:
+            player = Player.open()
+        except AudioDeviceError as e:
+            cause = e.__cause__
+            if cause is None or "output device" not in str(e):
+                raise
+            raise AudioDeviceError(f"no audio output device to play the replies on "
+                                   f"({type(cause).__name__}: {cause}); add --no-audio for "
+                                   "text replies") from cause
+    try:
+        engine = _load_engine(args, options.audio_output)
+        sess = engine.session(options)
+        print(f"omnistream chat --mic: speak (turns: {detector.name} detector, input "
+              f"{rate} Hz); Ctrl-C to leave. Use headphones: the microphone hears the speaker.",
+              file=sys.stderr)
+        chat = MicChat(sess, detector, rate, player=player,
+                       out_dir=args.out_dir if options.audio_output else None,
+                       barge_in=not args.no_barge_in)
+        return chat.run(sd)
+    finally:
+        if player is not None:
+            player.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,8 @@ True)``: one copy of the weights), feeds both the same inputs and times them in 
                      (1.8 GB fp32) + ``--answer-tokens`` greedy tokens, wall time and peak RSS;
 * ``features``       log-mel features of a ``--features-seconds`` clip.
 
-``omnistream bench serve ...`` is the server load test (its own options: ``--help``), and
+``omnistream bench serve ...`` is the server load test (its own options: ``--help``),
+``omnistream bench vad`` the turn detectors on generated speech, beeps and music, and
 ``gpu_bench.sh`` beside this file runs the suite at 7B shapes on one CUDA device.
 
 Beside every decode figure: the hardware limit. Memory bandwidth is measured (a large tensor sum
@@ -275,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
         from omnistream.bench.serve import main as serve_main
 
         return serve_main(argv[1:])
+    if argv[:1] == ["vad"]:  # turn detection, with its own options
+        from omnistream.bench.vad import main as vad_main
+
+        return vad_main(argv[1:])
     a = build_parser().parse_args(argv)
     missing = missing_reference()
     if missing:

@@ -70,7 +70,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from omnistream.media.audio import (
@@ -78,8 +77,8 @@ from omnistream.media.audio import (
     N_MELS,
     SAMPLE_RATE,
     StreamingLogMel,
+    StreamingResampler,
     _from_array,
-    _sinc_kernel,
     normalize_log_mel,
 )
 from omnistream.media.image import FACTOR, normalize, patchify, smart_resize
@@ -87,68 +86,6 @@ from omnistream.media.video import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, resize_fr
 
 MAX_LIVE_SECONDS = 299.0  # offline features cover 300 s; stay clear of its end reflection
 _T_EPS = 1e-6  # time ids: floor(25 t + eps) so that float noise in timestamps does not round down
-
-
-# ---------------------------------------------------------------------------------------------
-# Streaming resampler
-
-
-class StreamingResampler:
-    """``media.audio.resample`` run incrementally: ``push`` pieces, then ``flush`` once.
-
-    The offline resampler is a polyphase conv1d (stride ``orig``) over the signal zero-padded by
-    ``width`` on the left and ``width + orig`` on the right; output frame k (``new`` samples)
-    needs padded samples ``[k*orig, k*orig + taps)``. ``push`` emits every frame whose input is
-    complete, ``flush`` pads the end and trims to ``ceil(n * new / orig)`` samples in total."""
-
-    def __init__(self, orig_sr: int, new_sr: int = SAMPLE_RATE):
-        g = math.gcd(int(orig_sr), int(new_sr))
-        self.orig_sr, self.new_sr = int(orig_sr), int(new_sr)
-        self.orig, self.new = self.orig_sr // g, self.new_sr // g
-        self.identity = self.orig_sr == self.new_sr
-        self.n_in = 0  # source samples pushed
-        self.n_out = 0  # output samples emitted
-        if not self.identity:
-            self.kernel, self.width = _sinc_kernel(self.orig, self.new)  # [new, 1, taps]
-            self.taps = self.kernel.shape[-1]
-            self._buf = torch.zeros(self.width)  # padded signal from padded index self._base on
-            self._base = 0
-            self._frames = 0  # output frames emitted
-
-    def push(self, x: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
-        self.n_in += x.size
-        if self.identity:
-            self.n_out += x.size
-            return x
-        self._buf = torch.cat([self._buf, torch.from_numpy(x)])
-        y = self._run()
-        self.n_out += y.size
-        return y
-
-    def flush(self) -> np.ndarray:
-        """The remaining output (the end zero padded as offline); the resampler is then spent."""
-        if self.identity:
-            return np.zeros(0, dtype=np.float32)
-        self._buf = torch.cat([self._buf, torch.zeros(self.width + self.orig)])
-        total = -(-self.new * self.n_in // self.orig)  # ceil(n * new / orig)
-        y = self._run()[: max(0, total - self.n_out)]
-        self.n_out += y.size
-        return y
-
-    def _run(self) -> np.ndarray:
-        avail = (self._base + self._buf.numel() - self.taps) // self.orig + 1  # complete frames
-        k = avail - self._frames
-        if k <= 0:
-            return np.zeros(0, dtype=np.float32)
-        off = self._frames * self.orig - self._base
-        seg = self._buf[off : off + (k - 1) * self.orig + self.taps]
-        y = F.conv1d(seg[None, None], self.kernel, stride=self.orig)  # [1, new, k]
-        self._frames = avail
-        drop = self._frames * self.orig - self._base  # samples no later frame needs
-        self._buf = self._buf[drop:]
-        self._base += drop
-        return y[0].t().reshape(-1).numpy()  # interleave the phases
 
 
 # ---------------------------------------------------------------------------------------------

@@ -129,6 +129,17 @@ class Player:
         with self._lock:
             self._queue.append(np.asarray(pcm, dtype=np.float32).reshape(-1).copy())
 
+    def clear(self) -> None:
+        """Drop what is queued and not yet played (the user spoke over the reply)."""
+        with self._lock:
+            self._queue.clear()
+
+    @property
+    def queued_s(self) -> float:
+        """Seconds written and not yet played."""
+        with self._lock:
+            return sum(c.size for c in self._queue) / self._rate
+
     def close(self) -> None:
         """Play what is queued, then release the device."""
         with self._lock:

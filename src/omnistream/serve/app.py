@@ -22,6 +22,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from omnistream.engine.events import Done
+from omnistream.media.vad import make_detector
 
 from .bridge import new_session
 from .config import ServeConfig
@@ -69,6 +70,10 @@ class ServerState:
                         break
             except Exception as e:  # noqa: BLE001 - re-raised with its cause named
                 raise WarmupError(f"warm-up failed: {type(e).__name__}: {e}") from e
+        try:  # the turn detector's weights, loaded once for every socket
+            make_detector(kind=self.cfg.vad)
+        except (ImportError, ValueError, RuntimeError) as e:
+            raise WarmupError(f"turn detector {self.cfg.vad!r}: {e}") from e
         self.warmup_s = time.perf_counter() - t0
         self.ready.set()
 
@@ -235,6 +240,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="weight-only quantization of the Thinker/Talker decoders")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-warmup", action="store_true")
+    p.add_argument("--vad", default=d.vad, choices=["auto", "silero", "energy"],
+                   help="Realtime turn detector (auto: Silero when silero-vad is installed, "
+                        "else loudness)")
     p.add_argument("--log-level", default="warning", help="info also logs every request")
     return p
 
@@ -245,7 +253,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_body_bytes=int(args.max_body_mb * 2**20), max_audio_s=args.max_audio_s,
         max_video_s=args.max_video_s, max_speech_s=args.max_speech_s,
         allowed_local_media_path=args.allowed_local_media_path,
-        allow_remote_media=not args.no_remote_media, warmup=not args.no_warmup)
+        allow_remote_media=not args.no_remote_media, warmup=not args.no_warmup, vad=args.vad)
 
 
 def run_serve(args: argparse.Namespace) -> int:

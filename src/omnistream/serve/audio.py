@@ -1,4 +1,5 @@
-"""Audio plumbing for the server: PCM16 <-> float, reply encoding, VAD.
+"""Audio plumbing for the server: PCM16 <-> float, reply encoding (turn detection:
+``omnistream.media.vad``).
 
 Input audio is not resampled here: the engine's live turn takes any rate and resamples exactly."""
 
@@ -6,7 +7,6 @@ from __future__ import annotations
 
 import io
 import wave
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -65,65 +65,3 @@ def encode_audio(pcm: np.ndarray, fmt: str, rate: int = SAMPLE_RATE) -> bytes:
         for packet in stream.encode(None):
             out.mux(packet)
     return buf.getvalue()
-
-
-@dataclass
-class VADConfig:
-    """Server VAD settings, in the Realtime protocol's units."""
-
-    threshold: float = 0.5  # 0..1; mapped to an RMS level in dBFS, see ``rms_threshold``
-    prefix_padding_ms: int = 300  # audio kept from before the detected start
-    silence_duration_ms: int = 500  # silence that ends a turn
-    min_speech_ms: int = 60  # louder-than-threshold audio needed to declare a start
-
-    @property
-    def rms_threshold(self) -> float:
-        # 0 -> -60 dBFS, 0.5 -> -35 dBFS, 1 -> -10 dBFS
-        db = -60.0 + 50.0 * float(np.clip(self.threshold, 0.0, 1.0))
-        return float(10 ** (db / 20))
-
-
-class EnergyVAD:
-    """Frame-energy voice activity detector over 24 kHz float PCM (20 ms frames).
-
-    ``feed(pcm)`` returns a list of ("start", ms) / ("stop", ms) events, where ms is the time in the
-    input stream (the start already moved back by the prefix padding, clamped at 0).
-    """
-
-    FRAME_MS = 20
-
-    def __init__(self, cfg: VADConfig, rate: int = INPUT_RATE):
-        self.cfg = cfg
-        self.rate = rate
-        self.frame = rate * self.FRAME_MS // 1000
-        self._rest = np.zeros(0, dtype=np.float32)
-        self.samples_seen = 0  # samples consumed into whole frames
-        self.speaking = False
-        self._loud_ms = 0
-        self._quiet_ms = 0
-
-    def feed(self, pcm: np.ndarray) -> list[tuple[str, int]]:
-        x = np.concatenate([self._rest, np.asarray(pcm, dtype=np.float32)])
-        n = len(x) // self.frame
-        self._rest = x[n * self.frame:]
-        events: list[tuple[str, int]] = []
-        thr = self.cfg.rms_threshold
-        for i in range(n):
-            f = x[i * self.frame:(i + 1) * self.frame]
-            loud = float(np.sqrt(np.mean(f * f))) > thr
-            self.samples_seen += self.frame
-            now_ms = self.samples_seen * 1000 // self.rate
-            if not self.speaking:
-                self._loud_ms = self._loud_ms + self.FRAME_MS if loud else 0
-                if self._loud_ms >= self.cfg.min_speech_ms:
-                    self.speaking = True
-                    self._quiet_ms = 0
-                    start = now_ms - self._loud_ms - self.cfg.prefix_padding_ms
-                    events.append(("start", max(0, start)))
-            else:
-                self._quiet_ms = 0 if loud else self._quiet_ms + self.FRAME_MS
-                if self._quiet_ms >= self.cfg.silence_duration_ms:
-                    self.speaking = False
-                    self._loud_ms = 0
-                    events.append(("stop", now_ms))
-        return events

@@ -22,3 +22,4 @@ class ServeConfig:
     allowed_local_media_path: str | None = None  # serve local paths under this folder only
     remote_timeout_s: float = 20.0
     warmup: bool = True
+    vad: str = "auto"  # Realtime turn detector: "silero", "energy", "auto" (Silero if installed)

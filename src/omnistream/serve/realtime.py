@@ -1,6 +1,7 @@
 """``WS /v1/realtime``: the Realtime event protocol over one engine session per socket.
 
-Input audio (PCM16 24 kHz, base64) is run through an energy VAD as it arrives; while the user
+Input audio (PCM16 24 kHz, base64) is run through the turn detector (``media.vad``: Silero, or
+loudness without ``silero-vad``; ``ServeConfig.vad``) as it arrives; while the user
 speaks it is handed to ``sess.append_audio`` at the rate it arrived (the engine's live turn
 resamples exactly, as offline, and encodes block by block: a turn spoken here gets the prompt the
 same audio sent as a message gets). The end of speech commits the turn and starts a reply; speech
@@ -34,8 +35,9 @@ import numpy as np
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from omnistream.engine.events import AudioChunk, Done, TextDelta, Usage
+from omnistream.media.vad import TurnDetector, VADConfig, make_detector
 
-from .audio import INPUT_RATE, EnergyVAD, VADConfig, float_to_pcm16, pcm16_to_float
+from .audio import INPUT_RATE, float_to_pcm16, pcm16_to_float
 from .bridge import new_session, respond_live
 from .errors import APIError
 
@@ -153,7 +155,7 @@ class RealtimeConnection:
         self.hist = np.zeros(0, dtype=np.float32)  # recent input at 24 kHz
         self.hist_start = 0  # absolute sample index of hist[0]
         self.fwd_pos = 0  # absolute sample index up to which input went to the engine
-        self.vad: EnergyVAD | None = None  # server VAD (None: the client commits turns)
+        self.vad: TurnDetector | None = None  # server VAD (None: the client commits turns)
         self._make_vad()
         self.turn_samples = 0  # input samples in the open (uncommitted) user turn
         self.turn_item: str | None = None
@@ -204,11 +206,8 @@ class RealtimeConnection:
         """The VAD ``turn_detection`` asks for, on the input's clock (it may change mid-stream)."""
         td = self.session.get("turn_detection")
         if td and td.get("type", "server_vad") == "server_vad":
-            self.vad = EnergyVAD(VADConfig(
-                threshold=float(td.get("threshold", 0.5)),
-                prefix_padding_ms=int(td.get("prefix_padding_ms", 300)),
-                silence_duration_ms=int(td.get("silence_duration_ms", 500))))
-            self.vad.samples_seen = self.hist_start + len(self.hist)
+            self.vad = make_detector(VADConfig.from_turn_detection(td), self.cfg.vad,
+                                     start=self.hist_start + len(self.hist))
         else:
             self.vad = None
 
@@ -312,6 +311,7 @@ class RealtimeConnection:
         if td is not None and not isinstance(td, dict):
             raise APIError(400, "turn_detection must be an object or null",
                            param="session.turn_detection", code="invalid_type")
+        _check_turn_detection(td)
         mrot = s.get("max_response_output_tokens")
         if mrot is not None and mrot != "inf" and (not isinstance(mrot, int) or mrot < 1):
             raise APIError(400, "max_response_output_tokens must be a positive integer or 'inf'",
@@ -354,20 +354,19 @@ class RealtimeConnection:
         if self.vad is None:
             self._forward_to(end)
         else:
-            for kind, ms in self.vad.feed(pcm):
-                pos = ms * INPUT_RATE // 1000
-                if kind == "start":
-                    self.fwd_pos = max(pos, self.hist_start)
+            for ev in self.vad.push(pcm, INPUT_RATE):
+                if ev.kind == "speech_started":
+                    self.fwd_pos = max(ev.sample, self.hist_start)
                     self.turn_item = self.turn_item or _id("item")
-                    await self.send("input_audio_buffer.speech_started", audio_start_ms=ms,
-                                    item_id=self.turn_item)
+                    await self.send("input_audio_buffer.speech_started",
+                                    audio_start_ms=ev.ms(INPUT_RATE), item_id=self.turn_item)
                     td = self.session.get("turn_detection") or {}
                     if td.get("interrupt_response", True):
                         self._cancel_response("turn_detected")  # barge-in
                 else:
-                    self._forward_to(pos)
-                    await self.send("input_audio_buffer.speech_stopped", audio_end_ms=ms,
-                                    item_id=self.turn_item)
+                    self._forward_to(ev.sample)
+                    await self.send("input_audio_buffer.speech_stopped",
+                                    audio_end_ms=ev.ms(INPUT_RATE), item_id=self.turn_item)
                     await self._commit()
                     td = self.session.get("turn_detection") or {}
                     # a reply still running (not barged into) is answered first, then this
@@ -640,6 +639,25 @@ class RealtimeConnection:
             "usage": _usage(done.usage) if done is not None else None,
             "metadata": {"timings": done.timings if done is not None else {}}})
         return True
+
+
+def _check_turn_detection(td: dict | None) -> None:
+    """``server_vad`` with its numbers in range, or null (the client commits turns)."""
+    if td is None:
+        return
+    p = "session.turn_detection"
+    if td.get("type", "server_vad") != "server_vad":
+        raise APIError(400, f"turn_detection type {td.get('type')!r} is not supported; use "
+                       "'server_vad' or null", param=p + ".type", code="invalid_value")
+    thr = td.get("threshold", 0.5)
+    if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not 0.0 <= thr <= 1.0:
+        raise APIError(400, "threshold must be a number from 0 to 1", param=p + ".threshold",
+                       code="invalid_value")
+    for k in ("prefix_padding_ms", "silence_duration_ms"):
+        v = td.get(k, 0)
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 10_000:
+            raise APIError(400, f"{k} must be an integer from 0 to 10000", param=f"{p}.{k}",
+                           code="invalid_value")
 
 
 def _usage(u: Usage) -> dict:
