@@ -16,7 +16,7 @@ setup: $(BIN)/python
 
 setup-test: $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[serve,test]'
+	$(BIN)/pip install -q -e '.[serve,test,data,eval]'
 
 tiny/config.json: | setup
 	$(BIN)/omnistream make-tiny tiny
