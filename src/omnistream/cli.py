@@ -99,6 +99,37 @@ def _build_parser() -> argparse.ArgumentParser:
         add_serve_args(p)
         _add_model_arg(p)
 
+    p = sub.add_parser("codec", help="speech codec: encode speech to codes, decode, evaluate")
+    csub = p.add_subparsers(dest="codec_cmd", required=True)
+    q = csub.add_parser("encode", help="speech file -> 50 Hz codes (JSON)")
+    q.add_argument("input", help="audio file (any format PyAV decodes)")
+    _add_model_arg(q)
+    q.add_argument("-o", "--out", default=None, help="codes JSON (default: print to stdout)")
+    q = csub.add_parser("decode", help="codes JSON -> 24 kHz WAV (streamed as the engine speaks)")
+    q.add_argument("codes", help="codes JSON written by `omnistream codec encode`")
+    _add_model_arg(q)
+    q.add_argument("-o", "--out", required=True, help="output WAV")
+    q.add_argument("--voice", default=None)
+    q = csub.add_parser("eval", help="round trip on held-out sentences (WER, MCD, speed)")
+    _add_model_arg(q)
+    q.add_argument("--n", type=int, default=100, help="held-out sentences")
+    q.add_argument("--no-recognizer", action="store_true", help="skip WER (no eval extra)")
+    q.add_argument("--json-out", default=None)
+
+    p = sub.add_parser("eval", help="omni-mini tasks on fresh cases: accuracy per family, "
+                       "speech WER, time to first audio, real-time factor")
+    _add_model_arg(p)
+    p.add_argument("--n", type=int, default=50, help="fresh cases per family")
+    p.add_argument("--seed", type=int, default=None, help="case seed (>= 1000000, the default)")
+    p.add_argument("--families", default=None, help="comma-separated (default: all)")
+    p.add_argument("--no-recognizer", action="store_true", help="skip WER (no eval extra)")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--speech-seconds", type=float, default=12.0, help="speech per reply, at most")
+    p.add_argument("--solver", default="rk4", choices=["rk4", "euler"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--json-out", default=None, help="every case's result as JSON")
+    p.add_argument("--quiet", action="store_true", help="no per-case lines")
+
     sub.add_parser("bench", help="benchmarks against the transformers reference "
                    "(`omnistream bench --help`)")
 
@@ -265,6 +296,37 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_codec(args: argparse.Namespace) -> int:
+    from omnistream.engine.codec import Codec, read_codes, write_codes
+    from omnistream.models import resolve_model
+
+    model = resolve_model(args.model)
+    if args.codec_cmd == "eval":
+        from omnistream.eval.codec import evaluate_codec, print_report
+
+        res = evaluate_codec(model, n=args.n, recognize=not args.no_recognizer)
+        print_report(res)
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(res, indent=2) + "\n")
+        return 0
+    codec = Codec.load(model)
+    if args.codec_cmd == "encode":
+        codes = codec.encode(args.input)
+        if args.out:
+            write_codes(args.out, codes, model)
+            print(f"{len(codes)} codes ({len(codes) / 50:.2f} s) -> {args.out}", file=sys.stderr)
+        else:
+            print(json.dumps({"codes": codes.tolist(), "rate": 50}))
+        return 0
+    from omnistream.engine.wav import wav_bytes
+
+    codes = codec.check_codes(read_codes(args.codes))
+    pcm = codec.decode(codes, voice=args.voice)  # checked before any output is written
+    Path(args.out).write_bytes(wav_bytes(pcm))
+    print(f"{pcm.size / 24000:.2f} s of speech -> {args.out}", file=sys.stderr)
+    return 0
+
+
 def _cmd_chat_mic(args: argparse.Namespace) -> int:
     from omnistream.engine.wav import AudioDeviceError, Player
     from omnistream.media.vad import VADConfig, make_detector
@@ -342,6 +404,25 @@ def _missing_extra(cmd: str) -> str | None:
     return None
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from omnistream.eval.tasks import evaluate, format_table
+    from omnistream.models import resolve_model
+
+    def show(r) -> None:
+        mark = "ok " if r.correct else "BAD"
+        print(f"{mark} {r.family:<17} {r.answer!r} -> {r.reply!r}", file=sys.stderr, flush=True)
+
+    res = evaluate(resolve_model(args.model), n=args.n, seed=args.seed,
+                   families=args.families.split(",") if args.families else None,
+                   recognize=False if args.no_recognizer else None,
+                   max_new_tokens=args.max_new_tokens, speech_seconds=args.speech_seconds,
+                   solver=args.solver, dtype=args.dtype, progress=None if args.quiet else show)
+    print(format_table(res))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.cmd == "make-tiny":
@@ -360,6 +441,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         args.model = resolve_model(args.model)
         return run_serve(args) or 0
+    if args.cmd == "codec":
+        return _cmd_codec(args)
+    if args.cmd == "eval":
+        return _cmd_eval(args)
     if args.cmd == "train":
         from omnistream.train.cli import run_train
 

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from omnistream.media.audio import mel_filters
+from omnistream.media.audio import OUTPUT_SAMPLE_RATE, mel_filters
 from omnistream.nn.bigvgan import HOP
-from omnistream.nn.token2wav import OUTPUT_SAMPLE_RATE, SAMPLES_PER_CODE
+from omnistream.nn.token2wav import SAMPLES_PER_CODE
 
 N_FFT = 1024  # samples (42.7 ms window)
 N_MELS = 80

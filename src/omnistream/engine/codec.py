@@ -19,9 +19,9 @@ import torch
 from torch import Tensor
 
 from omnistream.codec.encoder import SpeechEncoder, StreamingEncoder
-from omnistream.media.audio import decode_audio, resample
+from omnistream.media.audio import OUTPUT_SAMPLE_RATE, decode_audio, resample
 from omnistream.media.errors import MediaError
-from omnistream.nn.token2wav import OUTPUT_SAMPLE_RATE, Token2Wav
+from omnistream.nn.token2wav import Token2Wav
 
 MIN_SECONDS = 0.2  # shorter input is refused (under 10 codes)
 SILENCE_RMS = 1e-3  # input whose RMS is below this (-60 dBFS) holds no speech

@@ -22,7 +22,7 @@ import torch
 
 from omnistream.codec.features import speech_mel
 from omnistream.engine.codec import Codec
-from omnistream.nn.token2wav import OUTPUT_SAMPLE_RATE
+from omnistream.media.audio import OUTPUT_SAMPLE_RATE
 
 N_CEPS = 13
 

@@ -257,11 +257,13 @@ def _mel_to_hz(m: np.ndarray) -> np.ndarray:
     return np.where(m >= 15.0, 1000.0 * np.exp(np.log(6.4) / 27.0 * (m - 15.0)), m * 200.0 / 3.0)
 
 
-@lru_cache(maxsize=4)
-def mel_filters(n_mels: int = N_MELS) -> Tensor:
-    """Slaney-normalised triangular mel filters over 0-8 kHz, ``[n_fft//2+1, n_mels]`` float32."""
-    fft_freqs = np.linspace(0, SAMPLE_RATE / 2, N_FFT // 2 + 1)
-    edges = _mel_to_hz(np.linspace(_hz_to_mel(0.0), _hz_to_mel(8000.0), n_mels + 2))
+@lru_cache(maxsize=8)
+def mel_filters(n_mels: int = N_MELS, sample_rate: int = SAMPLE_RATE, n_fft: int = N_FFT,
+                fmax: float = 8000.0) -> Tensor:
+    """Slaney-normalised triangular mel filters over 0-``fmax`` Hz, ``[n_fft//2+1, n_mels]``
+    float32 (defaults: the Thinker's 16 kHz input features)."""
+    fft_freqs = np.linspace(0, sample_rate / 2, n_fft // 2 + 1)
+    edges = _mel_to_hz(np.linspace(_hz_to_mel(0.0), _hz_to_mel(fmax), n_mels + 2))
     diff = np.diff(edges)  # [n_mels + 1]
     slopes = edges[None, :] - fft_freqs[:, None]  # [bins, n_mels + 2]
     down = -slopes[:, :-2] / diff[:-1]

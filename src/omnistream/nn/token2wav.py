@@ -21,7 +21,6 @@ from omnistream.nn.bigvgan import HOP, BigVGAN
 from omnistream.nn.dit import DiT
 
 SWAY = -1.0  # sway-sampling coefficient of the time schedule
-OUTPUT_SAMPLE_RATE = 24_000  # Hz: 100 mel frames per second x HOP
 SAMPLES_PER_CODE = 2 * HOP  # 2 mel frames per code (DiT repeats) x 240 samples per frame
 
 

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from omnistream.media.audio import resample
-from omnistream.nn.token2wav import OUTPUT_SAMPLE_RATE
+from omnistream.media.audio import OUTPUT_SAMPLE_RATE, resample
 from omnistream.train.sentences import sentences
 from omnistream.train.voices import Voice, speak, write_wav
 

@@ -1,0 +1,201 @@
+"""The omni-mini task evaluation: fresh cases of every family (``../shared/mini/TASKS.md``),
+answered by the streaming engine, scored as the spec says.
+
+    omnistream eval [--model DIR] [--n 50] [--seed S] [--no-recognizer]
+
+Cases come from the task generator (``train/tasks.py``) with seeds from ``EVAL_SEED_BASE``
+(1,000,000) up, which training never uses. Each case is one fresh session (``Engine.load``,
+``session.respond``, streamed: text and speech as a user gets them). Per family the table gives:
+
+* ``acc``: replies equal to the answer after lower-casing and removing punctuation;
+* ``WER``: the recognizer's (``eval/recognizer.py``, an optional extra) word error rate of each
+  spoken reply against its own text, over the family's words ("-" without the recognizer);
+* ``TTFA``: time to first audio (median, from the call to ``respond``);
+* ``RTF``: real-time factor of the whole reply (median of reply wall time / speech seconds).
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from omnistream.chat import SPEECH_SYSTEM_PROMPT
+from omnistream.engine.events import SAMPLE_RATE, AudioChunk, Done
+
+MAX_NEW_TOKENS = 48  # the longest answer (the chat answer) is under 20 tokens
+SPEECH_SECONDS = 12.0  # codes per reply at most (the longest answer speaks in about 5 s)
+
+
+def normalize_answer(text: str) -> str:
+    """The spec's comparison form: lower case, punctuation removed, spaces collapsed."""
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+@dataclass
+class Reply:
+    """One answered conversation."""
+
+    text: str
+    pcm: np.ndarray  # [n] float32 at 24 kHz
+    codes: list[int]
+    timings: dict[str, float]
+    finish_reason: str
+
+
+def respond(engine, messages: list[dict], options) -> Reply:
+    """``messages`` answered by a fresh session with ``options`` (``SessionOptions``), streamed;
+    ``timings`` are the engine's plus ``wall_s``, the whole reply."""
+    sess = engine.session(options)
+    pcm: list[np.ndarray] = []
+    done = None
+    t0 = time.perf_counter()
+    for ev in sess.respond(messages):
+        if isinstance(ev, AudioChunk):
+            pcm.append(ev.pcm)
+        elif isinstance(ev, Done):
+            done = ev
+    wall = time.perf_counter() - t0
+    assert done is not None
+    audio = np.concatenate(pcm) if pcm else np.zeros(0, np.float32)
+    return Reply(done.text, audio, list(done.codec_ids), {**done.timings, "wall_s": wall},
+                 done.finish_reason)
+
+
+def record_messages(rec: dict, base: Path) -> list[dict]:
+    """A training/eval record's prompt as engine messages: media paths made absolute, the
+    assistant's reply and a speech-prompt system turn dropped (the engine adds that one)."""
+    out = []
+    for m in rec["messages"][:-1]:
+        if m["role"] == "system" and m["content"] == SPEECH_SYSTEM_PROMPT:
+            continue
+        c = m["content"]
+        if isinstance(c, list):
+            c = [{**p, p["type"]: str(base / p[p["type"]])} if p.get("type") in
+                 ("audio", "image", "video") else p for p in c]
+        out.append({"role": m["role"], "content": c})
+    return out
+
+
+@dataclass
+class CaseResult:
+    family: str
+    index: int
+    answer: str
+    reply: str
+    correct: bool
+    ttfa_s: float | None
+    rtf: float | None
+    audio_s: float
+    wer_edits: int | None = None  # recognizer: word edits of the speech against the reply
+    wer_words: int | None = None  # words of the reply
+    heard: str | None = None  # the recognizer's transcript
+
+
+def evaluate(model: str | Path, n: int = 50, seed: int | None = None,
+             families: list[str] | None = None, recognize: bool | None = None,
+             max_new_tokens: int = MAX_NEW_TOKENS, speech_seconds: float = SPEECH_SECONDS,
+             solver: str = "rk4", dtype: str = "float32",
+             progress: Callable[[CaseResult], None] | None = None) -> dict[str, Any]:
+    """Evaluate ``model`` on ``n`` fresh cases per family; returns ``{"cases": [...],
+    "recognizer": bool, "model", "seed"}`` (``format_table`` prints it).
+
+    ``recognize``: None = when the recognizer is installed. ``seed`` (default
+    ``EVAL_SEED_BASE``) must be at least ``EVAL_SEED_BASE``."""
+    from omnistream.engine.options import SessionOptions
+    from omnistream.engine.session import Engine
+    from omnistream.train.tasks import EVAL_SEED_BASE, FAMILIES, case_rng, make_case
+
+    seed = EVAL_SEED_BASE if seed is None else seed
+    if seed < EVAL_SEED_BASE:
+        raise ValueError(f"evaluation seeds start at {EVAL_SEED_BASE} (training uses those "
+                         f"below); got {seed}")
+    families = list(FAMILIES if families is None else families)
+    for f in families:
+        if f not in FAMILIES:
+            raise ValueError(f"unknown family {f!r} (one of {', '.join(FAMILIES)})")
+    rec_mod = None
+    if recognize is None or recognize:
+        from omnistream.eval import recognizer
+
+        if recognizer.available():
+            rec_mod = recognizer
+        elif recognize:
+            raise recognizer.RecognizerMissing(
+                "the recognizer is not installed: pip install 'omnistream[eval]'")
+    engine = Engine.load(model, dtype=dtype, quiet=True)
+    base = SessionOptions(max_new_tokens=max_new_tokens,
+                          talker_max_new_tokens=SessionOptions.speech_limit(speech_seconds),
+                          solver=solver)
+    results: list[CaseResult] = []
+    with tempfile.TemporaryDirectory(prefix="omnistream-eval-") as tmp:
+        for f in families:
+            for i in range(n):
+                case = make_case(f, case_rng(seed, f, i))
+                paths = []
+                for k, m in enumerate(case.media):
+                    p = Path(tmp) / f"{f}_{i}_{k}.{m.ext}"
+                    p.write_bytes(m.data)
+                    paths.append(p.name)
+                msgs = record_messages(case.record(paths), Path(tmp))
+                opts = base.replace(use_audio_in_video=case.use_audio_in_video, seed=i)
+                r = respond(engine, msgs, opts)
+                audio_s = r.pcm.size / SAMPLE_RATE
+                res = CaseResult(
+                    f, i, case.answer, r.text,
+                    normalize_answer(r.text) == normalize_answer(case.answer),
+                    r.timings.get("ttfa_s"),
+                    r.timings["wall_s"] / audio_s if audio_s > 0 else None, audio_s)
+                if rec_mod is not None:
+                    ref = rec_mod.normalize(r.text)
+                    heard = rec_mod.transcribe(r.pcm, SAMPLE_RATE) if r.pcm.size else ""
+                    res.heard = heard
+                    res.wer_edits = rec_mod.edit_distance(ref, rec_mod.normalize(heard))
+                    res.wer_words = len(ref)
+                results.append(res)
+                if progress is not None:
+                    progress(res)
+    return {"model": str(model), "seed": seed, "n": n, "recognizer": rec_mod is not None,
+            "cases": [asdict(r) for r in results]}
+
+
+def summarize(cases: list[dict]) -> dict[str, float | None]:
+    """Accuracy, WER, median TTFA and RTF of some cases."""
+    edits = [c["wer_edits"] for c in cases if c["wer_edits"] is not None]
+    words = sum(c["wer_words"] for c in cases if c["wer_words"] is not None)
+    ttfa = [c["ttfa_s"] for c in cases if c["ttfa_s"] is not None]
+    rtf = [c["rtf"] for c in cases if c["rtf"] is not None]
+    return {"n": len(cases), "acc": sum(c["correct"] for c in cases) / max(len(cases), 1),
+            "wer": sum(edits) / words if edits and words else None,
+            "ttfa_s": statistics.median(ttfa) if ttfa else None,
+            "rtf": statistics.median(rtf) if rtf else None}
+
+
+def format_table(res: dict[str, Any]) -> str:
+    """The per-family table (and the overall row) of ``evaluate``'s result."""
+    fams: dict[str, list[dict]] = {}
+    for c in res["cases"]:
+        fams.setdefault(c["family"], []).append(c)
+    head = f"{'family':<18}{'n':>4}{'acc':>8}{'WER':>8}{'TTFA s':>9}{'RTF':>7}"
+    rows = [head, "-" * len(head)]
+
+    def row(name: str, cases: list[dict]) -> str:
+        s = summarize(cases)
+        wer = f"{100 * s['wer']:.1f}%" if s["wer"] is not None else "-"
+        ttfa = f"{s['ttfa_s']:.2f}" if s["ttfa_s"] is not None else "-"
+        rtf = f"{s['rtf']:.2f}" if s["rtf"] is not None else "-"
+        return f"{name:<18}{s['n']:>4}{100 * s['acc']:>7.1f}%{wer:>8}{ttfa:>9}{rtf:>7}"
+
+    rows += [row(f, cs) for f, cs in fams.items()]
+    rows += ["-" * len(head), row("all", res["cases"])]
+    note = f"model {res['model']}, seed {res['seed']}, {res['n']} fresh cases per family"
+    if not res["recognizer"]:
+        note += "; WER needs the recognizer: pip install 'omnistream[eval]'"
+    return "\n".join(rows + [note])
