@@ -96,6 +96,8 @@ class Engine:
         from omnistream.prompt import Processor
 
         self.processor = Processor.from_dir(self.model_dir)
+        if self.tokenizer is None:  # Engine.load: the processor's (tokenizer.json parsed once)
+            self.tokenizer = self.processor.tokenizer
 
     @classmethod
     def load(cls, model: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu",
@@ -113,7 +115,6 @@ class Engine:
             load_speakers,
             resolve_model_dir,
         )
-        from omnistream.tokenizer import Tokenizer
 
         d = resolve_model_dir(model)
         cfg = load_config(d)
@@ -139,7 +140,7 @@ class Engine:
                 quantize_int4_(m)
             else:
                 tune_head_layout_(m.lm_head if m is thinker else m.codec_head)
-        return cls(d, cfg, Tokenizer.from_dir(d), thinker, talker, token2wav, speakers, device, dt,
+        return cls(d, cfg, None, thinker, talker, token2wav, speakers, device, dt,
                    model_id=str(model), random_weights=(d / RANDOM_WEIGHTS_MARKER).exists())
 
     @property
