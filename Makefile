@@ -4,7 +4,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup setup-test demo test lint bench
+.PHONY: setup setup-test demo test lint bench mini
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -31,6 +31,15 @@ test: setup-test
 
 lint:
 	$(BIN)/ruff check src tests
+
+# omni-mini from scratch: task data, the paper's stages (configs/train/mini_*.json), DPO pairs,
+# models/omni-mini and its evaluation (docs/MINI.md). Run it again to resume where it stopped.
+CODEC ?= artifacts/codec
+MINI_OUT ?= artifacts/mini
+mini: $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[serve,data,eval]'
+	$(BIN)/python -m omnistream.train.mini --out $(MINI_OUT) --codec $(CODEC)
 
 bench: setup-test
 	$(BIN)/python -m omnistream.cli bench

@@ -116,6 +116,13 @@ def random_state(
     return out
 
 
+def tied_names(module: nn.Module) -> set[str]:
+    """Parameter names that alias another parameter (a tied output head): stored once, under
+    the first name."""
+    every = {n for n, _ in module.named_parameters(remove_duplicate=False)}
+    return every - {n for n, _ in module.named_parameters()}
+
+
 def _stable_hash(s: str) -> int:
     h = 1469598103934665603  # FNV-1a, stable across runs (``hash`` is salted)
     for c in s.encode():
@@ -176,6 +183,8 @@ def make_tiny(
     for i, part in enumerate(PARTS):
         module = build_component(part, cfg, (factories or {}).get(part))
         sd = random_state(module, seed * 31 + i, dtype=part_dtypes[part])
+        for name in tied_names(module):
+            del sd[name]
         buffers = dict(module.named_buffers())
         for name in STORED_BUFFERS.get(part, ()):
             if name in buffers and name not in sd:  # released files store it (bf16-rounded)

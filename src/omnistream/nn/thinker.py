@@ -88,6 +88,8 @@ class Thinker(nn.Module):
         self.lm_head = nn.Linear(
             cfg.text_config.hidden_size, cfg.text_config.vocab_size, bias=False
         )
+        if cfg.text_config.tie_word_embeddings:  # one [V, D] matrix for input and output
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     # -- inputs ---------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ One record per line, the API's message schema plus optional speech targets::
      "codec_ids": [int, ...],              # talker targets for the last assistant turn
      "speech": "reply.wav",                # the reply spoken: encoded to talker targets by the
                                            # checkpoint's codec when codec_ids are absent
+     "use_audio_in_video": true,           # each video's audio track is an input too
      "chosen_codec_ids": [...], "rejected_codec_ids": [...]}   # talker DPO pairs
 
 Relative media paths are resolved against the JSONL file's folder. Every record is checked and
@@ -19,7 +20,10 @@ system turn gets the prompt the engine would use: the speech prompt for the Talk
 turn, so the labels know where each assistant turn is: the Thinker's targets are the assistant
 content tokens and their ``<|im_end|>``; everything else is -100. Media placeholders are expanded
 to the item's token count; the items come from the project's input pipeline (``omnistream.media``),
-which also gives the features the encoders consume.
+which also gives the features the encoders consume. With ``use_audio_in_video`` a video's
+placeholder becomes the processor's interleaved layout (``<|audio_bos|> V0 A0 V1 A1 ...
+<|audio_eos|>`` inside the vision bos/eos, ``prompt.interleave_chunks``) and its audio track is an
+audio item right after the video item, so ids, features and TMRoPE positions are the engine's.
 """
 
 from __future__ import annotations
@@ -82,6 +86,13 @@ class AudioItem:
         return audio_token_count(self.feature_len)
 
 
+def _audio_item(x) -> AudioItem:
+    from omnistream.media.audio import log_mel_spectrogram
+
+    feats, n = log_mel_spectrogram(x)
+    return AudioItem(feats[:, :n], n)
+
+
 def process_media(kind: str, path: str) -> Any:
     """Decode and featurise one media item with the project's input pipeline
     (``omnistream.media``): an ``AudioItem`` or a ``VisualInput`` (image / video), each with
@@ -90,10 +101,9 @@ def process_media(kind: str, path: str) -> Any:
 
     try:
         if kind == "audio":
-            from omnistream.media.audio import load_audio, log_mel_spectrogram
+            from omnistream.media.audio import load_audio
 
-            feats, n = log_mel_spectrogram(load_audio(path))
-            return AudioItem(feats[:, :n], n)
+            return _audio_item(load_audio(path))
         if kind == "image":
             from omnistream.media.image import process_image
 
@@ -107,6 +117,19 @@ def process_media(kind: str, path: str) -> Any:
         if isinstance(e, RecordError):
             raise
         raise RecordError(f"bad {kind} {Path(path).name!r}: {e}") from e
+
+
+def video_audio(path: str) -> AudioItem:
+    """The audio track of a video as an ``AudioItem`` (``use_audio_in_video``), read as the
+    processor reads it."""
+    from omnistream.media.audio import DEFAULT_MAX_SECONDS
+    from omnistream.media.errors import MediaError
+    from omnistream.media.video import load_video_audio
+
+    try:
+        return _audio_item(load_video_audio(path, None, None, DEFAULT_MAX_SECONDS))
+    except (MediaError, ValueError, OSError) as e:
+        raise RecordError(f"bad video audio track {Path(path).name!r}: {e}") from e
 
 
 def collate_media(items: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -169,6 +192,8 @@ def validate(rec: Any, base: Path) -> dict:
         isinstance(rec["speech"], str) and (base / rec["speech"]).is_file()
     ):
         raise RecordError(f"speech file not found: {rec.get('speech')!r}")
+    if not isinstance(rec.get("use_audio_in_video", False), bool):
+        raise RecordError("'use_audio_in_video' must be true or false")
     return rec
 
 
@@ -181,6 +206,7 @@ def encode(
     (``engine.codec.Codec.encode``) when it has no ``codec_ids``."""
     sp = tok.special
     msgs = rec["messages"]
+    aiv = bool(rec.get("use_audio_in_video", False))
     system = chat.system_prompt_for(speech_output=task in SPEECH_TASKS)
     placeholder = {sp.audio: "audio", sp.image: "image", sp.video: "video"}
     ids: list[int] = []
@@ -190,7 +216,7 @@ def encode(
     for m, (head_text, content, tail_text) in zip(msgs, chat.render_turns(msgs, system),
                                                   strict=True):
         head, tail = tok.encode(head_text), tok.encode(tail_text)
-        items = [(p["type"], process_media(p["type"], str(base / p[p["type"]])))
+        items = [(p["type"], process_media(p["type"], str(base / p[p["type"]])), p)
                  for p in chat.media_parts([m])]
         body: list[int] = []
         k = 0
@@ -200,11 +226,24 @@ def encode(
                 continue
             if k >= len(items) or items[k][0] != placeholder[i]:
                 raise RecordError("a text part holds a media placeholder token")
-            body += [i] * int(items[k][1].n_tokens)
+            kind, item, part = items[k]
+            media.append((kind, item))
+            if kind == "video" and aiv:  # the processor's layout, then the track's features
+                from omnistream.prompt import interleave_chunks
+
+                track = video_audio(str(base / part["video"]))
+                body += [sp.audio_bos]
+                for nv, na in interleave_chunks(item.grid_thw, item.second_per_grid,
+                                                int(track.n_tokens), cfg.seconds_per_chunk,
+                                                cfg.position_id_per_seconds):
+                    body += [sp.video] * nv + [sp.audio] * na
+                body += [sp.audio_eos]
+                media.append(("audio", track))
+            else:
+                body += [i] * int(item.n_tokens)
             k += 1
         if k != len(items):
             raise RecordError("a text part holds a media placeholder token")
-        media += items
         is_asst = m["role"] == "assistant"
         if is_asst:
             reply_start, reply_len = len(ids) + len(head), len(body)
@@ -219,7 +258,7 @@ def encode(
     labels = labels[1:] + [IGNORE]
     if sp.image in ids or sp.video in ids or sp.audio in ids:
         mi = collate_media(media)
-        pos = _positions(ids, mi, cfg)
+        pos = _positions(ids, mi, cfg, aiv)
     else:
         pos = torch.arange(len(ids)).expand(3, -1)
     ex = Example(ids, labels, pos, media, reply_start, reply_len)
@@ -245,7 +284,8 @@ def encode(
     return ex
 
 
-def _positions(ids: list[int], mi: dict[str, list], cfg: ThinkerConfig) -> Tensor:
+def _positions(ids: list[int], mi: dict[str, list], cfg: ThinkerConfig,
+               use_audio_in_video: bool = False) -> Tensor:
     def cat(kind, attr):
         xs = [torch.as_tensor(getattr(it, attr)) for it in mi[kind]]
         return torch.stack(xs) if xs else None
@@ -257,7 +297,7 @@ def _positions(ids: list[int], mi: dict[str, list], cfg: ThinkerConfig) -> Tenso
         cat("image", "grid_thw"),
         cat("video", "grid_thw"),
         None,
-        False,
+        use_audio_in_video,
         audio_len,
         spg,
         cfg,

@@ -54,6 +54,9 @@ def load_model(model_dir: str | Path, with_talker: bool, dtype=torch.float32) ->
     names = set(model.state_dict())
     prefixes = ("thinker.", "talker.") if with_talker else ("thinker.",)
     sd = {k: v.to(dtype) for k, v in read_tensors(model_dir, prefixes).items() if k in names}
+    for alias, target in tied_aliases(model).items():  # a tied head is stored once
+        if alias not in sd and target in sd:
+            sd[alias] = sd[target]
     missing = names - set(sd)
     if missing:
         raise KeyError(
@@ -61,6 +64,19 @@ def load_model(model_dir: str | Path, with_talker: bool, dtype=torch.float32) ->
         )
     model.load_state_dict(sd, strict=True)
     return model.to(dtype)
+
+
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """``{alias: name}`` of parameters shared under several names (e.g. a tied output head,
+    ``thinker.lm_head.weight`` -> ``thinker.model.embed_tokens.weight``)."""
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            out[n] = first[id(p)]
+        else:
+            first[id(p)] = n
+    return out
 
 
 def save_released(out_dir: str | Path, src_dir: str | Path, trained: dict[str, Tensor]) -> Path:
@@ -79,6 +95,8 @@ def save_released(out_dir: str | Path, src_dir: str | Path, trained: dict[str, T
     tensors = read_tensors(src)
     for k, v in trained.items():
         if k not in tensors:
+            if any(j in tensors and w.data_ptr() == v.data_ptr() for j, w in trained.items()):
+                continue  # a tied alias of a stored tensor (stored once, as in the source)
             raise KeyError(f"trained tensor {k} is not in the source checkpoint")
         tensors[k] = v.detach().to("cpu", tensors[k].dtype).contiguous()
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})

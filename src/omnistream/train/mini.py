@@ -1,0 +1,261 @@
+"""omni-mini from scratch in one command, resumable: data, the paper's stages, the shipped model.
+
+    python -m omnistream.train.mini --out artifacts/mini --codec DIR [--ship models/omni-mini]
+
+(``make mini CODEC=DIR``). Every step leaves a finished mark and is skipped when the command is
+run again; a stage that was interrupted resumes from its last checkpoint (``save_every`` in its
+config). Steps, in order (``OUT/...``):
+
+1. ``init/``: the from-scratch checkpoint (``mini_model.init_mini``: random Thinker and Talker,
+   the trained codec's Token2Wav, speech encoder and voice).
+2. ``data/``: ``--n-per-family`` cases of every task family (``train.tasks``, seed 0), split into
+   ``text.jsonl`` (no media), ``media.jsonl`` (with media) and ``data.jsonl`` (all), and
+   ``talker.jsonl``: the records with ``speech``, the reply spoken in the Piper voice at
+   length_scale 1.0 (``train.voices``); the checkpoint's codec turns it into the Talker's targets.
+3. Stages through ``omnistream train`` (``configs/train/mini_*.json``), each from the previous
+   one's output: ``stage0_text`` (the LLM on the text families: it stands in for the pretrained
+   Qwen2.5 LLM the paper starts from), ``stage1_align`` (encoders aligned with the LLM frozen),
+   ``stage2_all`` (everything on all families), ``stage3_talker`` (the Talker).
+4. ``data/dpo.jsonl``: preference pairs of sampled speech ranked by the recognizer's WER and by
+   pause errors (``train.dpo_pairs``), then ``stage4_dpo`` (Talker DPO).
+5. The shipped copy (``--ship``, default ``models/omni-mini``: bf16 Thinker/Talker,
+   ``mini_model.ship``) and its evaluation on fresh cases (``omnistream eval``), kept in
+   ``OUT/eval.txt``.
+
+Time on the 2-core CPU this was sized on: see ``docs/MINI.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from omnistream.models import REPO_ROOT
+
+_ROOT = REPO_ROOT or Path.cwd()
+STAGE_DIR = _ROOT / "configs" / "train"
+# (output folder, stage config, training data in OUT/data, source: "init" or a previous stage)
+STAGES = (
+    ("stage0_text", "mini_0_text.json", "text.jsonl", "init"),
+    ("stage1_align", "mini_1_align.json", "media.jsonl", "stage0_text"),
+    ("stage2_all", "mini_2_all.json", "data.jsonl", "stage1_align"),
+    ("stage3_talker", "mini_3_talker.json", "talker.jsonl", "stage2_all"),
+    ("stage4_dpo", "mini_4_dpo.json", "dpo.jsonl", "stage3_talker"),
+)
+SPEECH_LENGTH_SCALE = 1.0  # the Talker's targets: the Piper voice at its natural speed
+
+
+def log(msg: str) -> None:
+    print(f"[mini {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+
+def split_records(data: Path) -> dict[str, int]:
+    """Write ``text.jsonl`` (records without media) and ``media.jsonl`` (with media) beside
+    ``data`` (the whole set); returns the counts."""
+    text, media = [], []
+    for line in data.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        has_media = any(isinstance(m["content"], list)
+                        and any(p.get("type") != "text" for p in m["content"])
+                        for m in rec["messages"])
+        (media if has_media else text).append(line)
+    for name, lines in (("text.jsonl", text), ("media.jsonl", media)):
+        _write_lines(data.parent / name, lines)
+    return {"text": len(text), "media": len(media)}
+
+
+def _write_lines(path: Path, lines: list[str]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _count(path: Path) -> int:
+    return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+
+
+def speech_file(text: str, folder: Path, length_scale: float = SPEECH_LENGTH_SCALE) -> Path:
+    """``text`` spoken in the Piper voice (cached by text: the same reply is spoken once)."""
+    from omnistream.train.voices import piper, write_wav
+
+    h = hashlib.sha1(f"{length_scale}|{text}".encode()).hexdigest()[:16]
+    path = folder / f"{h}.wav"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        pcm, sr = piper(text, length_scale)
+        tmp = path.with_suffix(".tmp.wav")
+        write_wav(tmp, pcm, sr)
+        tmp.replace(path)
+    return path
+
+
+def add_speech(data: Path, out: Path, speech_dir: str = "speech") -> int:
+    """``out``: the records of ``data`` with ``speech``, their reply spoken (same folder, so
+    media paths stay valid). Returns the number of distinct replies spoken."""
+    lines, texts = [], set()
+    for line in data.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        reply = rec["messages"][-1]["content"]
+        reply = reply if isinstance(reply, str) else "".join(p.get("text", "")
+                                                             for p in reply)
+        path = speech_file(reply, data.parent / speech_dir)
+        rec["speech"] = f"{speech_dir}/{path.name}"
+        texts.add(reply)
+        lines.append(json.dumps(rec, ensure_ascii=False))
+    _write_lines(out, lines)
+    return len(texts)
+
+
+# -- steps ---------------------------------------------------------------------------------------
+
+
+def _done(path: Path, what: str) -> bool:
+    if path.exists():
+        log(f"{what}: done ({path})")
+        return True
+    log(f"{what}: running")
+    return False
+
+
+def _run(cmd: list[str]) -> None:
+    log("$ " + " ".join(cmd))
+    subprocess.run(cmd, check=True)
+
+
+def run(out: str | Path, codec: str | Path | None, n_per_family: int = 300, seed: int = 0,
+        ship_dir: str | Path | None = None, eval_n: int = 20, dpo_prompts: int = 44,
+        dpo_samples: int = 4, max_steps_scale: float = 1.0) -> Path:
+    """Run every step not yet done (see the module docstring); returns the shipped directory."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    py = [sys.executable, "-m"]
+    t_start = time.time()
+    timings_path = out / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+
+    def timed(name: str, fn) -> None:
+        t = time.time()
+        fn()
+        timings[name] = round(timings.get(name, 0.0) + time.time() - t, 1)
+        timings_path.write_text(json.dumps(timings, indent=2) + "\n")
+
+    # 1. the from-scratch checkpoint
+    init = out / "init"
+    if not _done(init / "config.json", "init"):
+        if codec is None:
+            raise SystemExit("--codec DIR (the trained speech codec) is needed to start")
+        from omnistream.train.mini_model import budget, format_budget, init_mini
+
+        def make_init() -> None:
+            tmp = out / "init.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            init_mini(tmp, codec, seed)
+            print(format_budget(budget(tmp)), flush=True)
+            tmp.replace(init)
+
+        timed("init", make_init)
+
+    # 2. data
+    data_dir = out / "data"
+    data = data_dir / "data.jsonl"
+    if not _done(data, "data"):
+        from omnistream.train.tasks import make_dataset
+
+        timed("data", lambda: make_dataset(data_dir, n_per_family, seed))
+    if not _done(data_dir / "media.jsonl", "split"):
+        log(f"split: {split_records(data)}")
+    if not _done(data_dir / "talker.jsonl", "speech"):
+        timed("speech", lambda: log(
+            f"speech: {add_speech(data, data_dir / 'talker.jsonl')} replies spoken"))
+
+    # 3.-4. stages (DPO pairs before the DPO stage)
+    final = out / STAGES[-1][0]
+    for name, cfg, train_data, src in STAGES:
+        stage_out = out / name
+        if name == "stage4_dpo" and not _done(data_dir / "dpo.jsonl", "dpo pairs"):
+            timed("dpo_pairs", lambda src=src: _run(py + [
+                "omnistream.train.dpo_pairs", "--model", str(out / src),
+                "--data", str(data_dir / "talker.jsonl"), "--out", str(data_dir / "dpo.jsonl"),
+                "--prompts", str(dpo_prompts), "--samples", str(dpo_samples),
+                "--seed", str(seed)]))
+        if _done(stage_out / "train_stage.json", name):
+            continue
+        n_records = _count(data_dir / train_data)
+        if n_records == 0:  # only DPO can end up without data: all samples scored alike
+            log(f"{name}: SKIPPED, no records in {train_data}; shipping {src}")
+            final = out / src
+            continue
+        stage = json.loads((STAGE_DIR / cfg).read_text())
+        cmd = py + ["omnistream.cli", "train", "--config", str(STAGE_DIR / cfg),
+                    "--data", str(data_dir / train_data), "--model", str(out / src),
+                    "--out", str(stage_out)]
+        if n_records < stage["batch_size"]:
+            cmd += ["--batch-size", str(n_records)]
+        if max_steps_scale != 1.0:
+            cmd += ["--max-steps", str(max(1, round(stage["max_steps"] * max_steps_scale)))]
+        timed(name, lambda cmd=cmd: _run(cmd))
+
+    # 5. ship and evaluate
+    from omnistream.train.mini_model import budget, format_budget, ship
+
+    ship_dir = Path(ship_dir) if ship_dir is not None else _ROOT / "models" / "omni-mini"
+    mark = out / "shipped.json"
+    shipped = json.loads(mark.read_text()) if mark.exists() else {}
+    want = {"dir": str(ship_dir), "from": str(final)}
+    if shipped == want and (ship_dir / "config.json").is_file():
+        log(f"ship: done ({ship_dir})")
+    else:
+        log(f"ship: {final} -> {ship_dir}")
+        ship(final, ship_dir)
+        print(format_budget(budget(ship_dir, {})), flush=True)
+        mark.write_text(json.dumps(want) + "\n")
+        (out / "eval.txt").unlink(missing_ok=True)  # a new model: evaluate it again
+    if eval_n > 0 and not _done(out / "eval.txt", "eval"):
+        def evaluate() -> None:
+            res = subprocess.run(py + ["omnistream.cli", "eval", "--model", str(ship_dir),
+                                       "--n", str(eval_n)], check=True, capture_output=True,
+                                 text=True)
+            (out / "eval.txt").write_text(res.stdout)
+            print(res.stdout, flush=True)
+
+        timed("eval", evaluate)
+    log(f"finished in {time.time() - t_start:.0f} s this run; step times (s): {timings}")
+    return ship_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m omnistream.train.mini", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="artifacts/mini", help="work folder (data, stages, logs)")
+    ap.add_argument("--codec", default=None, help="the trained speech codec's directory")
+    ap.add_argument("--n-per-family", type=int, default=300)
+    ap.add_argument("--seed", type=int, default=0, help="training data seed (< 1,000,000)")
+    ap.add_argument("--ship", default=None, help="shipped model folder (default models/omni-mini)")
+    ap.add_argument("--eval-n", type=int, default=20, help="fresh cases per family (0: none)")
+    ap.add_argument("--dpo-prompts", type=int, default=44)
+    ap.add_argument("--dpo-samples", type=int, default=4)
+    ap.add_argument("--max-steps-scale", type=float, default=1.0,
+                    help="scale every stage's max_steps (a quick trial run)")
+    a = ap.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    run(a.out, a.codec, a.n_per_family, a.seed, a.ship, a.eval_n, a.dpo_prompts, a.dpo_samples,
+        a.max_steps_scale)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,229 @@
+"""The omni-mini checkpoint: its config, a from-scratch initialisation, the byte budget, and the
+shipped copy.
+
+The config is ``configs/mini/config.json`` (Thinker: Qwen2.5 decoder with the Qwen tokenizer's
+151,936-row vocabulary and a tied head, small audio and vision encoders; Talker with the release's
+codec vocabulary and special ids) plus the speech codec's ``token2wav_config`` and
+``codec_encoder_config``, taken from the trained codec's directory (else
+``configs/codec/config.json``). ``init_mini`` writes a released-layout checkpoint: Thinker and
+Talker at random (N(0, 0.02) weights, zero biases, unit norms, as ``make-tiny``), the codec's
+trained ``token2wav.*`` / ``codec_encoder.*`` tensors and its ``spk_dict.pt`` (one voice, Joe),
+the tokenizer files. Training checkpoints keep every tensor in float32; ``ship`` writes the
+shipped copy (Thinker and Talker bfloat16, the codec float32) and checks the budget::
+
+    python -m omnistream.train.mini_model init OUT [--codec DIR] [--seed 0]
+    python -m omnistream.train.mini_model budget DIR
+    python -m omnistream.train.mini_model ship SRC OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from omnistream.checkpoint import SPEAKERS_FILE, build_component, read_tensors, weight_map
+from omnistream.config import OmniConfig
+from omnistream.maketiny import (
+    GENERATION_CONFIG,
+    INIT_STD,
+    PREPROCESSOR_CONFIG,
+    random_state,
+    tied_names,
+    write_safetensors,
+)
+from omnistream.models import RANDOM_WEIGHTS_MARKER, REPO_ROOT
+from omnistream.tokenizer import CHAT_TEMPLATE, write_tokenizer_files
+
+_CONFIGS = (REPO_ROOT or Path.cwd()) / "configs"
+MINI_CONFIG_FILE = _CONFIGS / "mini" / "config.json"
+CODEC_CONFIG_FILE = _CONFIGS / "codec" / "config.json"
+BUDGET_BYTES = 80_000_000  # all shipped weights together (issue 13)
+PARTS = ("thinker", "talker", "token2wav", "codec_encoder")
+SHIP_DTYPES = {"thinker": torch.bfloat16, "talker": torch.bfloat16,
+               "token2wav": torch.float32, "codec_encoder": torch.float32}
+VOICE, VOICE_BOS = "Joe", 151872  # the codec's voice (the Piper voice it was trained on)
+
+
+def mini_config(codec_dir: str | Path | None = None) -> dict:
+    """``configs/mini/config.json`` with the codec's Token2Wav and speech encoder configs."""
+    cfg = json.loads(MINI_CONFIG_FILE.read_text())
+    src = Path(codec_dir) / "config.json" if codec_dir is not None else CODEC_CONFIG_FILE
+    codec = json.loads(src.read_text())
+    for key in ("token2wav_config", "codec_encoder_config"):
+        if codec.get(key) is None:
+            raise ValueError(f"{src} has no {key}")
+        cfg[key] = copy.deepcopy(codec[key])
+    cfg.setdefault("torch_dtype", "float32")
+    return cfg
+
+
+def _codec_tensors(codec_dir: Path) -> dict[str, Tensor]:
+    names = [k for k in weight_map(codec_dir) if k.startswith(("token2wav.", "codec_encoder."))]
+    out = {k: v.clone().float() for k, v in read_tensors(codec_dir, names=names)}
+    for part in ("token2wav", "codec_encoder"):
+        if not any(k.startswith(part + ".") for k in out):
+            raise ValueError(f"{codec_dir} holds no {part}.* tensors (a trained codec has both)")
+    return out
+
+
+def _fresh_codec(cfg: OmniConfig, seed: int) -> dict[str, Tensor]:
+    """Untrained codec parts (for tests and timing runs without a trained codec)."""
+    from omnistream.checkpoint import component_factory
+    from omnistream.train.codec import fresh_init_
+
+    out = {}
+    for i, part in enumerate(("token2wav", "codec_encoder")):
+        m = component_factory(part)(cfg)
+        fresh_init_(m, seed * 31 + 7 + i)
+        out |= {f"{part}.{k}": v.detach().clone() for k, v in m.state_dict().items()}
+    return out
+
+
+def init_tensors(cfg: OmniConfig, seed: int = 0) -> dict[str, Tensor]:
+    """Random Thinker and Talker tensors (float32, checkpoint names; a tied head stored once)."""
+    out: dict[str, Tensor] = {}
+    for i, part in enumerate(("thinker", "talker")):
+        module = build_component(part, cfg)
+        tied = tied_names(module)
+        for k, v in random_state(module, seed * 31 + i, std=INIT_STD).items():
+            if k in tied:
+                continue
+            if k.endswith(".bias"):
+                v = torch.zeros_like(v)
+            out[f"{part}.{k}"] = v
+    return out
+
+
+def _voice(seed: int) -> dict[str, dict]:
+    g = torch.Generator().manual_seed(seed + 7)
+    return {VOICE: {"bos_token": VOICE_BOS, "cond": torch.randn(1, 192, generator=g) * 0.5,
+                    "ref_mel": torch.randn(1, 300, 80, generator=g) * 0.5 - 5.0}}
+
+
+def _write_side_files(out: Path, cfg_dict: dict) -> None:
+    def dump(name: str, obj) -> None:
+        (out / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+    dump("config.json", cfg_dict)
+    dump("generation_config.json", GENERATION_CONFIG)
+    dump("preprocessor_config.json", PREPROCESSOR_CONFIG)
+    dump("chat_template.json", {"chat_template": CHAT_TEMPLATE})
+    write_tokenizer_files(out)
+
+
+def init_mini(out_dir: str | Path, codec_dir: str | Path | None = None, seed: int = 0) -> Path:
+    """Write the from-scratch omni-mini checkpoint (float32, released layout) to ``out_dir``.
+
+    ``codec_dir``: the trained codec (``token2wav.*``, ``codec_encoder.*``, ``spk_dict.pt``);
+    None: untrained codec parts and a random voice (tests, timing)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_dict = mini_config(codec_dir)
+    cfg = OmniConfig.from_dict(cfg_dict)
+    tensors = init_tensors(cfg, seed)
+    if codec_dir is not None:
+        tensors |= _codec_tensors(Path(codec_dir))
+        shutil.copyfile(Path(codec_dir) / SPEAKERS_FILE, out / SPEAKERS_FILE)
+    else:
+        tensors |= _fresh_codec(cfg, seed)
+        torch.save(_voice(seed), out / SPEAKERS_FILE)
+    write_safetensors(out, [tensors])
+    _write_side_files(out, cfg_dict)
+    codec_note = f"codec from {codec_dir}" if codec_dir is not None else "untrained codec"
+    (out / RANDOM_WEIGHTS_MARKER).write_text(
+        f"omni-mini before training (seed {seed}, {codec_note})\n")
+    return out
+
+
+# -- budget and shipping -------------------------------------------------------------------------
+
+
+def budget(tensors: dict[str, Tensor] | str | Path,
+           dtypes: dict[str, torch.dtype] | None = None) -> dict[str, dict[str, int]]:
+    """``{part: {"params", "bytes"}}`` (and ``"total"``) of a checkpoint's tensors (a dict or a
+    directory) stored in ``dtypes`` (default: the shipped ones)."""
+    if not isinstance(tensors, dict):
+        tensors = dict(read_tensors(tensors))
+    dtypes = SHIP_DTYPES if dtypes is None else dtypes
+    out = {p: {"params": 0, "bytes": 0} for p in PARTS}
+    for k, v in tensors.items():
+        part = k.split(".", 1)[0]
+        row = out.setdefault(part, {"params": 0, "bytes": 0})
+        dt = dtypes.get(part, v.dtype) if v.is_floating_point() else v.dtype
+        row["params"] += v.numel()
+        row["bytes"] += v.numel() * dt.itemsize
+    out["total"] = {"params": sum(r["params"] for r in out.values()),
+                    "bytes": sum(r["bytes"] for r in out.values())}
+    return out
+
+
+def format_budget(b: dict[str, dict[str, int]]) -> str:
+    """The budget as a table, against ``BUDGET_BYTES``."""
+    rows = [f"{'part':<14}{'params':>12}{'MB':>9}"]
+    for part, r in b.items():
+        rows.append(f"{part:<14}{r['params']:>12,}{r['bytes'] / 1e6:>9.2f}")
+    rows.append(f"budget {BUDGET_BYTES / 1e6:.0f} MB: "
+                + ("fits" if b["total"]["bytes"] <= BUDGET_BYTES else "OVER"))
+    return "\n".join(rows)
+
+
+def ship(src_dir: str | Path, out_dir: str | Path) -> Path:
+    """The shipped copy of a trained checkpoint: its side files and one ``model.safetensors``
+    with Thinker and Talker in bfloat16, the codec in float32. Raises ValueError over budget."""
+    src, out = Path(src_dir), Path(out_dir)
+    tensors = {k: v.to(SHIP_DTYPES.get(k.split(".", 1)[0], v.dtype)) if v.is_floating_point()
+               else v.clone() for k, v in read_tensors(src)}
+    b = budget(tensors, {})
+    if b["total"]["bytes"] > BUDGET_BYTES:
+        raise ValueError("over budget:\n" + format_budget(b))
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in src.iterdir():
+        if (f.is_file() and not f.name.endswith((".safetensors", ".jsonl", ".index.json"))
+                and f.name not in (RANDOM_WEIGHTS_MARKER, "train_stage.json")):
+            shutil.copy2(f, tmp / f.name)
+    cfg = json.loads((tmp / "config.json").read_text())
+    cfg["torch_dtype"] = "bfloat16"
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    write_safetensors(tmp, [tensors])
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.replace(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m omnistream.train.mini_model", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("init", help="the from-scratch checkpoint")
+    p.add_argument("out")
+    p.add_argument("--codec", default=None, help="trained codec directory")
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("budget", help="parameters and shipped bytes of a checkpoint")
+    p.add_argument("dir")
+    p = sub.add_parser("ship", help="the shipped (bf16) copy of a trained checkpoint")
+    p.add_argument("src")
+    p.add_argument("out")
+    a = ap.parse_args(argv)
+    if a.cmd == "init":
+        d = init_mini(a.out, a.codec, a.seed)
+        print(format_budget(budget(d)))
+        print(d)
+    elif a.cmd == "budget":
+        print(format_budget(budget(a.dir)))
+    else:
+        d = ship(a.src, a.out)
+        print(format_budget(budget(d, {})))
+        print(d)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,199 @@
+"""omni-mini: training records with audio in video equal the engine's prompt, the tied-head
+model round trip, the mini checkpoint's budget, the DPO ranking, and ``omnistream eval`` on the
+tiny random model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from omnistream.config import OmniConfig
+from omnistream.tokenizer import Tokenizer
+
+
+def _tone(seconds: float, sr: int = 16000, hz: float = 440.0) -> np.ndarray:
+    t = np.arange(int(seconds * sr)) / sr
+    return (0.3 * np.sin(2 * np.pi * hz * t)).astype(np.float32)
+
+
+def _video_with_audio(path: Path, seconds: float = 5.0, fps: int = 4) -> None:
+    from omnistream.train.tasks_media import encode_mp4
+
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 255, (112, 140, 3), dtype=np.uint8)
+              for _ in range(int(seconds * fps))]
+    path.write_bytes(encode_mp4(frames, fps, (_tone(seconds), 16000)))
+
+
+def test_audio_in_video_record_equals_the_processor(tiny_dir, tmp_path):
+    """A record with ``use_audio_in_video`` (family 9) gives the Processor's ids, audio rows and
+    TMRoPE positions for its prompt (an audio clip before the video checks the audio order)."""
+    from omnistream.nn.positions import get_rope_index
+    from omnistream.prompt import Processor
+    from omnistream.train.data import Dataset
+    from omnistream.train.tasks_media import wav_bytes
+
+    _video_with_audio(tmp_path / "v.mp4")
+    (tmp_path / "a.wav").write_bytes(wav_bytes(_tone(1.3, hz=880.0), 16000))
+    user = {"role": "user", "content": [{"type": "audio", "audio": "a.wav"},
+                                         {"type": "video", "video": "v.mp4"},
+                                         {"type": "text", "text": "What color was it?"}]}
+    rec = {"messages": [user, {"role": "assistant", "content": "It was red."}],
+           "use_audio_in_video": True}
+    (tmp_path / "d.jsonl").write_text(json.dumps(rec) + "\n")
+    tok = Tokenizer.from_dir(tiny_dir)
+    cfg = OmniConfig.from_file(tiny_dir / "config.json").thinker_config
+    ds = Dataset(tmp_path / "d.jsonl", tok, cfg)
+    assert not ds.errors
+    ex = ds.examples[0]
+
+    abs_user = {"role": "user", "content": [
+        {"type": "audio", "audio": str(tmp_path / "a.wav")},
+        {"type": "video", "video": str(tmp_path / "v.mp4")},
+        {"type": "text", "text": "What color was it?"}]}
+    ref = Processor.from_dir(tiny_dir)([abs_user], use_audio_in_video=True)
+    P = ex.reply_start
+    assert ex.input_ids[:P] == ref.input_ids.tolist()
+    assert ref.items[1].chunks is not None and len(ref.items[1].chunks) >= 3  # interleaved
+    # audio items: the clip, then the video's track, with the processor's frame counts
+    lens = [it.feature_len for k, it in ex.media if k == "audio"]
+    assert lens == ref.audio_feature_lengths.tolist()
+    assert [k for k, _ in ex.media] == ["audio", "video", "audio"]
+    pos, _ = get_rope_index(ref.input_ids[None], None, ref.video_grid_thw, None, True,
+                            ref.audio_feature_lengths, ref.video_second_per_grid, cfg)
+    assert torch.equal(ex.position_ids[:, :P], pos[:, 0])
+    # the reply continues the positions after the prompt
+    assert int(ex.position_ids[0, P]) == int(pos.max()) + 1
+
+
+def test_audio_in_video_flag_is_checked(tiny_dir, tmp_path):
+    from omnistream.train.data import Dataset
+
+    rec = {"messages": [{"role": "user", "content": "Hi!"},
+                        {"role": "assistant", "content": "Hello!"}],
+           "use_audio_in_video": "yes"}
+    good = {k: v for k, v in rec.items() if k != "use_audio_in_video"}
+    (tmp_path / "d.jsonl").write_text(json.dumps(rec) + "\n" + json.dumps(good) + "\n")
+    tok = Tokenizer.from_dir(tiny_dir)
+    cfg = OmniConfig.from_file(tiny_dir / "config.json").thinker_config
+    ds = Dataset(tmp_path / "d.jsonl", tok, cfg, log=lambda _: None)
+    assert len(ds) == 1 and "use_audio_in_video" in ds.errors[0]
+
+
+# -- the tied head and the mini checkpoint ----------------------------------------------------
+
+
+def test_tied_head_is_stored_once_and_trains(tmp_path):
+    """A tied head (the mini's) is one tensor: stored once, loaded into both names by the engine
+    and by training, trained through both uses, saved once."""
+    from omnistream.checkpoint import weight_map
+    from omnistream.engine.session import Engine
+    from omnistream.maketiny import make_tiny
+    from omnistream.tiny import tiny_config
+    from omnistream.train.loop import train
+    from omnistream.train.model import load_model, read_tensors
+    from omnistream.train.stages import Stage
+    from omnistream.train.synth import make_dataset
+
+    src = make_tiny(tmp_path / "tied",
+                    config=tiny_config(**{"thinker_config.text_config.tie_word_embeddings": True}))
+    assert "thinker.lm_head.weight" not in weight_map(src)
+    eng = Engine.load(src, quiet=True)
+    assert torch.equal(eng.thinker.lm_head.weight, eng.thinker.model.embed_tokens.weight)
+    m = load_model(src, with_talker=False)
+    assert m.thinker.lm_head.weight is m.thinker.model.embed_tokens.weight
+
+    data = make_dataset(tmp_path / "data", n=8)
+    stage = Stage(name="t", trainable=["thinker.model.*"], batch_size=4, max_steps=2,
+                  warmup_steps=1, lr=1e-2)
+    train(stage, data, src, tmp_path / "out", verbose=False)
+    out = read_tensors(tmp_path / "out")
+    before = read_tensors(src)
+    assert "thinker.lm_head.weight" not in out
+    key = "thinker.model.embed_tokens.weight"
+    assert not torch.equal(out[key], before[key])  # trained (the head's gradient reaches it)
+    m2 = load_model(tmp_path / "out", with_talker=False)
+    assert torch.equal(m2.thinker.lm_head.weight, out[key].float())
+
+
+def test_mini_checkpoint_fits_the_budget(tmp_path):
+    from omnistream.engine.session import Engine
+    from omnistream.train.mini_model import (
+        BUDGET_BYTES,
+        budget,
+        format_budget,
+        init_mini,
+        mini_config,
+        ship,
+    )
+
+    cfg = mini_config()
+    assert cfg["thinker_config"]["text_config"]["vocab_size"] == 151936
+    assert cfg["token2wav_config"]["dit_config"]["num_embeds"] == 1000
+    d = init_mini(tmp_path / "init")
+    b = budget(d)
+    assert b["total"]["bytes"] <= BUDGET_BYTES, format_budget(b)
+    shipped = ship(d, tmp_path / "ship")
+    sb = budget(shipped, {})
+    assert sb["total"]["bytes"] == b["total"]["bytes"]
+    assert not (shipped / "RANDOM_WEIGHTS").exists()
+    eng = Engine.load(shipped, quiet=True)
+    assert eng.speakers == ["Joe"]
+    assert eng.talker.cfg.tts_codec_end_token_id == 8294  # the release's special codec ids
+    std = float(eng.thinker.model.layers[0].mlp.up_proj.weight.detach().std())
+    assert 0.015 < std < 0.025  # make-tiny's scale (N(0, 0.02))
+
+
+# -- DPO ranking ----------------------------------------------------------------------------------
+
+
+def test_pause_errors_and_ranking():
+    from omnistream.train.dpo_pairs import pause_errors, pause_profile, rank
+
+    sr = 24000
+    word, gap = _tone(0.4, sr), np.zeros(int(0.3 * sr), np.float32)
+    ref = np.concatenate([gap, word, gap, word, gap])
+    p = pause_profile(ref, sr)
+    assert len(p.pauses) == 1 and abs(p.lead_s - 0.3) < 0.05 and abs(p.speech_s - 1.1) < 0.05
+    assert pause_errors(p, p) == 0
+    long_gap = np.zeros(int(2.0 * sr), np.float32)
+    stutter = np.concatenate([gap, word, long_gap, word, gap, word, gap])
+    assert pause_errors(pause_profile(stutter, sr), p) >= 2  # one pause too many, one too long
+    assert pause_errors(pause_profile(np.zeros(sr, np.float32), sr), p) >= 1  # silence
+    assert rank([0.5, 0.1, 0.9]) == (1, 2)
+    assert rank([0.30, 0.35]) is None
+
+
+# -- omnistream eval --------------------------------------------------------------------------
+
+
+def test_eval_prints_the_table_on_the_tiny_model(tiny_dir, capsys):
+    import shutil
+
+    pytest.importorskip("piper", reason="spoken questions need the data extra")
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("spoken questions need espeak-ng")
+    from omnistream.cli import main
+    from omnistream.train.tasks import FAMILIES
+
+    rc = main(["eval", "--model", str(tiny_dir), "--n", "1", "--max-new-tokens", "3",
+               "--speech-seconds", "0.3", "--no-recognizer", "--quiet"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
+    for f in (*FAMILIES, "all"):
+        assert f in rows, out
+    assert rows["all"][1] == str(len(FAMILIES))
+
+
+def test_eval_refuses_training_seeds(tiny_dir):
+    from omnistream.eval.tasks import evaluate, normalize_answer
+
+    assert normalize_answer("There are no red shapes.") == "there are no red shapes"
+    assert normalize_answer(" Hello!  I am omnistream, a ") == "hello i am omnistream a"
+    with pytest.raises(ValueError, match="evaluation seeds"):
+        evaluate(tiny_dir, n=1, seed=5)
