@@ -197,3 +197,15 @@ def test_eval_refuses_training_seeds(tiny_dir):
     assert normalize_answer(" Hello!  I am omnistream, a ") == "hello i am omnistream a"
     with pytest.raises(ValueError, match="evaluation seeds"):
         evaluate(tiny_dir, n=1, seed=5)
+
+
+def test_records_split_by_media(tmp_path):
+    from omnistream.train.mini import split_records
+
+    text = {"messages": [{"role": "user", "content": "Hi!"},
+                         {"role": "assistant", "content": "Hello!"}]}
+    media = {"messages": [{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}]},
+                          {"role": "assistant", "content": "I hear one beep."}]}
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in (text, media, text)))
+    assert split_records(tmp_path / "data.jsonl") == {"text": 2, "media": 1}
+    assert json.loads((tmp_path / "media.jsonl").read_text()) == media

@@ -158,7 +158,12 @@ def make_pairs(model: str | Path, data: str | Path, out: str | Path, prompts: in
                 f.write(json.dumps({"source": idx, "skipped": "empty reply or speech"}) + "\n")
                 f.flush()
                 continue
-            ref = pause_profile(*decode_audio(str(speech_file(text, data.parent / "speech"))))
+            try:  # the reply in the Piper voice: the Talker's target speech for this text
+                ref = pause_profile(*decode_audio(str(speech_file(text, data.parent / "speech"))))
+            except ValueError as e:  # MediaError too: Piper spoke nothing (e.g. symbols only)
+                f.write(json.dumps({"source": idx, "skipped": f"no reference speech: {e}"}) + "\n")
+                f.flush()
+                continue
             scores, parts = [], []
             for r in replies:
                 w = 0.0

@@ -95,6 +95,8 @@ def speech_file(text: str, folder: Path, length_scale: float = SPEECH_LENGTH_SCA
     if not path.is_file():
         folder.mkdir(parents=True, exist_ok=True)
         pcm, sr = piper(text, length_scale)
+        if pcm.size == 0:
+            raise ValueError(f"the Piper voice speaks nothing for {text!r}")
         tmp = path.with_suffix(".tmp.wav")
         write_wav(tmp, pcm, sr)
         tmp.replace(path)
@@ -156,8 +158,9 @@ def run(out: str | Path, codec: str | Path | None, n_per_family: int = 300, seed
     # 1. the from-scratch checkpoint
     init = out / "init"
     if not _done(init / "config.json", "init"):
-        if codec is None:
-            raise SystemExit("--codec DIR (the trained speech codec) is needed to start")
+        if codec is None or not (Path(codec) / "model.safetensors").is_file():
+            raise SystemExit(f"no trained speech codec at {codec}: train one (configs/train/"
+                             "codec*.json) and pass --codec DIR (make mini CODEC=DIR)")
         from omnistream.train.mini_model import budget, format_budget, init_mini
 
         def make_init() -> None:
