@@ -2,13 +2,14 @@
 Piper voice -> our encoder -> codes -> the checkpoint's Token2Wav streamed through the engine's
 code2wav -> speech, judged by an independent recognizer (``eval/recognizer.py``).
 
-``omnistream eval codec --model DIR [--n 100]`` prints: WER of the original Piper audio and of
+``omnistream codec eval --model DIR [--n 100]`` prints: WER of the original Piper audio and of
 the round trip, mel cepstral distortion, streaming decode real-time factor, the first chunk's
 compute time after its codes exist, and encoding speed.
 
-MCD here: 13 cepstral coefficients (c1..c13, DCT-II of the codec's 80-band natural-log mel),
-(10 / ln 10) * sqrt(2 * sum of squared differences), averaged over frames where the original is
-above -60 dB of its peak; the round trip has exactly the original's frames (no alignment).
+MCD here: cepstral coefficients c1..c13 of the codec's 80-band natural-log amplitude mel, at
+mel-cepstrum scale (see ``_dct_matrix``); (10 / ln 10) * sqrt(2 * sum of squared differences),
+averaged over frames where the original is within 60 dB of its peak. The round trip has exactly
+the original's frames, so no alignment is needed.
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ N_CEPS = 13
 
 
 def _dct_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """Cepstrum of a log spectrum sampled at ``n_in`` bands: ``log S_n = c_0 + 2 sum_k c_k
+    cos(pi k (n + 1/2) / n_in)``, so ``c_k = (1/n_in) sum_n log S_n cos(...)`` (the scale of
+    SPTK's mel-cepstrum, for which MCD is defined)."""
     k = torch.arange(n_out, dtype=torch.float64)[:, None]
     i = torch.arange(n_in, dtype=torch.float64)[None]
-    m = torch.cos(math.pi / n_in * (i + 0.5) * k) * math.sqrt(2.0 / n_in)
-    m[0] /= math.sqrt(2.0)
-    return m.float()
+    return (torch.cos(math.pi / n_in * (i + 0.5) * k) / n_in).float()
 
 
 def mcd(ref: np.ndarray, test: np.ndarray) -> float:
