@@ -360,6 +360,18 @@ def test_release_pages_of_a_mapped_tensor(standin_dir):
     assert not ckpt.release_pages(torch.zeros(4096))
 
 
+def test_tied_head_loads_as_one_parameter(tmp_path):
+    """A tied head (stored once) is one parameter after loading, as built: re-laying it out for
+    decoding (engine/layout.py) then changes the embedding with it, never a second copy."""
+    from omnistream.maketiny import make_tiny
+    from omnistream.tiny import tiny_config
+
+    d = make_tiny(tmp_path / "tied",
+                  config=tiny_config(**{"thinker_config.text_config.tie_word_embeddings": True}))
+    m = load_component(d, "thinker", dtype="float32", quiet=True)
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+
+
 def test_copy_checkpoint_dir(standin_dir, tmp_path):
     """A directory copied elsewhere loads the same (paths are relative to the directory)."""
     d, full = standin_dir

@@ -124,26 +124,48 @@ def test_before_load_path_equals_after_load():
     torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("dtype, width, tied, changed", [
-    (torch.float32, 64, False, True),  # 39 MB fp32 head: column-major decodes faster
-    (torch.bfloat16, 64, False, False),  # bf16 kernels prefer row-major
-    (torch.float32, 16, False, False),  # 10 MB: below MIN_BYTES
-    (torch.float32, 64, True, False),  # tied to the embedding: never copied
+@pytest.mark.parametrize("dtype, width, changed", [
+    (torch.float32, 64, True),  # 39 MB fp32 head: column-major decodes faster
+    (torch.bfloat16, 64, False),  # bf16 kernels prefer row-major
+    (torch.float32, 16, False),  # 10 MB: below MIN_BYTES
 ])
-def test_head_layout_by_shape_keeps_name_shape_and_values(dtype, width, tied, changed):
+def test_head_layout_by_shape_keeps_name_shape_and_values(dtype, width, changed):
     from omnistream.engine import layout
 
     torch.manual_seed(0)
     head = torch.nn.Linear(width, 151936, bias=False).to(dtype)
     x = torch.randn(1, 3, width, dtype=dtype)
     want = head(x)
-    assert layout.tune_head_layout_(head, tied=tied) is changed
-    assert layout.tune_head_layout_(head, tied=tied) is False  # already decided
-    assert [n for n, _ in head.named_parameters()] == ["weight"]
-    assert head.weight.shape == (151936, width)
+    param = head.weight
+    assert layout.tune_head_layout_(head) is changed  # copied on a thread
+    assert layout.tune_head_layout_(head) is False  # already decided
+    got = head(x)  # the first forward swaps the copy in before it runs
+    assert head.weight is param and not head._forward_pre_hooks
     assert head.weight.stride() == ((1, 151936) if changed else (width, 1))
-    torch.testing.assert_close(head(x), want, rtol=1e-5, atol=1e-5)
-    assert not layout.column_major_is_faster((151936, width), dtype, "cuda")
+    assert head.weight.shape == (151936, width)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    other = torch.nn.Linear(width, 151936, bias=False).to(dtype)
+    assert layout.tune_head_layout_(other, background=False) is changed
+    layout.finish_head_layout_(other)  # nothing pending: a no-op
+    assert other.weight.stride() == head.weight.stride()
+
+
+def test_tied_head_shares_its_new_layout_with_the_embedding():
+    from omnistream.engine import layout
+
+    emb = torch.nn.Embedding(151936, 64)
+    head = torch.nn.Linear(64, 151936, bias=False)
+    head.weight = emb.weight  # tied: one parameter
+    ids = torch.tensor([[0, 5, 151935]])
+    want_e, want_h = emb(ids), head(emb(ids))
+    assert layout.tune_head_layout_(head)
+    layout.finish_head_layout_(head)
+    assert head.weight is emb.weight and emb.weight.stride() == (1, 151936)
+    assert torch.equal(emb(ids), want_e)
+    torch.testing.assert_close(head(emb(ids)), want_h, rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_weight_of_a_column_major_weight():
     q = torch.nn.Linear(64, 8, bias=False)
     q.weight = torch.nn.Parameter(q.weight.detach().t().contiguous().t())  # column-major input
     from omnistream.engine.quant import quantize_weight

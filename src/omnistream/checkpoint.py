@@ -416,11 +416,11 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
         raise ValueError(f"unknown dtype {dtype!r}; use {', '.join(DTYPES)}") from None
 
 
-def _set(module: nn.Module, name: str, value: Tensor, is_param: bool, requires_grad: bool) -> None:
+def _set(module: nn.Module, name: str, value: Tensor, is_param: bool) -> None:
     owner_name, _, leaf = name.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module
     if is_param:
-        owner._parameters[leaf] = nn.Parameter(value, requires_grad=requires_grad)
+        owner._parameters[leaf] = value
     else:
         owner._buffers[leaf] = value
 
@@ -516,11 +516,12 @@ def load_component(
                 if n in params:
                     ref = params[n]
                     t = stored.to(device=device, dtype=target(ref, headers[full]))
-                    for alias in aliases[id(ref)]:
-                        _set(module, alias, t, True, ref.requires_grad)
+                    p = nn.Parameter(t, requires_grad=ref.requires_grad)
+                    for alias in aliases[id(ref)]:  # a tied head: one parameter, as built
+                        _set(module, alias, p, True)
                 else:
                     t = stored.to(device=device, dtype=target(buffers[n], headers[full]))
-                    _set(module, n, t, False, False)
+                    _set(module, n, t, False)
                 if t.data_ptr() != stored.data_ptr():  # converted or moved: drop the pages
                     f.release(full)
                 bar.update(headers[full].nbytes)
@@ -532,7 +533,7 @@ def load_component(
         cast = want if (want is not None and b.is_floating_point()) else None
         nb = b.to(device=device, dtype=cast)
         if nb is not b:
-            _set(module, n, nb, False, False)
+            _set(module, n, nb, False)
     still = [n for n, p in module.named_parameters() if p.device.type == "meta"]
     still += [n for n, b in module.named_buffers() if b.device.type == "meta"]
     if still:  # a buffer created on meta by the module itself, never stored

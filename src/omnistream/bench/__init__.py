@@ -251,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cache-dir", default=None,
                     help="answer: where its checkpoint is written once "
                          "(default ~/.cache/omnistream/bench)")
+    ap.add_argument("--omp-wait-policy", default="passive",
+                    choices=["passive", "active", "inherit"],
+                    help="answer: OMP_WAIT_POLICY of both processes (inherit: this one's)")
     ap.add_argument("--features-seconds", type=float, default=60.0, help="features: clip length")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--quiet", action="store_true", help="no per-row progress on stderr")

@@ -3,8 +3,13 @@
 Each side runs in a fresh Python process, as a user would: import, load a 0.45B-parameter
 Thinker checkpoint (1.8 GB of fp32 weights in the released layout), render the chat prompt,
 produce ``--answer-tokens`` (160) greedy tokens, decode them to text, exit. The parent times the
-process from spawn to exit and reads its peak RSS (``wait4``). The two sides alternate
+process from spawn to exit; each process reports its peak RSS (VmHWM). The two sides alternate
 ``--repeats`` times; the best wall time of each is compared, the range is printed beside it.
+
+Both sides run with the same ``OMP_WAIT_POLICY`` (``--omp-wait-policy``, default passive). With
+libgomp's default (active: waiting threads spin) on an oversubscribed CPU, as on a shared
+machine, every multi-threaded op can stall for a scheduler tick (a 0.02 ms attention took 15 ms
+at load average 7 on 2 cores) and those stalls, not the models, decide the result.
 
 The checkpoint is written once into ``--cache-dir`` (``~/.cache/omnistream/bench``) and reused.
 Reading its bytes (page cache warm, like ``cat files > /dev/null``) is timed in the same run as
@@ -61,10 +66,11 @@ for ev in sess.respond(prompt):
         count += 1
         text.append(ev.text)
 t3 = time.perf_counter()
-import resource
+peak = next(int(ln.split()[1]) * 1024 for ln in open("/proc/self/status")
+            if ln.startswith("VmHWM"))  # this process's own (getrusage keeps the parent's)
 print(json.dumps({"import": t1 - t0, "load": t2 - t1, "first": first - t2, "decode": t3 - first,
                   "tokens": count, "prompt": len(sess.last_prompt_ids), "text": "".join(text),
-                  "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                  "peak": peak}))
 """
 
 REF = r"""
@@ -88,10 +94,11 @@ out = model.thinker.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sa
 p = inputs["input_ids"].shape[1]
 text = tok.decode(out[0, p:], skip_special_tokens=True)
 t3 = time.perf_counter()
-import resource
+peak = next(int(ln.split()[1]) * 1024 for ln in open("/proc/self/status")
+            if ln.startswith("VmHWM"))  # this process's own (getrusage keeps the parent's)
 print(json.dumps({"import": t1 - t0, "load": t2 - t1, "generate": t3 - t2,
                   "tokens": int(out.shape[1] - p), "prompt": p, "text": text,
-                  "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                  "peak": peak}))
 """
 
 
@@ -140,12 +147,16 @@ def read_bytes_s(model_dir: Path) -> tuple[float, int]:
     return time.perf_counter() - t0, n
 
 
-def run_process(code: str, args: list[str], timeout: float = 900) -> tuple[float, int, dict]:
+def run_process(code: str, args: list[str], timeout: float = 900,
+                omp_wait_policy: str | None = None) -> tuple[float, int, dict]:
     """(wall seconds from spawn to exit, peak RSS bytes, the JSON it printed last: its own
-    timings and its peak RSS, ``getrusage(RUSAGE_SELF).ru_maxrss``)."""
+    timings and its peak RSS, VmHWM; ``ru_maxrss`` would carry over the parent's peak).
+    ``omp_wait_policy``: OMP_WAIT_POLICY for the process (None: inherited)."""
     env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    if omp_wait_policy:
+        env["OMP_WAIT_POLICY"] = omp_wait_policy.upper()
     t0 = time.perf_counter()
     p = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env=env)
@@ -170,10 +181,12 @@ def bench_answer(b: Bench, name: str) -> None:
     read_bytes_s(d)  # warm the page cache, as a second run of either side would find it
     read_s, nbytes = min(read_bytes_s(d) for _ in range(3))
     args = [str(d), str(n), SYSTEM, PROMPT]
+    policy = None if a.omp_wait_policy == "inherit" else a.omp_wait_policy
+    env_note = f"OMP_WAIT_POLICY={policy.upper() if policy else os.environ.get('OMP_WAIT_POLICY')}"
     runs: dict[str, list[tuple[float, int, dict]]] = {"ours": [], "ref": []}
     for i in range(a.repeats):
         for which, code in (("ours", OURS), ("ref", REF)):
-            w, peak, info = run_process(code, args)
+            w, peak, info = run_process(code, args, omp_wait_policy=policy)
             runs[which].append((w, peak, info))
             shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in info.items()
                      if k != "text"}
@@ -190,7 +203,8 @@ def bench_answer(b: Bench, name: str) -> None:
     b.add(config=name, metric=f"whole process: load + {n} greedy tokens", unit="s", ours=wo,
           ref=wr, higher_is_better=False,
           note=f"{a.repeats} runs each, ours {spread('ours')}, ref {spread('ref')}; prompt "
-               f"{io['prompt']} tok; {'the same' if same else 'a DIFFERENT'} reply")
+               f"{io['prompt']} tok; {'the same' if same else 'a DIFFERENT'} reply; both sides "
+               f"{env_note}")
     b.add(config=name, metric="whole process: peak RSS", unit="GiB", ours=po / gib,
           ref=pr / gib, higher_is_better=False,
           note=f"weights {nbytes / 1e9:.2f} GB fp32 on disk; max over runs: ours "
