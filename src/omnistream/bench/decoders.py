@@ -52,7 +52,7 @@ def bench_thinker(b: Bench, name: str, text: dict, layers: int | None) -> None:
         hf_thinker_to_ckpt(ref.state_dict()),
         b.device,
     )
-    tune_head_layout_(ours.lm_head, background=False)  # as Engine.load does (by shape)
+    tune_head_layout_(ours.lm_head)  # as Engine.load does (by shape)
     print(
         f"[{name}] built in {time.perf_counter() - t0:.1f} s ({note or 'all layers'})",
         file=sys.stderr,
@@ -236,7 +236,7 @@ def bench_talker(b: Bench, name: str, talker: dict, layers: int | None) -> None:
     ours = adopt(
         lambda: Talker(OmniConfig.from_dict(cfg_dict).talker_config), ref.state_dict(), b.device
     )
-    tune_head_layout_(ours.codec_head, background=False)  # as Engine.load does
+    tune_head_layout_(ours.codec_head)  # as Engine.load does
     print(f"[{name}] talker built in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
     L, N = a.prompt_len, a.talker_tokens

@@ -30,15 +30,14 @@ at 18-23 GB/s, the plain one at ~30); bf16 / fp16 stay row-major (their kernels 
 read either layout at bandwidth. A head tied to the input embedding changes layout with it (one
 parameter, one storage).
 
-Changing the layout costs one transposed copy of the head (0.3-1.5 s for 545 MB here, mostly
-faulting in fresh pages), made on a thread while loading goes on and swapped in before the
-head's first forward; the row-major original's memory-mapped pages are handed back right after
-(``checkpoint.release_pages``), so the two are held together only during the copy.
+Changing the layout costs one transposed copy of the head at load (0.3-0.7 s for 545 MB on this
+shared machine, mostly faulting in fresh pages); the row-major original's memory-mapped pages
+are handed back right after (``checkpoint.release_pages``), so the two are held together only
+during the copy. (A background copy overlapping the tokenizer parse saved ~0.4 s of load but
+held both copies while the first step touched every other weight: +0.45 GB peak RSS.)
 """
 
 from __future__ import annotations
-
-import threading
 
 import torch
 from torch import nn
@@ -56,64 +55,25 @@ def column_major_is_faster(shape: tuple[int, ...], dtype: torch.dtype,
     return dtype == torch.float32 and nbytes >= MIN_BYTES
 
 
-def tune_head_layout_(head: nn.Linear, background: bool = True) -> bool:
+@torch.no_grad()
+def tune_head_layout_(head: nn.Linear) -> bool:
     """Store ``head.weight`` column-major when the shape rule says that decodes faster. Returns
-    True when the layout is changed.
+    True when the layout was changed.
 
     The parameter object is kept and its data replaced (``weight.data = ...``), so a head tied
     to the input embedding (one shared parameter) stays tied: the embedding reads the same
     column-major storage (a row lookup then gathers D strided values; same results) and there is
-    never a second copy of the matrix once the swap is done.
-
-    ``background``: the transposed copy is made on a thread while loading goes on (the tokenizer
-    parse, the other parts); the head's first forward call waits for it and swaps it in, so every
-    forward sees one layout. ``finish_head_layout_`` waits without a forward."""
+    never a second copy of the matrix once this returns. Done at load, before the first forward
+    touches the other weights, so the transient second copy never adds to the peak memory of a
+    memory-mapped checkpoint."""
     w = head.weight
-    if w.dim() != 2 or not w.is_contiguous() or _PENDING in head.__dict__:
+    if w.dim() != 2 or not w.is_contiguous():
         return False
     if not column_major_is_faster(tuple(w.shape), w.dtype, w.device):
         return False
-    src = w.detach()
-    if not background:
-        _swap(w, src.t().contiguous().t())
-        return True
-    box: dict = {}
-
-    def work() -> None:
-        try:
-            box["col"] = src.t().contiguous().t()  # same values, strides (1, V)
-        except BaseException as e:  # noqa: BLE001 - re-raised by the first forward
-            box["error"] = e
-
-    thread = threading.Thread(target=work, name="omnistream-head-layout", daemon=True)
-    thread.start()
-
-    def finish(module: nn.Module, _args) -> None:
-        thread.join()
-        handle.remove()
-        del module.__dict__[_PENDING]
-        if "error" in box:
-            raise box["error"]
-        _swap(w, box.pop("col"))
-
-    handle = head.register_forward_pre_hook(finish)
-    head.__dict__[_PENDING] = finish
-    return True
-
-
-def finish_head_layout_(head: nn.Module) -> None:
-    """Wait for a background layout change of ``head`` (if any) and apply it."""
-    finish = head.__dict__.get(_PENDING)
-    if finish is not None:
-        finish(head, ())
-
-
-_PENDING = "_omnistream_layout_pending"
-
-
-def _swap(weight: nn.Parameter, col: torch.Tensor) -> None:
     from omnistream.checkpoint import release_pages
 
-    old = weight.detach()
-    weight.data = col  # every module holding this parameter (a tied embedding) sees it
+    old = w.detach()
+    w.data = old.t().contiguous().t()  # same values, strides (1, V); a tied embedding sees it
     release_pages(old)  # the row-major original, when it is a view of a loaded file
+    return True
