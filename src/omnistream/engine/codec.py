@@ -122,7 +122,7 @@ class Codec:
 
     def decode_stream(self, codes: Any, voice: str | None = None, *, chunk_frames: int = 48,
                       max_chunk_frames: int = 144, steps: int = 10, solver: str = "rk4",
-                      seed: int = 0) -> Iterator[np.ndarray]:
+                      guidance_scale: float = 0.5, seed: int = 0) -> Iterator[np.ndarray]:
         """Codes -> 24 kHz float32 PCM chunks, as the engine streams speech."""
         from omnistream.engine.code2wav import Code2WavStream
 
@@ -130,7 +130,7 @@ class Codec:
         spk = self.voice(voice)
         stream = Code2WavStream(self.token2wav, spk.cond, spk.ref_mel, chunk_size=chunk_frames,
                                 max_chunk_size=max_chunk_frames, steps=steps, solver=solver,
-                                seed=seed)
+                                guidance_scale=guidance_scale, seed=seed)
         with torch.inference_mode():
             for c in codes.tolist():
                 yield from (_np(x) for x in stream.push([c]))
