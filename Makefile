@@ -4,7 +4,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup setup-test demo test lint bench mini
+.PHONY: setup setup-test demo test lint bench codec mini
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -43,3 +43,16 @@ mini: $(BIN)/python
 
 bench: setup-test
 	$(BIN)/python -m omnistream.cli bench
+
+# The speech codec from scratch (docs/CODEC.md): Piper corpus, then the codec stage (encoder + DiT)
+# and the vocoder stage side by side (one core each), merged into models/codec. Resumable.
+CODEC_OUT ?= artifacts/codec
+codec: setup-test
+	$(BIN)/python -m omnistream.train.speech_corpus $(CODEC_OUT)/corpus --n 1000 --seed 0
+	OMP_NUM_THREADS=1 $(BIN)/omnistream train --config configs/train/codec.json \
+		--data $(CODEC_OUT)/corpus/corpus.jsonl --model configs/codec --out $(CODEC_OUT)/codec & \
+	OMP_NUM_THREADS=1 $(BIN)/omnistream train --config configs/train/codec_vocoder.json \
+		--data $(CODEC_OUT)/corpus/corpus.jsonl --model configs/codec --out $(CODEC_OUT)/vocoder & \
+	wait
+	$(BIN)/python -m omnistream.train.codec merge $(CODEC_OUT)/codec $(CODEC_OUT)/vocoder models/codec
+	$(BIN)/omnistream codec eval --model models/codec --n 100

@@ -153,6 +153,17 @@ def test_codec_stages_train_save_resume_and_load_in_the_engine_layout(tmp_path):
     log_file = tmp_path / "c_full" / "train_log.jsonl"
     log = [json.loads(x) for x in log_file.read_text().splitlines()]
     assert {"fm", "mel_l1", "code_usage"} <= set(log[-1])
+    # stages run side by side merge into one codec: c_full's encoder + DiT, voc's vocoder
+    from omnistream.checkpoint import read_tensors
+    from omnistream.train.codec import merge_vocoder
+
+    merged = merge_vocoder(tmp_path / "c_full", tmp_path / "voc", tmp_path / "merged")
+    got = dict(read_tensors(merged))
+    for src, prefix in ((tmp_path / "voc", "token2wav.code2wav_bigvgan_model."),
+                        (tmp_path / "c_full", "token2wav.code2wav_dit_model."),
+                        (tmp_path / "c_full", "codec_encoder.")):
+        want = dict(read_tensors(src, prefix=prefix))
+        assert want and all(torch.equal(got[k], v) for k, v in want.items())
     # the output loads as a codec, and the encoder trained against the frozen decoder
     codec = Codec.load(tmp_path / "c_full")
     codes = codec.encode(_speechlike(0.9), 24000)

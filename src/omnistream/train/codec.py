@@ -363,3 +363,35 @@ def _save_model(out: Path, src: Path, cfg: OmniConfig, t2w: Token2Wav,
     tmp.replace(out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     torch.save(speakers, out / "spk_dict.pt")
+
+
+def merge_vocoder(codec_dir: str | Path, vocoder_dir: str | Path, out: str | Path) -> Path:
+    """One codec checkpoint from stages run side by side: everything of ``codec_dir`` (encoder,
+    DiT, config, voice) with the BigVGAN of ``vocoder_dir`` (a vocoder stage's output)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from omnistream.checkpoint import read_tensors, weight_map
+
+    codec_dir, vocoder_dir, out = Path(codec_dir), Path(vocoder_dir), Path(out)
+    voc = "token2wav.code2wav_bigvgan_model."
+    tensors = {k: v.clone() for k, v in read_tensors(codec_dir, names=list(weight_map(codec_dir)))}
+    new = {k: v.clone() for k, v in read_tensors(vocoder_dir, prefix=voc)}
+    if set(new) != {k for k in tensors if k.startswith(voc)}:
+        raise ValueError(f"{vocoder_dir}'s vocoder does not match {codec_dir}'s config")
+    tensors.update(new)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    for name in ("config.json", "spk_dict.pt"):
+        if (codec_dir / name).resolve() != (out / name).resolve():
+            shutil.copy(codec_dir / name, out / name)
+    return out
+
+
+if __name__ == "__main__":  # python -m omnistream.train.codec merge CODEC VOCODER OUT
+    import sys
+
+    if len(sys.argv) != 5 or sys.argv[1] != "merge":
+        raise SystemExit("usage: python -m omnistream.train.codec merge CODEC_DIR VOCODER_DIR OUT")
+    print(merge_vocoder(*sys.argv[2:5]))
