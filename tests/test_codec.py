@@ -232,3 +232,27 @@ def test_shipped_codec_round_trip():
     assert mcd(x, y) < 8.0
     if recognizer.available():
         assert recognizer.wer([text], [recognizer.transcribe(y, 24000)]) <= 0.2
+
+
+def test_talker_records_give_speech_as_audio(tmp_path, tiny_dir):
+    """A talker record's ``speech`` file becomes its codec targets through the codec; a bad one
+    is a reported bad record, and without a codec the record names what is missing."""
+    from omnistream.checkpoint import load_config
+    from omnistream.tokenizer import Tokenizer
+    from omnistream.train.data import Dataset
+    from omnistream.train.voices import write_wav
+
+    codec = _codec(_encoder().eval())
+    x = _speechlike(0.8, seed=3)
+    write_wav(tmp_path / "reply.wav", x, 24000)
+    write_wav(tmp_path / "short.wav", x[:1000], 24000)
+    msgs = [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi."}]
+    (tmp_path / "d.jsonl").write_text("\n".join(
+        json.dumps({"messages": msgs, "speech": s}) for s in ("reply.wav", "short.wav")) + "\n")
+    tok, cfg = Tokenizer.from_dir(tiny_dir), load_config(tiny_dir).thinker_config
+    ds = Dataset(tmp_path / "d.jsonl", tok, cfg, "talker", log=lambda _: None,
+                 speech_codes=lambda p: codec.encode(p).tolist())
+    assert len(ds) == 1 and ds.examples[0].codes == codec.encode(x, 24000).tolist()
+    assert len(ds.errors) == 1 and "short.wav" in ds.errors[0]
+    with pytest.raises(ValueError, match="no usable records"):
+        Dataset(tmp_path / "d.jsonl", tok, cfg, "talker", log=lambda _: None)
