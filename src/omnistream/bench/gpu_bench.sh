@@ -21,4 +21,9 @@ python -m omnistream.bench --device cuda --dtype bfloat16 --config "$CONFIGS" \
   --prompt-len 512 --decode-tokens 128 --talker-tokens 128 --repeats 3 \
   --t2w-seconds 10 --audio-seconds 30 --image-size 448 $INT8_FLAG \
   --json-out "$OUT" "$@"
-echo "wrote $OUT"
+# The server under load with continuous batching: 1, 8 and 32 concurrent streams (text + speech,
+# official openai client) at 7B shapes (random weights, written once; SERVE_ARGS to change, e.g.
+# "--layers 8 --talker-layers 8" for a shorter run).
+python -m omnistream.bench serve --shapes 7b --device cuda --dtype bfloat16 --clients 1 8 32 \
+  --max-tokens 64 --max-speech-s 4 --timeout 600 ${SERVE_ARGS:-} | tee "${OUT%.json}_serve.txt"
+echo "wrote $OUT and ${OUT%.json}_serve.txt"

@@ -13,9 +13,16 @@ mel frames = (C + 24) / 2 codes (48 codes = 0.96 s of speech for C = 72; 36 for 
 has exactly 480 samples per code. With ``chunk_size`` a multiple of the DiT block size the window's
 blocks line up with the offline solve's, and the only departure from offline is the context lost at
 the window edges as it spreads over the ODE steps (small; see tests/test_code2wav_stream.py).
+
+``push`` / ``flush`` are built from smaller pieces (``append``, ``next_chunk`` to plan a chunk,
+``run`` to synthesise it) so that a scheduler can synthesise the chunks of several streams at
+once: ``decode_chunks`` stacks the DiT solves whose windows have the same length (and the vocoder
+calls whose inputs do), and runs the rest one by one.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -77,25 +84,69 @@ class Code2WavStream:
     def push(self, codes: int | list[int] | Tensor) -> list[np.ndarray]:
         """Append talker codes (int, list or tensor [n] / [1, n]); returns the PCM chunks (float32,
         24 kHz) that became ready, possibly none."""
+        self.append(codes)
+        return [self.run(c) for c in iter(self.next_chunk, None)]
+
+    def flush(self) -> list[np.ndarray]:
+        """The utterance ended: produce the remaining chunks (the last one runs to the end)."""
+        self.close()
+        return [self.run(c) for c in iter(self.next_chunk, None)]
+
+    # -- the pieces of push / flush (a scheduler batches ``run`` across streams: decode_chunks) --
+
+    def append(self, codes: int | list[int] | Tensor) -> None:
+        """Append talker codes without synthesising anything."""
         if self._done:
             raise RuntimeError("push() after flush()")
         new = torch.as_tensor(codes, dtype=torch.long).reshape(-1).to(self._codes.device)
         self._codes = torch.cat([self._codes, new])
-        out = []
-        while self._lo + self._size + self.future <= self.frames:
-            out.append(self._chunk(self._lo + self._size, final=False))
-        return out
 
-    def flush(self) -> list[np.ndarray]:
-        """The utterance ended: produce the remaining chunks (the last one runs to the end)."""
-        if self._done:
-            return []
+    def close(self) -> None:
+        """No more codes: ``next_chunk`` now also plans the last chunks, to the end."""
         self._done = True
-        M, out = self.frames, []
-        while self._lo < M:
+
+    def next_chunk(self) -> Chunk | None:
+        """Plan the next chunk whose inputs exist (None: wait for more codes). Chunks must be
+        ``run`` in the order they are planned."""
+        M = self.frames
+        if not self._done:
+            if self._lo + self._size + self.future > M:
+                return None
+            hi, final = self._lo + self._size, False
+        elif self._lo < M:
             hi = min(self._lo + self._size, M)
-            out.append(self._chunk(hi, final=hi >= M))
-        return out
+            final = hi >= M
+        else:
+            return None
+        lo = self._lo
+        self._lo, self._size = hi, min(2 * self._size, self.C_max)
+        return Chunk(lo, hi, max(lo - self.past, 0), min(hi + self.future, M), final)
+
+    def dit_inputs(self, c: Chunk) -> tuple[Tensor, Tensor]:
+        """The DiT window's codes [1, (w_hi - w_lo) / 2] and noise [1, w_hi - w_lo, 80]."""
+        r = self.repeats
+        return self._codes[None, c.w_lo // r : c.w_hi // r], self._noise_window(c.w_lo, c.w_hi)
+
+    def vocoder_input(self, c: Chunk, window_mel: Tensor) -> Tensor:
+        """The window's solved mel [1, 80, w_hi - w_lo] -> the vocoder input [1, 80, <=40 + C]
+        (the previous frames, then the chunk's); keeps the tail for the next chunk."""
+        mel = window_mel[..., c.lo - c.w_lo : c.hi - c.w_lo]  # [1, 80, hi - lo]
+        voc_in = torch.cat([self._mel_tail, mel], dim=-1)
+        c.voc_lo = c.lo - self._mel_tail.shape[-1]  # first frame of the vocoder input
+        self._mel_tail = voc_in[..., max(voc_in.shape[-1] - VOC_PAST, 0) :]
+        return voc_in
+
+    def output(self, c: Chunk, wav: Tensor) -> np.ndarray:
+        """The vocoder's waveform [T * 240] of ``vocoder_input`` -> the chunk's PCM."""
+        e_lo, e_hi = max(c.lo - VOC_TRIM, 0), (c.hi if c.final else c.hi - VOC_TRIM)
+        return wav[(e_lo - c.voc_lo) * HOP : (e_hi - c.voc_lo) * HOP].cpu().numpy()
+
+    def run(self, c: Chunk) -> np.ndarray:
+        """Synthesise one planned chunk alone."""
+        codes, noise = self.dit_inputs(c)
+        mel = self.model.solve(codes, self.spk, noise, self.steps, self.solver,
+                               self.guidance_scale)
+        return self.output(c, self.model.vocode(self.vocoder_input(c, mel))[0])
 
     def _noise_window(self, lo: int, hi: int) -> Tensor:
         if self._noise is None or self._noise.shape[1] < hi:
@@ -109,21 +160,52 @@ class Code2WavStream:
             self._noise = torch.cat([p.to(self.model.device) for p in pages], dim=1)
         return self._noise[:, lo:hi]
 
-    def _chunk(self, hi: int, final: bool) -> np.ndarray:
-        """Frames [self._lo, hi) -> PCM; advances to the next chunk."""
-        M, r = self.frames, self.repeats
-        lo = self._lo
-        self._lo, self._size = hi, min(2 * self._size, self.C_max)
-        w_lo, w_hi = max(lo - self.past, 0), min(hi + self.future, M)  # DiT window frames
-        mel = self.model.solve(self._codes[None, w_lo // r: w_hi // r], self.spk,
-                               self._noise_window(w_lo, w_hi), self.steps, self.solver,
-                               self.guidance_scale)[..., lo - w_lo: hi - w_lo]  # [1, 80, hi-lo]
-        voc_in = torch.cat([self._mel_tail, mel], dim=-1)
-        wav = self.model.vocode(voc_in)[0]
-        v_lo = lo - self._mel_tail.shape[-1]  # first frame of the vocoder input
-        e_lo, e_hi = max(lo - VOC_TRIM, 0), (hi if final else hi - VOC_TRIM)  # emitted frames
-        self._mel_tail = voc_in[..., max(voc_in.shape[-1] - VOC_PAST, 0):]
-        return wav[(e_lo - v_lo) * HOP: (e_hi - v_lo) * HOP].cpu().numpy()
+
+@dataclass
+class Chunk:
+    """One planned chunk: output frames [lo, hi), DiT window frames [w_lo, w_hi)."""
+
+    lo: int
+    hi: int
+    w_lo: int
+    w_hi: int
+    final: bool
+    voc_lo: int = 0  # first frame of its vocoder input (set by ``vocoder_input``)
+
+
+@torch.no_grad()
+def decode_chunks(work: list[tuple[Code2WavStream, Chunk]]) -> list[np.ndarray]:
+    """Planned chunks of several streams (one model) -> their PCM, in order. Chunks whose DiT
+    windows have the same length and ODE settings are solved as one batch (their vocoder
+    inputs likewise when of equal length); the rest run in groups of one. Each stream's noise,
+    codes and speaker stay its own, so a row's numbers are its solo numbers up to float
+    rounding."""
+    mels: list[Tensor | None] = [None] * len(work)
+    for idx in _groups([(c.w_hi - c.w_lo, s.steps, s.solver, s.guidance_scale, s.spk.shape[0])
+                        for s, c in work]):
+        s0 = work[idx[0]][0]
+        inputs = [s.dit_inputs(c) for s, c in (work[i] for i in idx)]
+        spk = torch.stack([work[i][0].spk for i in idx], 1)  # [1 or 2, b, C]: cond, then uncond
+        mel = s0.model.solve(torch.cat([x[0] for x in inputs]), spk.flatten(0, 1),
+                             torch.cat([x[1] for x in inputs]), s0.steps, s0.solver,
+                             s0.guidance_scale)  # [b, 80, w]
+        for j, i in enumerate(idx):
+            mels[i] = mel[j : j + 1]
+    voc = [s.vocoder_input(c, m) for (s, c), m in zip(work, mels, strict=True)]
+    out: list[np.ndarray | None] = [None] * len(work)
+    for idx in _groups([v.shape[-1] for v in voc]):
+        wav = work[idx[0]][0].model.vocode(torch.cat([voc[i] for i in idx]))  # [b, T * 240]
+        for j, i in enumerate(idx):
+            out[i] = work[i][0].output(work[i][1], wav[j])
+    return out
+
+
+def _groups(keys: list) -> list[list[int]]:
+    """Indices of equal ``keys``, grouped (first appearance first)."""
+    groups: dict = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(k, []).append(i)
+    return list(groups.values())
 
 
 @torch.no_grad()

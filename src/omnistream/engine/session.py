@@ -15,12 +15,17 @@ The Talker needs reply token k's state for its step k, so it trails the Thinker 
 speech starts as soon as code2wav has one chunk of codes plus its look-ahead, long before the
 text is finished. Every ``next()`` on ``respond()`` does at most one Thinker step plus the Talker
 and code2wav work it unlocks, so a server can interleave sessions by round-robin.
+
+The reply is written as a coroutine (``engine/batch.py``): it yields each model call as a work
+item, so that iterating ``respond()`` runs them at once while a ``Batcher`` runs the calls of many
+sessions' replies together (one batched Thinker step, one batched Talker step per tick).
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,7 +36,8 @@ from torch import Tensor
 
 from omnistream import chat
 from omnistream.checkpoint import resolve_dtype
-from omnistream.engine.events import Done, Event, TextDelta, Usage
+from omnistream.engine.batch import Reply, SlotPool, ThinkerWork, pausing
+from omnistream.engine.events import Done, TextDelta, Usage
 from omnistream.engine.options import SessionOptions
 from omnistream.engine.sampling import sample, seen_mask
 from omnistream.engine.speech import Speech
@@ -64,7 +70,9 @@ class _Context:
         return torch.cat(self.hidden), torch.cat(self.embeds), torch.cat(self.pos, 1)
 
     def clear(self) -> None:
+        cache = self.talker_cache  # the allocation (a pool slot) stays; talker_valid 0 empties it
         self.__init__()
+        self.talker_cache = cache
 
     def crop(self, n: int) -> None:
         """Keep the first ``n`` positions (a rolled-back cache)."""
@@ -93,6 +101,7 @@ class Engine:
         self.dtype = dtype
         self.model_id = model_id or self.model_dir.name
         self.random_weights = random_weights
+        self.slots: SlotPool | None = None  # cache slots for batched sessions (reserve_slots)
         from omnistream.prompt import Processor
 
         self.processor = Processor.from_dir(self.model_dir)
@@ -127,6 +136,7 @@ class Engine:
                                        quiet=quiet).eval()
             speakers = load_speakers(d)
         from omnistream.engine.layout import tune_head_layout_
+        from omnistream.engine.packed import pack_linears_
         from omnistream.engine.quant import quantize_int4_, quantize_int8_
 
         for m in (thinker, talker):
@@ -139,7 +149,11 @@ class Engine:
                     raise ValueError("int4 uses torch's CPU kernel; use int8 on this device")
                 quantize_int4_(m)
             else:
-                tune_head_layout_(m.lm_head if m is thinker else m.codec_head)
+                # the decoders' wide fp32 layers on a CPU: batched decoding (engine/packed.py)
+                pack_linears_(m, (m.audio_tower, m.visual) if m is thinker else ())
+                head = m.lm_head if m is thinker else m.codec_head
+                if type(head) is torch.nn.Linear:
+                    tune_head_layout_(head)
         return cls(d, cfg, None, thinker, talker, token2wav, speakers, device, dt,
                    model_id=str(model), random_weights=(d / RANDOM_WEIGHTS_MARKER).exists())
 
@@ -158,6 +172,15 @@ class Engine:
             return self.speakers_map[voice]
         except LookupError as e:
             raise ValueError(str(e).strip("'\"")) from None
+
+    def reserve_slots(self, slots: int, context: int = 8192,
+                      speech_codes: int = 4096) -> SlotPool:
+        """Pre-allocate ``slots`` cache slots (``engine/batch.py: SlotPool``): sessions made from
+        now on take one (while any is free and their ``max_context`` fits ``context``), so a
+        ``Batcher`` can decode them together. A session gives its slot back on ``close()`` or
+        when it is dropped."""
+        self.slots = SlotPool(self, slots, context, speech_codes)
+        return self.slots
 
     def session(self, options: SessionOptions | None = None, /, **fields) -> Session:
         """A conversation configured by ``options`` with ``fields`` (``SessionOptions`` field
@@ -198,8 +221,19 @@ class Session:
         self.generator, self.talker_gen, self.noise_gen = (
             torch.Generator(device=engine.device).manual_seed(base + i) for i in range(3))
         self.noise_seed = base + 2
-        self.cache = engine.thinker.model.new_cache(1, o.max_context)
         self.ctx = _Context()
+        self.prefill_chunk = PREFILL_CHUNK  # prompt tokens per prefill call (a Batcher sets it)
+        self._release = None
+        slot = None
+        if engine.slots is not None and o.max_context <= engine.slots.context:
+            slot = engine.slots.acquire()
+        if slot is None:  # a private cache (no reserved slots, or none free): runs unbatched
+            self.cache = engine.thinker.model.new_cache(1, o.max_context)
+        else:  # views of the engine's pools, given back when the session is closed or dropped
+            self.cache = engine.slots.thinker.view(slot, o.max_context)
+            if engine.slots.talker is not None:
+                self.ctx.talker_cache = engine.slots.talker.view(slot)
+            self._release = weakref.finalize(self, engine.slots.release, slot)
         self.next_pos = 0  # TMRoPE id of the next token fed to the Thinker
         self.pending: list[int] = []  # the previous reply's last token: sampled, not yet fed
         self.turns = 0
@@ -213,6 +247,12 @@ class Session:
     def cancel(self) -> None:
         """Stop the running reply at its next step (thread-safe)."""
         self._cancel.set()
+
+    def close(self) -> None:
+        """Give the session's cache slot back at once (the session is unusable afterwards)."""
+        if self._release is not None:
+            self._release()
+        self.cache = self.ctx.talker_cache = None
 
     def reset(self) -> None:
         """Forget the conversation (the cache is kept allocated)."""
@@ -250,15 +290,17 @@ class Session:
             )
 
     def _prefill(self, messages):
-        """Prefill a turn given as messages: (logits [1, V], rope deltas [1, 1], ids, cached)."""
+        """Prefill a turn given as messages, one chunk per ``Pause``; returns (logits [1, V],
+        rope deltas [1, 1], ids, cached)."""
         eng, th = self.engine, self.engine.thinker
         inputs, ids = self._prepare(messages)
         ids = ids.to(eng.device)
         self._check_room(ids.shape[1])
         media = th.encode_media(inputs)
         cached = self.cache.length
-        step = th.prefill(ids, self.cache, media=media, chunk_size=PREFILL_CHUNK,
-                          position_offset=self.next_pos)
+        step = yield from pausing(th.prefill_chunks(
+            ids, self.cache, media=media, chunk_size=self.prefill_chunk,
+            position_offset=self.next_pos))
         self.ctx.add(ids[0].tolist(), step.hidden[0], step.embeds[0], step.position_ids[:, 0])
         return step.logits, step.rope_deltas, ids[0].tolist(), cached
 
@@ -357,13 +399,17 @@ class Session:
 
     # -- the reply ------------------------------------------------------------------------------
 
-    @torch.inference_mode()
-    def respond(self, messages: list[dict] | str, offline: bool = False) -> Iterator[Event]:
+    def respond(self, messages: list[dict] | str, offline: bool = False) -> Reply:
         """Answer ``messages`` (the new user turn; history lives in the session). Yields
         ``TextDelta`` and ``AudioChunk`` events interleaved, then one ``Done``.
 
         ``offline=True`` is the reference's order (whole reply, then whole speech, one chunk) and
-        yields the same ids; it exists as a baseline and for parity checks."""
+        yields the same ids; it exists as a baseline and for parity checks. The generator is a
+        ``Reply``: a ``Batcher`` can drive it together with other sessions' replies."""
+        return Reply(self, self._reply(messages, offline))
+
+    def _reply(self, messages: list[dict] | str, offline: bool) -> Iterator:
+        """``respond``'s coroutine: yields events, and work items whose results come back."""
         self._cancel.clear()
         eng = self.engine
         t0 = time.perf_counter()
@@ -371,7 +417,7 @@ class Session:
         if messages:
             if self._live is not None or self._ready is not None:
                 raise ValueError("a live user turn is open: commit it and respond([]), or clear it")
-            logits, deltas, prompt_ids, cached = self._prefill(messages)
+            logits, deltas, prompt_ids, cached = yield from self._prefill(messages)
             live_counts = {}  # Usage's live_* fields: a live turn's input counters
         elif self._ready is not None:
             (logits, deltas, prompt_ids, cached, live_counts), self._ready = self._ready, None
@@ -411,8 +457,7 @@ class Session:
             if i == self.max_new_tokens - 1:  # the last sampled token is not fed (as the reference)
                 unfed = [tok]
                 break
-            tok_t = torch.tensor([tok], device=eng.device)
-            step = eng.thinker.decode_step(tok_t, self.cache, deltas)
+            step = yield ThinkerWork(eng.thinker, self.cache, tok, deltas)
             logits = step.logits
             self.ctx.add([tok], step.hidden[0], step.embeds[0], step.position_ids[:, 0])
             if speech is not None:

@@ -7,7 +7,8 @@ text pad) to its codec eos and flushes the audio. With ``offline=True`` nothing 
 ``finish``, and the whole utterance is synthesised at once (the reference's order, same codes).
 
 The Talker's input comes from ``nn/talker.py``'s builder (``prompt_track``, ``TextTrack``,
-``prefill`` / ``step``), as in the offline loop and in training.
+``prefill`` / ``step``), as in the offline loop and in training. Talker steps and code2wav chunks
+are yielded as work items (``engine/batch.py``): run at once alone, or batched across sessions.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from omnistream.engine.batch import Code2WavWork, Pause, TalkerWork
 from omnistream.engine.events import SAMPLE_RATE, AudioChunk, Event
 from omnistream.engine.sampling import sample, seen_mask
 
@@ -81,11 +83,8 @@ class Speech:
             self.code2wav_s += time.perf_counter() - t
             yield from self._emit(wav)
         elif self.stream is not None:
-            t = time.perf_counter()
-            chunks = list(self.stream.flush())
-            self.code2wav_s += time.perf_counter() - t
-            for c in chunks:
-                yield from self._emit(c)
+            self.stream.close()
+            yield from self._chunks()
 
     def _text(self, k: int) -> Tensor | None:
         """Text-track input [1, 1, E] of talker step k (``TextTrack.at``); None while reply
@@ -99,9 +98,10 @@ class Speech:
             r = None
         return self.track.at(k, k + 1 if n is None else n, r)
 
-    def _start(self) -> Tensor:
-        """Prefill the prompt positions this turn added, then the two start positions."""
-        sess = self.sess
+    def _start(self) -> Iterator[Pause]:
+        """Prefill the prompt positions this turn added, then the two start positions; returns
+        the first code's logits (after a ``Pause``: the prefill counts as prompt work)."""
+        sess, t = self.sess, time.perf_counter()
         hidden, embeds, pos = sess.ctx.tensors()  # [T, E], [T, E], [3, T]
         P, dev = self.prompt_len, hidden.device
         ctx, need = sess.ctx, P + 2 + sess.talker_max_new_tokens
@@ -120,24 +120,27 @@ class Speech:
         logits = self.talker.prefill(self.cache, prompt, pos[:, None, v:P], self.deltas,
                                      self.track.bos, self._text(0))
         ctx.talker_valid = P
+        self.talker_s += time.perf_counter() - t
+        yield Pause(P - v + 2)
         return logits
 
     def _advance(self) -> Iterator[Event]:
         """Run every Talker step whose input exists; push codes to code2wav as they come."""
         sess = self.sess
         while not self.done and not sess._cancel.is_set():
-            t = time.perf_counter()
             if self.k == 0:
                 if not self.reply:
                     self.done = self.n_reply is not None  # an empty reply has no speech
                     return
-                logits = self._start()
+                logits = yield from self._start()
             else:
                 text = self._text(self.k)
                 if text is None:
                     return
-                prev = torch.tensor([self.codes[-1]], device=sess.engine.device)
-                logits = self.talker.step(self.cache, prev, text, self.deltas)
+                work = TalkerWork(self.talker, self.cache, self.codes[-1], text, self.deltas)
+                logits = yield work
+                self.talker_s += work.seconds
+            t = time.perf_counter()
             code = int(sample(logits, sess.talker_sampling, self.seen, self.talker_gen))
             self.k += 1
             self.talker_s += time.perf_counter() - t
@@ -151,11 +154,16 @@ class Speech:
             if len(self.codes) >= limit:
                 self.done = True
             if self.stream is not None:
-                t = time.perf_counter()
-                chunks = list(self.stream.push([code]))
-                self.code2wav_s += time.perf_counter() - t
-                for c in chunks:
-                    yield from self._emit(c)
+                self.stream.append([code])
+                yield from self._chunks()
+
+    def _chunks(self) -> Iterator:
+        """Synthesise and emit every code2wav chunk whose codes exist."""
+        for chunk in iter(self.stream.next_chunk, None):
+            work = Code2WavWork(self.stream, chunk)
+            pcm = yield work
+            self.code2wav_s += work.seconds
+            yield from self._emit(pcm)
 
     def _emit(self, pcm: Tensor | np.ndarray) -> Iterator[Event]:
         pcm = pcm.detach().float().cpu().numpy() if isinstance(pcm, Tensor) else pcm

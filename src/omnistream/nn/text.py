@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from omnistream.nn.cache import KVCache
+from omnistream.nn.cache import CacheRows, KVCache, KVPool
 from omnistream.nn.rope import MRoPE, apply_rotary
 
 
@@ -64,7 +64,7 @@ class Attention(nn.Module):
         sin: Tensor,
         mask: Tensor | None,  # bool [B|1, 1, T, S] or None
         is_causal: bool,
-        cache: KVCache | None,
+        cache: KVCache | CacheRows | None,
         layer: int,
     ) -> Tensor:
         B, T, _ = x.shape
@@ -74,11 +74,15 @@ class Attention(nn.Module):
         )  # [B, Hkv, T, D]
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)  # [B, Hkv, S, D]
-        o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_heads != self.n_kv_heads
-        )  # [B, H, T, D]
+        gqa = self.n_heads != self.n_kv_heads
+        if isinstance(cache, CacheRows):  # one token per row of several sessions' caches
+            o = cache.attend(layer, q, k, v, gqa)  # [B, H, 1, D]
+        else:
+            if cache is not None:
+                k, v = cache.update(layer, k, v)  # [B, Hkv, S, D]
+            o = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa
+            )  # [B, H, T, D]
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -167,23 +171,37 @@ class TextModel(nn.Module):
             device=device or w.device,
         )
 
+    def new_pool(self, slots: int, max_len: int) -> KVPool:
+        """``slots`` one-row caches of ``max_len`` in one tensor per layer (weights' dtype and
+        device), decoded together through ``CacheRows``."""
+        w = self.norm.weight
+        return KVPool(len(self.layers), slots, self.cfg.num_key_value_heads, self.cfg.head_dim,
+                      max_len, dtype=w.dtype, device=w.device)
+
     def forward(
         self,
         x: Tensor,  # [B, T, hidden] input embeddings
         position_ids: Tensor,  # [3, B, T] (or [B, T] for text-only)
-        cache: KVCache | None = None,
+        cache: KVCache | CacheRows | None = None,
         attention_mask: Tensor | None = None,  # [B, T] 1 = token, 0 = left padding
     ) -> Tensor:  # [B, T, hidden] after the final norm
+        """With a ``CacheRows`` (T == 1) every row extends its own cache; the rows' masks live
+        in ``CacheRows.attend``."""
         T = x.shape[1]
         cos, sin = self.rotary(position_ids, x.dtype)
-        if cache is None:
-            start = 0
-            valid = None if attention_mask is None else attention_mask.to(torch.bool)
+        if isinstance(cache, CacheRows):
+            if T != 1 or attention_mask is not None:
+                raise ValueError("CacheRows takes one unpadded token per row")
+            mask, is_causal = None, False
         else:
-            start = cache.length
-            cache.mark(attention_mask, T)
-            valid = cache.valid[:, : start + T] if cache.has_padding else None
-        mask, is_causal = build_mask(start, T, valid, x.device)
+            if cache is None:
+                start = 0
+                valid = None if attention_mask is None else attention_mask.to(torch.bool)
+            else:
+                start = cache.length
+                cache.mark(attention_mask, T)
+                valid = cache.valid[:, : start + T] if cache.has_padding else None
+            mask, is_causal = build_mask(start, T, valid, x.device)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, is_causal, cache, i)
         if cache is not None:

@@ -16,7 +16,7 @@ steps live above ``nn/``: ``engine/offline.py`` (a whole batch) and ``engine/ses
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -190,6 +190,25 @@ class Thinker(nn.Module):
 
         ``position_offset`` (int or [B, 1]) shifts the prompt's TMRoPE ids: to continue a
         conversation in the same cache pass the previous turn's ``cache.length + rope_deltas``."""
+        chunks = self.prefill_chunks(input_ids, cache, attention_mask, media, chunk_size,
+                                     position_offset)
+        while True:
+            try:
+                next(chunks)
+            except StopIteration as done:
+                return done.value
+
+    def prefill_chunks(
+        self,
+        input_ids: Tensor,  # [B, T]
+        cache: KVCache,
+        attention_mask: Tensor | None = None,
+        media: Media | None = None,
+        chunk_size: int | None = None,
+        position_offset: Tensor | int = 0,
+    ) -> Generator[int, None, ThinkerStep]:
+        """``prefill`` one chunk per ``next()``: yields each chunk's token count and returns the
+        ``ThinkerStep`` (a scheduler runs other sessions' steps between the chunks)."""
         embeds = self.embed(input_ids, media)
         pos, deltas = self.position_ids(input_ids, attention_mask, media)
         offset = torch.as_tensor(position_offset, device=pos.device).reshape(-1, 1)  # [B|1, 1]
@@ -202,6 +221,7 @@ class Thinker(nn.Module):
             am = None if attention_mask is None else attention_mask[:, s : s + step]
             logits, h = self(embeds[:, s : s + step], pos[:, :, s : s + step], cache, am, True)
             hidden.append(h)
+            yield h.shape[1]
         return ThinkerStep(logits[:, -1], torch.cat(hidden, 1), embeds, pos, deltas)
 
     def decode_step(self, tokens: Tensor, cache: KVCache, rope_deltas: Tensor) -> ThinkerStep:

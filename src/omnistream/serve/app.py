@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from omnistream.engine.events import Done
 from omnistream.media.vad import make_detector
 
-from .bridge import new_session
+from .bridge import new_session, reserve_slots
 from .config import ServeConfig
 from .errors import APIError, validation_error
 from .scheduler import Scheduler, SlotLimiter
@@ -41,6 +41,7 @@ class ServerState:
         self.cfg = cfg
         self.model_id = str(getattr(engine, "model_id", "omnistream"))
         self.scheduler = Scheduler()
+        reserve_slots(engine, cfg.max_concurrent, cfg.max_speech_s)  # sessions decode batched
         self.slots = SlotLimiter(cfg.max_concurrent)
         self.ready = asyncio.Event()
         self.warmup_s: float | None = None

@@ -24,6 +24,15 @@ def session_options(*, voice: str | None, system: str | None, audio_output: bool
     return opts
 
 
+def reserve_slots(engine, max_concurrent: int, max_speech_s: float) -> None:
+    """One cache slot per concurrent session (``Engine.reserve_slots``), so the scheduler decodes
+    the sessions in batches; an engine without slots (a test double) is left as it is."""
+    reserve = getattr(engine, "reserve_slots", None)
+    if reserve is not None and getattr(engine, "slots", None) is None:
+        reserve(max_concurrent, context=SessionOptions().max_context,
+                speech_codes=SessionOptions.speech_limit(max_speech_s))
+
+
 def new_session(engine, **request_fields):
     """``engine.session(...)`` from request fields (``session_options``'s); runs on the model
     thread. The options go as keywords, the form every engine (and test double) accepts."""

@@ -1,10 +1,13 @@
-"""One thread owns the model; it round-robins the active replies one engine step at a time.
+"""One thread owns the model; it advances all active replies together, one step per round.
 
-Every piece of model work (building a session, appending live audio, stepping a ``respond()``
-generator) runs on the scheduler thread, so the engine never sees two threads. Replies are
-interleaved fairly: each round advances every runnable reply by one ``next()`` (one thinker step
-plus the talker / code2wav work it unlocks, per the engine contract). A reply whose consumer is
-slow (more than ``max_buffered`` undelivered events) is skipped until the consumer catches up.
+Every piece of model work (building a session, appending live audio, stepping a reply) runs on
+the scheduler thread, so the engine never sees two threads. Each round advances every runnable
+reply by one step. Replies of the real engine (``engine.batch.Reply``: chat completions and the
+Realtime socket alike) go through one ``Batcher``: a round is one of its ticks (a budget of new
+prompts' prefill, then one batched Thinker step, one batched Talker step and the ready code2wav
+chunks for all of them). Any other generator (a test double) gets one ``next()`` per round. A
+reply whose consumer is slow (more than ``max_buffered`` undelivered events) is skipped until the
+consumer catches up.
 
 Events are handed to asyncio consumers through ``loop.call_soon_threadsafe``; a job that raises
 delivers the exception to its consumer instead.
@@ -21,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from omnistream.engine.batch import Batcher, Entry, Reply
 from omnistream.engine.events import Done, Usage
 
 log = logging.getLogger("omnistream.serve")
@@ -47,6 +51,7 @@ class Job:
         self.steps = 0  # next() calls made
         self.finished = threading.Event()
         self.started_at = time.perf_counter()
+        self.entry: Entry | None = None  # set when the Batcher drives the reply
 
     # ---- consumer side (event loop) ----
     def cancel(self) -> None:
@@ -78,9 +83,11 @@ class Job:
 class Scheduler:
     """The model-owning thread. ``call`` runs one function there; ``stream`` starts a reply."""
 
-    def __init__(self, max_buffered: int = 64, cancel_drain_steps: int = 64):
+    def __init__(self, max_buffered: int = 64, cancel_drain_steps: int = 64,
+                 prefill_tokens: int = 256):
         self.max_buffered = max_buffered
         self.cancel_drain_steps = cancel_drain_steps
+        self.batcher = Batcher(prefill_tokens)  # prompt tokens prefilled per round
         self._calls: collections.deque = collections.deque()
         self._new_jobs: collections.deque = collections.deque()
         self._jobs: list[Job] = []
@@ -149,18 +156,57 @@ class Scheduler:
             for job in new:
                 try:
                     job.gen = iter(job.make_gen())
+                    if isinstance(job.gen, Reply):
+                        job.entry = self.batcher.add(job.gen, self._deliver(job),
+                                                     self._ender(job), owner=job)
                     self._jobs.append(job)
                 except BaseException as e:  # noqa: BLE001
                     self._finish(job, e)
             for job in list(self._jobs):  # one round: one step per runnable reply
-                self._step(job)
+                if job.entry is None:
+                    self._step(job)
+                else:
+                    self._control(job)
+            self.batcher.tick(lambda e: self._ready(e.owner))
         for job in self._jobs + list(self._new_jobs):
+            if job.entry is not None:
+                self.batcher.remove(job.entry)
             self._finish(job, RuntimeError("server shutting down"))
         self._jobs.clear()
 
+    def _ready(self, job: Job) -> bool:
+        return job.cancel_requested or job.pushed - job.consumed < self.max_buffered
+
+    def _deliver(self, job: Job) -> Callable[[Any], None]:
+        def deliver(ev) -> None:
+            self.steps += 1
+            job.steps += 1
+            job._push(ev)
+        return deliver
+
+    def _ender(self, job: Job) -> Callable[[BaseException | None], None]:
+        return lambda error: self._finish(job, error)
+
+    def _control(self, job: Job) -> None:
+        """Cancellation of a batched reply (its steps run in ``batcher.tick``)."""
+        if not job.cancel_requested:
+            return
+        if job.entry.started and not job.cancel_sent:
+            job.cancel_sent = True
+            if job.on_cancel is not None:
+                try:
+                    job.on_cancel()
+                except Exception:  # noqa: BLE001
+                    log.exception("cancel failed")
+        if job.entry.started:
+            job.steps_after_cancel += 1
+        if not job.entry.started or job.steps_after_cancel > self.cancel_drain_steps:
+            self.batcher.remove(job.entry)  # never started, or it ignored the cancel
+            job._push(Done(text="", finish_reason="cancelled", usage=Usage()))
+            self._finish(job, None)
+
     def _runnable(self) -> bool:
-        return any(j.cancel_requested or j.pushed - j.consumed < self.max_buffered
-                   for j in self._jobs)
+        return any(self._ready(j) for j in self._jobs)
 
     def _step(self, job: Job) -> None:
         if job.cancel_requested and job.steps == 0:  # never started: nothing to wind down
@@ -209,6 +255,7 @@ class Scheduler:
     def _finish(self, job: Job, error: BaseException | None) -> None:
         if job in self._jobs:
             self._jobs.remove(job)
+        job.entry = None  # no job <-> entry cycle: the session (and its slot) go with the job
         if error is not None:
             job._push(error)
         job._push(_END)

@@ -1,0 +1,368 @@
+"""Continuous batching: many sessions' replies advance together, one model call per stage.
+
+A reply (``Session.respond``) is written once, as a coroutine: ``Reply.steps`` yields the events
+(``TextDelta``, ``AudioChunk``, ``Done``) and, at every model call it needs, a *work item* whose
+result is sent back into it:
+
+    ThinkerWork   feed one token to the session's Thinker cache     -> ThinkerStep (B = 1)
+    TalkerWork    one Talker step (previous code + text track)      -> codec logits [1, V]
+    Code2WavWork  one planned code2wav chunk                        -> PCM (float32 numpy)
+    Pause         the reply did a prompt chunk itself (a prefill); resume it later
+
+Iterating a ``Reply`` runs each item at once (one session: the engine contract of
+docs/ENGINE_API.md). A ``Batcher`` instead collects the items of all its replies and runs them in
+*ticks*:
+
+    1. prefill: replies that are starting (or paused) resume in arrival order until
+       ``prefill_tokens`` prompt tokens were run this tick (at least one chunk), so a long new
+       prompt never stalls the replies that are already streaming;
+    2. one batched Thinker decode step for every reply waiting on one (``CacheRows``: each row
+       its own cache slot, length and TMRoPE delta; attention masked per row);
+    3. one batched Talker step for every reply waiting on one (the steps that 2 unlocked, and
+       the speech of replies whose text is complete);
+    4. the code2wav chunks that became ready, solved together where their windows have the
+       same length (``code2wav.decode_chunks``), else one by one.
+
+Each reply samples from its own logits row with its own parameters and generators, exactly as
+alone, so batching changes the ids only through float rounding: on CPU, MKL computes a row of a
+batched matmul ([B, D] @ W, B > 1) with another kernel than the one-row product, and the results
+differ by ~1e-6 relative (greedy ids are equal unless two logits tie within that;
+tests/test_batch.py compares every id of batched and solo runs). Rows are batched only when their
+caches are views of one ``KVPool`` (a ``SlotPool``'s); other sessions still interleave, stepped
+one by one.
+
+``SlotPool`` holds the slots: one Thinker cache row (``context`` positions) and one Talker cache
+row per session, pre-allocated, taken by ``Engine.session`` when the engine has reserved slots
+(``Engine.reserve_slots``) and given back when the session is closed or dropped. The server sizes
+it to its ``max_concurrent`` sessions (past that: 429); a session that finds no free slot gets a
+private cache and runs unbatched.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Generator, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from omnistream.engine.code2wav import Chunk, Code2WavStream, decode_chunks
+from omnistream.engine.events import Event
+from omnistream.nn.cache import CacheRows, KVCache, KVPool
+from omnistream.nn.thinker import ThinkerStep
+
+if TYPE_CHECKING:
+    from omnistream.engine.session import Session
+
+
+# -- work items ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pause:
+    """The reply ran ``tokens`` prompt tokens itself (a prefill chunk); resume it later."""
+
+    tokens: int
+
+
+@dataclass
+class Work:
+    """A model call a reply waits on; ``run_batch`` runs several of one kind together."""
+
+    seconds: float = field(default=0.0, init=False)  # this item's share of the call's time
+
+    @classmethod
+    def run_batch(cls, items: list) -> list:
+        raise NotImplementedError
+
+
+@dataclass
+class ThinkerWork(Work):
+    """Feed ``token`` at the end of ``cache`` (rope deltas ``deltas`` [1, 1]) -> ThinkerStep."""
+
+    thinker: Any  # nn.thinker.Thinker
+    cache: KVCache
+    token: int
+    deltas: Tensor
+
+    @classmethod
+    def run_batch(cls, items: list[ThinkerWork]) -> list[ThinkerStep]:
+        out: list = [None] * len(items)
+        for idx in _rows(items):
+            ws = [items[i] for i in idx]
+            th, dev = ws[0].thinker, ws[0].deltas.device
+            tokens = torch.tensor([w.token for w in ws], device=dev)  # [B]
+            cache = ws[0].cache if len(ws) == 1 else CacheRows([w.cache for w in ws])
+            step = th.decode_step(tokens, cache, torch.cat([w.deltas for w in ws]))  # deltas [B, 1]
+            # logits [B, V], hidden / embeds [B, 1, D], position_ids [3, B, 1]
+            for j, i in enumerate(idx):  # row j as a one-row step
+                out[i] = ThinkerStep(step.logits[j : j + 1], step.hidden[j : j + 1],
+                                     step.embeds[j : j + 1], step.position_ids[:, j : j + 1],
+                                     step.rope_deltas[j : j + 1])
+        return out
+
+
+@dataclass
+class TalkerWork(Work):
+    """One Talker step: previous ``code``, text-track input ``text`` [1, 1, E] -> logits [1, V]."""
+
+    talker: Any  # nn.talker.Talker
+    cache: KVCache
+    code: int
+    text: Tensor
+    deltas: Tensor
+
+    @classmethod
+    def run_batch(cls, items: list[TalkerWork]) -> list[Tensor]:
+        out: list = [None] * len(items)
+        for idx in _rows(items):
+            ws = [items[i] for i in idx]
+            codes = torch.tensor([w.code for w in ws], device=ws[0].deltas.device)  # [B]
+            cache = ws[0].cache if len(ws) == 1 else CacheRows([w.cache for w in ws])
+            logits = ws[0].talker.step(cache, codes, torch.cat([w.text for w in ws]),  # [B, 1, E]
+                                       torch.cat([w.deltas for w in ws]))  # -> [B, V]
+            for j, i in enumerate(idx):
+                out[i] = logits[j : j + 1]
+        return out
+
+
+@dataclass
+class Code2WavWork(Work):
+    """Synthesise the planned ``chunk`` of ``stream`` -> PCM (float32 numpy)."""
+
+    stream: Code2WavStream
+    chunk: Chunk
+
+    @classmethod
+    def run_batch(cls, items: list[Code2WavWork]) -> list[np.ndarray]:
+        out: list = [None] * len(items)
+        by_model: dict[int, list[int]] = {}
+        for i, w in enumerate(items):
+            by_model.setdefault(id(w.stream.model), []).append(i)
+        for idx in by_model.values():
+            pcm = decode_chunks([(items[i].stream, items[i].chunk) for i in idx])
+            for i, p in zip(idx, pcm, strict=True):
+                out[i] = p
+        return out
+
+
+def _rows(items: list) -> list[list[int]]:
+    """Indices of the items that can share one call: same module, caches in one pool (each
+    other item alone)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, w in enumerate(items):
+        module = w.thinker if isinstance(w, ThinkerWork) else w.talker
+        pool = w.cache.pool
+        key = (id(module), id(pool)) if pool is not None else (id(module), "alone", i)
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def run_work(items: list[Work]) -> list:
+    """Run work items of one kind together; records each item's share of the time."""
+    t = time.perf_counter()
+    out = type(items[0]).run_batch(items)
+    share = (time.perf_counter() - t) / len(items)
+    for w in items:
+        w.seconds = share
+    return out
+
+
+def pausing(chunks: Generator[int, None, Any]) -> Generator[Pause, Any, Any]:
+    """Drive a generator that yields token counts (``Thinker.prefill_chunks``), yielding a
+    ``Pause`` after each; returns its return value."""
+    while True:
+        try:
+            n = next(chunks)
+        except StopIteration as done:
+            return done.value
+        yield Pause(n)
+
+
+# -- one reply ----------------------------------------------------------------------------------
+
+
+class Reply(Generator):
+    """What ``Session.respond`` returns: a generator of events. Iterating it runs every model
+    call of the reply at once (one session); a ``Batcher`` drives ``steps`` instead."""
+
+    def __init__(self, session: Session, steps: Generator):
+        self.session = session
+        self.steps = steps  # yields Event | Work | Pause; Work results are sent back
+
+    def send(self, value: None) -> Event:
+        result = None
+        with torch.inference_mode():
+            while True:
+                item = self.steps.send(result)
+                if isinstance(item, Work):
+                    result = run_work([item])[0]
+                elif isinstance(item, Pause):
+                    result = None
+                else:
+                    return item
+
+    def throw(self, typ, val=None, tb=None):
+        return self.steps.throw(typ if val is None else val)
+
+    def close(self) -> None:
+        self.steps.close()
+
+
+# -- many replies -------------------------------------------------------------------------------
+
+_NEW = Pause(0)  # the pending item of a reply that has not started
+
+
+@dataclass(eq=False)
+class Entry:
+    """A reply in a ``Batcher``: what it waits on, and where its events go."""
+
+    reply: Reply
+    on_event: Callable[[Event], None]
+    on_end: Callable[[BaseException | None], None]  # once: None, or the error it ended with
+    pending: Work | Pause = _NEW
+    result: Any = None
+    owner: Any = None  # free for the caller (the server's job)
+
+    @property
+    def started(self) -> bool:
+        return self.pending is not _NEW
+
+
+class Batcher:
+    """Advances many replies together, one ``tick`` at a time (see the module docstring). Not
+    thread-safe: one thread (the server's model thread) calls everything."""
+
+    def __init__(self, prefill_tokens: int = 256):
+        self.prefill_tokens = prefill_tokens  # prompt tokens per tick (at least one chunk runs)
+        self.entries: list[Entry] = []
+        self.ticks = 0
+        kinds = (ThinkerWork, TalkerWork, Code2WavWork)
+        self.calls = dict.fromkeys(kinds, 0)  # batched calls per kind
+        self.rows = dict.fromkeys(kinds, 0)  # items they ran (rows / calls: the mean batch)
+        self.widest = dict.fromkeys(kinds, 0)  # most items in one call
+
+    def add(self, reply: Reply, on_event: Callable[[Event], None],
+            on_end: Callable[[BaseException | None], None] = lambda e: None,
+            owner: Any = None) -> Entry:
+        """Start driving ``reply``; its prompt chunks are set to the tick's prefill budget."""
+        reply.session.prefill_chunk = self.prefill_tokens
+        e = Entry(reply, on_event, on_end, owner=owner)
+        self.entries.append(e)
+        return e
+
+    def remove(self, e: Entry) -> None:
+        """Stop driving ``e`` and close its reply (no ``on_end``)."""
+        if e in self.entries:
+            self.entries.remove(e)
+        e.reply.close()
+
+    def tick(self, ready: Callable[[Entry], bool] = lambda e: True) -> bool:
+        """One round: prefill budget, then one Thinker, one Talker and one code2wav batch.
+        ``ready(entry)`` False skips a reply this tick (e.g. a slow consumer). Returns whether
+        any work ran."""
+        ran = False
+        with torch.inference_mode():
+            budget = self.prefill_tokens
+            for e in [e for e in self.entries if isinstance(e.pending, Pause)]:
+                if budget <= 0:
+                    break
+                if e in self.entries and ready(e):
+                    self._advance(e)
+                    ran = True
+                    if isinstance(e.pending, Pause):
+                        budget -= max(e.pending.tokens, 1)
+            for kind in (ThinkerWork, TalkerWork, Code2WavWork):
+                batch = [e for e in self.entries if isinstance(e.pending, kind) and ready(e)]
+                if not batch:
+                    continue
+                ran = True
+                self.calls[kind] += 1
+                self.rows[kind] += len(batch)
+                self.widest[kind] = max(self.widest[kind], len(batch))
+                try:
+                    results = run_work([e.pending for e in batch])
+                except Exception as err:  # noqa: BLE001 - every reply in the call fails
+                    for e in batch:
+                        self._end(e, err)
+                    continue
+                for e, r in zip(batch, results, strict=True):
+                    e.result = r
+                    self._advance(e)
+        self.ticks += ran
+        return ran
+
+    def run(self, replies: Iterable[Reply]) -> list[list[Event]]:
+        """Drive ``replies`` to their ends together; their events, in order, per reply."""
+        out: list[list[Event]] = []
+        errors: list[BaseException] = []
+        for r in replies:
+            out.append([])
+            self.add(r, out[-1].append, lambda err: err is not None and errors.append(err))
+        while self.entries:
+            self.tick()
+        if errors:
+            raise errors[0]
+        return out
+
+    def _advance(self, e: Entry) -> None:
+        """Resume ``e`` with its result; deliver its events until it waits again or ends."""
+        try:
+            while True:
+                item = e.reply.steps.send(e.result)
+                e.result = None
+                if isinstance(item, (Work, Pause)):
+                    e.pending = item
+                    return
+                e.on_event(item)
+        except StopIteration:
+            self._end(e, None)
+        except Exception as err:  # noqa: BLE001 - handed to the reply's owner
+            self._end(e, err)
+
+    def _end(self, e: Entry, err: BaseException | None) -> None:
+        if e in self.entries:
+            self.entries.remove(e)
+        if err is not None:
+            e.reply.close()
+        e.on_end(err)
+
+
+# -- cache slots --------------------------------------------------------------------------------
+
+
+class SlotPool:
+    """``slots`` pre-allocated cache slots, one per session: a Thinker row of ``context``
+    positions and (with audio output) a Talker row of ``context + 2 + speech_codes``. Thread-safe
+    (a dropped session may give its slot back from any thread)."""
+
+    def __init__(self, engine, slots: int, context: int = 8192, speech_codes: int = 4096):
+        if slots < 1 or context < 1:
+            raise ValueError(f"slots and context must be positive, not {slots}, {context}")
+        self.slots, self.context = slots, context
+        self.thinker: KVPool = engine.thinker.model.new_pool(slots, context)
+        self.talker: KVPool | None = None
+        if engine.talker is not None:
+            self.talker = engine.talker.model.new_pool(slots, context + 2 + speech_codes)
+        self._free = list(range(slots))
+        self._lock = threading.Lock()
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    def acquire(self) -> int | None:
+        """A free slot's index, or None when all are taken."""
+        with self._lock:
+            return self._free.pop(0) if self._free else None
+
+    def release(self, slot: int) -> None:
+        with self._lock:
+            if slot not in self._free:
+                self._free.append(slot)
+                self._free.sort()  # lowest first: busy rows stay contiguous (CacheRows views)

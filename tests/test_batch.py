@@ -1,0 +1,249 @@
+"""Continuous batching (engine/batch.py): sessions decoded together give each stream the ids of
+its solo run; a cancelled stream leaves the others unchanged; slots come back; prompts prefill in
+chunks between the running replies' steps; the server's scheduler batches its replies."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from omnistream.engine.batch import Batcher, TalkerWork, ThinkerWork
+from omnistream.engine.events import AudioChunk, Done, TextDelta
+from omnistream.engine.sampling import SamplingParams
+
+PROMPTS = ["Hi", "Tell me a story about a robot.", "What is two plus two? " * 3, "x " * 40]
+FAST_SPEECH = dict(talker_max_new_tokens=40, ode_steps=2, solver="euler", chunk_frames=48,
+                   max_chunk_frames=48)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir):
+    from omnistream.engine.session import Engine
+
+    eng = Engine.load(tiny_dir, quiet=True)
+    eng.reserve_slots(6, context=1024, speech_codes=64)
+    return eng
+
+
+def _options(i: int) -> dict:
+    """Per-stream options: own seeds; stream 1 samples its text, stream 3 has no speech."""
+    o = dict(seed=10 + i, max_new_tokens=8, max_context=1024, **FAST_SPEECH)
+    if i == 1:
+        o["sampling"] = SamplingParams(temperature=0.8, top_k=50)
+    if i == 3:
+        o["audio_output"] = False
+    return o
+
+
+def _solo(engine, i: int) -> list:
+    return list(engine.session(**_options(i)).respond(PROMPTS[i]))
+
+
+def _pcm(events) -> np.ndarray:
+    pcm = [e.pcm for e in events if isinstance(e, AudioChunk)]
+    return np.concatenate(pcm) if pcm else np.zeros(0, np.float32)
+
+
+@pytest.fixture(scope="module")
+def solo(engine):
+    return [_solo(engine, i) for i in range(len(PROMPTS))]
+
+
+def test_cache_rows_attend_each_row_to_its_own_slots(engine):
+    """One batched decode step over pool slots of different lengths (one with a previous
+    occupant's stale entries past its length) equals each row decoded alone."""
+    from omnistream.nn.cache import CacheRows
+
+    th = engine.thinker
+    pool = th.model.new_pool(3, 64)
+    caches = [pool.view(i) for i in range(3)]
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        th.prefill(torch.randint(0, 1000, (1, 30), generator=g), caches[0])  # stale, then cut
+        caches[0].crop(4)
+        for c, n in zip(caches, (0, 11, 23), strict=True):
+            if n:
+                th.prefill(torch.randint(0, 1000, (1, n), generator=g), c)
+        tokens = torch.tensor([5, 6, 7])
+        deltas = torch.tensor([[0], [2], [-1]])
+        lengths = [c.length for c in caches]
+        batched = th.decode_step(tokens, CacheRows(caches), deltas)
+        assert [c.length for c in caches] == [n + 1 for n in lengths]
+        for c in caches:
+            c.crop(c.length - 1)
+        for i, c in enumerate(caches):
+            alone = th.decode_step(tokens[i : i + 1], c, deltas[i : i + 1])
+            torch.testing.assert_close(batched.logits[i : i + 1], alone.logits, rtol=1e-5,
+                                       atol=1e-5)
+            torch.testing.assert_close(batched.hidden[i : i + 1], alone.hidden, rtol=1e-5,
+                                       atol=1e-5)
+
+
+def test_batched_streams_equal_their_solo_runs(engine, solo):
+    """N sessions decoded together (greedy and sampled text, sampled speech, one text-only):
+    every stream's text ids and codec ids equal its solo run's; its audio within fp32 noise."""
+    sessions = [engine.session(**_options(i)) for i in range(len(PROMPTS))]
+    assert all(s.cache.pool is engine.slots.thinker for s in sessions)
+    b = Batcher()
+    out = b.run([s.respond(p) for s, p in zip(sessions, PROMPTS, strict=True)])
+    steps = sum(len(o[-1].text_ids) - 1 for o in solo)  # every fed reply token
+    assert b.rows[ThinkerWork] == steps
+    assert b.calls[ThinkerWork] < steps / 2  # the Thinker steps ran several per call
+    assert b.calls[TalkerWork] < b.rows[TalkerWork] / 2  # ... and so did the Talker steps
+    for i, (alone, batched) in enumerate(zip(solo, out, strict=True)):
+        d1, d2 = alone[-1], batched[-1]
+        assert isinstance(d2, Done) and d2.finish_reason == d1.finish_reason
+        assert d2.text_ids == d1.text_ids, i
+        assert d2.codec_ids == d1.codec_ids, i
+        assert d2.text == d1.text
+        a1, a2 = _pcm(alone), _pcm(batched)
+        assert a1.shape == a2.shape and (i == 3 or a1.size > 0)
+        np.testing.assert_allclose(a2, a1, atol=1e-4)
+
+
+def test_cancelling_one_stream_leaves_the_others_unchanged(engine, solo):
+    sessions = [engine.session(**_options(i)) for i in range(3)]
+    events: list[list] = [[], [], []]
+
+    def on_event(i):
+        def put(ev):
+            events[i].append(ev)
+            if i == 1 and sum(isinstance(e, TextDelta) for e in events[i]) == 2:
+                sessions[1].cancel()
+        return put
+
+    b = Batcher()
+    for i, s in enumerate(sessions):
+        b.add(s.respond(PROMPTS[i]), on_event(i))
+    while b.entries:
+        b.tick()
+    cancelled = events[1][-1]
+    assert cancelled.finish_reason == "cancelled"
+    assert cancelled.text_ids == solo[1][-1].text_ids[: len(cancelled.text_ids)]
+    for i in (0, 2):
+        assert events[i][-1].text_ids == solo[i][-1].text_ids
+        assert events[i][-1].codec_ids == solo[i][-1].codec_ids
+
+
+def test_slots_are_taken_and_given_back(engine):
+    pool = engine.slots
+    free = pool.free
+    a, b = engine.session(max_context=1024), engine.session(max_context=1024)
+    assert pool.free == free - 2 and a.cache.slot != b.cache.slot
+    a.close()  # at once
+    assert pool.free == free - 1
+    del b  # dropped
+    assert pool.free == free
+    big = engine.session(max_context=4096)  # does not fit a slot: private cache, unbatched
+    assert big.cache.pool is None and pool.free == free
+    held = [engine.session(max_context=1024) for _ in range(free)]
+    extra = engine.session(max_context=1024)  # none free: private cache
+    assert pool.free == 0 and extra.cache.pool is None
+    del held
+    assert pool.free == free
+
+
+def test_new_prompts_prefill_in_chunks_between_running_steps(engine, solo):
+    """A long prompt arriving mid-reply is prefilled a budget per tick while the running reply
+    keeps producing tokens; both still equal their solo runs."""
+    long_prompt = "Please answer this. " * 30
+    alone = list(engine.session(**_options(0)).respond(long_prompt))
+    b = Batcher(prefill_tokens=32)
+    log: list[tuple[int, object]] = []
+    first = engine.session(**_options(0))
+    b.add(first.respond(PROMPTS[0]), lambda ev: log.append((0, ev)))
+    for _ in range(3):
+        b.tick()
+    second = engine.session(**_options(0))
+    b.add(second.respond(long_prompt), lambda ev: log.append((1, ev)))
+    while b.entries:
+        b.tick()
+    order = [k for k, ev in log if isinstance(ev, TextDelta)]
+    first_of_second = order.index(1)
+    assert order[:first_of_second].count(0) >= 4  # the running reply kept streaming meanwhile
+    assert second.last_prompt_ids and len(second.last_prompt_ids) > 4 * 32
+    done = {k: ev for k, ev in log if isinstance(ev, Done)}
+    assert done[0].text_ids == solo[0][-1].text_ids
+    assert done[1].text_ids == alone[-1].text_ids
+    assert done[1].codec_ids == alone[-1].codec_ids
+
+
+def _live_turn(sess):
+    """A Realtime-style turn: 1.5 s of microphone audio (24 kHz, in pieces), committed."""
+    pcm = np.random.default_rng(0).standard_normal(36_000).astype(np.float32) * 0.1
+    for k in range(0, pcm.size, 4_800):
+        sess.append_audio(pcm[k : k + 4_800], 24_000)
+    sess.commit_user_turn()
+    return sess
+
+
+def test_server_scheduler_batches_chat_and_live_turns(engine, solo):
+    """The server's scheduler drives every real-engine reply through one Batcher: chat replies
+    and a live (Realtime) turn share the batched steps; each equals its solo run; a cancelled
+    reply ends "cancelled"; every slot comes back."""
+    from omnistream.serve.bridge import respond_live
+    from omnistream.serve.scheduler import Scheduler
+
+    live_alone = list(respond_live(_live_turn(engine.session(**_options(2)))))
+
+    async def main():
+        s = Scheduler()
+        s.start()
+        try:
+            makers = [lambda i=i: engine.session(**_options(i)).respond(PROMPTS[i])
+                      for i in (0, 1)]
+            makers.append(lambda: respond_live(_live_turn(engine.session(**_options(2)))))
+            long = dict(_options(0), max_new_tokens=300, ignore_eos=True)  # cancelled early
+            makers.append(lambda: engine.session(**long).respond(PROMPTS[3]))
+            jobs = [s.stream(m) for m in makers]
+
+            async def collect(job, cancel_after=None):
+                out = []
+                async for ev in job:
+                    out.append(ev)
+                    if len(out) == cancel_after:
+                        job.cancel()
+                return out
+            out = await asyncio.gather(*(collect(j, 3 if k == 3 else None)
+                                         for k, j in enumerate(jobs)))
+            return out, s.batcher
+        finally:
+            await asyncio.to_thread(s.stop)
+
+    out, batcher = asyncio.run(main())
+    for events, alone in zip(out[:3], (solo[0], solo[1], live_alone), strict=True):
+        assert events[-1].text_ids == alone[-1].text_ids
+        assert events[-1].codec_ids == alone[-1].codec_ids
+    assert out[3][-1].finish_reason == "cancelled"
+    assert batcher.widest[ThinkerWork] == 4 and batcher.widest[TalkerWork] >= 3
+    assert engine.slots.free == engine.slots.slots  # every session gave its slot back
+
+
+def test_packed_linear_equals_linear_and_packs_only_wide_untied_layers():
+    from torch import nn
+
+    from omnistream.engine.packed import PackedLinear, pack_linears_
+
+    torch.manual_seed(0)
+    lin = nn.Linear(512, 96)
+    packed = PackedLinear(lin)
+    with torch.inference_mode():
+        for x in (torch.randn(1, 512), torch.randn(5, 1, 512), torch.randn(2, 7, 512)):
+            torch.testing.assert_close(packed(x), lin(x), rtol=1e-5, atol=1e-5)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(96, 512)
+            self.wide, self.narrow = nn.Linear(512, 64), nn.Linear(64, 512)
+            self.tied = nn.Linear(512, 96, bias=False)
+            self.tied.weight = self.embed.weight
+            self.encoder = nn.Sequential(nn.Linear(512, 8))
+
+    m = Model()
+    assert pack_linears_(m, exclude=(m.encoder,)) == 1
+    assert isinstance(m.wide, PackedLinear)
+    assert type(m.narrow) is type(m.tied) is type(m.encoder[0]) is nn.Linear
