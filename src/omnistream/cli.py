@@ -298,9 +298,9 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 def _cmd_codec(args: argparse.Namespace) -> int:
     from omnistream.engine.codec import Codec, read_codes, write_codes
-    from omnistream.models import resolve_model
+    from omnistream.models import resolve_codec_model
 
-    model = resolve_model(args.model)
+    model = resolve_codec_model(args.model)
     if args.codec_cmd == "eval":
         from omnistream.eval.codec import evaluate_codec, print_report
 

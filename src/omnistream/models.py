@@ -51,3 +51,14 @@ def default_model() -> str:
 def resolve_model(model: str | os.PathLike | None) -> str:
     """``model`` as given, or the default one when it is None or empty."""
     return str(model) if model else default_model()
+
+
+def resolve_codec_model(model: str | os.PathLike | None) -> str:
+    """The checkpoint whose codec ``omnistream codec`` uses: ``model`` as given, else the
+    repository's ``models/codec`` (the shipped speech codec), else the default model."""
+    if model:
+        return str(model)
+    shipped = REPO_ROOT / "models" / "codec" if REPO_ROOT is not None else None
+    if shipped is not None and (shipped / "config.json").is_file() and not os.environ.get(ENV_VAR):
+        return str(shipped)
+    return default_model()
