@@ -270,13 +270,15 @@ class Batcher:
         with torch.inference_mode():
             budget = self.prefill_tokens
             for e in [e for e in self.entries if isinstance(e.pending, Pause)]:
-                if budget <= 0:
-                    break
-                if e in self.entries and ready(e):
+                # a reply whose prompt is done goes on to its first Thinker step this tick
+                while budget > 0 and isinstance(e.pending, Pause) and e in self.entries \
+                        and ready(e):
                     self._advance(e)
                     ran = True
                     if isinstance(e.pending, Pause):
                         budget -= max(e.pending.tokens, 1)
+                if budget <= 0:
+                    break
             for kind in (ThinkerWork, TalkerWork, Code2WavWork):
                 batch = [e for e in self.entries if isinstance(e.pending, kind) and ready(e)]
                 if not batch:
