@@ -110,8 +110,10 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_model_arg(q)
     q.add_argument("-o", "--out", required=True, help="output WAV")
     q.add_argument("--voice", default=None)
+    _add_decode_args(q)
     q = csub.add_parser("eval", help="round trip on held-out sentences (WER, MCD, speed)")
     _add_model_arg(q)
+    _add_decode_args(q)
     q.add_argument("--n", type=int, default=100, help="held-out sentences")
     q.add_argument("--no-recognizer", action="store_true", help="skip WER (no eval extra)")
     q.add_argument("--json-out", default=None)
@@ -296,6 +298,12 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_decode_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=4, help="flow-matching ODE steps per chunk")
+    p.add_argument("--solver", default="euler", choices=["euler", "rk4"])
+    p.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance scale")
+
+
 def _cmd_codec(args: argparse.Namespace) -> int:
     from omnistream.engine.codec import Codec, read_codes, write_codes
     from omnistream.models import resolve_codec_model
@@ -304,7 +312,8 @@ def _cmd_codec(args: argparse.Namespace) -> int:
     if args.codec_cmd == "eval":
         from omnistream.eval.codec import evaluate_codec, print_report
 
-        res = evaluate_codec(model, n=args.n, recognize=not args.no_recognizer)
+        res = evaluate_codec(model, n=args.n, recognize=not args.no_recognizer,
+                             steps=args.steps, solver=args.solver, guidance_scale=args.guidance)
         print_report(res)
         if args.json_out:
             Path(args.json_out).write_text(json.dumps(res, indent=2) + "\n")
@@ -321,7 +330,8 @@ def _cmd_codec(args: argparse.Namespace) -> int:
     from omnistream.engine.wav import wav_bytes
 
     codes = codec.check_codes(read_codes(args.codes))
-    pcm = codec.decode(codes, voice=args.voice)  # checked before any output is written
+    pcm = codec.decode(codes, voice=args.voice, steps=args.steps, solver=args.solver,
+                       guidance_scale=args.guidance)  # checked before any output is written
     Path(args.out).write_bytes(wav_bytes(pcm))
     print(f"{pcm.size / 24000:.2f} s of speech -> {args.out}", file=sys.stderr)
     return 0
