@@ -137,6 +137,11 @@ def test_codec_stages_train_save_resume_and_load_in_the_engine_layout(tmp_path):
     from omnistream.train.codec import train_codec
     from omnistream.train.stages import Stage
 
+    from omnistream.nn.bigvgan import _aa_filter
+
+    _aa_filter.cache_clear()  # as after an inference run: training must not inherit its tensors
+    with torch.inference_mode():
+        _aa_filter(torch.device("cpu"))
     cfg_dir, data = _codec_dir(tmp_path), _corpus(tmp_path)
     voc = Stage(name="v", task="vocoder", batch_size=2, segment_frames=16, lr=1e-3,
                 warmup_steps=1, max_steps=4, log_every=1)

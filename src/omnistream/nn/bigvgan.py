@@ -46,8 +46,9 @@ def kaiser_sinc(cutoff: float, half_width: float, taps: int) -> Tensor:
 @functools.cache
 def _aa_filter(device: torch.device) -> Tensor:
     """The low-pass shared by the x2 upsampler and downsampler: [1, 1, 12]."""
-    h = kaiser_sinc(0.5 / AA_RATIO, 0.6 / AA_RATIO, AA_TAPS)
-    return h.view(1, 1, -1).to(device)
+    with torch.inference_mode(False):  # cached: must stay usable by autograd (training)
+        h = kaiser_sinc(0.5 / AA_RATIO, 0.6 / AA_RATIO, AA_TAPS)
+        return h.view(1, 1, -1).to(device)
 
 
 def anti_aliased(act: nn.Module, x: Tensor) -> Tensor:
