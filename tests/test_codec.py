@@ -134,10 +134,9 @@ def _corpus(tmp_path: Path, n: int = 3) -> Path:
 
 
 def test_codec_stages_train_save_resume_and_load_in_the_engine_layout(tmp_path):
+    from omnistream.nn.bigvgan import _aa_filter
     from omnistream.train.codec import train_codec
     from omnistream.train.stages import Stage
-
-    from omnistream.nn.bigvgan import _aa_filter
 
     _aa_filter.cache_clear()  # as after an inference run: training must not inherit its tensors
     with torch.inference_mode():
