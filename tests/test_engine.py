@@ -219,7 +219,33 @@ def test_session_options_object_or_fields(engine):
     assert sess.options == opts.replace(seed=6) and opts.seed == 5
     with pytest.raises(dataclasses.FrozenInstanceError):
         opts.seed = 1
-    for bad in (dict(max_new_tokens=0), dict(solver="heun"), dict(max_chunk_frames=8)):
+    for bad in (dict(max_new_tokens=0), dict(solver="heun"), dict(max_chunk_frames=8),
+                dict(guidance_scale=-1.0), dict(ode_steps=0)):
         with pytest.raises(ValueError):
             SessionOptions(**bad)
     assert SessionOptions.speech_limit(2.0) == 100
+
+
+def test_decode_options_default_to_the_checkpoint(engine, monkeypatch):
+    # a session's ODE options left None come from token2wav_config (the release's without keys);
+    # the tiny DiT's output layer is zero, so the calls that reach the solver are what we check
+    sess = engine.session(seed=1)
+    assert (sess.ode_steps, sess.solver, sess.guidance_scale) == (10, "rk4", 0.5)
+    t2w = engine.cfg.token2wav_config
+    monkeypatch.setattr(t2w, "ode_steps", 2)
+    monkeypatch.setattr(t2w, "solver", "euler")
+    monkeypatch.setattr(t2w, "guidance_scale", 0.0)
+    calls = []
+    solve = engine.token2wav.solve
+
+    def spy(codes, spk, noise, steps, solver, guidance_scale):
+        calls.append((steps, solver, guidance_scale, spk.shape[0]))
+        return solve(codes, spk, noise, steps, solver, guidance_scale)
+
+    monkeypatch.setattr(engine.token2wav, "solve", spy)
+    kw = dict(seed=4, max_new_tokens=6, talker_max_new_tokens=40, ignore_eos=True)
+    _, done = _run(engine.session(**kw), "Hello")
+    assert done.codec_ids and calls and set(calls) == {(2, "euler", 0.0, 1)}  # no CFG branch
+    calls.clear()
+    _run(engine.session(**kw, ode_steps=3, solver="rk4", guidance_scale=0.5), "Hello")
+    assert calls and set(calls) == {(3, "rk4", 0.5, 2)}

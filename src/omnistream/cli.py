@@ -127,7 +127,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-recognizer", action="store_true", help="skip WER (no eval extra)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--speech-seconds", type=float, default=12.0, help="speech per reply, at most")
-    p.add_argument("--solver", default="rk4", choices=["rk4", "euler"])
+    p.add_argument("--solver", default=None, choices=["rk4", "euler"],
+                   help="code2wav ODE solver (default: the checkpoint's)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--json-out", default=None, help="every case's result as JSON")
     p.add_argument("--quiet", action="store_true", help="no per-case lines")
@@ -299,9 +300,12 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _add_decode_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=4, help="flow-matching ODE steps per chunk")
-    p.add_argument("--solver", default="euler", choices=["euler", "rk4"])
-    p.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance scale")
+    p.add_argument("--steps", type=int, default=None,
+                   help="flow-matching ODE steps per chunk (default: the checkpoint's)")
+    p.add_argument("--solver", default=None, choices=["euler", "rk4"],
+                   help="ODE solver (default: the checkpoint's)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the checkpoint's)")
 
 
 def _cmd_codec(args: argparse.Namespace) -> int:

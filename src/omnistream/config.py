@@ -229,6 +229,12 @@ class BigVGANConfig(_Config):
 class Token2WavConfig(_Config):
     dit_config: DiTConfig = field(default_factory=DiTConfig)
     bigvgan_config: BigVGANConfig = field(default_factory=BigVGANConfig)
+    # omnistream keys, absent from the release: the checkpoint's decode defaults (a session's
+    # ode_steps / solver / guidance_scale left None). The release's values when absent; a small
+    # DiT trained here decodes well with fewer, cheaper steps.
+    ode_steps: int = 10
+    solver: str = "rk4"
+    guidance_scale: float = 0.5
 
 
 @dataclass

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from omnistream.codec.encoder import SpeechEncoder, StreamingEncoder
+from omnistream.config import Token2WavConfig
 from omnistream.media.audio import OUTPUT_SAMPLE_RATE, decode_audio, resample
 from omnistream.media.errors import MediaError
 from omnistream.nn.token2wav import Token2Wav
@@ -31,11 +32,12 @@ class Codec:
     """A checkpoint's codec: ``encoder`` (``codec_encoder.*``), ``token2wav`` and its voices."""
 
     def __init__(self, encoder: SpeechEncoder | None, token2wav: Token2Wav, speakers,
-                 model_dir: Path):
+                 model_dir: Path, config: Token2WavConfig | None = None):
         self.encoder = encoder
         self.token2wav = token2wav
         self.speakers = speakers
         self.model_dir = model_dir
+        self.config = config or Token2WavConfig()  # its decode defaults: ode_steps, solver, ...
 
     @classmethod
     def load(cls, model: str | Path, device: str = "cpu", quiet: bool = True) -> Codec:
@@ -53,7 +55,7 @@ class Codec:
         if cfg.codec_encoder_config is not None:
             enc = load_component(d, "codec_encoder", device=device, config=cfg, quiet=quiet)
         t2w = load_component(d, "token2wav", device=device, config=cfg, quiet=quiet)
-        return cls(enc, t2w, load_speakers(d), d)
+        return cls(enc, t2w, load_speakers(d), d, cfg.token2wav_config)
 
     @property
     def n_codes(self) -> int:
@@ -121,11 +123,17 @@ class Codec:
         return self.speakers[name] if name else next(iter(self.speakers.values()))
 
     def decode_stream(self, codes: Any, voice: str | None = None, *, chunk_frames: int = 48,
-                      max_chunk_frames: int = 144, steps: int = 10, solver: str = "rk4",
-                      guidance_scale: float = 0.5, seed: int = 0) -> Iterator[np.ndarray]:
-        """Codes -> 24 kHz float32 PCM chunks, as the engine streams speech."""
+                      max_chunk_frames: int = 144, steps: int | None = None,
+                      solver: str | None = None, guidance_scale: float | None = None,
+                      seed: int = 0) -> Iterator[np.ndarray]:
+        """Codes -> 24 kHz float32 PCM chunks, as the engine streams speech (ODE options left
+        None: the checkpoint's, ``token2wav_config``)."""
         from omnistream.engine.code2wav import Code2WavStream
 
+        c = self.config
+        steps = c.ode_steps if steps is None else steps
+        solver = c.solver if solver is None else solver
+        guidance_scale = c.guidance_scale if guidance_scale is None else guidance_scale
         codes = self.check_codes(codes)
         spk = self.voice(voice)
         stream = Code2WavStream(self.token2wav, spk.cond, spk.ref_mel, chunk_size=chunk_frames,

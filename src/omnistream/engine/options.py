@@ -37,21 +37,29 @@ class SessionOptions:
     # -- code2wav (speech synthesis, see engine/code2wav.py)
     chunk_frames: int = 48  # mel frames (10 ms) per first chunk: (48 + 24) / 2 codes to audio
     max_chunk_frames: int = 144  # chunks double up to this size (less re-solved context)
-    ode_steps: int = 10  # flow-matching ODE steps per chunk
-    solver: str = "rk4"  # ODE solver: "rk4" (the release's) or "euler" (about 3x faster)
+    # the flow-matching ODE per chunk; None: the checkpoint's (token2wav_config, the release's
+    # RK4, 10 steps, guidance 0.5 when it says nothing)
+    ode_steps: int | None = None  # steps per chunk
+    solver: str | None = None  # "rk4" (the release's) or "euler" (about 3x faster)
+    guidance_scale: float | None = None  # classifier-free guidance (0: none, half the work)
 
     def __post_init__(self):
         positive = ("max_context", "max_new_tokens", "talker_max_new_tokens",
                     "max_codes_per_token", "chunk_frames", "max_chunk_frames", "ode_steps")
         for name in positive:
             v = getattr(self, name)
+            if v is None and name == "ode_steps":
+                continue
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, not {v!r}")
         if self.max_chunk_frames < self.chunk_frames:
             raise ValueError(f"max_chunk_frames ({self.max_chunk_frames}) < chunk_frames "
                              f"({self.chunk_frames})")
-        if self.solver not in SOLVERS:
+        if self.solver is not None and self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, not {self.solver!r}")
+        g = self.guidance_scale
+        if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or g < 0):
+            raise ValueError(f"guidance_scale must be a number >= 0, not {g!r}")
         for name in ("sampling", "talker_sampling"):
             if not isinstance(getattr(self, name), SamplingParams):
                 raise ValueError(f"{name} must be a SamplingParams")

@@ -60,7 +60,8 @@ class Speech:
             self.stream = Code2WavStream(eng.token2wav, sess.speaker.cond, sess.speaker.ref_mel,
                                          chunk_size=sess.chunk_frames,
                                          max_chunk_size=sess.max_chunk_frames, steps=sess.ode_steps,
-                                         solver=sess.solver, seed=sess.noise_seed)
+                                         solver=sess.solver, guidance_scale=sess.guidance_scale,
+                                         seed=sess.noise_seed)
 
     def feed(self, hidden: Tensor, embed: Tensor) -> Iterator[Event]:
         """Reply token k's Thinker state exists (``hidden``, ``embed`` [E]): run the Talker
@@ -79,7 +80,8 @@ class Speech:
             t = time.perf_counter()
             wav = sess.engine.token2wav(
                 torch.tensor([self.codes]), sess.speaker.cond, sess.speaker.ref_mel,
-                steps=sess.ode_steps, solver=sess.solver, generator=sess.noise_gen)
+                steps=sess.ode_steps, solver=sess.solver, guidance_scale=sess.guidance_scale,
+                generator=sess.noise_gen)
             self.code2wav_s += time.perf_counter() - t
             yield from self._emit(wav)
         elif self.stream is not None:

@@ -102,7 +102,7 @@ class CaseResult:
 def evaluate(model: str | Path, n: int = 50, seed: int | None = None,
              families: list[str] | None = None, recognize: bool | None = None,
              max_new_tokens: int = MAX_NEW_TOKENS, speech_seconds: float = SPEECH_SECONDS,
-             solver: str = "rk4", dtype: str = "float32",
+             solver: str | None = None, dtype: str = "float32",
              progress: Callable[[CaseResult], None] | None = None) -> dict[str, Any]:
     """Evaluate ``model`` on ``n`` fresh cases per family; returns ``{"cases": [...],
     "recognizer": bool, "model", "seed"}`` (``format_table`` prints it).

@@ -1,4 +1,5 @@
-"""Speech codec stages of ``omnistream train`` (task "vocoder", "codec" or "codec_encoder").
+"""Speech codec stages of ``omnistream train`` (task "vocoder", "codec", "codec_dit" or
+"codec_encoder").
 
 Data: a speech corpus manifest (``train/speech_corpus.py``: 24 kHz clips + text). Model: a
 checkpoint directory whose ``config.json`` has ``token2wav_config`` and ``codec_encoder_config``;
@@ -7,11 +8,14 @@ components whose weights are missing there start from a fresh initialisation.
 * ``vocoder``: BigVGAN learns waveform from the clips' mel (log-mel L1 + multi-resolution STFT
   losses; no discriminator, to fit a CPU budget).
 * ``codec``: the encoder (speech -> FSQ codes) and the DiT (codes -> mel by flow matching) learn
-  together. The DiT's code embedding is read through a straight-through soft assignment over the
-  FSQ grid, so the flow-matching loss reaches the encoder; a small mel head on the quantised
-  values (not saved in the model) gives the encoder a direct reconstruction signal. Condition
-  dropout trains the unconditional branch used by classifier-free guidance.
-* ``codec_encoder``: the same loss with the DiT frozen: a new encoder for an existing decoder
+  together: the encoder from a small mel head on the quantised values (not saved in the model),
+  the DiT by flow matching on the encoder's codes. Condition dropout trains the unconditional
+  branch used by classifier-free guidance.
+* ``codec_dit``: the DiT alone, the encoder frozen: a longer decoder training that keeps every
+  code the same, so a Talker trained on the encoder's codes stays valid.
+* ``codec_encoder``: the encoder with the DiT frozen; the DiT's code embedding is read through a
+  straight-through soft assignment over the FSQ grid, so the flow-matching loss reaches the
+  encoder: a new encoder for an existing decoder
   (e.g. the release's Token2Wav; codes then use the first ``prod(levels)`` rows of its table).
 
 Output: ``OUT/model.safetensors`` (``token2wav.*``, ``codec_encoder.*``), ``config.json``,
@@ -140,17 +144,19 @@ class MelHead(nn.Module):
         return y.transpose(1, 2)
 
 
-def codec_loss(enc: SpeechEncoder, t2w: Token2Wav, head: MelHead, mel: Tensor, spk: Tensor,
+def codec_loss(enc: SpeechEncoder, t2w: Token2Wav, head: MelHead | None, mel: Tensor, spk: Tensor,
                rng: torch.Generator, through_dit: bool) -> tuple[Tensor, dict[str, float]]:
     """Flow-matching loss of the DiT conditioned on the encoder's codes of ``mel`` [B, 80, 2N]
-    + the mel head's L1. ``spk`` [2, C]: the voice's speaker condition and the unconditional
-    one. ``through_dit``: the flow-matching loss reaches the encoder (straight-through soft code
-    embeddings; for a trained, frozen DiT). Otherwise the encoder learns from the mel head only:
-    a flow-matching gradient from an untrained DiT collapses the codes to one value."""
+    + the mel head's L1 (none without ``head``). ``spk`` [2, C]: the voice's speaker condition
+    and the unconditional one. ``through_dit``: the flow-matching loss reaches the encoder
+    (straight-through soft code embeddings; for a trained, frozen DiT). Otherwise the encoder
+    learns from the mel head only: a flow-matching gradient from an untrained DiT collapses the
+    codes to one value."""
     dit = t2w.code2wav_dit_model
     B = mel.shape[0]
-    z = enc.latents(mel)  # [B, N, d_q]
-    q, codes = enc.fsq(z)
+    with torch.set_grad_enabled(head is not None or through_dit):
+        z = enc.latents(mel)  # [B, N, d_q]
+        q, codes = enc.fsq(z)
     grid = enc.fsq.grid()  # [K, d_q]
     table = dit.text_embed.codec_embed.weight[: grid.shape[0]]  # [K, emb]
     b = enc.fsq.bound(z)
@@ -169,8 +175,10 @@ def codec_loss(enc: SpeechEncoder, t2w: Token2Wav, head: MelHead, mel: Tensor, s
     t = torch.rand(B, generator=rng)
     xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * x1
     fm = F.mse_loss(dit(xt, t, c), x1 - x0)
-    aux = F.l1_loss(head(q), (mel + MEL_SHIFT) / MEL_SCALE)  # normalised: no mean to chase
     usage = codes.unique().numel() / grid.shape[0]
+    if head is None:
+        return fm, {"fm": fm.item(), "code_usage": usage}
+    aux = F.l1_loss(head(q), (mel + MEL_SHIFT) / MEL_SCALE)  # normalised: no mean to chase
     return fm + aux, {"fm": fm.item(), "mel_l1": aux.item(), "code_usage": usage}
 
 
@@ -260,6 +268,10 @@ def train_codec(stage: Stage, data: list[str | Path], model_dir: str | Path, out
         params = list(t2w.code2wav_bigvgan_model.parameters())
     elif s.task == "codec":
         params = [*enc.parameters(), *head.parameters(), *t2w.code2wav_dit_model.parameters()]
+    elif s.task == "codec_dit":
+        params = list(t2w.code2wav_dit_model.parameters())
+        for p in enc.parameters():
+            p.requires_grad_(False)
     else:
         params = [*enc.parameters(), *head.parameters()]
     for p in t2w.parameters():
@@ -312,7 +324,8 @@ def train_codec(stage: Stage, data: list[str | Path], model_dir: str | Path, out
         else:
             dit = t2w.code2wav_dit_model
             spk = dit.speaker(spk_entry["cond"].float(), spk_entry["ref_mel"].float(), cfg=True)
-            loss, parts = codec_loss(enc, t2w, head, mel, spk, gen, s.task == "codec_encoder")
+            loss, parts = codec_loss(enc, t2w, None if s.task == "codec_dit" else head, mel, spk,
+                                     gen, s.task == "codec_encoder")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if s.grad_clip > 0:

@@ -112,7 +112,7 @@ def _pick(records: list[dict], n: int) -> list[int]:
 
 def make_pairs(model: str | Path, data: str | Path, out: str | Path, prompts: int = 44,
                samples: int = 4, seed: int = 0, recognize: bool = True,
-               solver: str = "euler", log=print) -> int:
+               solver: str | None = None, log=print) -> int:
     """Preference pairs for up to ``prompts`` records of ``data``, written to ``out`` (same
     folder as ``data``: media paths stay relative to it); returns the number of pairs."""
     from omnistream.engine.options import SessionOptions
@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, default=44)
     ap.add_argument("--samples", type=int, default=4, help="sampled replies per prompt")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--solver", default="euler", choices=["rk4", "euler"])
+    ap.add_argument("--solver", default=None, choices=["rk4", "euler"],
+                    help="code2wav ODE solver (default: the checkpoint's)")
     ap.add_argument("--no-recognizer", action="store_true", help="rank by pause errors only")
     a = ap.parse_args(argv)
     n = make_pairs(a.model, a.data, a.out, a.prompts, a.samples, a.seed,

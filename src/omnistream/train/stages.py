@@ -17,8 +17,9 @@ from typing import Any
 
 from torch import nn
 
-TASKS = ("thinker", "talker", "talker_dpo", "vocoder", "codec", "codec_encoder")
-CODEC_TASKS = ("vocoder", "codec", "codec_encoder")  # speech codec stages (``train/codec.py``)
+TASKS = ("thinker", "talker", "talker_dpo", "vocoder", "codec", "codec_dit", "codec_encoder")
+# speech codec stages (``train/codec.py``)
+CODEC_TASKS = ("vocoder", "codec", "codec_dit", "codec_encoder")
 
 
 @dataclass
