@@ -1,4 +1,4 @@
-# Two entry points: `make demo` (set up, build the tiny random checkpoint, answer in text+speech)
+# Two entry points: `make demo` (set up, ask the shipped omni-mini a spoken question about an image)
 # and `make test` (set up, run the test suite). Both work on a fresh machine.
 PY ?= python3
 VENV ?= .venv
@@ -21,9 +21,11 @@ setup-test: $(BIN)/python
 tiny/config.json: | setup
 	$(BIN)/omnistream make-tiny tiny
 
-demo: setup tiny/config.json
-	$(BIN)/omnistream generate --model tiny --prompt "Say hello in one sentence." --out reply.wav \
-		--max-new-tokens 24 --talker-max-new-tokens 250
+# omni-mini (models/omni-mini, trained here) hears a spoken question about an image and answers
+# in streamed text and speech (reply.wav)
+demo: setup
+	$(BIN)/omnistream generate --image assets/demo/shapes.png --audio assets/demo/question.wav \
+		--out reply.wav
 
 test: setup-test
 	$(BIN)/ruff check src tests

@@ -179,6 +179,15 @@ def test_codec_stages_train_save_resume_and_load_in_the_engine_layout(tmp_path):
     train_codec(frozen, [data], tmp_path / "c_full", tmp_path / "e", verbose=False)
     after = Codec.load(tmp_path / "e").token2wav.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+    # codec_dit: the DiT alone; the encoder (every code) and the vocoder stay as they were
+    dit_only = Stage(name="d", task="codec_dit", batch_size=2, segment_frames=48,
+                     warmup_steps=1, max_steps=2, log_every=1)
+    train_codec(dit_only, [data], tmp_path / "c_full", tmp_path / "d", verbose=False)
+    new = Codec.load(tmp_path / "d")
+    assert torch.equal(new.encode(_speechlike(0.9), 24000), codes)
+    changed = {k.split(".")[0] for k, v in new.token2wav.state_dict().items()
+               if not torch.equal(before[k], v)}
+    assert changed == {"code2wav_dit_model"}, changed
 
 
 def test_cli_encode_decode_and_errors_write_nothing(tmp_path, capsys):

@@ -8,6 +8,7 @@ const $ = (id) => document.getElementById(id);
 const omni = (window.omni = {
   state: "idle", chunks: 0, samples: 0, ended: 0, framesSent: 0, blocksSent: 0,
   replies: 0, text: "", firstAudioMs: null, events: {},
+  lastReply: { text: "", audio: [], status: null },  // the latest reply, as received
 });
 
 let ws = null, ctx = null, micStream = null, micNode = null, camStream = null, camTimer = null;
@@ -101,17 +102,20 @@ function onEvent(ev) {
       break;
     case "response.created":
       current = addMsg("assistant", "");
+      omni.lastReply = { text: "", audio: [], status: null };
       break;
     case "response.audio_transcript.delta":
     case "response.text.delta":
       if (!current) current = addMsg("assistant", "");
       current.textContent += ev.delta;
       omni.text += ev.delta;
+      omni.lastReply.text += ev.delta;
       break;
     case "response.audio.delta": {
       const pcm = floatFromB64(ev.delta);
       omni.chunks += 1;
       omni.samples += pcm.length;
+      omni.lastReply.audio.push(pcm);
       if (turnEndAt !== null) {
         omni.firstAudioMs = Math.round(performance.now() - turnEndAt);
         turnEndAt = null;
@@ -122,6 +126,7 @@ function onEvent(ev) {
     }
     case "response.done":
       omni.replies += 1;
+      omni.lastReply.status = ev.response.status;
       if (current && ev.response.status === "cancelled") current.classList.add("cancelled");
       current = null;
       if (!sources.length) setState("listening");
