@@ -258,3 +258,22 @@ def test_trained_checkpoint_drops_the_random_weights_marker(tiny_dir, tmp_path):
     save_released(out, tiny_dir, {k: read_tensors(tiny_dir, (k,))[k] + 1})
     assert not (out / RANDOM_WEIGHTS_MARKER).exists()
     assert not Engine.load(out, quiet=True, audio_output=False).random_weights
+
+
+def test_trained_checkpoint_keeps_its_own_training_log(tiny_dir, tmp_path):
+    # a stage trained from a previous stage's output: saving must not copy that stage's log
+    import shutil
+
+    from omnistream.train.model import read_tensors, save_released
+
+    src = tmp_path / "prev"
+    shutil.copytree(tiny_dir, src)
+    (src / "train_log.jsonl").write_text('{"stage": "previous"}\n')
+    (src / "train_stage.json").write_text('{"name": "previous"}\n')
+    out = tmp_path / "next"
+    out.mkdir()
+    (out / "train_log.jsonl").write_text('{"stage": "next"}\n')
+    k = "thinker.lm_head.weight"
+    save_released(out, src, {k: read_tensors(src, (k,))[k]})
+    assert (out / "train_log.jsonl").read_text() == '{"stage": "next"}\n'
+    assert not (out / "train_stage.json").exists() and (out / "config.json").is_file()

@@ -87,7 +87,9 @@ def save_released(out_dir: str | Path, src_dir: str | Path, trained: dict[str, T
     not make-tiny's noise."""
     out, src = Path(out_dir), Path(src_dir)
     out.mkdir(parents=True, exist_ok=True)
-    skip = ("model.safetensors.index.json", RANDOM_WEIGHTS_MARKER)
+    # the source's own training record (its log, its stage) is not this checkpoint's
+    skip = ("model.safetensors.index.json", RANDOM_WEIGHTS_MARKER, "train_log.jsonl",
+            "train_stage.json")
     for f in src.iterdir():
         if f.is_file() and not f.name.endswith(".safetensors") and f.name not in skip:
             shutil.copy2(f, out / f.name)
