@@ -15,7 +15,9 @@ config). Steps, in order (``OUT/...``):
 3. Stages through ``omnistream train`` (``configs/train/mini_*.json``), each from the previous
    one's output: ``stage0_text`` (the LLM on the text families: it stands in for the pretrained
    Qwen2.5 LLM the paper starts from), ``stage1_align`` (encoders aligned with the LLM frozen),
-   ``stage2_all`` (everything on all families), ``stage3_talker`` (the Talker).
+   ``stage2_all`` (everything on all families) and ``stage2b_all`` (the same, a warm restart:
+   2,400 steps left the Thinker at the answers' templates, 23% right on fresh cases),
+   ``stage3_talker`` (the Talker).
 4. ``data/dpo.jsonl``: preference pairs of sampled speech ranked by the recognizer's WER and by
    pause errors (``train.dpo_pairs``), then ``stage4_dpo`` (Talker DPO).
 5. The shipped copy (``--ship``, default ``models/omni-mini``: bf16 Thinker/Talker,
@@ -46,7 +48,8 @@ STAGES = (
     ("stage0_text", "mini_0_text.json", "text.jsonl", "init"),
     ("stage1_align", "mini_1_align.json", "media.jsonl", "stage0_text"),
     ("stage2_all", "mini_2_all.json", "data.jsonl", "stage1_align"),
-    ("stage3_talker", "mini_3_talker.json", "talker.jsonl", "stage2_all"),
+    ("stage2b_all", "mini_2b_all.json", "data.jsonl", "stage2_all"),
+    ("stage3_talker", "mini_3_talker.json", "talker.jsonl", "stage2b_all"),
     ("stage4_dpo", "mini_4_dpo.json", "dpo.jsonl", "stage3_talker"),
 )
 SPEECH_LENGTH_SCALE = 1.0  # the Talker's targets: the Piper voice at its natural speed

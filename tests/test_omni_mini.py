@@ -1,0 +1,97 @@
+"""The shipped omni-mini (models/omni-mini): it is the default model, answers fresh cases of
+every TASKS.md family through the streaming engine (its speech checked by the independent
+recognizer where installed), gives the README's demo answer through the CLI, and answers
+questions outside the tasks without an error."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from omnistream.models import REPO_ROOT
+
+MINI = (REPO_ROOT or Path("/nonexistent")) / "models" / "omni-mini"
+DEMO = (REPO_ROOT or Path("/nonexistent")) / "assets" / "demo"
+DEMO_ANSWER = "There are three yellow shapes."  # the README's exchange
+pytestmark = pytest.mark.skipif(not (MINI / "config.json").is_file(),
+                                reason="no models/omni-mini in this checkout")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from omnistream.engine.session import Engine
+
+    return Engine.load(MINI, quiet=True)
+
+
+def test_it_is_the_default_model(monkeypatch):
+    from omnistream.models import ENV_VAR, default_model
+
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert Path(default_model()) == MINI
+
+
+def test_fresh_cases_of_every_family(engine):
+    pytest.importorskip("piper", reason="spoken questions need the data extra")
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("spoken questions need espeak-ng")
+    from omnistream.eval.tasks import evaluate, format_table, summarize
+
+    res = evaluate(MINI, n=1, seed=3_000_000)  # one case per family, never seen in training
+    print(format_table(res))
+    s = summarize(res["cases"])
+    assert s["acc"] >= 10 / 11, format_table(res)
+    for c in res["cases"]:
+        assert c["audio_s"] > 0.5, c  # every reply is spoken
+    if res["recognizer"]:
+        assert s["wer"] is not None and s["wer"] < 0.5, format_table(res)  # noise: about 1.0
+
+
+def test_the_demo_exchange_through_the_cli(tmp_path, capsys, monkeypatch):
+    from omnistream.cli import main
+    from omnistream.models import ENV_VAR
+
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    out = tmp_path / "reply.wav"
+    rc = main(["generate", "--image", str(DEMO / "shapes.png"), "--audio",
+               str(DEMO / "question.wav"), "--out", str(out), "--json", "--seed", "0"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["text"] == DEMO_ANSWER and res["finish_reason"] == "stop", res["text"]
+    with wave.open(str(out)) as w:
+        assert w.getframerate() == 24_000 and w.getnframes() >= 24_000  # a second or more
+        pcm = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32768
+    assert np.abs(pcm).max() > 0.05  # speech, not silence
+    from omnistream.eval import recognizer
+
+    if recognizer.available():
+        heard = recognizer.transcribe(pcm, 24_000)
+        assert recognizer.wer([DEMO_ANSWER], [heard]) <= 0.4, heard
+
+
+def test_questions_outside_the_tasks_get_an_answer(engine):
+    from omnistream.engine.events import Done
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)
+    tone = (0.3 * np.sin(2 * np.pi * 300 * np.arange(16000) / 16000)).astype(np.float32)
+    questions = [
+        "What is the capital of France?",
+        [{"type": "image", "image": img}, {"type": "text", "text": "Describe this photo."}],
+        [{"type": "audio", "audio": tone, "sampling_rate": 16000},
+         {"type": "text", "text": "What song is this?"}],
+        "Repeat after me: the purple elephant sings opera.",
+    ]
+    for q in questions:
+        msgs = [{"role": "user", "content": q}]
+        evs = list(engine.session(seed=0, max_new_tokens=32, talker_max_new_tokens=300)
+                   .respond(msgs))
+        done = evs[-1]
+        assert isinstance(done, Done) and done.text.strip(), (q, done)
