@@ -54,7 +54,8 @@ bench: setup-test
 	$(BIN)/python -m omnistream.cli bench
 
 # The speech codec from scratch (docs/CODEC.md): Piper corpus, then the codec stage (encoder + DiT)
-# and the vocoder stage side by side (one core each), merged into models/codec. Resumable.
+# and the vocoder stage side by side (one core each), merged, then the DiT alone (codec_dit) into
+# models/codec. Resumable.
 CODEC_OUT ?= artifacts/codec
 codec: setup-test
 	$(BIN)/python -m omnistream.train.speech_corpus $(CODEC_OUT)/corpus --n 1000 --seed 0
@@ -63,5 +64,10 @@ codec: setup-test
 	OMP_NUM_THREADS=1 $(BIN)/omnistream train --config configs/train/codec_vocoder.json \
 		--data $(CODEC_OUT)/corpus/corpus.jsonl --model configs/codec --out $(CODEC_OUT)/vocoder & \
 	wait
-	$(BIN)/python -m omnistream.train.codec merge $(CODEC_OUT)/codec $(CODEC_OUT)/vocoder models/codec
+	$(BIN)/python -m omnistream.train.codec merge $(CODEC_OUT)/codec $(CODEC_OUT)/vocoder \
+		$(CODEC_OUT)/merged
+	$(BIN)/omnistream train --config configs/train/codec_dit.json \
+		--data $(CODEC_OUT)/corpus/corpus.jsonl --model $(CODEC_OUT)/merged --out $(CODEC_OUT)/dit
+	mkdir -p models/codec && cp configs/codec/config.json models/codec/ && \
+		cp $(CODEC_OUT)/dit/model.safetensors $(CODEC_OUT)/dit/spk_dict.pt models/codec/
 	$(BIN)/omnistream codec eval --model models/codec --n 100
