@@ -70,6 +70,41 @@ def test_audio_in_video_record_equals_the_processor(tiny_dir, tmp_path):
     assert int(ex.position_ids[0, P]) == int(pos.max()) + 1
 
 
+def test_records_use_the_checkpoints_processor_options(tiny_dir, tmp_path):
+    """Training media are decoded as the engine decodes them: the checkpoint's pixel bounds
+    (preprocessor_config.json) and a content part's own keys, not library defaults."""
+    import shutil
+
+    from PIL import Image
+
+    from omnistream.prompt import Processor, processor_options
+    from omnistream.train.data import Dataset
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_dir, model)
+    pre = json.loads((model / "preprocessor_config.json").read_text())
+    pre["max_pixels"] = 64 * 28 * 28
+    (model / "preprocessor_config.json").write_text(json.dumps(pre))
+    Image.new("RGB", (448, 448), (200, 30, 30)).save(tmp_path / "i.png")
+    parts = [{"type": "image", "image": "i.png"},
+             {"type": "image", "image": "i.png", "max_pixels": 16 * 28 * 28},
+             {"type": "text", "text": "What color?"}]
+    rec = {"messages": [{"role": "user", "content": parts},
+                        {"role": "assistant", "content": "Red."}]}
+    (tmp_path / "d.jsonl").write_text(json.dumps(rec) + "\n")
+    tok = Tokenizer.from_dir(model)
+    cfg = OmniConfig.from_file(model / "config.json").thinker_config
+    ex = Dataset(tmp_path / "d.jsonl", tok, cfg,
+                 processor_options=processor_options(model)).examples[0]
+    abs_parts = [dict(p, image=str(tmp_path / "i.png")) if p["type"] == "image" else p
+                 for p in parts]
+    ref = Processor.from_dir(model)([{"role": "user", "content": abs_parts}])
+    assert ex.input_ids[:ex.reply_start] == ref.input_ids.tolist()
+    grids = [tuple(v.grid_thw) for k, v in ex.media]
+    assert grids == [tuple(g) for g in ref.image_grid_thw.tolist()]
+    assert grids[0] == (1, 16, 16) and grids[1] == (1, 8, 8)  # 64 and 16 merged tokens
+
+
 def test_audio_in_video_flag_is_checked(tiny_dir, tmp_path):
     from omnistream.train.data import Dataset
 

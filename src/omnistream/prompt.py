@@ -71,6 +71,58 @@ class ProcessorOptions:
     position_id_per_seconds: int = 25
 
 
+def processor_options(path: str | Path, **options) -> ProcessorOptions:
+    """A checkpoint directory's processor options (``preprocessor_config.json``: pixel bounds),
+    with ``options`` (ProcessorOptions fields) over them."""
+    kw: dict[str, Any] = {}
+    pre = Path(path) / "preprocessor_config.json"
+    if pre.is_file():
+        cfg = json.loads(pre.read_text())
+        if "min_pixels" in cfg:
+            kw["image_min_pixels"] = int(cfg["min_pixels"])
+        if "max_pixels" in cfg:
+            kw["image_max_pixels"] = int(cfg["max_pixels"])
+    kw.update(options)
+    return ProcessorOptions(**kw)
+
+
+def load_part(part: dict, kind: str, opts: ProcessorOptions, src: Any = None) -> Any:
+    """One content part's media, decoded as the processor decodes it: ``opts`` give the defaults
+    and the part's own keys (``min_pixels``, ``fps``, ``audio_start`` ...) override them. ``kind``
+    audio -> 16 kHz float32 clip; image / video -> ``VisualInput``; "video_audio" -> the video's
+    audio track as a 16 kHz clip (``use_audio_in_video``). ``src``: the part's source if already
+    resolved."""
+    if src is None:
+        src = _source_of(part, "video" if kind == "video_audio" else kind)
+    if kind == "audio":
+        return load_audio(src, sampling_rate=part.get("sampling_rate"),
+                          start=part.get("audio_start"), end=part.get("audio_end"),
+                          max_seconds=opts.max_audio_seconds)
+    if kind == "image":
+        return process_image(src, part.get("min_pixels", opts.image_min_pixels),
+                             part.get("max_pixels", opts.image_max_pixels),
+                             part.get("resized_height"), part.get("resized_width"))
+    if kind == "video_audio":
+        return load_video_audio(src, part.get("video_start"), part.get("video_end"),
+                                opts.max_audio_seconds)
+    return process_video(
+        src,
+        fps=part.get("fps", None if "nframes" in part else opts.video_fps),
+        nframes=part.get("nframes"),
+        min_frames=part.get("min_frames", opts.video_min_frames),
+        max_frames=part.get("max_frames", opts.video_max_frames),
+        min_pixels=part.get("min_pixels", opts.video_min_pixels),
+        max_pixels=part.get("max_pixels", opts.video_max_pixels),
+        total_pixels=part.get("total_pixels", opts.video_total_pixels),
+        resized_height=part.get("resized_height"),
+        resized_width=part.get("resized_width"),
+        start=part.get("video_start"),
+        end=part.get("video_end"),
+        sample_fps=part.get("sample_fps"),
+        max_seconds=opts.max_video_seconds,
+    )
+
+
 @dataclass
 class MediaItem:
     """Where one media item sits in ``input_ids`` and which tensor rows hold it."""
@@ -196,17 +248,7 @@ class Processor:
         """Tokenizer and ``preprocessor_config.json`` (pixel bounds) of a checkpoint directory."""
         from omnistream.tokenizer import Tokenizer
 
-        path = Path(path)
-        kw: dict[str, Any] = {}
-        pre = path / "preprocessor_config.json"
-        if pre.is_file():
-            cfg = json.loads(pre.read_text())
-            if "min_pixels" in cfg:
-                kw["image_min_pixels"] = int(cfg["min_pixels"])
-            if "max_pixels" in cfg:
-                kw["image_max_pixels"] = int(cfg["max_pixels"])
-        kw.update(options)
-        return cls(Tokenizer.from_dir(path), ProcessorOptions(**kw))
+        return cls(Tokenizer.from_dir(path), processor_options(path, **options))
 
     def __call__(
         self,
@@ -255,50 +297,21 @@ class Processor:
             src = _source_of(part, kind)
             desc = MediaError(src, "").source
             if kind == "audio":
-                x = load_audio(
-                    src,
-                    sampling_rate=part.get("sampling_rate"),
-                    start=part.get("audio_start"),
-                    end=part.get("audio_end"),
-                    max_seconds=opts.max_audio_seconds,
-                )
+                x = load_part(part, kind, opts, src)
                 n = audio_token_count(n_valid_frames(x.size))
                 items.append(MediaItem("audio", len(audios), 0, 0, n, desc))
                 audios.append(x)
             elif kind == "image":
-                v = process_image(
-                    src,
-                    part.get("min_pixels", opts.image_min_pixels),
-                    part.get("max_pixels", opts.image_max_pixels),
-                    part.get("resized_height"),
-                    part.get("resized_width"),
-                )
+                v = load_part(part, kind, opts, src)
                 items.append(MediaItem("image", len(images), 0, 0, v.n_tokens, desc, v.grid_thw))
                 images.append(v)
             else:
-                v = process_video(
-                    src,
-                    fps=part.get("fps", None if "nframes" in part else opts.video_fps),
-                    nframes=part.get("nframes"),
-                    min_frames=part.get("min_frames", opts.video_min_frames),
-                    max_frames=part.get("max_frames", opts.video_max_frames),
-                    min_pixels=part.get("min_pixels", opts.video_min_pixels),
-                    max_pixels=part.get("max_pixels", opts.video_max_pixels),
-                    total_pixels=part.get("total_pixels", opts.video_total_pixels),
-                    resized_height=part.get("resized_height"),
-                    resized_width=part.get("resized_width"),
-                    start=part.get("video_start"),
-                    end=part.get("video_end"),
-                    sample_fps=part.get("sample_fps"),
-                    max_seconds=opts.max_video_seconds,
-                )
+                v = load_part(part, kind, opts, src)
                 item = MediaItem(
                     "video", len(videos), 0, 0, v.n_tokens, desc, v.grid_thw, v.second_per_grid
                 )
                 if use_audio_in_video:
-                    x = load_video_audio(
-                        src, part.get("video_start"), part.get("video_end"), opts.max_audio_seconds
-                    )
+                    x = load_part(part, "video_audio", opts, src)
                     item.audio_index = len(audios)
                     item.n_audio_tokens = audio_token_count(n_valid_frames(x.size))
                     item.chunks = interleave_chunks(

@@ -41,6 +41,7 @@ from torch import Tensor
 from omnistream import chat
 from omnistream.config import ThinkerConfig
 from omnistream.nn.positions import audio_token_count, get_rope_index
+from omnistream.prompt import ProcessorOptions
 from omnistream.tokenizer import Tokenizer
 
 IGNORE = -100
@@ -93,41 +94,32 @@ def _audio_item(x) -> AudioItem:
     return AudioItem(feats[:, :n], n)
 
 
-def process_media(kind: str, path: str) -> Any:
-    """Decode and featurise one media item with the project's input pipeline
-    (``omnistream.media``): an ``AudioItem`` or a ``VisualInput`` (image / video), each with
-    ``n_tokens`` placeholders."""
+def process_media(kind: str, path: str, part: dict | None = None,
+                  opts: ProcessorOptions | None = None) -> Any:
+    """Decode and featurise one media item as the engine's processor does (``prompt.load_part``:
+    the checkpoint's processor options ``opts``, overridden by the content ``part``'s own keys):
+    an ``AudioItem`` or a ``VisualInput`` (image / video), each with ``n_tokens`` placeholders."""
     from omnistream.media.errors import MediaError
+    from omnistream.prompt import load_part
 
     try:
-        if kind == "audio":
-            from omnistream.media.audio import load_audio
-
-            return _audio_item(load_audio(path))
-        if kind == "image":
-            from omnistream.media.image import process_image
-
-            return process_image(path)
-        try:
-            from omnistream.media.video import process_video
-        except ImportError as e:  # pragma: no cover - lands separately
-            raise RecordError(f"video input needs omnistream.media.video ({e})") from e
-        return process_video(path)
+        item = load_part(part or {}, kind, opts or ProcessorOptions(), path)
+        return _audio_item(item) if kind == "audio" else item
     except (MediaError, ValueError, OSError) as e:
         if isinstance(e, RecordError):
             raise
         raise RecordError(f"bad {kind} {Path(path).name!r}: {e}") from e
 
 
-def video_audio(path: str) -> AudioItem:
+def video_audio(path: str, part: dict | None = None,
+                opts: ProcessorOptions | None = None) -> AudioItem:
     """The audio track of a video as an ``AudioItem`` (``use_audio_in_video``), read as the
     processor reads it."""
-    from omnistream.media.audio import DEFAULT_MAX_SECONDS
     from omnistream.media.errors import MediaError
-    from omnistream.media.video import load_video_audio
+    from omnistream.prompt import load_part
 
     try:
-        return _audio_item(load_video_audio(path, None, None, DEFAULT_MAX_SECONDS))
+        return _audio_item(load_part(part or {}, "video_audio", opts or ProcessorOptions(), path))
     except (MediaError, ValueError, OSError) as e:
         raise RecordError(f"bad video audio track {Path(path).name!r}: {e}") from e
 
@@ -200,6 +192,7 @@ def validate(rec: Any, base: Path) -> dict:
 def encode(
     rec: dict, tok: Tokenizer, cfg: ThinkerConfig, base: Path, task: str = "thinker",
     speech_codes: Callable[[str], list[int]] | None = None,
+    opts: ProcessorOptions | None = None,
 ) -> Example:
     """Render + tokenise one validated record (media through ``process_media``).
     ``speech_codes(path)``: the codec that turns a record's ``speech`` file into talker targets
@@ -216,7 +209,7 @@ def encode(
     for m, (head_text, content, tail_text) in zip(msgs, chat.render_turns(msgs, system),
                                                   strict=True):
         head, tail = tok.encode(head_text), tok.encode(tail_text)
-        items = [(p["type"], process_media(p["type"], str(base / p[p["type"]])), p)
+        items = [(p["type"], process_media(p["type"], str(base / p[p["type"]]), p, opts), p)
                  for p in chat.media_parts([m])]
         body: list[int] = []
         k = 0
@@ -231,7 +224,7 @@ def encode(
             if kind == "video" and aiv:  # the processor's layout, then the track's features
                 from omnistream.prompt import interleave_chunks
 
-                track = video_audio(str(base / part["video"]))
+                track = video_audio(str(base / part["video"]), part, opts)
                 body += [sp.audio_bos]
                 for nv, na in interleave_chunks(item.grid_thw, item.second_per_grid,
                                                 int(track.n_tokens), cfg.seconds_per_chunk,
@@ -320,6 +313,7 @@ class Dataset:
         max_len: int | None = None,
         log=print,
         speech_codes: Callable[[str], list[int]] | None = None,
+        processor_options: ProcessorOptions | None = None,
     ):
         self.examples: list[Example] = []
         self.errors: list[str] = []
@@ -336,7 +330,7 @@ class Dataset:
                         except json.JSONDecodeError as e:
                             raise RecordError(f"invalid JSON: {e.msg} (column {e.colno})") from None
                         ex = encode(validate(rec, path.parent), tok, cfg, path.parent, task,
-                                    speech_codes)
+                                    speech_codes, processor_options)
                         if max_len is not None and len(ex) > max_len:
                             raise RecordError(f"{len(ex)} tokens > max_len {max_len}")
                     except RecordError as e:

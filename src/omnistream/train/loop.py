@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from omnistream.checkpoint import resolve_dtype
+from omnistream.prompt import processor_options
 from omnistream.tokenizer import Tokenizer
 from omnistream.train import losses
 from omnistream.train.data import IGNORE, Batches, Dataset, collate, split
@@ -172,10 +173,11 @@ def train(
     tok = Tokenizer.from_dir(model_dir)
     tcfg = model.cfg.thinker_config
     speech_codes = _speech_codes(model_dir, model.cfg) if s.needs_talker else None
+    opts = processor_options(model_dir)  # media decoded as the engine will decode them
     ds = Dataset(data, tok, tcfg, s.task, s.max_len, log=log if master else (lambda _: None),
-                 speech_codes=speech_codes)
+                 speech_codes=speech_codes, processor_options=opts)
     eval_ds = (Dataset(eval_data, tok, tcfg, s.task, s.max_len, log=log,
-                       speech_codes=speech_codes) if eval_data else None)
+                       speech_codes=speech_codes, processor_options=opts) if eval_data else None)
     global_batch = s.batch_size * s.grad_accum * world
     batches = Batches([len(e) for e in ds.examples], global_batch, s.seed, s.length_group)
     log(
