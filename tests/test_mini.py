@@ -103,6 +103,10 @@ def test_records_use_the_checkpoints_processor_options(tiny_dir, tmp_path):
     grids = [tuple(v.grid_thw) for k, v in ex.media]
     assert grids == [tuple(g) for g in ref.image_grid_thw.tolist()]
     assert grids[0] == (1, 16, 16) and grids[1] == (1, 8, 8)  # 64 and 16 merged tokens
+    pre["video_max_pixels"] = 8 * 28 * 28
+    (model / "preprocessor_config.json").write_text(json.dumps(pre))
+    opts = processor_options(model)
+    assert (opts.image_max_pixels, opts.video_max_pixels) == (64 * 28 * 28, 8 * 28 * 28)
 
 
 def test_audio_in_video_flag_is_checked(tiny_dir, tmp_path):

@@ -72,16 +72,20 @@ class ProcessorOptions:
 
 
 def processor_options(path: str | Path, **options) -> ProcessorOptions:
-    """A checkpoint directory's processor options (``preprocessor_config.json``: pixel bounds),
-    with ``options`` (ProcessorOptions fields) over them."""
+    """A checkpoint directory's processor options (``preprocessor_config.json``: image pixel
+    bounds ``min_pixels`` / ``max_pixels``, and omnistream's optional per-frame video bounds
+    ``video_min_pixels`` / ``video_max_pixels`` / ``video_total_pixels``, which the release
+    leaves to its defaults), with ``options`` (ProcessorOptions fields) over them."""
     kw: dict[str, Any] = {}
     pre = Path(path) / "preprocessor_config.json"
     if pre.is_file():
         cfg = json.loads(pre.read_text())
-        if "min_pixels" in cfg:
-            kw["image_min_pixels"] = int(cfg["min_pixels"])
-        if "max_pixels" in cfg:
-            kw["image_max_pixels"] = int(cfg["max_pixels"])
+        keys = {"min_pixels": "image_min_pixels", "max_pixels": "image_max_pixels",
+                "video_min_pixels": "video_min_pixels", "video_max_pixels": "video_max_pixels",
+                "video_total_pixels": "video_total_pixels"}
+        for key, field_name in keys.items():
+            if cfg.get(key) is not None:
+                kw[field_name] = int(cfg[key])
     kw.update(options)
     return ProcessorOptions(**kw)
 
