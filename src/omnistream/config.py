@@ -236,6 +236,13 @@ class Token2WavConfig(_Config):
     solver: str = "rk4"
     guidance_scale: float = 0.5
 
+    def decode_options(self, steps: int | None = None, solver: str | None = None,
+                       guidance_scale: float | None = None) -> tuple[int, str, float]:
+        """(steps, solver, guidance_scale), each None filled from this checkpoint's defaults."""
+        return (self.ode_steps if steps is None else steps,
+                self.solver if solver is None else solver,
+                float(self.guidance_scale if guidance_scale is None else guidance_scale))
+
 
 @dataclass
 class CodecEncoderConfig(_Config):

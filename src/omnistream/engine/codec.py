@@ -130,10 +130,7 @@ class Codec:
         None: the checkpoint's, ``token2wav_config``)."""
         from omnistream.engine.code2wav import Code2WavStream
 
-        c = self.config
-        steps = c.ode_steps if steps is None else steps
-        solver = c.solver if solver is None else solver
-        guidance_scale = c.guidance_scale if guidance_scale is None else guidance_scale
+        steps, solver, guidance_scale = self.config.decode_options(steps, solver, guidance_scale)
         codes = self.check_codes(codes)
         spk = self.voice(voice)
         stream = Code2WavStream(self.token2wav, spk.cond, spk.ref_mel, chunk_size=chunk_frames,

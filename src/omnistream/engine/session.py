@@ -214,11 +214,8 @@ class Session:
         self.ignore_eos = o.ignore_eos
         self.use_audio_in_video = o.use_audio_in_video
         self.chunk_frames, self.max_chunk_frames = o.chunk_frames, o.max_chunk_frames
-        t2w = engine.cfg.token2wav_config
-        self.ode_steps = o.ode_steps if o.ode_steps is not None else t2w.ode_steps
-        self.solver = o.solver if o.solver is not None else t2w.solver
-        self.guidance_scale = float(o.guidance_scale if o.guidance_scale is not None
-                                    else t2w.guidance_scale)
+        self.ode_steps, self.solver, self.guidance_scale = (
+            engine.cfg.token2wav_config.decode_options(o.ode_steps, o.solver, o.guidance_scale))
         self.reuse_talker_cache = True  # False: re-prefill the whole history each turn (tests)
         # one generator per stage, so streaming and offline draw the same numbers in each
         base = o.seed if o.seed is not None else int(torch.seed() % (2**62))

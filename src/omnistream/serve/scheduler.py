@@ -191,19 +191,25 @@ class Scheduler:
         """Cancellation of a batched reply (its steps run in ``batcher.tick``)."""
         if not job.cancel_requested:
             return
-        if job.entry.started and not job.cancel_sent:
-            job.cancel_sent = True
-            if job.on_cancel is not None:
-                try:
-                    job.on_cancel()
-                except Exception:  # noqa: BLE001
-                    log.exception("cancel failed")
         if job.entry.started:
+            self._send_cancel(job)
             job.steps_after_cancel += 1
         if not job.entry.started or job.steps_after_cancel > self.cancel_drain_steps:
             self.batcher.remove(job.entry)  # never started, or it ignored the cancel
             job._push(Done(text="", finish_reason="cancelled", usage=Usage()))
             self._finish(job, None)
+
+    @staticmethod
+    def _send_cancel(job: Job) -> None:
+        """Tell the reply to wind down, once."""
+        if job.cancel_sent:
+            return
+        job.cancel_sent = True
+        if job.on_cancel is not None:
+            try:
+                job.on_cancel()
+            except Exception:  # noqa: BLE001
+                log.exception("cancel failed")
 
     def _runnable(self) -> bool:
         return any(self._ready(j) for j in self._jobs)
@@ -216,13 +222,8 @@ class Scheduler:
                 job._push(Done(text="", finish_reason="cancelled", usage=Usage()))
                 self._finish(job, None)
             return
-        if job.cancel_requested and not job.cancel_sent:
-            job.cancel_sent = True
-            if job.on_cancel is not None:
-                try:
-                    job.on_cancel()
-                except Exception:  # noqa: BLE001
-                    log.exception("cancel failed")
+        if job.cancel_requested:
+            self._send_cancel(job)
         if job.cancel_sent:
             job.steps_after_cancel += 1
             if job.steps_after_cancel > self.cancel_drain_steps:  # engine ignored the cancel
