@@ -43,7 +43,7 @@ lint:
 
 # omni-mini from scratch: task data, the paper's stages (configs/train/mini_*.json), DPO pairs,
 # models/omni-mini and its evaluation (docs/MINI.md). Run it again to resume where it stopped.
-CODEC ?= artifacts/codec
+CODEC ?= models/codec
 MINI_OUT ?= artifacts/mini
 mini: $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0

@@ -161,6 +161,7 @@ def test_tied_head_is_stored_once_and_trains(tmp_path):
 
 def test_mini_checkpoint_fits_the_budget(tmp_path):
     from omnistream.engine.session import Engine
+    from omnistream.prompt import processor_options
     from omnistream.train.mini_model import (
         BUDGET_BYTES,
         budget,
@@ -174,6 +175,8 @@ def test_mini_checkpoint_fits_the_budget(tmp_path):
     assert cfg["thinker_config"]["text_config"]["vocab_size"] == 151936
     assert cfg["token2wav_config"]["dit_config"]["num_embeds"] == 1000
     d = init_mini(tmp_path / "init")
+    opts = processor_options(d)  # small media: the tasks' shapes need no more pixels
+    assert (opts.image_max_pixels, opts.video_max_pixels) == (224 * 224, 112 * 112)
     b = budget(d)
     assert b["total"]["bytes"] <= BUDGET_BYTES, format_budget(b)
     shipped = ship(d, tmp_path / "ship")
@@ -248,3 +251,23 @@ def test_records_split_by_media(tmp_path):
     (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in (text, media, text)))
     assert split_records(tmp_path / "data.jsonl") == {"text": 2, "media": 1}
     assert json.loads((tmp_path / "media.jsonl").read_text()) == media
+
+
+def test_recipe_follows_the_papers_order():
+    """Each stage starts from an earlier one, its config exists, and the tasks come in the
+    paper's order: Thinker stages (text, encoder alignment, everything), Talker, Talker DPO."""
+    from omnistream.train.mini import STAGE_DIR, STAGES
+    from omnistream.train.stages import Stage
+
+    done, tasks = {"init"}, []
+    for name, cfg, data, src in STAGES:
+        assert src in done, (name, src)
+        assert data and all(f.endswith(".jsonl") for f in data), name
+        stage = Stage.from_file(STAGE_DIR / cfg)
+        tasks.append(stage.task)
+        if stage.task == "thinker":  # batches sorted by length would hold one family each
+            assert stage.length_group == 1, f"{cfg}: batches should mix the families"
+        done.add(name)
+    assert tasks == ["thinker"] * 3 + ["talker", "talker_dpo"]
+    stage1 = Stage.from_file(STAGE_DIR / STAGES[1][1])
+    assert stage1.trainable == ["thinker.audio_tower.*", "thinker.visual.*"]  # LLM frozen

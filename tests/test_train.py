@@ -317,6 +317,44 @@ def test_encoder_alignment_trains_encoders_only(tiny_dir, data, tmp_path):
     assert frozen == [], frozen[:5]  # the LLM, talker and token2wav are bit-identical
 
 
+def _media_stats(model_dir: Path, data: Path) -> tuple[float, float]:
+    """The encoders' outputs over the whole set: mean row RMS^2, mean per-dimension std."""
+    from omnistream.train.losses import encode_media
+    from omnistream.train.model import load_model
+
+    m = load_model(model_dir, with_talker=False)
+    ds = Dataset(data, Tokenizer.from_dir(model_dir), m.cfg.thinker_config, log=lambda _: None)
+    with torch.no_grad():
+        media = encode_media(m.thinker, collate(ds.examples, 0)["media"])
+        e = torch.cat([x for x in (media.audio_embeds, media.image_embeds) if x is not None])
+        return float(e.pow(2).mean()), float(e.std(0).mean())
+
+
+def test_media_penalty_keeps_encoder_outputs_informative(tiny_dir, data, tmp_path):
+    """Without the penalty, encoder alignment blows the outputs up (one huge constant vector);
+    with it they stay under the RMS limit and keep their spread over tokens."""
+    from omnistream.nn.thinker import Media
+    from omnistream.train.losses import media_penalty
+
+    rows = torch.full((4, 8), 2.0)  # RMS 2 each, no spread
+    assert media_penalty(Media(image_embeds=rows), 1.0, 0.0).item() == pytest.approx(3.0)
+    assert media_penalty(Media(audio_embeds=rows), 2.5, 0.0).item() == 0.0
+    assert media_penalty(Media(audio_embeds=rows), 0.0, 0.5).item() == pytest.approx(0.5, 1e-2)
+    assert media_penalty(None, 1.0, 0.5) is None
+    runs = {"free": (0.0, 0.0), "kept": (0.05, 0.03)}
+    for name, (limit, floor) in runs.items():
+        st = stage("align_encoders", lr=3e-2, max_steps=6, media_rms_limit=limit,
+                   media_std_floor=floor)
+        train(st, data, tiny_dir, tmp_path / name, verbose=False)
+    stats = {k: _media_stats(d, data) for k, d in (("before", tiny_dir),
+                                                   ("free", tmp_path / "free"),
+                                                   ("kept", tmp_path / "kept"))}
+    print("encoder outputs (mean RMS^2, mean std):", stats)
+    assert stats["free"][0] > 20 * stats["before"][0]  # the blow-up the penalty prevents
+    assert stats["kept"][0] < stats["free"][0] / 100
+    assert stats["kept"][1] > 0.03
+
+
 @pytest.fixture(scope="module")
 def full_run(tiny_dir, data, tmp_path_factory):
     """The full-thinker stage, 8 steps uninterrupted, and the same run interrupted at step 4

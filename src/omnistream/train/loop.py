@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -56,7 +57,8 @@ class Objective(nn.Module):
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
         m, s = self.model, self.stage
         if s.task == "thinker":
-            return losses.thinker_loss(m.thinker, batch)
+            return losses.thinker_loss(m.thinker, batch, s.media_rms_limit,
+                                       s.media_std_floor)
         if s.task == "talker":
             return losses.talker_loss(m.thinker, m.talker, batch, s.speaker_bos)
         return losses.dpo_loss(
@@ -91,7 +93,12 @@ def _speech_codes(model_dir: str | Path, cfg):
     from omnistream.engine.codec import Codec
 
     codec = Codec.load(model_dir)
-    return lambda path: codec.encode(path).tolist()
+
+    @functools.cache  # many records share a reply (and its recording)
+    def codes(path: str) -> tuple[int, ...]:
+        return tuple(codec.encode(path).tolist())
+
+    return lambda path: list(codes(str(path)))
 
 
 def _rng_state() -> dict:

@@ -50,21 +50,58 @@ def encode_media(thinker: nn.Module, media: dict[str, list] | None) -> Media | N
     return out
 
 
-def thinker_states(thinker: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-    """Final hidden states and input embeddings [B, T, D] of the whole batch."""
-    media = encode_media(thinker, batch["media"])
+def thinker_states(thinker: nn.Module, batch: dict[str, Any],
+                   media: Media | None = None) -> tuple[Tensor, Tensor]:
+    """Final hidden states and input embeddings [B, T, D] of the whole batch (``media``: the
+    batch's encoded media when already computed)."""
+    if media is None:
+        media = encode_media(thinker, batch["media"])
     embeds = thinker.embed(batch["input_ids"], media)  # [B, T, D]
     hidden = thinker.model(embeds, batch["position_ids"])  # [B, T, D] (causal, right padding)
     return hidden, embeds
 
 
-def thinker_loss(thinker: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, int]:
-    """Summed cross entropy over the assistant-text targets, and their number."""
-    hidden, _ = thinker_states(thinker, batch)
+def media_penalty(media: Media | None, rms_limit: float, std_floor: float) -> Tensor | None:
+    """Keeps the encoders' outputs informative (None without media): the mean over media
+    tokens of ``relu(rms^2 - rms_limit^2)`` (each output row's root-mean-square above the limit)
+    plus, per kind (audio, image, video), the mean over dimensions of ``relu(std_floor - std)``
+    (each dimension's spread over the batch's tokens of that kind below the floor; per kind, so
+    that audio and image tokens merely differing cannot meet it). 0 turns a term off."""
+    rows = [e.float() for e in (media.audio_embeds, media.image_embeds, media.video_embeds)
+            if e is not None] if media is not None else []
+    if not rows:
+        return None
+    out = rows[0].new_zeros(())
+    if rms_limit > 0:
+        out = out + F.relu(torch.cat(rows).pow(2).mean(-1) - rms_limit**2).mean()
+    if std_floor > 0:
+        spread = [F.relu(std_floor - (e.var(0) + 1e-6).sqrt()).mean() for e in rows
+                  if e.shape[0] > 1]
+        if spread:
+            out = out + torch.stack(spread).mean()
+    return out
+
+
+def thinker_loss(thinker: nn.Module, batch: dict[str, Any], media_rms_limit: float = 0.0,
+                 media_std_floor: float = 0.0) -> tuple[Tensor, int]:
+    """Summed cross entropy over the assistant-text targets, and their number.
+
+    With ``media_rms_limit`` or ``media_std_floor`` > 0 it adds ``media_penalty`` (weight 1 per
+    target token). Encoders trained from scratch otherwise collapse to one constant output
+    vector (huge, or small with the limit alone): every media token then looks the same to the
+    LLM, and the media carry no information."""
+    media = encode_media(thinker, batch["media"])
+    hidden, _ = thinker_states(thinker, batch, media)
     labels = batch["labels"]  # [B, T], labels[t] = target of position t
     keep = labels != IGNORE
     logits = thinker.lm_head(hidden[keep]).float()  # [N, V]: only the positions with a target
-    return F.cross_entropy(logits, labels[keep], reduction="sum"), int(keep.sum())
+    n = int(keep.sum())
+    loss = F.cross_entropy(logits, labels[keep], reduction="sum")
+    if media_rms_limit > 0 or media_std_floor > 0:
+        penalty = media_penalty(media, media_rms_limit, media_std_floor)
+        if penalty is not None:
+            loss = loss + penalty * n
+    return loss, n
 
 
 # -- talker -------------------------------------------------------------------------------------

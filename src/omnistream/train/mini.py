@@ -15,8 +15,7 @@ config). Steps, in order (``OUT/...``):
 3. Stages through ``omnistream train`` (``configs/train/mini_*.json``), each from the previous
    one's output: ``stage0_text`` (the LLM on the text families: it stands in for the pretrained
    Qwen2.5 LLM the paper starts from), ``stage1_align`` (encoders aligned with the LLM frozen),
-   ``stage2_all`` (everything on all families) and ``stage2b_all`` (the same, a warm restart:
-   2,400 steps left the Thinker at the answers' templates, 23% right on fresh cases),
+   ``stage2_all`` (everything on all families, in batches that mix the families),
    ``stage3_talker`` (the Talker).
 4. ``data/dpo.jsonl``: preference pairs of sampled speech ranked by the recognizer's WER and by
    pause errors (``train.dpo_pairs``), then ``stage4_dpo`` (Talker DPO).
@@ -43,14 +42,15 @@ from omnistream.models import REPO_ROOT
 
 _ROOT = REPO_ROOT or Path.cwd()
 STAGE_DIR = _ROOT / "configs" / "train"
-# (output folder, stage config, training data in OUT/data, source: "init" or a previous stage)
+# (output folder, stage config, training data in OUT/data, source: "init" or a previous stage).
+# Stage 2 sees the text records twice: they are short (cheap) and teach the copying that the
+# answers of most families need (operands, repeated words, the asked color or shape).
 STAGES = (
-    ("stage0_text", "mini_0_text.json", "text.jsonl", "init"),
-    ("stage1_align", "mini_1_align.json", "media.jsonl", "stage0_text"),
-    ("stage2_all", "mini_2_all.json", "data.jsonl", "stage1_align"),
-    ("stage2b_all", "mini_2b_all.json", "data.jsonl", "stage2_all"),
-    ("stage3_talker", "mini_3_talker.json", "talker.jsonl", "stage2b_all"),
-    ("stage4_dpo", "mini_4_dpo.json", "dpo.jsonl", "stage3_talker"),
+    ("stage0_text", "mini_0_text.json", ("text.jsonl",), "init"),
+    ("stage1_align", "mini_1_align.json", ("media.jsonl",), "stage0_text"),
+    ("stage2_all", "mini_2_all.json", ("data.jsonl", "text.jsonl"), "stage1_align"),
+    ("stage3_talker", "mini_3_talker.json", ("talker.jsonl",), "stage2_all"),
+    ("stage4_dpo", "mini_4_dpo.json", ("dpo.jsonl",), "stage3_talker"),
 )
 SPEECH_LENGTH_SCALE = 1.0  # the Talker's targets: the Piper voice at its natural speed
 
@@ -141,8 +141,8 @@ def _run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True)
 
 
-def run(out: str | Path, codec: str | Path | None, n_per_family: int = 300, seed: int = 0,
-        ship_dir: str | Path | None = None, eval_n: int = 20, dpo_prompts: int = 44,
+def run(out: str | Path, codec: str | Path | None, n_per_family: int = 800, seed: int = 0,
+        ship_dir: str | Path | None = None, eval_n: int = 10, dpo_prompts: int = 22,
         dpo_samples: int = 4, max_steps_scale: float = 1.0) -> Path:
     """Run every step not yet done (see the module docstring); returns the shipped directory."""
     out = Path(out)
@@ -200,14 +200,14 @@ def run(out: str | Path, codec: str | Path | None, n_per_family: int = 300, seed
                 "--seed", str(seed)]))
         if _done(stage_out / "train_stage.json", name):
             continue
-        n_records = _count(data_dir / train_data)
+        n_records = sum(_count(data_dir / f) for f in train_data)
         if n_records == 0:  # only DPO can end up without data: all samples scored alike
             log(f"{name}: SKIPPED, no records in {train_data}; shipping {src}")
             final = out / src
             continue
         stage = json.loads((STAGE_DIR / cfg).read_text())
         cmd = py + ["omnistream.cli", "train", "--config", str(STAGE_DIR / cfg),
-                    "--data", str(data_dir / train_data), "--model", str(out / src),
+                    "--data", *(str(data_dir / f) for f in train_data), "--model", str(out / src),
                     "--out", str(stage_out)]
         if n_records < stage["batch_size"]:
             cmd += ["--batch-size", str(n_records)]
@@ -248,11 +248,11 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="artifacts/mini", help="work folder (data, stages, logs)")
     ap.add_argument("--codec", default=None, help="the trained speech codec's directory")
-    ap.add_argument("--n-per-family", type=int, default=300)
+    ap.add_argument("--n-per-family", type=int, default=800)
     ap.add_argument("--seed", type=int, default=0, help="training data seed (< 1,000,000)")
     ap.add_argument("--ship", default=None, help="shipped model folder (default models/omni-mini)")
-    ap.add_argument("--eval-n", type=int, default=20, help="fresh cases per family (0: none)")
-    ap.add_argument("--dpo-prompts", type=int, default=44)
+    ap.add_argument("--eval-n", type=int, default=10, help="fresh cases per family (0: none)")
+    ap.add_argument("--dpo-prompts", type=int, default=22)
     ap.add_argument("--dpo-samples", type=int, default=4)
     ap.add_argument("--max-steps-scale", type=float, default=1.0,
                     help="scale every stage's max_steps (a quick trial run)")

@@ -48,6 +48,11 @@ PARTS = ("thinker", "talker", "token2wav", "codec_encoder")
 SHIP_DTYPES = {"thinker": torch.bfloat16, "talker": torch.bfloat16,
                "token2wav": torch.float32, "codec_encoder": torch.float32}
 VOICE, VOICE_BOS = "Joe", 151872  # the codec's voice (the Piper voice it was trained on)
+# The tasks' shapes stay recognisable far below the release's pixel budgets, and media tokens
+# are most of a step's time and of a stage's memory: images at most 224x224 (64 tokens), video
+# frames at most 112x112 (16 tokens per 2 frames).
+MINI_PREPROCESSOR_CONFIG = PREPROCESSOR_CONFIG | {
+    "max_pixels": 224 * 224, "video_min_pixels": 56 * 56, "video_max_pixels": 112 * 112}
 
 
 def mini_config(codec_dir: str | Path | None = None) -> dict:
@@ -112,7 +117,7 @@ def _write_side_files(out: Path, cfg_dict: dict) -> None:
 
     dump("config.json", cfg_dict)
     dump("generation_config.json", GENERATION_CONFIG)
-    dump("preprocessor_config.json", PREPROCESSOR_CONFIG)
+    dump("preprocessor_config.json", MINI_PREPROCESSOR_CONFIG)
     dump("chat_template.json", {"chat_template": CHAT_TEMPLATE})
     write_tokenizer_files(out)
 

@@ -62,6 +62,11 @@ class Stage:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0  # 0 = off
     dtype: str = "float32"  # autocast dtype: "float32" (off) | "bfloat16"
+    # thinker, encoders trained from scratch (``losses.media_penalty``; 0 = off): each
+    # audio/vision output row's RMS is pulled back under the limit, each output dimension's
+    # spread over the batch's tokens of each kind up to the floor
+    media_rms_limit: float = 0.0
+    media_std_floor: float = 0.0
     # talker
     speaker_bos: int = 151872  # thinker-vocab token of the voice (Chelsie)
     dpo_beta: float = 0.1
