@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from omnistream.engine.batch import Batcher, Code2WavWork, Pause, TalkerWork, ThinkerWork
+from omnistream.engine.batch import Batcher, TalkerWork, ThinkerWork
 from omnistream.engine.events import AudioChunk, Done, TextDelta
 from omnistream.engine.sampling import SamplingParams
 
@@ -126,36 +126,6 @@ def test_cancelling_one_stream_leaves_the_others_unchanged(engine, solo):
     for i in (0, 2):
         assert events[i][-1].text_ids == solo[i][-1].text_ids
         assert events[i][-1].codec_ids == solo[i][-1].codec_ids
-
-
-def test_replies_far_ahead_of_playback_yield_to_the_others(engine):
-    """A reply whose speech is far ahead of real-time playback keeps its next code2wav chunk
-    waiting while another reply has Thinker/Talker work; alone again, it finishes with its solo
-    run's output."""
-    opts = [dict(_options(0), talker_max_new_tokens=160),  # several chunks of speech
-            dict(_options(2), max_new_tokens=150, audio_output=False)]  # long text
-    solo = [list(engine.session(**o).respond(p)) for o, p in zip(opts, PROMPTS[1:3],
-                                                                strict=True)]
-    sa, sb = (engine.session(**o) for o in opts)
-    b = Batcher(audio_lead_s=1.0)
-    out: list[list] = [[], []]
-    ea = b.add(sa.respond(PROMPTS[1]), out[0].append)
-    eb = b.add(sb.respond(PROMPTS[2]), out[1].append)
-    waited = 0
-    while b.entries:
-        if ea.first_audio_t is not None:
-            ea.audio_s = 1e9  # as if far ahead of its listener
-        chunk = ea.pending if isinstance(ea.pending, Code2WavWork) else None
-        other_busy = eb in b.entries and isinstance(eb.pending, (ThinkerWork, TalkerWork,
-                                                                 Pause))
-        b.tick()
-        if chunk is not None and other_busy and ea.first_audio_t is not None:
-            assert ea.pending is chunk  # it waited
-            waited += 1
-    assert waited > 0
-    for got, alone in zip(out, solo, strict=True):
-        assert got[-1].codec_ids == alone[-1].codec_ids and got[-1].text == alone[-1].text
-        assert _pcm(got).shape == _pcm(alone).shape
 
 
 def test_slots_are_taken_and_given_back(engine):

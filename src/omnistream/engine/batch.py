@@ -21,10 +21,7 @@ docs/ENGINE_API.md). A ``Batcher`` instead collects the items of all its replies
     3. one batched Talker step for every reply waiting on one (the steps that 2 unlocked, and
        the speech of replies whose text is complete);
     4. the code2wav chunks that became ready, solved together where their windows have the
-       same length (``code2wav.decode_chunks``), else one by one. A reply whose audio is
-       already ``audio_lead_s`` ahead of real-time playback (audio seconds out minus seconds
-       since its first chunk) waits while other replies have work this tick: its chunk is not
-       needed yet, and the tick stays short for the replies still waiting on their first audio.
+       same length (``code2wav.decode_chunks``), else one by one.
 
 Each reply samples from its own logits row with its own parameters and generators, exactly as
 alone, so batching changes the ids only through float rounding: on CPU, MKL computes a row of a
@@ -54,8 +51,7 @@ import torch
 from torch import Tensor
 
 from omnistream.engine.code2wav import Chunk, Code2WavStream, decode_chunks
-from omnistream.engine.events import AudioChunk, Event
-from omnistream.media.audio import OUTPUT_SAMPLE_RATE
+from omnistream.engine.events import Event
 from omnistream.nn.cache import CacheRows, KVCache, KVPool
 from omnistream.nn.thinker import ThinkerStep
 
@@ -232,15 +228,6 @@ class Entry:
     pending: Work | Pause = _NEW
     result: Any = None
     owner: Any = None  # free for the caller (the server's job)
-    audio_s: float = 0.0  # seconds of speech delivered
-    first_audio_t: float | None = None  # perf_counter() at its first audio chunk
-
-    def lead(self, now: float) -> float:
-        """Seconds of delivered speech not yet played by a real-time listener (-inf before the
-        first chunk)."""
-        if self.first_audio_t is None:
-            return float("-inf")
-        return self.audio_s - (now - self.first_audio_t)
 
     @property
     def started(self) -> bool:
@@ -251,9 +238,8 @@ class Batcher:
     """Advances many replies together, one ``tick`` at a time (see the module docstring). Not
     thread-safe: one thread (the server's model thread) calls everything."""
 
-    def __init__(self, prefill_tokens: int = 256, audio_lead_s: float | None = 1.0):
+    def __init__(self, prefill_tokens: int = 256):
         self.prefill_tokens = prefill_tokens  # prompt tokens per tick (at least one chunk runs)
-        self.audio_lead_s = audio_lead_s  # None: every ready code2wav chunk runs each tick
         self.entries: list[Entry] = []
         self.ticks = 0
         kinds = (ThinkerWork, TalkerWork, Code2WavWork)
@@ -295,9 +281,6 @@ class Batcher:
                     break
             for kind in (ThinkerWork, TalkerWork, Code2WavWork):
                 batch = [e for e in self.entries if isinstance(e.pending, kind) and ready(e)]
-                if kind is Code2WavWork and ran and self.audio_lead_s is not None:
-                    now = time.perf_counter()
-                    batch = [e for e in batch if e.lead(now) < self.audio_lead_s]
                 if not batch:
                     continue
                 ran = True
@@ -338,10 +321,6 @@ class Batcher:
                 if isinstance(item, (Work, Pause)):
                     e.pending = item
                     return
-                if isinstance(item, AudioChunk):
-                    if e.first_audio_t is None:
-                        e.first_audio_t = time.perf_counter()
-                    e.audio_s += item.pcm.size / OUTPUT_SAMPLE_RATE
                 e.on_event(item)
         except StopIteration:
             self._end(e, None)
