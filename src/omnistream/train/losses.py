@@ -97,10 +97,9 @@ def thinker_loss(thinker: nn.Module, batch: dict[str, Any], media_rms_limit: flo
     logits = thinker.lm_head(hidden[keep]).float()  # [N, V]: only the positions with a target
     n = int(keep.sum())
     loss = F.cross_entropy(logits, labels[keep], reduction="sum")
-    if media_rms_limit > 0 or media_std_floor > 0:
-        penalty = media_penalty(media, media_rms_limit, media_std_floor)
-        if penalty is not None:
-            loss = loss + penalty * n
+    penalty = media_penalty(media, media_rms_limit, media_std_floor)  # 0 with both off
+    if penalty is not None:
+        loss = loss + penalty * n
     return loss, n
 
 
