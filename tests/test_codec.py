@@ -128,7 +128,8 @@ def _corpus(tmp_path: Path, n: int = 3) -> Path:
     lines = []
     for i in range(n):
         write_wav(d / "clips" / f"{i}.wav", _speechlike(1.2 + 0.3 * i, seed=i), 24000)
-        lines.append(json.dumps({"audio": f"clips/{i}.wav", "text": f"clip {i}"}))
+        text = f"clip {('one', 'two', 'three', 'four')[i % 4]}"
+        lines.append(json.dumps({"audio": f"clips/{i}.wav", "text": text}))
     (d / "corpus.jsonl").write_text("\n".join(lines) + "\n")
     return d / "corpus.jsonl"
 
@@ -188,6 +189,39 @@ def test_codec_stages_train_save_resume_and_load_in_the_engine_layout(tmp_path):
     changed = {k.split(".")[0] for k, v in new.token2wav.state_dict().items()
                if not torch.equal(before[k], v)}
     assert changed == {"code2wav_dit_model"}, changed
+
+
+def test_ctc_supervision_reaches_the_encoder_and_resumes(tmp_path):
+    """``ctc_weight``: a character CTC head reads whole clips' codes; its loss falls, its
+    gradient changes the encoder, and a resumed run repeats the uninterrupted one."""
+    from omnistream.checkpoint import read_tensors
+    from omnistream.train.codec import ctc_targets, train_codec
+    from omnistream.train.stages import Stage
+
+    ids, lens = ctc_targets(["Red, two!", "a  b"])
+    assert lens.tolist() == [7, 3] and ids[:4].tolist() == [19, 6, 5, 1]  # r e d ␣
+    with pytest.raises(ValueError, match="no text"):
+        ctc_targets(["12."])
+    cfg_dir, data = _codec_dir(tmp_path), _corpus(tmp_path)
+    base = dict(name="c", task="codec", batch_size=2, segment_frames=48, lr=3e-3,
+                warmup_steps=1, max_steps=8, log_every=1)
+    full = train_codec(Stage(**base, ctc_weight=1.0), [data], cfg_dir, tmp_path / "ctc",
+                       verbose=False)
+    log = [json.loads(x) for x in (tmp_path / "ctc" / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["ctc"] < log[0]["ctc"]
+    train_codec(Stage(**base, ctc_weight=1.0), [data], cfg_dir, tmp_path / "int", stop_at=4,
+                verbose=False)
+    resumed = train_codec(Stage(**base, ctc_weight=1.0), [data], cfg_dir, tmp_path / "int",
+                          verbose=False)
+    assert resumed["losses"] == pytest.approx(full["losses"], rel=1e-5, abs=1e-6)
+    one = dict(base, max_steps=1)
+    train_codec(Stage(**one, ctc_weight=1.0), [data], cfg_dir, tmp_path / "a", verbose=False)
+    train_codec(Stage(**one), [data], cfg_dir, tmp_path / "b", verbose=False)
+    a, b = (dict(read_tensors(tmp_path / d, prefix="codec_encoder.")) for d in ("a", "b"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="ctc_weight"):
+        train_codec(Stage(name="v", task="vocoder", ctc_weight=1.0), [data], cfg_dir,
+                    tmp_path / "v", verbose=False)
 
 
 def test_cli_encode_decode_and_errors_write_nothing(tmp_path, capsys):

@@ -10,7 +10,9 @@ components whose weights are missing there start from a fresh initialisation.
 * ``codec``: the encoder (speech -> FSQ codes) and the DiT (codes -> mel by flow matching) learn
   together: the encoder from a small mel head on the quantised values (not saved in the model),
   the DiT by flow matching on the encoder's codes. Condition dropout trains the unconditional
-  branch used by classifier-free guidance.
+  branch used by classifier-free guidance. With ``ctc_weight`` > 0 the encoder also learns from
+  a character CTC head on whole clips' quantised values (the clip's text; training only): a mel
+  regression alone leaves the codes short of what was said.
 * ``codec_dit``: the DiT alone, the encoder frozen: a longer decoder training that keeps every
   code the same, so a Talker trained on the encoder's codes stays valid.
 * ``codec_encoder``: the encoder with the DiT frozen; the DiT's code embedding is read through a
@@ -64,8 +66,10 @@ class SpeechSet:
     def __init__(self, manifests: list[str | Path], progress: bool = True):
         self.wavs: list[Tensor] = []
         self.mels: list[Tensor] = []
+        self.texts: list[str] = []
         for m in manifests:
             recs = load_corpus(m)
+            self.texts += [r.get("text", "") for r in recs]
             cache = Path(m).parent / "mel_cache.pt"
             mels = torch.load(cache) if cache.exists() else None
             if mels is not None and len(mels) != len(recs):
@@ -100,6 +104,17 @@ class SpeechSet:
             mels.append(seg)
             wavs.append(F.pad(ws, (0, frames * HOP - ws.shape[0])))
         return torch.stack(mels), torch.stack(wavs)
+
+
+    def clips(self, rng: random.Random, batch: int) -> tuple[Tensor, Tensor, list[str]]:
+        """``batch`` random whole clips: mel [B, 80, F] (padded with silence to the longest, an
+        even length), their frame counts [B], their texts."""
+        idx = [rng.randrange(len(self.mels)) for _ in range(batch)]
+        n = [self.mels[i].shape[1] for i in idx]
+        width = max(n) + max(n) % 2
+        mel = torch.stack([F.pad(self.mels[i], (0, width - self.mels[i].shape[1]),
+                                 value=math.log(1e-5)) for i in idx])
+        return mel, torch.tensor(n), [self.texts[i] for i in idx]
 
 
 def read_wav(path: str | Path) -> Tensor:
@@ -142,6 +157,48 @@ class MelHead(nn.Module):
         B, N = q.shape[:2]
         y = self.out(h.transpose(1, 2)).reshape(B, 2 * N, 80)  # [B, 2N, 80]: two frames per code
         return y.transpose(1, 2)
+
+
+CTC_CHARS = " abcdefghijklmnopqrstuvwxyz'"  # CTC classes 1..; 0 is the blank
+
+
+def ctc_targets(texts: list[str]) -> tuple[Tensor, Tensor]:
+    """Character ids (``CTC_CHARS``; other characters dropped, spaces collapsed) of each text,
+    concatenated [sum L], and their lengths [B]."""
+    ids = []
+    for t in texts:
+        t = " ".join("".join(c for c in t.lower() if c in CTC_CHARS).split())
+        if not t:
+            raise ValueError("a clip of the corpus has no text to supervise its codes")
+        ids.append(torch.tensor([CTC_CHARS.index(c) + 1 for c in t]))
+    return torch.cat(ids), torch.tensor([len(x) for x in ids])
+
+
+class CTCHead(nn.Module):
+    """Training-only reader of quantised codes [B, N, d_q] -> character log-probs [B, N, C]."""
+
+    def __init__(self, d_q: int, hidden: int = 256, layers: int = 3):
+        super().__init__()
+        self.inp = nn.Linear(d_q, hidden)
+        self.convs = nn.ModuleList(nn.Conv1d(hidden, hidden, 5, padding=2) for _ in range(layers))
+        self.out = nn.Linear(hidden, len(CTC_CHARS) + 1)
+
+    def forward(self, q: Tensor) -> Tensor:
+        h = self.inp(q).transpose(1, 2)  # [B, H, N]
+        for c in self.convs:
+            h = h + c(F.gelu(h))
+        return self.out(h.transpose(1, 2)).log_softmax(-1)
+
+
+def ctc_loss(enc: SpeechEncoder, head: CTCHead, mel: Tensor, frames: Tensor,
+             texts: list[str]) -> Tensor:
+    """Character CTC loss (mean over clips, per target character) of the encoder's quantised
+    codes of whole clips: mel [B, 80, F], frames [B] (two mel frames per code)."""
+    q, _ = enc(mel)  # [B, N, d_q], straight-through to the encoder
+    logp = head(q)  # [B, N, C]
+    tgt, tgt_len = ctc_targets(texts)
+    n = torch.clamp((frames + 1) // 2, max=logp.shape[1])
+    return F.ctc_loss(logp.transpose(0, 1), tgt, n, tgt_len, zero_infinity=True)
 
 
 def codec_loss(enc: SpeechEncoder, t2w: Token2Wav, head: MelHead | None, mel: Tensor, spk: Tensor,
@@ -249,10 +306,14 @@ def train_codec(stage: Stage, data: list[str | Path], model_dir: str | Path, out
     if cfg.codec_encoder_config is None and s.task != "vocoder":
         raise ValueError(f"{model_dir}/config.json has no codec_encoder_config")
     t2w, t2w_loaded = _load_or_init(model_dir, cfg, "token2wav", s.seed)
-    enc = head = None
+    enc = head = ctc_head = None
     if s.task != "vocoder":
         enc, _ = _load_or_init(model_dir, cfg, "codec_encoder", s.seed + 1)
         head = MelHead(len(cfg.codec_encoder_config.levels))
+    if s.ctc_weight > 0:
+        if s.task not in ("codec", "codec_encoder"):
+            raise ValueError(f"ctc_weight trains the encoder: not in a {s.task!r} stage")
+        ctc_head = CTCHead(len(cfg.codec_encoder_config.levels))
         if s.task == "codec_encoder" and not t2w_loaded:
             raise ValueError("codec_encoder trains against a frozen Token2Wav: "
                              f"{model_dir} has no token2wav weights")
@@ -274,6 +335,8 @@ def train_codec(stage: Stage, data: list[str | Path], model_dir: str | Path, out
             p.requires_grad_(False)
     else:
         params = [*enc.parameters(), *head.parameters()]
+    if ctc_head is not None:
+        params += list(ctc_head.parameters())
     for p in t2w.parameters():
         p.requires_grad_(False)
     for p in params:
@@ -290,6 +353,8 @@ def train_codec(stage: Stage, data: list[str | Path], model_dir: str | Path, out
         if enc is not None:
             enc.load_state_dict(st["codec_encoder"])
             head.load_state_dict(st["head"])
+        if ctc_head is not None and "ctc_head" in st:
+            ctc_head.load_state_dict(st["ctc_head"])
         opt.load_state_dict(st["optimizer"])
         step, rng, losses = st["step"], st["rng"], st["losses"]
         gen.set_state(st["gen"])
@@ -308,6 +373,8 @@ def train_codec(stage: Stage, data: list[str | Path], model_dir: str | Path, out
                  "rng": rng, "gen": gen.get_state(), "losses": losses, "stage": s.to_dict()}
         if enc is not None:
             state["codec_encoder"], state["head"] = enc.state_dict(), head.state_dict()
+        if ctc_head is not None:
+            state["ctc_head"] = ctc_head.state_dict()
         torch.save(state, rpath.with_suffix(".tmp"))
         rpath.with_suffix(".tmp").replace(rpath)
 
@@ -326,6 +393,10 @@ def train_codec(stage: Stage, data: list[str | Path], model_dir: str | Path, out
             spk = dit.speaker(spk_entry["cond"].float(), spk_entry["ref_mel"].float(), cfg=True)
             loss, parts = codec_loss(enc, t2w, None if s.task == "codec_dit" else head, mel, spk,
                                      gen, s.task == "codec_encoder")
+        if ctc_head is not None:
+            ctc = ctc_loss(enc, ctc_head, *dataset.clips(rng, s.batch_size))
+            loss = loss + s.ctc_weight * ctc
+            parts["ctc"] = ctc.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if s.grad_clip > 0:

@@ -12,11 +12,13 @@ config). Steps, in order (``OUT/...``):
    ``text.jsonl`` (no media), ``media.jsonl`` (with media) and ``data.jsonl`` (all), and
    ``talker.jsonl``: the records with ``speech``, the reply spoken in the Piper voice at
    length_scale 1.0 (``train.voices``); the checkpoint's codec turns it into the Talker's targets.
+   ``talker_repeat/talker.jsonl``: ``--talker-repeat`` more ``repeat`` cases, spoken the same way
+   (the Talker's many distinct replies).
 3. Stages through ``omnistream train`` (``configs/train/mini_*.json``), each from the previous
    one's output: ``stage0_text`` (the LLM on the text families: it stands in for the pretrained
    Qwen2.5 LLM the paper starts from), ``stage1_align`` (encoders aligned with the LLM frozen),
    ``stage2_all`` (everything on all families, in batches that mix the families),
-   ``stage3_talker`` (the Talker).
+   ``stage2b_all`` (the same, continued with a warm restart), ``stage3_talker`` (the Talker).
 4. ``data/dpo.jsonl``: preference pairs of sampled speech ranked by the recognizer's WER and by
    pause errors (``train.dpo_pairs``), then ``stage4_dpo`` (Talker DPO).
 5. The shipped copy (``--ship``, default ``models/omni-mini``: bf16 Thinker/Talker,
@@ -42,14 +44,23 @@ from omnistream.models import REPO_ROOT
 
 _ROOT = REPO_ROOT or Path.cwd()
 STAGE_DIR = _ROOT / "configs" / "train"
+# The task families have about a thousand distinct replies, which the Talker learns by heart and
+# cannot say when they are new (the unseen word lists of ``repeat``, new sums). Repeat cases are
+# text only and cheap to speak: thousands of random word lists over the tasks' vocabulary teach it
+# the words instead of the sentences.
+TALKER_REPEAT = "talker_repeat"
 # (output folder, stage config, training data in OUT/data, source: "init" or a previous stage).
 # Stage 2 sees the text records twice: they are short (cheap) and teach the copying that the
-# answers of most families need (operands, repeated words, the asked color or shape).
+# answers of most families need (operands, repeated words, the asked color or shape). Stage 2b
+# goes on from it with a warm restart of the learning rate: at the end of stage 2's schedule the
+# Thinker was still learning (docs/MINI.md).
 STAGES = (
     ("stage0_text", "mini_0_text.json", ("text.jsonl",), "init"),
     ("stage1_align", "mini_1_align.json", ("media.jsonl",), "stage0_text"),
     ("stage2_all", "mini_2_all.json", ("data.jsonl", "text.jsonl"), "stage1_align"),
-    ("stage3_talker", "mini_3_talker.json", ("talker.jsonl",), "stage2_all"),
+    ("stage2b_all", "mini_2b_all.json", ("data.jsonl", "text.jsonl"), "stage2_all"),
+    ("stage3_talker", "mini_3_talker.json", ("talker.jsonl", f"{TALKER_REPEAT}/talker.jsonl"),
+     "stage2b_all"),
     ("stage4_dpo", "mini_4_dpo.json", ("dpo.jsonl",), "stage3_talker"),
 )
 SPEECH_LENGTH_SCALE = 1.0  # the Talker's targets: the Piper voice at its natural speed
@@ -109,8 +120,11 @@ def speech_file(text: str, folder: Path, length_scale: float = SPEECH_LENGTH_SCA
 def add_speech(data: Path, out: Path, speech_dir: str = "speech") -> int:
     """``out``: the records of ``data`` with ``speech``, their reply spoken (same folder, so
     media paths stay valid). Returns the number of distinct replies spoken."""
+    from tqdm import tqdm
+
     lines, texts = [], set()
-    for line in data.read_text(encoding="utf-8").splitlines():
+    for line in tqdm(data.read_text(encoding="utf-8").splitlines(), desc="speaking replies",
+                     unit="record"):
         if not line.strip():
             continue
         rec = json.loads(line)
@@ -143,7 +157,7 @@ def _run(cmd: list[str]) -> None:
 
 def run(out: str | Path, codec: str | Path | None, n_per_family: int = 800, seed: int = 0,
         ship_dir: str | Path | None = None, eval_n: int = 10, dpo_prompts: int = 22,
-        dpo_samples: int = 4, max_steps_scale: float = 1.0) -> Path:
+        dpo_samples: int = 4, max_steps_scale: float = 1.0, talker_repeat_n: int = 4000) -> Path:
     """Run every step not yet done (see the module docstring); returns the shipped directory."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -187,6 +201,15 @@ def run(out: str | Path, codec: str | Path | None, n_per_family: int = 800, seed
     if not _done(data_dir / "talker.jsonl", "speech"):
         timed("speech", lambda: log(
             f"speech: {add_speech(data, data_dir / 'talker.jsonl')} replies spoken"))
+    repeat_dir = data_dir / TALKER_REPEAT
+    if not _done(repeat_dir / "talker.jsonl", "talker repeat"):
+        def talker_repeat() -> None:
+            from omnistream.train.tasks import make_dataset
+
+            rep = make_dataset(repeat_dir, talker_repeat_n, seed, families=["repeat"])
+            log(f"talker repeat: {add_speech(rep, repeat_dir / 'talker.jsonl')} replies spoken")
+
+        timed("talker_repeat", talker_repeat)
 
     # 3.-4. stages (DPO pairs before the DPO stage)
     final = out / STAGES[-1][0]
@@ -252,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="training data seed (< 1,000,000)")
     ap.add_argument("--ship", default=None, help="shipped model folder (default models/omni-mini)")
     ap.add_argument("--eval-n", type=int, default=10, help="fresh cases per family (0: none)")
+    ap.add_argument("--talker-repeat", type=int, default=4000,
+                    help="extra repeat cases spoken for the Talker (distinct replies)")
     ap.add_argument("--dpo-prompts", type=int, default=22)
     ap.add_argument("--dpo-samples", type=int, default=4)
     ap.add_argument("--max-steps-scale", type=float, default=1.0,
@@ -259,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     run(a.out, a.codec, a.n_per_family, a.seed, a.ship, a.eval_n, a.dpo_prompts, a.dpo_samples,
-        a.max_steps_scale)
+        a.max_steps_scale, a.talker_repeat)
     return 0
 
 

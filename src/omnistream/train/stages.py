@@ -72,6 +72,9 @@ class Stage:
     dpo_beta: float = 0.1
     # speech codec stages: training crops of this many mel frames (100 per second)
     segment_frames: int = 192
+    # codec: weight of a character CTC loss on whole clips' quantised codes (0 = off), so the
+    # codes carry what was said, as the release's ASR-supervised speech tokenizer does
+    ctc_weight: float = 0.0
     save_every_s: float = 240.0  # codec stages also checkpoint after this many seconds
     # bookkeeping
     eval_every: int = 0  # steps; 0 = never
