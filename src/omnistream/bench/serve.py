@@ -100,8 +100,10 @@ def shaped_checkpoint(shapes: str, layers: int | None, talker_layers: int | None
     return out
 
 
-async def _one(client, prompt: str, max_tokens: int) -> dict:
-    """One streamed text + speech reply through the official client."""
+async def _one(client, prompt: str, max_tokens: int, delay: float = 0.0) -> dict:
+    """One streamed text + speech reply through the official client, sent after ``delay`` s
+    (its times count from then)."""
+    await asyncio.sleep(delay)
     t0 = time.perf_counter()
     first_audio = first_text = last_text = None
     text, audio_bytes, usage, finish = [], 0, None, None
@@ -132,6 +134,7 @@ async def _one(client, prompt: str, max_tokens: int) -> dict:
         "ttfa": first_audio,
         "ttft": first_text,
         "text_end": last_text,
+        "start": t0,
         "total": time.perf_counter() - t0,
         "finish": finish,
         "tokens": usage.completion_tokens if usage is not None else 0,
@@ -139,7 +142,8 @@ async def _one(client, prompt: str, max_tokens: int) -> dict:
 
 
 async def _level(
-    url: str, n: int, prompt: str, max_tokens: int, ref: dict | None, timeout: float
+    url: str, n: int, prompt: str, max_tokens: int, ref: dict | None, timeout: float,
+    stagger: float = 0.0,
 ) -> tuple[dict, list[dict]]:
     import openai
 
@@ -147,7 +151,8 @@ async def _level(
                                   timeout=timeout) as client:
         t0 = time.perf_counter()
         res = await asyncio.wait_for(
-            asyncio.gather(*[_one(client, prompt, max_tokens) for _ in range(n)]), timeout
+            asyncio.gather(*[_one(client, prompt, max_tokens, i * stagger) for i in range(n)]),
+            timeout
         )
         wall = time.perf_counter() - t0
     errors = [r["error"] for r in res if "error" in r]
@@ -163,9 +168,10 @@ async def _level(
         "errors": errors[:2],
         "wall_s": wall,
         "tokens_per_s": sum(r.get("tokens", 0) for r in res) / wall,
-        # while text was being written: until the last text token of any stream
+        # while text was being written: from the first request to the last text token of any
         "text_tokens_per_s": sum(r.get("tokens", 0) for r in res)
-        / max([r.get("text_end") or wall for r in res] or [wall]),
+        / max([r["start"] - t0 + r["text_end"] if r.get("text_end") else wall for r in res]
+              or [wall]),
         "audio_s_per_s": sum(r.get("audio_s", 0) for r in res) / wall,
         "ttfa_p50_s": statistics.median(ttfa) if ttfa else None,
         "ttfa_max_s": max(ttfa) if ttfa else None,
@@ -196,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="speech per reply (random weights never end their speech)")
     p.add_argument("--prompt", default="Tell me a short story about a robot.")
     p.add_argument("--timeout", type=float, default=300.0, help="per concurrency level (s)")
+    p.add_argument("--stagger", type=float, default=0.0,
+                   help="client i starts i * this many seconds after the first (arrivals "
+                        "while others stream); 0: all at once")
     p.add_argument("--repeats", type=int, default=1,
                    help="run the levels this many times (interleaved), keep each one's best")
     p.add_argument("--json", action="store_true", help="print JSON rows")
@@ -245,12 +254,13 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.repeats):  # levels interleaved; the shortest wall of each is kept
             for n in args.clients:
                 runs[n].append(asyncio.run(_level(url, n, prompt, args.max_tokens, ref[0],
-                                                  args.timeout))[0])
+                                                  args.timeout, args.stagger))[0])
         rows = [min(rs, key=lambda r: r["wall_s"]) | {"ok": all(r["ok"] for r in rs)}
                 for rs in runs.values()]
         engine = f"fake ({args.step_ms:.0f} ms/step)" if args.fake else model
         print(
             f"engine: {engine} ({args.dtype}, {args.device}); max_tokens {args.max_tokens}; "
+            f"arrivals {args.stagger:g} s apart; "
             f"reply: {ref[0].get('tokens')} tokens, {ref[0].get('audio_s', 0):.2f} s audio"
         )
         base = rows[0]
