@@ -344,6 +344,27 @@ def test_chat_and_repeat():
         assert case.answer == text[0].upper() + text[1:] + "."
 
 
+def test_spoken_repeat_is_training_only():
+    """The auxiliary family: a spoken question of the families or a repeat list after the text
+    "Repeat after me."; the reply writes what was said; evaluation never draws it."""
+    _need_speech()
+    assert "spoken-repeat" not in tasks.FAMILIES
+    kinds = set()
+    for case in _cases("spoken-repeat", 8):
+        assert case.question == "Repeat after me." and [m.kind for m in case.media] == ["audio"]
+        measure_speech_wav(case.media[0].data)
+        text = case.meta["text"]
+        if text.endswith("?"):  # a question of the families, written as spoken
+            assert any(re.fullmatch(q, text) for q, _ in GRAMMAR.values() if q)
+            assert case.answer == text
+            kinds.add("question")
+        else:
+            assert {w.lower() for w in text.split()} <= VOCAB
+            assert case.answer == text[0].upper() + text[1:] + "."
+            kinds.add("words")
+    assert kinds == {"question", "words"}
+
+
 def test_determinism_and_dataset(tmp_path):
     """Same seed -> same bytes; a case does not depend on n_per_family; seeds differ; records
     pass ``omnistream.train.data.validate``."""

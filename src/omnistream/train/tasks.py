@@ -46,6 +46,11 @@ FAMILIES = (
     "chat",
     "repeat",
 )
+# Training-only families (not in TASKS.md, never evaluated): ``spoken-repeat`` speaks a question
+# of the families or a repeat list as the spoken questions are spoken (voices, silence, noise),
+# after the text "Repeat after me.", and the reply writes it: the audio encoder learns the tasks'
+# words, which the spoken questions (spoken-image, spoken arithmetic) need.
+AUX_FAMILIES = ("spoken-repeat",)
 EVAL_SEED_BASE = 1_000_000  # training seeds are below, evaluation seeds at or above
 CHAT_QUESTIONS = ("Hello!", "Hi!", "Who are you?")
 CHAT_ANSWER = "Hello! I am omnistream, a small model that can see, hear and talk."
@@ -169,7 +174,8 @@ def _image_case(family: str, sub: str, rng: np.random.Generator, spoken: bool) -
     return Case(family, media, None if spoken else q, a, meta)
 
 
-def _arithmetic(rng: np.random.Generator) -> Case:
+def _sum(rng: np.random.Generator) -> tuple[str, str, dict]:
+    """An arithmetic question, its answer, and its operands."""
     plus = bool(rng.random() < 0.5)
     a, b = (int(v) for v in rng.integers(0, 11, 2))
     if not plus and a < b:
@@ -177,7 +183,11 @@ def _arithmetic(rng: np.random.Generator) -> Case:
     op, c = ("plus", a + b) if plus else ("minus", a - b)
     q = f"What is {NUMBERS[a]} {op} {NUMBERS[b]}?"
     ans = f"{cap(NUMBERS[a])} {op} {NUMBERS[b]} is {NUMBERS[c]}."
-    meta = {"a": a, "b": b, "op": op, "question": q}
+    return q, ans, {"a": a, "b": b, "op": op, "question": q}
+
+
+def _arithmetic(rng: np.random.Generator) -> Case:
+    q, ans, meta = _sum(rng)
     if rng.random() < SPOKEN_P:
         wav, meta["speech"] = tm.spoken_question(q, rng)
         return Case("arithmetic", [Media("audio", "wav", wav)], None, ans, meta)
@@ -217,8 +227,21 @@ def _repeat(rng: np.random.Generator) -> Case:
     return Case("repeat", [], f"Repeat after me: {text}", cap(text) + ".", {"words": words})
 
 
+def _spoken_repeat(rng: np.random.Generator) -> Case:
+    """Auxiliary: a spoken question of the families or a spoken repeat list, to be written."""
+    if rng.random() < 0.5:
+        text = " ".join(_repeat(rng).meta["words"])
+        answer = cap(text) + "."
+    else:
+        sub = _choice(rng, (*IMAGE_FAMILIES, "arithmetic"))
+        text = answer = _sum(rng)[0] if sub == "arithmetic" else IMAGE_FAMILIES[sub](rng)[1]
+    wav, meta = tm.spoken_question(text, rng)
+    return Case("spoken-repeat", [Media("audio", "wav", wav)], "Repeat after me.", answer,
+                {"speech": meta, "text": text})
+
+
 def make_case(family: str, rng: np.random.Generator) -> Case:
-    """One case of ``family`` (one of FAMILIES), all randomness from ``rng``."""
+    """One case of ``family`` (one of FAMILIES or AUX_FAMILIES), all randomness from ``rng``."""
     if family in IMAGE_FAMILIES:
         return _image_case(family, family, rng, spoken=False)
     if family == "spoken-image":
@@ -235,12 +258,14 @@ def make_case(family: str, rng: np.random.Generator) -> Case:
         return Case("chat", [], _choice(rng, CHAT_QUESTIONS), CHAT_ANSWER)
     if family == "repeat":
         return _repeat(rng)
+    if family == "spoken-repeat":
+        return _spoken_repeat(rng)
     raise ValueError(f"unknown family {family!r} (one of {', '.join(FAMILIES)})")
 
 
 def case_rng(seed: int, family: str, i: int) -> np.random.Generator:
     """The random stream of case ``i`` of ``family`` for ``seed``."""
-    return np.random.default_rng([seed, FAMILIES.index(family), i])
+    return np.random.default_rng([seed, (*FAMILIES, *AUX_FAMILIES).index(family), i])
 
 
 # -- dataset -----------------------------------------------------------------------------------
@@ -256,8 +281,9 @@ def make_dataset(out_dir: str | Path, n_per_family: int, seed: int,
 
     families = tuple(FAMILIES if families is None else families)
     for f in families:
-        if f not in FAMILIES:
-            raise ValueError(f"unknown family {f!r} (one of {', '.join(FAMILIES)})")
+        if f not in FAMILIES + AUX_FAMILIES:
+            raise ValueError(f"unknown family {f!r} (one of {', '.join(FAMILIES)}; auxiliary: "
+                             f"{', '.join(AUX_FAMILIES)})")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(f, i) for f in families for i in range(n_per_family)]
