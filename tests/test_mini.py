@@ -232,6 +232,22 @@ def test_eval_prints_the_table_on_the_tiny_model(tiny_dir, capsys):
     assert rows["all"][1] == str(len(FAMILIES))
 
 
+def test_voice_reference_wer():
+    """The eval's reference column: the recognizer on the Piper voice reading an answer."""
+    pytest.importorskip("piper", reason="the voice needs the data extra")
+    from omnistream.eval import recognizer
+    from omnistream.eval.tasks import _voice_floor, summarize
+
+    if not recognizer.available():
+        pytest.skip("no recognizer (eval extra)")
+    floor = _voice_floor(recognizer)
+    assert floor("There are three yellow shapes.") == (0, 5)
+    cases = [{"correct": True, "ttfa_s": None, "rtf": None, "wer_edits": 2, "wer_words": 5,
+              "voice_edits": e, "voice_words": 5} for e in (0, 1)]
+    s = summarize(cases)
+    assert s["wer"] == 0.4 and s["voice_wer"] == 0.1
+
+
 def test_eval_refuses_training_seeds(tiny_dir):
     from omnistream.eval.tasks import evaluate, normalize_answer
 

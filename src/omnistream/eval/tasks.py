@@ -10,6 +10,9 @@ Cases come from the task generator (``train/tasks.py``) with seeds from ``EVAL_S
 * ``acc``: replies equal to the answer after lower-casing and removing punctuation;
 * ``WER``: the recognizer's (``eval/recognizer.py``, an optional extra) word error rate of each
   spoken reply against its own text, over the family's words ("-" without the recognizer);
+* ``voice WER``: the same recognizer on the Piper voice (the one omni-mini learned to speak in)
+  reading the expected answers: what the recognizer itself gets wrong on this voice and these
+  words (number lists, "omnistream"), the floor for ``WER`` ("-" without the data extra);
 * ``TTFA``: time to first audio (median, from the call to ``respond``);
 * ``RTF``: real-time factor of the whole reply (median of reply wall time / speech seconds).
 """
@@ -97,6 +100,8 @@ class CaseResult:
     wer_edits: int | None = None  # recognizer: word edits of the speech against the reply
     wer_words: int | None = None  # words of the reply
     heard: str | None = None  # the recognizer's transcript
+    voice_edits: int | None = None  # the recognizer on the Piper voice reading the answer
+    voice_words: int | None = None
 
 
 def evaluate(model: str | Path, n: int = 50, seed: int | None = None,
@@ -130,6 +135,7 @@ def evaluate(model: str | Path, n: int = 50, seed: int | None = None,
         elif recognize:
             raise recognizer.RecognizerMissing(
                 "the recognizer is not installed: pip install 'omnistream[eval]'")
+    voice_floor = _voice_floor(rec_mod) if rec_mod is not None else None
     engine = Engine.load(model, dtype=dtype, quiet=True)
     base = SessionOptions(max_new_tokens=max_new_tokens,
                           talker_max_new_tokens=SessionOptions.speech_limit(speech_seconds),
@@ -159,6 +165,8 @@ def evaluate(model: str | Path, n: int = 50, seed: int | None = None,
                     res.heard = heard
                     res.wer_edits = rec_mod.edit_distance(ref, rec_mod.normalize(heard))
                     res.wer_words = len(ref)
+                if voice_floor is not None:
+                    res.voice_edits, res.voice_words = voice_floor(case.answer)
                 results.append(res)
                 if progress is not None:
                     progress(res)
@@ -166,14 +174,42 @@ def evaluate(model: str | Path, n: int = 50, seed: int | None = None,
             "cases": [asdict(r) for r in results]}
 
 
+def _voice_floor(rec_mod) -> Callable[[str], tuple[int, int]] | None:
+    """``answer -> (edits, words)`` of the recognizer on the Piper voice reading ``answer``
+    (length_scale 1.0, as the Talker's targets); None without the data extra."""
+    try:
+        import piper  # noqa: F401
+    except ImportError:
+        return None
+    from omnistream.media.audio import resample
+    from omnistream.train.voices import piper as speak_piper
+
+    memo: dict[str, tuple[int, int]] = {}
+
+    def floor(answer: str) -> tuple[int, int]:
+        if answer not in memo:
+            pcm, sr = speak_piper(answer, 1.0)
+            heard = rec_mod.transcribe(resample(pcm, sr, SAMPLE_RATE), SAMPLE_RATE)
+            ref = rec_mod.normalize(answer)
+            memo[answer] = (rec_mod.edit_distance(ref, rec_mod.normalize(heard)), len(ref))
+        return memo[answer]
+
+    return floor
+
+
+def _rate(cases: list[dict], edits: str, words: str) -> float | None:
+    e = [c[edits] for c in cases if c.get(edits) is not None]
+    w = sum(c[words] for c in cases if c.get(words) is not None)
+    return sum(e) / w if e and w else None
+
+
 def summarize(cases: list[dict]) -> dict[str, float | None]:
-    """Accuracy, WER, median TTFA and RTF of some cases."""
-    edits = [c["wer_edits"] for c in cases if c["wer_edits"] is not None]
-    words = sum(c["wer_words"] for c in cases if c["wer_words"] is not None)
+    """Accuracy, WER (and the voice's reference WER), median TTFA and RTF of some cases."""
     ttfa = [c["ttfa_s"] for c in cases if c["ttfa_s"] is not None]
     rtf = [c["rtf"] for c in cases if c["rtf"] is not None]
     return {"n": len(cases), "acc": sum(c["correct"] for c in cases) / max(len(cases), 1),
-            "wer": sum(edits) / words if edits and words else None,
+            "wer": _rate(cases, "wer_edits", "wer_words"),
+            "voice_wer": _rate(cases, "voice_edits", "voice_words"),
             "ttfa_s": statistics.median(ttfa) if ttfa else None,
             "rtf": statistics.median(rtf) if rtf else None}
 
@@ -183,15 +219,15 @@ def format_table(res: dict[str, Any]) -> str:
     fams: dict[str, list[dict]] = {}
     for c in res["cases"]:
         fams.setdefault(c["family"], []).append(c)
-    head = f"{'family':<18}{'n':>4}{'acc':>8}{'WER':>8}{'TTFA s':>9}{'RTF':>7}"
+    head = f"{'family':<18}{'n':>4}{'acc':>8}{'WER':>8}{'voice WER':>11}{'TTFA s':>9}{'RTF':>7}"
     rows = [head, "-" * len(head)]
 
     def row(name: str, cases: list[dict]) -> str:
         s = summarize(cases)
-        wer = f"{100 * s['wer']:.1f}%" if s["wer"] is not None else "-"
+        wer, vw = (f"{100 * s[k]:.1f}%" if s[k] is not None else "-" for k in ("wer", "voice_wer"))
         ttfa = f"{s['ttfa_s']:.2f}" if s["ttfa_s"] is not None else "-"
         rtf = f"{s['rtf']:.2f}" if s["rtf"] is not None else "-"
-        return f"{name:<18}{s['n']:>4}{100 * s['acc']:>7.1f}%{wer:>8}{ttfa:>9}{rtf:>7}"
+        return f"{name:<18}{s['n']:>4}{100 * s['acc']:>7.1f}%{wer:>8}{vw:>11}{ttfa:>9}{rtf:>7}"
 
     rows += [row(f, cs) for f, cs in fams.items()]
     rows += ["-" * len(head), row("all", res["cases"])]
