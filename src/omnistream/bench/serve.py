@@ -100,7 +100,8 @@ def shaped_checkpoint(shapes: str, layers: int | None, talker_layers: int | None
     return out
 
 
-async def _one(client, prompt: str, max_tokens: int, delay: float = 0.0) -> dict:
+async def _one(client, prompt: str, max_tokens: int, delay: float = 0.0,
+               voice: str = "Chelsie") -> dict:
     """One streamed text + speech reply through the official client, sent after ``delay`` s
     (its times count from then)."""
     await asyncio.sleep(delay)
@@ -110,7 +111,7 @@ async def _one(client, prompt: str, max_tokens: int, delay: float = 0.0) -> dict
     try:
         stream = await client.chat.completions.create(
             model="m", messages=[{"role": "user", "content": prompt}], stream=True,
-            modalities=["text", "audio"], audio={"voice": "Chelsie", "format": "pcm16"},
+            modalities=["text", "audio"], audio={"voice": voice, "format": "pcm16"},
             max_tokens=max_tokens, temperature=0, seed=0, stream_options={"include_usage": True})
         async for ch in stream:
             usage = ch.usage or usage
@@ -143,7 +144,7 @@ async def _one(client, prompt: str, max_tokens: int, delay: float = 0.0) -> dict
 
 async def _level(
     url: str, n: int, prompt: str, max_tokens: int, ref: dict | None, timeout: float,
-    stagger: float = 0.0,
+    stagger: float = 0.0, voice: str = "Chelsie",
 ) -> tuple[dict, list[dict]]:
     import openai
 
@@ -151,7 +152,8 @@ async def _level(
                                   timeout=timeout) as client:
         t0 = time.perf_counter()
         res = await asyncio.wait_for(
-            asyncio.gather(*[_one(client, prompt, max_tokens, i * stagger) for i in range(n)]),
+            asyncio.gather(*[_one(client, prompt, max_tokens, i * stagger, voice)
+                             for i in range(n)]),
             timeout
         )
         wall = time.perf_counter() - t0
@@ -202,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="speech per reply (random weights never end their speech)")
     p.add_argument("--prompt", default="Tell me a short story about a robot.")
     p.add_argument("--timeout", type=float, default=300.0, help="per concurrency level (s)")
+    p.add_argument("--voice", default="Chelsie", help="the checkpoint's voice (omni-mini: Joe)")
     p.add_argument("--stagger", type=float, default=0.0,
                    help="client i starts i * this many seconds after the first (arrivals "
                         "while others stream); 0: all at once")
@@ -249,12 +252,13 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             time.sleep(0.2)
         prompt = args.prompt + (" LONG" if args.fake else "")
-        _, ref = asyncio.run(_level(url, 1, prompt, args.max_tokens, None, args.timeout))
+        _, ref = asyncio.run(_level(url, 1, prompt, args.max_tokens, None, args.timeout,
+                                    voice=args.voice))
         runs: dict[int, list[dict]] = {n: [] for n in args.clients}
         for _ in range(args.repeats):  # levels interleaved; the shortest wall of each is kept
             for n in args.clients:
                 runs[n].append(asyncio.run(_level(url, n, prompt, args.max_tokens, ref[0],
-                                                  args.timeout, args.stagger))[0])
+                                                  args.timeout, args.stagger, args.voice))[0])
         rows = [min(rs, key=lambda r: r["wall_s"]) | {"ok": all(r["ok"] for r in rs)}
                 for rs in runs.values()]
         engine = f"fake ({args.step_ms:.0f} ms/step)" if args.fake else model
