@@ -222,6 +222,9 @@ def test_ctc_supervision_reaches_the_encoder_and_resumes(tmp_path):
     with pytest.raises(ValueError, match="ctc_weight"):
         train_codec(Stage(name="v", task="vocoder", ctc_weight=1.0), [data], cfg_dir,
                     tmp_path / "v", verbose=False)
+    with pytest.raises(ValueError, match="frozen Token2Wav"):  # with or without CTC
+        train_codec(Stage(name="e", task="codec_encoder"), [data], cfg_dir, tmp_path / "e",
+                    verbose=False)
 
 
 def test_cli_encode_decode_and_errors_write_nothing(tmp_path, capsys):

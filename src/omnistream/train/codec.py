@@ -105,7 +105,6 @@ class SpeechSet:
             wavs.append(F.pad(ws, (0, frames * HOP - ws.shape[0])))
         return torch.stack(mels), torch.stack(wavs)
 
-
     def clips(self, rng: random.Random, batch: int) -> tuple[Tensor, Tensor, list[str]]:
         """``batch`` random whole clips: mel [B, 80, F] (padded with silence to the longest, an
         even length), their frame counts [B], their texts."""
@@ -310,13 +309,13 @@ def train_codec(stage: Stage, data: list[str | Path], model_dir: str | Path, out
     if s.task != "vocoder":
         enc, _ = _load_or_init(model_dir, cfg, "codec_encoder", s.seed + 1)
         head = MelHead(len(cfg.codec_encoder_config.levels))
+        if s.task == "codec_encoder" and not t2w_loaded:
+            raise ValueError("codec_encoder trains against a frozen Token2Wav: "
+                             f"{model_dir} has no token2wav weights")
     if s.ctc_weight > 0:
         if s.task not in ("codec", "codec_encoder"):
             raise ValueError(f"ctc_weight trains the encoder: not in a {s.task!r} stage")
         ctc_head = CTCHead(len(cfg.codec_encoder_config.levels))
-        if s.task == "codec_encoder" and not t2w_loaded:
-            raise ValueError("codec_encoder trains against a frozen Token2Wav: "
-                             f"{model_dir} has no token2wav weights")
     dataset = SpeechSet(data, progress=verbose)
     try:
         speakers = {k: {"bos_token": v.bos_token, "cond": v.cond, "ref_mel": v.ref_mel}
