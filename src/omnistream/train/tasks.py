@@ -230,8 +230,8 @@ def _repeat(rng: np.random.Generator) -> Case:
 def _spoken_repeat(rng: np.random.Generator) -> Case:
     """Auxiliary: a spoken question of the families or a spoken repeat list, to be written."""
     if rng.random() < 0.5:
-        text = " ".join(_repeat(rng).meta["words"])
-        answer = cap(text) + "."
+        words = _repeat(rng)
+        text, answer = " ".join(words.meta["words"]), words.answer
     else:
         sub = _choice(rng, (*IMAGE_FAMILIES, "arithmetic"))
         text = answer = _sum(rng)[0] if sub == "arithmetic" else IMAGE_FAMILIES[sub](rng)[1]
