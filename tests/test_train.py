@@ -168,6 +168,10 @@ def test_media_records_expand_placeholders(tiny_dir, data):
     assert ex.codes == codes_for(
         tok.decode(ex.input_ids[ex.reply_start : ex.reply_start + ex.reply_len])
     )
+    # the same records twice (as the Talker's swapped replies show them): media processed once
+    twice = Dataset([data, data], tok, cfg, task="talker")
+    a, b = twice.examples[1], twice.examples[1 + len(ds)]
+    assert a.media[0][1] is b.media[0][1] and a.input_ids == b.input_ids
 
 
 def test_stage_configs_parse():
@@ -256,6 +260,32 @@ def test_teacher_forced_talker_logits_equal_inference(tiny_dir, data):
             logits.append(talker.step(tcache, torch.tensor([ex.codes[k - 1]]), text, deltas))
         assert m + 1 > n + 1  # the steps run past the reply (text end, then text pad)
         torch.testing.assert_close(trained[b], torch.cat(logits), atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
+def test_code_noise_corrupts_input_codes_only(tiny_dir, data):
+    """``code_noise`` replaces some teacher-forced input codes by codes of the same reply; the
+    targets, the prompt and the start positions stay as they were."""
+    from omnistream.train import losses
+
+    model = _talker_model()
+    batch = _talker_batch(tiny_dir, data, model)
+    both, track = losses.talker_side(model.thinker, model.talker, batch, Stage().speaker_bos)
+    codes = [ex.codes for ex in batch["examples"]]
+    x0, pos0, tgt0 = losses.talker_inputs(model.talker, both, track, batch, codes)
+    torch.manual_seed(0)
+    x1, pos1, tgt1 = losses.talker_inputs(model.talker, both, track, batch, codes, 0.5)
+    assert torch.equal(tgt0, tgt1) and torch.equal(pos0, pos1)
+    for b, ex in enumerate(batch["examples"]):
+        P, m = ex.reply_start, len(ex.codes)
+        assert torch.equal(x0[b, : P + 2], x1[b, : P + 2])  # prompt, speaker, start
+        changed = (x0[b, P + 2 : P + 2 + m] != x1[b, P + 2 : P + 2 + m]).any(-1)  # [m]
+        assert 0 < int(changed.sum()) < m, "about half of the input codes replaced"
+        # a replaced input is the codec embedding of another code of the same reply
+        emb = model.talker.codec(torch.tensor(ex.codes))  # [m, E]
+        diff = x1[b, P + 2 : P + 2 + m] - x0[b, P + 2 : P + 2 + m]  # [m, E]
+        k = int(changed.nonzero()[0])
+        assert any(torch.allclose(diff[k], emb[j] - emb[k], atol=1e-5) for j in range(m))
 
 
 def test_joint_talker_training_reaches_thinker_params(tiny_dir, data):

@@ -192,11 +192,12 @@ def validate(rec: Any, base: Path) -> dict:
 def encode(
     rec: dict, tok: Tokenizer, cfg: ThinkerConfig, base: Path, task: str = "thinker",
     speech_codes: Callable[[str], list[int]] | None = None,
-    opts: ProcessorOptions | None = None,
+    opts: ProcessorOptions | None = None, media_cache: dict | None = None,
 ) -> Example:
     """Render + tokenise one validated record (media through ``process_media``).
     ``speech_codes(path)``: the codec that turns a record's ``speech`` file into talker targets
-    (``engine.codec.Codec.encode``) when it has no ``codec_ids``."""
+    (``engine.codec.Codec.encode``) when it has no ``codec_ids``. ``media_cache``: processed
+    media by file and part, shared by the records that show the same file."""
     sp = tok.special
     msgs = rec["messages"]
     aiv = bool(rec.get("use_audio_in_video", False))
@@ -209,8 +210,7 @@ def encode(
     for m, (head_text, content, tail_text) in zip(msgs, chat.render_turns(msgs, system),
                                                   strict=True):
         head, tail = tok.encode(head_text), tok.encode(tail_text)
-        items = [(p["type"], process_media(p["type"], str(base / p[p["type"]]), p, opts), p)
-                 for p in chat.media_parts([m])]
+        items = [(p["type"], _media(p, base, opts, media_cache), p) for p in chat.media_parts([m])]
         body: list[int] = []
         k = 0
         for i in tok.encode(content):  # each placeholder token -> the item's token count
@@ -277,6 +277,17 @@ def encode(
     return ex
 
 
+def _media(part: dict, base: Path, opts: ProcessorOptions | None, cache: dict | None) -> Any:
+    kind = part["type"]
+    path = str(base / part[kind])
+    if cache is None:
+        return process_media(kind, path, part, opts)
+    key = (path, json.dumps(part, sort_keys=True))
+    if key not in cache:
+        cache[key] = process_media(kind, path, part, opts)
+    return cache[key]
+
+
 def _positions(ids: list[int], mi: dict[str, list], cfg: ThinkerConfig,
                use_audio_in_video: bool = False) -> Tensor:
     def cat(kind, attr):
@@ -317,6 +328,7 @@ class Dataset:
     ):
         self.examples: list[Example] = []
         self.errors: list[str] = []
+        media_cache: dict = {}  # records that show the same file share its tensors
         for path in [paths] if isinstance(paths, (str, Path)) else paths:
             path = Path(path)
             with path.open(encoding="utf-8") as f:
@@ -330,7 +342,7 @@ class Dataset:
                         except json.JSONDecodeError as e:
                             raise RecordError(f"invalid JSON: {e.msg} (column {e.colno})") from None
                         ex = encode(validate(rec, path.parent), tok, cfg, path.parent, task,
-                                    speech_codes, processor_options)
+                                    speech_codes, processor_options, media_cache)
                         if max_len is not None and len(ex) > max_len:
                             raise RecordError(f"{len(ex)} tokens > max_len {max_len}")
                     except RecordError as e:

@@ -122,7 +122,7 @@ def talker_side(
 
 def talker_inputs(
     talker: nn.Module, both: Tensor, track: TextTrack, batch: dict[str, Any],
-    codes: list[list[int]],
+    codes: list[list[int]], code_noise: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Teacher-forced talker inputs; row i uses example ``i % B`` of the batch and ``codes[i]``.
 
@@ -131,6 +131,10 @@ def talker_inputs(
     ``Talker.teacher_forced`` (the start and m steps, exactly as inference builds them), whose
     positions P+1.. predict c_0..c_{m-1} and then codec eos (``Talker.targets``). Positions: the
     thinker's TMRoPE ids for the prompt, then one more per step on all rows.
+
+    ``code_noise`` > 0 replaces that fraction of the input codes (never the targets) by codes
+    drawn from the same row: the previous codes of a recording then cannot tell the Talker what
+    comes next (coarticulation), so it has to read the text track.
 
     Returns inputs [R, L, D], position ids [3, R, L] and targets [R, L] (-100 = none).
     """
@@ -142,8 +146,12 @@ def talker_inputs(
         P, n = examples[b].reply_start, examples[b].reply_len
         c = torch.tensor([cs], dtype=torch.long, device=dev)  # [1, m]
         m = c.shape[1]
+        c_in = c
+        if code_noise > 0 and m > 0:
+            hit = torch.rand(m, device=dev) < code_noise  # [m]
+            c_in = torch.where(hit, c[0, torch.randint(m, (m,), device=dev)], c[0])[None]
         step_state = P + torch.arange(m + 1, device=dev).clamp(max=max(n - 1, 0))
-        after = talker.teacher_forced(track, both[b, step_state][None], n, c)[0]  # [m+2, D]
+        after = talker.teacher_forced(track, both[b, step_state][None], n, c_in)[0]  # [m+2, D]
         x = torch.cat([both[b, :P], after])  # [P+2+m, D]
         p0 = batch["position_ids"][:, b, :P]  # [3, P]
         tail = p0.max() + 1 + torch.arange(m + 2, device=dev)
@@ -168,9 +176,11 @@ def talker_logits(talker: nn.Module, x: Tensor, pos: Tensor, keep: Tensor) -> Te
     return talker.codec_head(h[keep]).float()
 
 
-def talker_loss(thinker, talker, batch, speaker_bos: int) -> tuple[Tensor, int]:
+def talker_loss(thinker, talker, batch, speaker_bos: int,
+                code_noise: float = 0.0) -> tuple[Tensor, int]:
     both, track = talker_side(thinker, talker, batch, speaker_bos)
-    x, pos, tgt = talker_inputs(talker, both, track, batch, [ex.codes for ex in batch["examples"]])
+    x, pos, tgt = talker_inputs(talker, both, track, batch, [ex.codes for ex in batch["examples"]],
+                                code_noise)
     keep = tgt != IGNORE
     logits = talker_logits(talker, x, pos, keep)
     return F.cross_entropy(logits, tgt[keep], reduction="sum"), int(keep.sum())
