@@ -41,8 +41,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from omnistream.models import REPO_ROOT
 
 _ROOT = REPO_ROOT or Path.cwd()
@@ -72,10 +70,6 @@ STAGES = (
     ("stage4_dpo", "mini_4_dpo.json", ("dpo.jsonl",), "stage3_talker"),
 )
 SPEECH_LENGTH_SCALE = 1.0  # the Talker's targets: the Piper voice at its natural speed
-# Every reply's recording starts its speech after exactly this much digital silence. Piper's
-# lead-in varies (26-57 ms) from sentence to sentence, and the first codes of a recording then
-# told a Talker which memorised reply follows: it picked the lead-in, not the text (docs/MINI.md).
-SPEECH_LEAD_S = 0.06
 
 
 def log(msg: str) -> None:
@@ -112,24 +106,11 @@ def _count(path: Path) -> int:
     return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
 
 
-def even_start(pcm: np.ndarray, sr: int, lead_s: float = SPEECH_LEAD_S) -> np.ndarray:
-    """``pcm`` with everything before its first speech sample (35 dB under the loudest 10 ms)
-    replaced by ``lead_s`` of zeros."""
-    from omnistream.train.tasks_media import speech_bounds
-
-    start, _ = speech_bounds(pcm, sr)
-    peak = float(np.abs(pcm).max()) if pcm.size else 0.0
-    loud = np.flatnonzero(np.abs(pcm[start:]) > peak * 10 ** (-35 / 20))
-    first = start + (int(loud[0]) if loud.size else 0)
-    return np.concatenate([np.zeros(round(lead_s * sr), np.float32), pcm[first:]])
-
-
 def speech_file(text: str, folder: Path, length_scale: float = SPEECH_LENGTH_SCALE) -> Path:
-    """``text`` spoken in the Piper voice, its speech starting after ``SPEECH_LEAD_S`` (cached by
-    text: the same reply is spoken once)."""
+    """``text`` spoken in the Piper voice (cached by text: the same reply is spoken once)."""
     from omnistream.train.voices import piper, write_wav
 
-    h = hashlib.sha1(f"{length_scale}|{SPEECH_LEAD_S}|{text}".encode()).hexdigest()[:16]
+    h = hashlib.sha1(f"{length_scale}|{text}".encode()).hexdigest()[:16]
     path = folder / f"{h}.wav"
     if not path.is_file():
         folder.mkdir(parents=True, exist_ok=True)
@@ -137,7 +118,7 @@ def speech_file(text: str, folder: Path, length_scale: float = SPEECH_LENGTH_SCA
         if pcm.size == 0:
             raise ValueError(f"the Piper voice speaks nothing for {text!r}")
         tmp = path.with_suffix(".tmp.wav")
-        write_wav(tmp, even_start(pcm, sr), sr)
+        write_wav(tmp, pcm, sr)
         tmp.replace(path)
     return path
 
