@@ -269,25 +269,6 @@ def test_records_split_by_media(tmp_path):
     assert json.loads((tmp_path / "media.jsonl").read_text()) == media
 
 
-def test_swapped_replies_keep_the_prompt_and_pair_text_with_its_recording(tmp_path):
-    from omnistream.train.mini import swap_replies
-
-    def rec(family: str, q: str, a: str) -> dict:
-        return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
-                "family": family, "speech": f"speech/{a}.wav"}
-
-    recs = [rec("count", "q1", "One."), rec("count", "q2", "Two."), rec("count", "q3", "Two."),
-            rec("chat", "hi", "Hello!")]
-    (tmp_path / "talker.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
-    assert swap_replies(tmp_path / "talker.jsonl", tmp_path / "swap.jsonl", 0) == 3
-    out = [json.loads(x) for x in (tmp_path / "swap.jsonl").read_text().splitlines()]
-    for r in out:
-        src = next(s for s in recs if s["messages"][0] == r["messages"][0])
-        assert r["family"] == src["family"] == "count"  # chat has one reply: left out
-        reply = r["messages"][-1]["content"]
-        assert reply != src["messages"][-1]["content"] and r["speech"] == f"speech/{reply}.wav"
-
-
 def test_recipe_follows_the_papers_order():
     """Each stage starts from an earlier one, its config exists, and the tasks come in the
     paper's order: Thinker stages (text, encoder alignment, everything), Talker, Talker DPO."""

@@ -13,8 +13,7 @@ config). Steps, in order (``OUT/...``):
    ``talker.jsonl``: the records with ``speech``, the reply spoken in the Piper voice at
    length_scale 1.0 (``train.voices``); the checkpoint's codec turns it into the Talker's targets.
    ``talker_repeat/talker.jsonl``: ``--talker-repeat`` more ``repeat`` cases, spoken the same way
-   (the Talker's many distinct replies). ``talker_swap.jsonl``: ``talker.jsonl`` with every
-   reply exchanged for another of its family (``swap_replies``: the Talker says the given reply).
+   (the Talker's many distinct replies).
 3. Stages through ``omnistream train`` (``configs/train/mini_*.json``), each from the previous
    one's output: ``stage0_text`` (the LLM on the text families: it stands in for the pretrained
    Qwen2.5 LLM the paper starts from), ``stage1_align`` (encoders aligned with the LLM frozen),
@@ -50,11 +49,6 @@ STAGE_DIR = _ROOT / "configs" / "train"
 # text only and cheap to speak: thousands of random word lists over the tasks' vocabulary teach it
 # the words instead of the sentences.
 TALKER_REPEAT = "talker_repeat"
-# The Talker also learned to read a task's answer from the media (a fresh image, the right count)
-# instead of from the reply it is given: teacher forced, its loss did not change when a reply's
-# number or color was swapped (docs/MINI.md). When the Thinker errs it must still say the
-# Thinker's words, so it also trains on records whose reply is another case's of the same family.
-TALKER_SWAP = "talker_swap.jsonl"
 # (output folder, stage config, training data in OUT/data, source: "init" or a previous stage).
 # Stage 2 sees the text records twice: they are short (cheap) and teach the copying that the
 # answers of most families need (operands, repeated words, the asked color or shape). Stage 2b
@@ -65,8 +59,8 @@ STAGES = (
     ("stage1_align", "mini_1_align.json", ("media.jsonl",), "stage0_text"),
     ("stage2_all", "mini_2_all.json", ("data.jsonl", "text.jsonl"), "stage1_align"),
     ("stage2b_all", "mini_2b_all.json", ("data.jsonl", "text.jsonl"), "stage2_all"),
-    ("stage3_talker", "mini_3_talker.json",
-     ("talker.jsonl", TALKER_SWAP, f"{TALKER_REPEAT}/talker.jsonl"), "stage2b_all"),
+    ("stage3_talker", "mini_3_talker.json", ("talker.jsonl", f"{TALKER_REPEAT}/talker.jsonl"),
+     "stage2b_all"),
     ("stage4_dpo", "mini_4_dpo.json", ("dpo.jsonl",), "stage3_talker"),
 )
 SPEECH_LENGTH_SCALE = 1.0  # the Talker's targets: the Piper voice at its natural speed
@@ -145,27 +139,6 @@ def add_speech(data: Path, out: Path, speech_dir: str = "speech") -> int:
     return len(texts)
 
 
-def swap_replies(talker: Path, out: Path, seed: int) -> int:
-    """``out``: the records of ``talker`` (spoken, see ``add_speech``), each with the reply and
-    its recording of another record of the same family whose reply differs (a record whose
-    family has a single reply is left out). Returns the number of records written."""
-    import random
-
-    recs = [json.loads(x) for x in talker.read_text(encoding="utf-8").splitlines() if x.strip()]
-    replies: dict[str, list[tuple[dict, str]]] = {}  # family -> (reply message, recording)
-    for rec in recs:
-        replies.setdefault(rec["family"], []).append((rec["messages"][-1], rec["speech"]))
-    rng, lines = random.Random(seed), []
-    for rec in recs:
-        others = [r for r in replies[rec["family"]] if r[1] != rec["speech"]]
-        if not others:
-            continue
-        rec["messages"][-1], rec["speech"] = rng.choice(others)
-        lines.append(json.dumps(rec, ensure_ascii=False))
-    _write_lines(out, lines)
-    return len(lines)
-
-
 # -- steps ---------------------------------------------------------------------------------------
 
 
@@ -228,9 +201,6 @@ def run(out: str | Path, codec: str | Path | None, n_per_family: int = 800, seed
     if not _done(data_dir / "talker.jsonl", "speech"):
         timed("speech", lambda: log(
             f"speech: {add_speech(data, data_dir / 'talker.jsonl')} replies spoken"))
-    if not _done(data_dir / TALKER_SWAP, "swapped replies"):
-        n_swap = swap_replies(data_dir / "talker.jsonl", data_dir / TALKER_SWAP, seed)
-        log(f"swapped replies: {n_swap} records")
     repeat_dir = data_dir / TALKER_REPEAT
     if not _done(repeat_dir / "talker.jsonl", "talker repeat"):
         def talker_repeat() -> None:
