@@ -68,6 +68,9 @@ codec: setup-test
 		$(CODEC_OUT)/merged
 	$(BIN)/omnistream train --config configs/train/codec_dit.json \
 		--data $(CODEC_OUT)/corpus/corpus.jsonl --model $(CODEC_OUT)/merged --out $(CODEC_OUT)/dit
+	$(BIN)/python -m omnistream.train.speech_corpus $(CODEC_OUT)/corpus4k --n 4000 --seed 0
+	$(BIN)/omnistream train --config configs/train/codec_ctc.json \
+		--data $(CODEC_OUT)/corpus4k/corpus.jsonl --model $(CODEC_OUT)/dit --out $(CODEC_OUT)/ctc
 	mkdir -p models/codec && cp configs/codec/config.json models/codec/ && \
-		cp $(CODEC_OUT)/dit/model.safetensors $(CODEC_OUT)/dit/spk_dict.pt models/codec/
+		cp $(CODEC_OUT)/ctc/model.safetensors $(CODEC_OUT)/ctc/spk_dict.pt models/codec/
 	$(BIN)/omnistream codec eval --model models/codec --n 100
