@@ -133,8 +133,8 @@ def talker_inputs(
     thinker's TMRoPE ids for the prompt, then one more per step on all rows.
 
     ``code_noise`` > 0 replaces that fraction of the input codes (never the targets) by codes
-    drawn from the same row: the previous codes of a recording then cannot tell the Talker what
-    comes next (coarticulation), so it has to read the text track.
+    drawn from the same row, so the exact previous codes are a less reliable cue to the next
+    (at 0.15 it did not make the omni-mini Talker read its text: docs/MINI.md).
 
     Returns inputs [R, L, D], position ids [3, R, L] and targets [R, L] (-100 = none).
     """

@@ -71,7 +71,7 @@ class Stage:
     speaker_bos: int = 151872  # thinker-vocab token of the voice (Chelsie)
     dpo_beta: float = 0.1
     # talker: fraction of teacher-forced input codes replaced by other codes of the same reply
-    # (``losses.talker_inputs``), so the next code is read from the text, not the recording
+    # (``losses.talker_inputs``; a regulariser against leaning on the exact previous codes)
     code_noise: float = 0.0
     # speech codec stages: training crops of this many mel frames (100 per second)
     segment_frames: int = 192
