@@ -168,7 +168,7 @@ def test_media_records_expand_placeholders(tiny_dir, data):
     assert ex.codes == codes_for(
         tok.decode(ex.input_ids[ex.reply_start : ex.reply_start + ex.reply_len])
     )
-    # the same records twice (as the Talker's swapped replies show them): media processed once
+    # records that show the same file (here: the same records twice): media processed once
     twice = Dataset([data, data], tok, cfg, task="talker")
     a, b = twice.examples[1], twice.examples[1 + len(ds)]
     assert a.media[0][1] is b.media[0][1] and a.input_ids == b.input_ids
@@ -286,6 +286,14 @@ def test_code_noise_corrupts_input_codes_only(tiny_dir, data):
         diff = x1[b, P + 2 : P + 2 + m] - x0[b, P + 2 : P + 2 + m]  # [m, E]
         k = int(changed.nonzero()[0])
         assert any(torch.allclose(diff[k], emb[j] - emb[k], atol=1e-5) for j in range(m))
+    # the stage key reaches the training loss
+    from omnistream.train.loop import Objective
+
+    loss = {}
+    for noise in (0.0, 0.5):
+        torch.manual_seed(0)
+        loss[noise], _ = Objective(model, Stage(task="talker", code_noise=noise))(batch)
+    assert not torch.allclose(loss[0.0], loss[0.5])
 
 
 def test_joint_talker_training_reaches_thinker_params(tiny_dir, data):
