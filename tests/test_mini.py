@@ -248,6 +248,23 @@ def test_voice_reference_wer():
     assert s["wer"] == 0.4 and s["voice_wer"] == 0.1
 
 
+def test_word_by_word_voice_repeats_its_units_exactly():
+    """The Talker's targets: function words join the next word, and a unit sounds the same in
+    every reply, so two replies that share their first unit share those samples exactly."""
+    pytest.importorskip("piper", reason="the voice needs the data extra")
+    from omnistream.train.voices import WORD_GAP_S, piper_words, speaking_units
+
+    assert speaking_units("The circle is red.") == ["the circle", "is red"]
+    assert speaking_units("Hello! I am omnistream, a small model.") == [
+        "hello", "i am omnistream", "a small", "model"]
+    red, sr = piper_words("The circle is red.")
+    blue, _ = piper_words("The circle is blue.")
+    same = int(np.argmax(red[: len(blue)] != blue[: len(red)]))  # first differing sample
+    first, _ = piper_words("The circle")
+    assert same >= len(first) - int(0.1 * sr) + int(WORD_GAP_S * sr) - 1  # edge + unit + gap
+    assert len(red) != len(blue) or not np.array_equal(red, blue)
+
+
 def test_eval_refuses_training_seeds(tiny_dir):
     from omnistream.eval.tasks import evaluate, normalize_answer
 

@@ -355,6 +355,19 @@ def test_encoder_alignment_trains_encoders_only(tiny_dir, data, tmp_path):
     assert frozen == [], frozen[:5]  # the LLM, talker and token2wav are bit-identical
 
 
+def test_lr_scale_sets_each_groups_rate(tiny_dir, data, tmp_path):
+    """``lr_scale`` 0 keeps the vision tower bit-identical while the rest of the Thinker moves;
+    matching is by glob, first pattern wins."""
+    st = stage("full", lr=1e-3, max_steps=2, lr_scale={"thinker.visual.*": 0.0,
+                                                       "thinker.*": 1.0})
+    train(st, data, tiny_dir, tmp_path / "out", verbose=False)
+    diff = changed(tiny_dir, tmp_path / "out")
+    vision = [v for k, v in diff.items() if k.startswith("thinker.visual.")]
+    assert vision and not any(vision)
+    assert any(v for k, v in diff.items() if k.startswith("thinker.model."))
+    assert any(v for k, v in diff.items() if k.startswith("thinker.audio_tower."))
+
+
 def _media_stats(model_dir: Path, data: Path) -> tuple[float, float]:
     """The encoders' outputs over the whole set: mean row RMS^2, mean per-dimension std."""
     from omnistream.train.losses import encode_media

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from omnistream.codec.encoder import MEL_SCALE, MEL_SHIFT, SpeechEncoder
 from omnistream.codec.features import speech_mel
 from omnistream.config import OmniConfig
+from omnistream.media.audio import OUTPUT_SAMPLE_RATE
 from omnistream.nn.bigvgan import HOP
 from omnistream.nn.token2wav import Token2Wav
 from omnistream.train.loop import LOG_FILE, lr_at
@@ -117,10 +118,12 @@ class SpeechSet:
 
 
 def read_wav(path: str | Path) -> Tensor:
-    """A 16-bit mono WAV as float32 [n]."""
+    """A 16-bit mono 24 kHz WAV as float32 [n]."""
     with wave.open(str(path), "rb") as w:
         if w.getnchannels() != 1 or w.getsampwidth() != 2:
             raise ValueError(f"{path}: expected 16-bit mono WAV")
+        if w.getframerate() != OUTPUT_SAMPLE_RATE:
+            raise ValueError(f"{path}: expected {OUTPUT_SAMPLE_RATE} Hz, got {w.getframerate()}")
         x = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
     return torch.from_numpy(x.astype(np.float32) / 32768.0)
 

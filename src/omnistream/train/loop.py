@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fnmatch
 import functools
 import json
 import math
@@ -73,6 +74,20 @@ def n_targets(batch: dict[str, Any], task: str) -> int:
     if task == "talker":
         return sum(len(e.codes) + 1 for e in batch["examples"])
     return len(batch["examples"])
+
+
+def param_groups(model: nn.Module, s: Stage) -> list[dict]:
+    """The trainable parameters grouped by weight decay (matrices only) and ``s.lr_scale``."""
+    groups: dict[tuple[bool, float], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        scale = next((v for pat, v in s.lr_scale.items() if fnmatch.fnmatchcase(name, pat)), 1.0)
+        groups.setdefault((p.ndim >= 2, scale), []).append(p)
+    # matrices first: the order resume states from before ``lr_scale`` were saved in
+    order = sorted(groups, key=lambda k: (not k[0], k[1]))
+    return [{"params": groups[k], "weight_decay": s.weight_decay if k[0] else 0.0,
+             "lr_scale": k[1]} for k in order]
 
 
 def lr_at(step: int, s: Stage) -> float:
@@ -219,13 +234,7 @@ def train(
     else:
         engine = objective
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [
-        {"params": decay, "weight_decay": s.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=s.lr, betas=s.betas)
+    optimizer = torch.optim.AdamW(param_groups(model, s), lr=s.lr, betas=s.betas)
     log(
         {
             "event": "model",
@@ -253,7 +262,7 @@ def train(
     while step < end:
         lr = lr_at(step, s)
         for g in optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         micro = [
             collate([ds[i] for i in ids], tok.special.pad)
             for ids in split(next(batches), s.grad_accum, world, rank)

@@ -6,22 +6,24 @@
 run again; a stage that was interrupted resumes from its last checkpoint (``save_every`` in its
 config). Steps, in order (``OUT/...``):
 
-1. ``init/``: the from-scratch checkpoint (``mini_model.init_mini``: random Thinker and Talker,
-   the trained codec's Token2Wav, speech encoder and voice).
-2. ``data/``: ``--n-per-family`` cases of every task family (``train.tasks``, seed 0), split into
+1. ``data/``: ``--n-per-family`` cases of every task family (``train.tasks``, seed 0), split into
    ``text.jsonl`` (no media), ``media.jsonl`` (with media) and ``data.jsonl`` (all), and
    ``talker.jsonl``: the records with ``speech``, the reply spoken in the Piper voice at
-   length_scale 1.0 (``train.voices``); the checkpoint's codec turns it into the Talker's targets.
-   ``talker_repeat/talker.jsonl``: ``--talker-repeat`` more ``repeat`` cases, spoken the same way
-   (the Talker's many distinct replies).
-3. Stages through ``omnistream train`` (``configs/train/mini_*.json``), each from the previous
+   length_scale 1.0 word by word (``train.voices.piper_words``); the checkpoint's codec turns it
+   into the Talker's targets. ``talker_repeat/talker.jsonl``: ``--talker-repeat`` more
+   ``repeat`` cases, spoken the same way (the Talker's many distinct replies).
+2. ``voice_codec/``: the codec's Token2Wav DiT fine-tuned on 3,000 of those replies and 1,000
+   whole sentences (``configs/train/mini_voice.json``), so it renders the Talker's voice well.
+3. ``init/``: the from-scratch checkpoint (``mini_model.init_mini``: random Thinker and Talker,
+   that codec's Token2Wav, speech encoder and voice).
+4. Stages through ``omnistream train`` (``configs/train/mini_*.json``), each from the previous
    one's output: ``stage0_text`` (the LLM on the text families: it stands in for the pretrained
    Qwen2.5 LLM the paper starts from), ``stage1_align`` (encoders aligned with the LLM frozen),
    ``stage2_all`` (everything on all families, in batches that mix the families),
    ``stage2b_all`` (the same, continued with a warm restart), ``stage3_talker`` (the Talker).
-4. ``data/dpo.jsonl``: preference pairs of sampled speech ranked by the recognizer's WER and by
+5. ``data/dpo.jsonl``: preference pairs of sampled speech ranked by the recognizer's WER and by
    pause errors (``train.dpo_pairs``), then ``stage4_dpo`` (Talker DPO).
-5. The shipped copy (``--ship``, default ``models/omni-mini``: bf16 Thinker/Talker,
+6. The shipped copy (``--ship``, default ``models/omni-mini``: bf16 Thinker/Talker,
    ``mini_model.ship``) and its evaluation on fresh cases (``omnistream eval``), kept in
    ``OUT/eval.txt``.
 
@@ -64,6 +66,9 @@ STAGES = (
     ("stage4_dpo", "mini_4_dpo.json", ("dpo.jsonl",), "stage3_talker"),
 )
 SPEECH_LENGTH_SCALE = 1.0  # the Talker's targets: the Piper voice at its natural speed
+VOICE_CODEC = "voice_codec"  # the codec with its DiT fine-tuned on the Talker's targets
+VOICE_CLIPS = 3000  # distinct word-by-word replies in that fine-tune
+VOICE_SENTENCES = 1000  # whole sentences beside them, so the DiT keeps reading other speech
 
 
 def log(msg: str) -> None:
@@ -101,14 +106,15 @@ def _count(path: Path) -> int:
 
 
 def speech_file(text: str, folder: Path, length_scale: float = SPEECH_LENGTH_SCALE) -> Path:
-    """``text`` spoken in the Piper voice (cached by text: the same reply is spoken once)."""
-    from omnistream.train.voices import piper, write_wav
+    """``text`` spoken in the Piper voice word by word (``voices.piper_words``; cached by text: the
+    same reply is spoken once)."""
+    from omnistream.train.voices import piper_words, write_wav
 
-    h = hashlib.sha1(f"{length_scale}|{text}".encode()).hexdigest()[:16]
+    h = hashlib.sha1(f"words|{length_scale}|{text}".encode()).hexdigest()[:16]
     path = folder / f"{h}.wav"
     if not path.is_file():
         folder.mkdir(parents=True, exist_ok=True)
-        pcm, sr = piper(text, length_scale)
+        pcm, sr = piper_words(text, length_scale)
         if pcm.size == 0:
             raise ValueError(f"the Piper voice speaks nothing for {text!r}")
         tmp = path.with_suffix(".tmp.wav")
@@ -157,7 +163,7 @@ def _run(cmd: list[str]) -> None:
 
 def run(out: str | Path, codec: str | Path | None, n_per_family: int = 800, seed: int = 0,
         ship_dir: str | Path | None = None, eval_n: int = 10, dpo_prompts: int = 22,
-        dpo_samples: int = 4, max_steps_scale: float = 1.0, talker_repeat_n: int = 4000) -> Path:
+        dpo_samples: int = 4, max_steps_scale: float = 1.0, talker_repeat_n: int = 10000) -> Path:
     """Run every step not yet done (see the module docstring); returns the shipped directory."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -172,24 +178,13 @@ def run(out: str | Path, codec: str | Path | None, n_per_family: int = 800, seed
         timings[name] = round(timings.get(name, 0.0) + time.time() - t, 1)
         timings_path.write_text(json.dumps(timings, indent=2) + "\n")
 
-    # 1. the from-scratch checkpoint
     init = out / "init"
-    if not _done(init / "config.json", "init"):
-        if codec is None or not (Path(codec) / "model.safetensors").is_file():
-            raise SystemExit(f"no trained speech codec at {codec}: train one (configs/train/"
-                             "codec*.json) and pass --codec DIR (make mini CODEC=DIR)")
-        from omnistream.train.mini_model import budget, format_budget, init_mini
+    if not (init / "config.json").is_file() and (
+            codec is None or not (Path(codec) / "model.safetensors").is_file()):
+        raise SystemExit(f"no trained speech codec at {codec}: train one (configs/train/"
+                         "codec*.json) and pass --codec DIR (make mini CODEC=DIR)")
 
-        def make_init() -> None:
-            tmp = out / "init.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            init_mini(tmp, codec, seed)
-            print(format_budget(budget(tmp)), flush=True)
-            tmp.replace(init)
-
-        timed("init", make_init)
-
-    # 2. data
+    # 1. data
     data_dir = out / "data"
     data = data_dir / "data.jsonl"
     if not _done(data, "data"):
@@ -211,7 +206,43 @@ def run(out: str | Path, codec: str | Path | None, n_per_family: int = 800, seed
 
         timed("talker_repeat", talker_repeat)
 
-    # 3.-4. stages (DPO pairs before the DPO stage)
+    # 2. the voice: the codec's Token2Wav DiT fine-tuned on the Talker's targets, the
+    # word-by-word replies (the codes do not change: the codec's encoder stays as it is)
+    voice = out / VOICE_CODEC
+    if not _done(voice / "voice.json", "voice"):
+        from omnistream.train.speech_corpus import make_corpus, talker_corpus
+
+        def tune_voice() -> None:
+            words = talker_corpus([data_dir / "talker.jsonl", repeat_dir / "talker.jsonl"],
+                                  data_dir / "voice_words", VOICE_CLIPS, seed)
+            n_words = _count(words)  # fewer than VOICE_CLIPS in a small trial run
+            sentences = make_corpus(data_dir / "voice_sentences",
+                                    min(VOICE_SENTENCES, max(1, n_words // 3)), seed)
+            cfg = STAGE_DIR / "mini_voice.json"
+            cmd = py + ["omnistream.cli", "train", "--config", str(cfg), "--data", str(words),
+                        str(sentences), "--model", str(codec), "--out", str(voice)]
+            if max_steps_scale != 1.0:
+                steps = json.loads(cfg.read_text())["max_steps"]
+                cmd += ["--max-steps", str(max(1, round(steps * max_steps_scale)))]
+            _run(cmd)
+            (voice / "voice.json").write_text(json.dumps({"from": str(codec)}) + "\n")
+
+        timed("voice", tune_voice)
+
+    # 3. the from-scratch checkpoint, with that voice
+    if not _done(init / "config.json", "init"):
+        from omnistream.train.mini_model import budget, format_budget, init_mini
+
+        def make_init() -> None:
+            tmp = out / "init.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            init_mini(tmp, voice, seed)
+            print(format_budget(budget(tmp)), flush=True)
+            tmp.replace(init)
+
+        timed("init", make_init)
+
+    # 4.-5. stages (DPO pairs before the DPO stage)
     final = out / STAGES[-1][0]
     for name, cfg, train_data, src in STAGES:
         stage_out = out / name
@@ -238,7 +269,7 @@ def run(out: str | Path, codec: str | Path | None, n_per_family: int = 800, seed
             cmd += ["--max-steps", str(max(1, round(stage["max_steps"] * max_steps_scale)))]
         timed(name, lambda cmd=cmd: _run(cmd))
 
-    # 5. ship and evaluate
+    # 6. ship and evaluate
     from omnistream.train.mini_model import budget, format_budget, ship
 
     ship_dir = Path(ship_dir) if ship_dir is not None else _ROOT / "models" / "omni-mini"
@@ -275,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="training data seed (< 1,000,000)")
     ap.add_argument("--ship", default=None, help="shipped model folder (default models/omni-mini)")
     ap.add_argument("--eval-n", type=int, default=10, help="fresh cases per family (0: none)")
-    ap.add_argument("--talker-repeat", type=int, default=4000,
+    ap.add_argument("--talker-repeat", type=int, default=10000,
                     help="extra repeat cases spoken for the Talker (distinct replies)")
     ap.add_argument("--dpo-prompts", type=int, default=22)
     ap.add_argument("--dpo-samples", type=int, default=4)

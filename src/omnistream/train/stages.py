@@ -61,6 +61,9 @@ class Stage:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0  # 0 = off
+    # glob over param names -> multiplier of the stage's lr (first match wins): e.g. a vision
+    # tower that would forget its colours at the LLM's rate learns at a tenth of it
+    lr_scale: dict[str, float] = field(default_factory=dict)
     dtype: str = "float32"  # autocast dtype: "float32" (off) | "bfloat16"
     # thinker, encoders trained from scratch (``losses.media_penalty``; 0 = off): each
     # audio/vision output row's RMS is pulled back under the limit, each output dimension's

@@ -8,6 +8,7 @@ deterministic for a given (text, voice, speed): Piper runs with its noise scales
 from __future__ import annotations
 
 import functools
+import re
 import shutil
 import subprocess
 import tempfile
@@ -55,6 +56,51 @@ def piper(text: str, length_scale: float = 1.0) -> tuple[np.ndarray, int]:
     chunks = [c.audio_float_array for c in v.synthesize(text, syn_config=cfg)]
     pcm = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
     return pcm.astype(np.float32), int(v.config.sample_rate)
+
+
+# Function words join the word after them: spoken alone, "the" is heard as "that", "a" as "eight".
+CLITICS = frozenset({"a", "am", "an", "are", "can", "do", "how", "i", "is", "it", "of", "the",
+                     "there", "to", "what", "you"})
+WORD_GAP_S = 0.06  # silence between spoken units
+_EDGE_S = 0.1  # silence before and after a whole reply
+
+
+def speaking_units(text: str) -> list[str]:
+    """The units ``piper_words`` speaks one by one: each word with the function words before it."""
+    units, pending = [], []
+    for w in re.findall(r"[A-Za-z']+|\d+", text):
+        pending.append(w.lower())
+        if pending[-1] not in CLITICS:
+            units.append(" ".join(pending))
+            pending = []
+    if pending:
+        units.append(" ".join(pending))
+    return units
+
+
+@functools.lru_cache(maxsize=4096)
+def _unit(unit: str, length_scale: float) -> tuple[np.ndarray, int]:
+    pcm, sr = piper(unit, length_scale)
+    loud = np.nonzero(np.abs(pcm) > 0.02 * np.abs(pcm).max())[0]
+    lo, hi = max(loud[0] - int(0.01 * sr), 0), min(loud[-1] + int(0.02 * sr), len(pcm))
+    return pcm[lo:hi], sr
+
+
+def piper_words(text: str, length_scale: float = 1.0) -> tuple[np.ndarray, int]:
+    """``text`` in the Piper voice, unit by unit (``speaking_units``), joined by short silences.
+
+    The omni-mini Talker's targets. From whole-sentence recordings a small Talker learns each
+    reply by heart, keyed by its first codes, and never reads the text (docs/MINI.md); here every
+    unit sounds the same in every reply, so at each gap only the text tells what comes next."""
+    parts: list[np.ndarray] = []
+    sr = 22050
+    for u in speaking_units(text):
+        pcm, sr = _unit(u, length_scale)
+        parts += [pcm, np.zeros(int(WORD_GAP_S * sr), np.float32)]
+    if not parts:
+        return np.zeros(0, np.float32), sr
+    edge = np.zeros(int(_EDGE_S * sr), np.float32)
+    return np.concatenate([edge, *parts[:-1], edge]), sr
 
 
 def espeak(text: str, wpm: float = 160.0, voice: str = "en-us") -> tuple[np.ndarray, int]:
