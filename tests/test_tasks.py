@@ -399,3 +399,31 @@ def test_make_case_is_deterministic(family):
     assert (x.question, x.answer, x.meta) == (y.question, y.answer, y.meta)
     assert [m.data for m in x.media] == [m.data for m in y.media]
     _check_strings(x)
+
+
+def test_counterfactual_answers_change_the_content_in_the_familys_grammar():
+    """Talker training replies that contradict the media: the count, color, shape, direction or
+    sum changes; the rest of the sentence, and its grammar, stay."""
+    examples = {
+        "image-count": ["There is one shape.", "There are six shapes."],
+        "image-count-color": ["There are no red shapes.", "There is one blue shape.",
+                              "There are four yellow shapes."],
+        "image-color": ["The circle is yellow.", "The triangle is red."],
+        "image-shape": ["The green shape is a triangle."],
+        "arithmetic": ["Seven plus three is ten.", "Ten minus ten is zero."],
+        "beeps": ["I hear one beep.", "I hear five beeps."],
+        "video-motion": ["It moves to the left.", "It moves up."],
+        "audio-in-video": ["It was blue."],
+    }
+    rng = np.random.default_rng(0)
+    for family, answers in examples.items():
+        for a in answers:
+            for _ in range(5):
+                cf = tasks.counterfactual_answer(a, rng)
+                assert cf is not None and cf != a, (a, cf)
+                assert re.fullmatch(GRAMMAR[family][1], cf), (family, cf)
+                kept = {"image-color": a.split()[1], "image-shape": a.split()[1],
+                        "image-count-color": re.search(C, a)[0] if re.search(C, a) else None,
+                        "arithmetic": " ".join(a.split()[:3])}.get(family)
+                assert kept is None or kept in cf, (a, cf)
+    assert tasks.counterfactual_answer(tasks.CHAT_ANSWER, rng) is None

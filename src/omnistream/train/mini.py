@@ -12,6 +12,8 @@ config). Steps, in order (``OUT/...``):
    length_scale 1.0 word by word (``train.voices.piper_words``); the checkpoint's codec turns it
    into the Talker's targets. ``talker_repeat/talker.jsonl``: ``--talker-repeat`` more
    ``repeat`` cases, spoken the same way (the Talker's many distinct replies).
+   ``talker_counter.jsonl``: the task records again with the reply's content word changed
+   (``add_counterfactuals``), so the Talker learns to say the tokens it is given.
 2. ``voice_codec/``: the codec's Token2Wav DiT fine-tuned on 3,000 of those replies and 1,000
    whole sentences (``configs/train/mini_voice.json``), so it renders the Talker's voice well.
 3. ``init/``: the from-scratch checkpoint (``mini_model.init_mini``: random Thinker and Talker,
@@ -51,6 +53,9 @@ STAGE_DIR = _ROOT / "configs" / "train"
 # text only and cheap to speak: thousands of random word lists over the tasks' vocabulary teach it
 # the words instead of the sentences.
 TALKER_REPEAT = "talker_repeat"
+# Replies that contradict their media (``add_counterfactuals``): trained on true replies only, the
+# Talker says what the Thinker's hidden states expect rather than the token it is given.
+TALKER_COUNTER = "talker_counter.jsonl"
 # (output folder, stage config, training data in OUT/data, source: "init" or a previous stage).
 # Stage 2 sees the text records twice: they are short (cheap) and teach the copying that the
 # answers of most families need (operands, repeated words, the asked color or shape). Stage 2b
@@ -61,8 +66,8 @@ STAGES = (
     ("stage1_align", "mini_1_align.json", ("media.jsonl",), "stage0_text"),
     ("stage2_all", "mini_2_all.json", ("data.jsonl", "text.jsonl"), "stage1_align"),
     ("stage2b_all", "mini_2b_all.json", ("data.jsonl", "text.jsonl"), "stage2_all"),
-    ("stage3_talker", "mini_3_talker.json", ("talker.jsonl", f"{TALKER_REPEAT}/talker.jsonl"),
-     "stage2b_all"),
+    ("stage3_talker", "mini_3_talker.json",
+     ("talker.jsonl", f"{TALKER_REPEAT}/talker.jsonl", TALKER_COUNTER), "stage2b_all"),
     ("stage4_dpo", "mini_4_dpo.json", ("dpo.jsonl",), "stage3_talker"),
 )
 SPEECH_LENGTH_SCALE = 1.0  # the Talker's targets: the Piper voice at its natural speed
@@ -148,6 +153,32 @@ def add_speech(data: Path, out: Path, speech_dir: str = "speech") -> int:
 # -- steps ---------------------------------------------------------------------------------------
 
 
+def add_counterfactuals(talker: Path, out: Path, seed: int, speech_dir: str = "speech") -> int:
+    """``out``: a copy of each record of ``talker`` (records with ``speech``) whose reply has a
+    content word (``tasks.counterfactual_answer``), with that word changed and the new reply
+    spoken; the media are unchanged, so the reply contradicts them. Returns the record count."""
+    import numpy as np
+
+    from omnistream.train.tasks import counterfactual_answer
+
+    rng = np.random.default_rng([seed, 7])
+    lines = []
+    for line in talker.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        if rec.get("family") in ("chat", "repeat"):
+            continue
+        reply = counterfactual_answer(rec["messages"][-1]["content"], rng)
+        if reply is None:
+            continue
+        rec["messages"][-1]["content"] = reply
+        rec["speech"] = f"{speech_dir}/{speech_file(reply, talker.parent / speech_dir).name}"
+        lines.append(json.dumps(rec, ensure_ascii=False))
+    _write_lines(out, lines)
+    return len(lines)
+
+
 def _done(path: Path, what: str) -> bool:
     if path.exists():
         log(f"{what}: done ({path})")
@@ -205,6 +236,13 @@ def run(out: str | Path, codec: str | Path | None, n_per_family: int = 800, seed
             log(f"talker repeat: {add_speech(rep, repeat_dir / 'talker.jsonl')} replies spoken")
 
         timed("talker_repeat", talker_repeat)
+    counter = data_dir / TALKER_COUNTER
+    if not _done(counter, "counterfactual replies"):
+        def talker_counter() -> None:
+            n = add_counterfactuals(data_dir / "talker.jsonl", counter, seed)
+            log(f"counterfactual replies: {n} records")
+
+        timed("talker_counter", talker_counter)
 
     # 2. the voice: the codec's Token2Wav DiT fine-tuned on the Talker's targets, the
     # word-by-word replies (the codes do not change: the codec's encoder stays as it is)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,6 +117,39 @@ def count_answer(n: int, color: str | None = None) -> str:
             raise ValueError("an image always has a shape")
         return f"There are no {c}shapes."
     return f"There are {NUMBERS[n]} {c}shapes."
+
+
+def counterfactual_answer(answer: str, rng: np.random.Generator) -> str | None:
+    """``answer`` with its content (the count, a color, a shape, the direction or a sum's result)
+    changed to another of its kind, in the family's grammar; None for answers without one.
+
+    Talker training data: the Thinker's hidden states tell the reply it expects from the media,
+    and a Talker trained only on true replies learns to say that instead of the token it is
+    given (docs/MINI.md); replies that contradict the media make it read the tokens."""
+    m = re.fullmatch(r"There (?:is|are) (\w+) (?:(red|green|blue|yellow) )?shapes?\.", answer)
+    if m:
+        n = 0 if m[1] == "no" else NUMBERS.index(m[1])
+        lo = 0 if m[2] else 1
+        n2 = _choice(rng, [k for k in range(lo, tm.MAX_SHAPES + 1) if k != n])
+        return count_answer(n2, m[2])
+    m = re.fullmatch(r"I hear (\w+) beeps?\.", answer)
+    if m:
+        n2 = _choice(rng, [k for k in range(1, 6) if NUMBERS[k] != m[1]])
+        return "I hear one beep." if n2 == 1 else f"I hear {NUMBERS[n2]} beeps."
+    m = re.fullmatch(r"(\w+) (plus|minus) (\w+) is (\w+)\.", answer)
+    if m:
+        c2 = _choice(rng, [k for k in range(21) if NUMBERS[k] != m[4]])
+        return f"{m[1]} {m[2]} {m[3]} is {NUMBERS[c2]}."
+    if answer in MOTION_ANSWERS.values():
+        return _choice(rng, [a for a in MOTION_ANSWERS.values() if a != answer])
+    words = answer[:-1].split(" ")
+    for i in reversed(range(len(words))):  # the answer's content comes last
+        w = words[i]
+        for kind in (COLORS, SHAPES):
+            if w in kind:
+                words[i] = _choice(rng, [x for x in kind if x != w])
+                return " ".join(words) + answer[-1]
+    return None
 
 
 # -- families ----------------------------------------------------------------------------------
