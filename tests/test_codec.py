@@ -105,6 +105,12 @@ def test_bad_input_is_refused_with_its_reason(tmp_path):
             codec.check_codes(codes)
     with pytest.raises(ValueError, match="no speech encoder"):
         _codec(None).encode(_speechlike(1.0), 24000)
+    from omnistream.train.codec import read_wav
+    from omnistream.train.voices import write_wav
+
+    write_wav(tmp_path / "piper.wav", _speechlike(0.5), 22050)  # a training clip not resampled
+    with pytest.raises(ValueError, match="piper.wav: expected 24000 Hz, got 22050"):
+        read_wav(tmp_path / "piper.wav")
 
 
 def _codec_dir(tmp_path: Path) -> Path:
