@@ -262,7 +262,6 @@ def test_word_by_word_voice_repeats_its_units_exactly():
     same = int(np.argmax(red[: len(blue)] != blue[: len(red)]))  # first differing sample
     first, _ = piper_words("The circle")
     assert same >= len(first) - int(0.1 * sr) + int(WORD_GAP_S * sr) - 1  # edge + unit + gap
-    assert len(red) != len(blue) or not np.array_equal(red, blue)
 
 
 def test_eval_refuses_training_seeds(tiny_dir):

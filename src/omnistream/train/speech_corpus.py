@@ -69,7 +69,7 @@ def talker_corpus(talker_data: list[str | Path], out: str | Path, n: int, seed: 
     """A corpus of ``n`` distinct replies (seeded choice) from Talker records' ``speech`` files
     (``mini.add_speech``), resampled to 24 kHz into ``out``: the voice the Talker speaks in, for
     fine-tuning Token2Wav on it. Returns the manifest path."""
-    import wave
+    from omnistream.media.audio import decode_audio
 
     out = Path(out)
     (out / "clips").mkdir(parents=True, exist_ok=True)
@@ -90,11 +90,8 @@ def talker_corpus(talker_data: list[str | Path], out: str | Path, n: int, seed: 
     for i, path in it:
         rel = f"clips/{i:06d}.wav"
         if not (out / rel).exists():
-            with wave.open(path, "rb") as w:
-                sr = w.getframerate()
-                pcm = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32)
-            write_wav(out / rel, resample(pcm / 32768.0, sr, OUTPUT_SAMPLE_RATE),
-                      OUTPUT_SAMPLE_RATE)
+            pcm, sr = decode_audio(path)
+            write_wav(out / rel, resample(pcm, sr, OUTPUT_SAMPLE_RATE), OUTPUT_SAMPLE_RATE)
         records.append({"audio": rel, "text": replies[path], "voice": "piper-words",
                         "speed": 1.0})
     manifest = out / MANIFEST
