@@ -296,6 +296,104 @@ def test_code_noise_corrupts_input_codes_only(tiny_dir, data):
     assert not torch.allclose(loss[0.0], loss[0.5])
 
 
+def test_speech_units_align_codes_with_reply_tokens(tiny_dir, data, tmp_path):
+    """A record's ``speech_units`` become each unit's codes (50 per second) and the reply tokens
+    that spell it; units that do not fit the reply are refused with the reason."""
+    from omnistream.config import OmniConfig
+
+    tok = Tokenizer.from_dir(tiny_dir)
+    cfg = OmniConfig.from_file(tiny_dir / "config.json").thinker_config
+    ex = Dataset(data, tok, cfg, task="talker").examples[0]
+    (c0, c1, j0, j1), (d0, d1, k0, k1) = ex.units
+    assert (c0, c1, d0, d1) == (0, 6, 6, 12)
+    reply = ex.input_ids[ex.reply_start : ex.reply_start + ex.reply_len]
+    text = tok.decode(reply)  # "The {shape} is {color}."
+    assert tok.decode(reply[j0:j1]) == text[: text.index(" is ")]
+    assert tok.decode(reply[k0:k1]) == text[text.index(" is ") : -1]
+    rec = json.loads(data.read_text().splitlines()[0])
+    bad = []
+    for units in ([[5, 2, 0.0, 0.1]], [[0, 400, 0.0, 0.1]], "words"):
+        bad.append(json.dumps({**rec, "speech_units": units}))
+    for f in data.parent.iterdir():
+        if f.suffix in (".png", ".wav"):
+            shutil.copy(f, tmp_path / f.name)
+    path = tmp_path / "units.jsonl"
+    path.write_text("\n".join([json.dumps(rec), *bad]) + "\n")
+    ds = Dataset(path, tok, cfg, task="talker", log=lambda _: None)
+    assert len(ds) == 1 and len(ds.errors) == 3
+    assert "lo < hi" in ds.errors[0] and "not in the reply" in ds.errors[1]
+    assert "lo < hi" in ds.errors[2]
+
+
+def test_guided_attention_is_the_heads_attention_and_training_follows_it(tiny_dir, data,
+                                                                         monkeypatch):
+    """``losses.guided_attention`` is -log of the attention mass the guided head really gives
+    (the probabilities recomputed from the q and k the model's SDPA call receives) to each code's
+    unit tokens; with ``guided_attention`` > 0 training pulls that head onto them."""
+    import torch.nn.functional as F
+
+    from omnistream.nn import text as text_mod
+    from omnistream.train import losses
+    from omnistream.train.loop import Objective
+
+    model = _talker_model()
+    batch = _talker_batch(tiny_dir, data, model, idx=(0, 1, 2, 3))
+    bos, layer, head = Stage().speaker_bos, 1, 1
+    both, track = losses.talker_side(model.thinker, model.talker, batch, bos)
+    x, pos, tgt = losses.talker_inputs(model.talker, both, track, batch,
+                                       [e.codes for e in batch["examples"]])
+    queries, keys = losses.unit_attention_targets(batch, x.shape[1])
+    for b, e in enumerate(batch["examples"]):
+        base = e.reply_start + 1
+        assert queries[b, base : base + 12].all() and not queries[b, base + 12 :].any()
+        assert keys[b, base + 3].nonzero()[:, 0].tolist() == [base + j for j in range(2)]
+        assert keys[b, base + 7].nonzero()[:, 0].tolist() == [base + 2, base + 3]
+    probs, real = [], F.scaled_dot_product_attention
+
+    def sdpa(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False):
+        kk = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+        s = q @ kk.transpose(-1, -2) / q.shape[-1] ** 0.5  # [B, H, T, S]
+        T = s.shape[-1]
+        probs.append(s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), -1e30).softmax(-1))
+        return real(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa)
+
+    attn = model.talker.model.layers[layer].self_attn
+    captured = []
+    hook = attn.register_forward_pre_hook(lambda _, args: captured.append(args))
+    monkeypatch.setattr(text_mod.F, "scaled_dot_product_attention", sdpa)
+    with torch.no_grad():
+        losses.talker_logits(model.talker, x, pos, tgt != IGNORE)
+    monkeypatch.undo()
+    hook.remove()
+    with torch.no_grad():
+        g, n = losses.guided_attention(captured[0], attn, head, queries, keys)
+    mass = (probs[layer][:, head] * keys).sum(-1)[queries]  # [N]
+    assert n == int(queries.sum()) and n > 0
+    torch.testing.assert_close(g, -mass.log().sum(), rtol=1e-4, atol=1e-4)
+
+    def guided_nll() -> float:
+        with torch.no_grad():
+            both, track = losses.talker_side(model.thinker, model.talker, batch, bos)
+            x, pos, tgt = losses.talker_inputs(model.talker, both, track, batch,
+                                               [e.codes for e in batch["examples"]])
+            cap = []
+            h = attn.register_forward_pre_hook(lambda _, args: cap.append(args))
+            losses.talker_logits(model.talker, x, pos, tgt != IGNORE)
+            h.remove()
+            return float(losses.guided_attention(cap[0], attn, head, queries, keys)[0]) / n
+
+    before = guided_nll()
+    objective = Objective(model, Stage(task="talker", guided_attention=1.0, guided_layer=layer,
+                                       guided_head=head))
+    opt = torch.optim.Adam(model.talker.parameters(), lr=3e-3)
+    for _ in range(15):
+        loss, count = objective(batch)
+        opt.zero_grad()
+        (loss / count).backward()
+        opt.step()
+    assert guided_nll() < 0.5 * before
+
+
 def test_joint_talker_training_reaches_thinker_params(tiny_dir, data):
     """A talker stage that lists Thinker parameters trains them (the loss reaches them); one
     that does not leaves the Thinker without gradients."""

@@ -8,6 +8,9 @@ One record per line, the API's message schema plus optional speech targets::
      "codec_ids": [int, ...],              # talker targets for the last assistant turn
      "speech": "reply.wav",                # the reply spoken: encoded to talker targets by the
                                            # checkpoint's codec when codec_ids are absent
+     "speech_units": [[c0, c1, t0, t1], ...],  # where each spoken word (unit) of the reply is:
+                                           # its characters [c0, c1) and seconds [t0, t1) in
+                                           # ``speech`` (guides the Talker's attention)
      "use_audio_in_video": true,           # each video's audio track is an input too
      "chosen_codec_ids": [...], "rejected_codec_ids": [...]}   # talker DPO pairs
 
@@ -29,6 +32,7 @@ audio item right after the video item, so ids, features and TMRoPE positions are
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +53,7 @@ ROLES = chat.ROLES
 MEDIA = chat.MEDIA_KINDS
 SPEECH_TASKS = ("talker", "talker_dpo")  # tasks whose examples are rendered for speech output
 N_CODES = 8292  # codec ids [0, 8292) are speech codes; 8292.. are pad/bos/eos/mask
+CODE_RATE = 50  # talker codes per second of speech
 
 
 class RecordError(ValueError):
@@ -67,6 +72,8 @@ class Example:
     reply_len: int = 0  # content tokens of that turn (its <|im_end|> excluded)
     codes: list[int] | None = None  # talker targets (or DPO chosen)
     rejected: list[int] | None = None  # DPO rejected
+    # per spoken unit (``speech_units``): (first code, end code, first reply token, end token)
+    units: list[tuple[int, int, int, int]] | None = None
     where: str = ""  # file:line
 
     def __len__(self) -> int:
@@ -184,6 +191,15 @@ def validate(rec: Any, base: Path) -> dict:
         isinstance(rec["speech"], str) and (base / rec["speech"]).is_file()
     ):
         raise RecordError(f"speech file not found: {rec.get('speech')!r}")
+    units = rec.get("speech_units")
+    if units is not None and not (
+        isinstance(units, list)
+        and all(isinstance(u, list) and len(u) == 4
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in u)
+                and 0 <= u[0] < u[1] and 0 <= u[2] < u[3] for u in units)
+    ):
+        raise RecordError("'speech_units' must be a list of [char_lo, char_hi, start_s, end_s] "
+                          "with lo < hi")
     if not isinstance(rec.get("use_audio_in_video", False), bool):
         raise RecordError("'use_audio_in_video' must be true or false")
     return rec
@@ -207,6 +223,7 @@ def encode(
     labels: list[int] = []
     media: list[tuple[str, Any]] = []
     reply_start = reply_len = 0
+    reply_text, reply_body = "", []
     for m, (head_text, content, tail_text) in zip(msgs, chat.render_turns(msgs, system),
                                                   strict=True):
         head, tail = tok.encode(head_text), tok.encode(tail_text)
@@ -240,6 +257,7 @@ def encode(
         is_asst = m["role"] == "assistant"
         if is_asst:
             reply_start, reply_len = len(ids) + len(head), len(body)
+            reply_text, reply_body = content, body
             if not body:
                 raise RecordError("empty assistant reply")
         ids += head + body + tail
@@ -269,12 +287,36 @@ def encode(
                 else ""
             )
             raise RecordError("talker training needs 'codec_ids' or 'speech'" + hint)
+        if rec.get("speech_units"):
+            ex.units = unit_alignment(rec["speech_units"], reply_text, reply_body, tok)
     elif task == "talker_dpo":
         ex.codes = _check_codes(rec, "chosen_codec_ids")
         ex.rejected = _check_codes(rec, "rejected_codec_ids")
         if ex.codes is None or ex.rejected is None:
             raise RecordError("DPO needs 'chosen_codec_ids' and 'rejected_codec_ids'")
     return ex
+
+
+def unit_alignment(units: list[list[float]], text: str, body: list[int],
+                   tok: Tokenizer) -> list[tuple[int, int, int, int]]:
+    """``speech_units`` of a reply -> per unit ``(code_lo, code_hi, tok_lo, tok_hi)``: its codes
+    (at ``CODE_RATE``) and the reply tokens (``body``, the ids of ``text``) that overlap its
+    characters. A unit whose characters no token covers is refused (``RecordError``)."""
+    ends, pos = [], 0  # byte offset where each token ends
+    for i in body:
+        pos += len(tok.token_bytes(i))
+        ends.append(pos)
+    if pos != len(text.encode("utf-8")):
+        raise RecordError("'speech_units': the reply's tokens do not spell its text")
+    out = []
+    for c0, c1, t0, t1 in units:
+        b0, b1 = len(text[: int(c0)].encode("utf-8")), len(text[: int(c1)].encode("utf-8"))
+        toks = [j for j, e in enumerate(ends) if e > b0 and e - len(tok.token_bytes(body[j])) < b1]
+        if not toks or int(c1) > len(text):
+            raise RecordError(f"'speech_units': characters [{c0}, {c1}) are not in the reply")
+        lo = int(t0 * CODE_RATE)
+        out.append((lo, max(math.ceil(t1 * CODE_RATE), lo + 1), toks[0], toks[-1] + 1))
+    return out
 
 
 def _media(part: dict, base: Path, opts: ProcessorOptions | None, cache: dict | None) -> Any:

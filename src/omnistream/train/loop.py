@@ -61,7 +61,8 @@ class Objective(nn.Module):
             return losses.thinker_loss(m.thinker, batch, s.media_rms_limit,
                                        s.media_std_floor)
         if s.task == "talker":
-            return losses.talker_loss(m.thinker, m.talker, batch, s.speaker_bos, s.code_noise)
+            return losses.talker_loss(m.thinker, m.talker, batch, s.speaker_bos, s.code_noise,
+                                      s.guided_attention, s.guided_layer, s.guided_head)
         return losses.dpo_loss(
             m.thinker, m.talker, self.ref_talker[0], batch, s.speaker_bos, s.dpo_beta
         )

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from omnistream.nn.rope import apply_rotary
 from omnistream.nn.talker import TextTrack
 from omnistream.nn.thinker import Media
 from omnistream.train.data import IGNORE
@@ -176,14 +177,77 @@ def talker_logits(talker: nn.Module, x: Tensor, pos: Tensor, keep: Tensor) -> Te
     return talker.codec_head(h[keep]).float()
 
 
-def talker_loss(thinker, talker, batch, speaker_bos: int,
-                code_noise: float = 0.0) -> tuple[Tensor, int]:
+def unit_attention_targets(batch: dict[str, Any], L: int) -> tuple[Tensor, Tensor] | None:
+    """Where the Talker should look while it speaks each unit (``Example.units``): queries
+    [B, L] (the positions P+1+t that predict code t, from the end of the previous unit to the end
+    of this one, so the silence before a unit already looks at it) and their target keys
+    [B, L, L] (the text-track positions P+1+j of the unit's reply tokens j, j <= t). None when
+    no example of the batch has units."""
+    ex = batch["examples"]
+    if not any(e.units for e in ex):
+        return None
+    q = torch.zeros(len(ex), L, dtype=torch.bool)
+    keys = torch.zeros(len(ex), L, L, dtype=torch.bool)
+    for b, e in enumerate(ex):
+        base, m = e.reply_start + 1, len(e.codes or ())
+        prev = 0
+        for _, c1, j0, j1 in e.units or ():
+            for t in range(prev, min(c1, m)):
+                js = [j for j in range(j0, min(j1, e.reply_len)) if j <= t]
+                if js:
+                    q[b, base + t] = True
+                    keys[b, base + t, [base + j for j in js]] = True
+            prev = c1
+    return q, keys
+
+
+def guided_attention(captured: tuple, attn: nn.Module, head: int, queries: Tensor,
+                     keys: Tensor) -> tuple[Tensor, int]:
+    """``-log`` of the attention mass that ``head`` of the attention module ``attn`` puts on the
+    target ``keys`` [B, L, L], summed over the ``queries`` [B, L], and their number. ``captured``:
+    the module's inputs in the forward (normed states [B, L, H], cos, sin, ...)."""
+    h, cos, sin = captured[:3]
+    D, group = attn.head_dim, attn.n_heads // attn.n_kv_heads
+    q = attn.q_proj(h)[..., head * D:(head + 1) * D].unsqueeze(1)  # [B, 1, L, D]
+    kv = head // group
+    k = attn.k_proj(h)[..., kv * D:(kv + 1) * D].unsqueeze(1)
+    q, k = apply_rotary(q, cos, sin)[:, 0], apply_rotary(k, cos, sin)[:, 0]  # [B, L, D]
+    scores = (q @ k.transpose(1, 2)).float() / D**0.5  # [B, L, L]
+    L = scores.shape[-1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=h.device).tril()
+    queries, keys = queries.to(h.device), keys.to(h.device)
+    scores = scores[queries]  # [N, L]
+    total = scores.masked_fill(~causal[None].expand_as(keys)[queries], float("-inf"))
+    hit = scores.masked_fill(~keys[queries], float("-inf"))
+    return (total.logsumexp(-1) - hit.logsumexp(-1)).sum(), int(queries.sum())
+
+
+def talker_loss(thinker, talker, batch, speaker_bos: int, code_noise: float = 0.0,
+                guide: float = 0.0, guide_layer: int = 0, guide_head: int = 0,
+                ) -> tuple[Tensor, int]:
+    """Summed next-code cross entropy and the number of codes. With ``guide`` > 0 and examples
+    that carry ``units``, plus ``guide`` times the summed ``guided_attention`` of head
+    ``guide_head`` of layer ``guide_layer``: a unit's codes attend to its own reply tokens. The
+    Talker reads its text one token per code step, far ahead of the speech; left to find the
+    token it is speaking on its own, a small one guesses each word's first code (docs/MINI.md)."""
     both, track = talker_side(thinker, talker, batch, speaker_bos)
     x, pos, tgt = talker_inputs(talker, both, track, batch, [ex.codes for ex in batch["examples"]],
                                 code_noise)
     keep = tgt != IGNORE
-    logits = talker_logits(talker, x, pos, keep)
-    return F.cross_entropy(logits, tgt[keep], reduction="sum"), int(keep.sum())
+    targets = unit_attention_targets(batch, x.shape[1]) if guide > 0 else None
+    if targets is None:
+        logits = talker_logits(talker, x, pos, keep)
+        return F.cross_entropy(logits, tgt[keep], reduction="sum"), int(keep.sum())
+    attn = talker.model.layers[guide_layer].self_attn
+    captured: list[tuple] = []
+    hook = attn.register_forward_pre_hook(lambda _, args: captured.append(args))
+    try:
+        logits = talker_logits(talker, x, pos, keep)
+    finally:
+        hook.remove()
+    ce = F.cross_entropy(logits, tgt[keep], reduction="sum")
+    g, n = guided_attention(captured[0], attn, guide_head, *targets)
+    return ce + guide * g * (int(keep.sum()) / max(n, 1)), int(keep.sum())
 
 
 def _seq_logp(talker, x, pos, tgt) -> Tensor:

@@ -130,8 +130,11 @@ def speech_file(text: str, folder: Path, length_scale: float = SPEECH_LENGTH_SCA
 
 def add_speech(data: Path, out: Path, speech_dir: str = "speech") -> int:
     """``out``: the records of ``data`` with ``speech``, their reply spoken (same folder, so
-    media paths stay valid). Returns the number of distinct replies spoken."""
+    media paths stay valid) and ``speech_units`` (where each word is: ``voices.word_spans``).
+    Returns the number of distinct replies spoken."""
     from tqdm import tqdm
+
+    from omnistream.train.voices import word_spans
 
     lines, texts = [], set()
     for line in tqdm(data.read_text(encoding="utf-8").splitlines(), desc="speaking replies",
@@ -144,6 +147,7 @@ def add_speech(data: Path, out: Path, speech_dir: str = "speech") -> int:
                                                              for p in reply)
         path = speech_file(reply, data.parent / speech_dir)
         rec["speech"] = f"{speech_dir}/{path.name}"
+        rec["speech_units"] = word_spans(reply, SPEECH_LENGTH_SCALE)
         texts.add(reply)
         lines.append(json.dumps(rec, ensure_ascii=False))
     _write_lines(out, lines)
@@ -160,6 +164,7 @@ def add_counterfactuals(talker: Path, out: Path, seed: int, speech_dir: str = "s
     import numpy as np
 
     from omnistream.train.tasks import counterfactual_answer
+    from omnistream.train.voices import word_spans
 
     rng = np.random.default_rng([seed, 7])
     lines = []
@@ -174,6 +179,7 @@ def add_counterfactuals(talker: Path, out: Path, seed: int, speech_dir: str = "s
             continue
         rec["messages"][-1]["content"] = reply
         rec["speech"] = f"{speech_dir}/{speech_file(reply, talker.parent / speech_dir).name}"
+        rec["speech_units"] = word_spans(reply, SPEECH_LENGTH_SCALE)
         lines.append(json.dumps(rec, ensure_ascii=False))
     _write_lines(out, lines)
     return len(lines)

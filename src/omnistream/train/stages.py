@@ -76,6 +76,11 @@ class Stage:
     # talker: fraction of teacher-forced input codes replaced by other codes of the same reply
     # (``losses.talker_inputs``; a regulariser against leaning on the exact previous codes)
     code_noise: float = 0.0
+    # talker: weight of the guided attention loss (``losses.talker_loss``; 0 = off) on records
+    # with ``speech_units``, and the layer and head it guides
+    guided_attention: float = 0.0
+    guided_layer: int = 2
+    guided_head: int = 0
     # speech codec stages: training crops of this many mel frames (100 per second)
     segment_frames: int = 192
     # codec: weight of a character CTC loss on whole clips' quantised codes (0 = off), so the

@@ -83,6 +83,9 @@ def make_dataset(
                 {"role": "assistant", "content": answer},
             ],
             "codec_ids": codes_for(answer),
+            # "The {shape}" on the first 6 codes, "is {color}" on the last 6
+            "speech_units": [[0, 4 + len(shape), 0.0, 0.12],
+                             [5 + len(shape), len(answer) - 1, 0.12, 0.24]],
         }
         if dpo:
             rec["chosen_codec_ids"] = codes_for(answer)

@@ -65,17 +65,22 @@ WORD_GAP_S = 0.06  # silence between spoken units
 _EDGE_S = 0.1  # silence before and after a whole reply
 
 
-def speaking_units(text: str) -> list[str]:
-    """The units ``piper_words`` speaks one by one: each word with the function words before it."""
+def _unit_spans(text: str) -> list[tuple[str, int, int]]:
+    """Each unit of ``speaking_units`` with its character span [lo, hi) in ``text``."""
     units, pending = [], []
-    for w in re.findall(r"[A-Za-z']+|\d+", text):
-        pending.append(w.lower())
-        if pending[-1] not in CLITICS:
-            units.append(" ".join(pending))
+    for m in re.finditer(r"[A-Za-z']+|\d+", text):
+        pending.append(m)
+        if m.group().lower() not in CLITICS:
+            units.append(pending)
             pending = []
     if pending:
-        units.append(" ".join(pending))
-    return units
+        units.append(pending)
+    return [(" ".join(m.group().lower() for m in u), u[0].start(), u[-1].end()) for u in units]
+
+
+def speaking_units(text: str) -> list[str]:
+    """The units ``piper_words`` speaks one by one: each word with the function words before it."""
+    return [u for u, _, _ in _unit_spans(text)]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -92,15 +97,30 @@ def piper_words(text: str, length_scale: float = 1.0) -> tuple[np.ndarray, int]:
     The omni-mini Talker's targets. From whole-sentence recordings a small Talker learns each
     reply by heart, keyed by its first codes, and never reads the text (docs/MINI.md); here every
     unit sounds the same in every reply, so at each gap only the text tells what comes next."""
+    pcm, sr, _ = _word_timeline(text, length_scale)
+    return pcm, sr
+
+
+def word_spans(text: str, length_scale: float = 1.0) -> list[list[float]]:
+    """Where each unit of ``piper_words(text, length_scale)`` is: ``[char_lo, char_hi, start_s,
+    end_s]`` (its characters in ``text``, its speech in seconds), the records' ``speech_units``."""
+    return _word_timeline(text, length_scale)[2]
+
+
+def _word_timeline(text: str, length_scale: float) -> tuple[np.ndarray, int, list[list[float]]]:
     parts: list[np.ndarray] = []
+    spans: list[list[float]] = []
     sr = 22050
-    for u in speaking_units(text):
+    t = _EDGE_S
+    for u, lo, hi in _unit_spans(text):
         pcm, sr = _unit(u, length_scale)
+        spans.append([lo, hi, round(t, 4), round(t + len(pcm) / sr, 4)])
+        t += (len(pcm) + int(WORD_GAP_S * sr)) / sr
         parts += [pcm, np.zeros(int(WORD_GAP_S * sr), np.float32)]
     if not parts:
-        return np.zeros(0, np.float32), sr
+        return np.zeros(0, np.float32), sr, []
     edge = np.zeros(int(_EDGE_S * sr), np.float32)
-    return np.concatenate([edge, *parts[:-1], edge]), sr
+    return np.concatenate([edge, *parts[:-1], edge]), sr, spans
 
 
 def espeak(text: str, wpm: float = 160.0, voice: str = "en-us") -> tuple[np.ndarray, int]:
