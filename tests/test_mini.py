@@ -250,9 +250,10 @@ def test_voice_reference_wer():
 
 def test_word_by_word_voice_repeats_its_units_exactly():
     """The Talker's targets: function words join the next word, and a unit sounds the same in
-    every reply, so two replies that share their first unit share those samples exactly."""
+    every reply, so two replies that share their first unit share those samples exactly; every
+    unit starts on the codec's 20 ms frame grid, where ``word_spans`` says."""
     pytest.importorskip("piper", reason="the voice needs the data extra")
-    from omnistream.train.voices import WORD_GAP_S, piper_words, speaking_units
+    from omnistream.train.voices import WORD_GAP_S, piper_words, speaking_units, word_spans
 
     assert speaking_units("The circle is red.") == ["the circle", "is red"]
     assert speaking_units("Hello! I am omnistream, a small model.") == [
@@ -262,6 +263,46 @@ def test_word_by_word_voice_repeats_its_units_exactly():
     same = int(np.argmax(red[: len(blue)] != blue[: len(red)]))  # first differing sample
     first, _ = piper_words("The circle")
     assert same >= len(first) - int(0.1 * sr) + int(WORD_GAP_S * sr) - 1  # edge + unit + gap
+    text = "There are three yellow shapes."
+    pcm, sr = piper_words(text)
+    spans = word_spans(text)
+    assert [text[int(a):int(b)] for a, b, _, _ in spans] == ["There are three", "yellow", "shapes"]
+    loud = np.abs(pcm) > 1e-3
+    for k, (_, _, t0, t1) in enumerate(spans):
+        assert abs(t0 / 0.02 - round(t0 / 0.02)) < 1e-3  # on the frame grid
+        i0, i1 = round(t0 * sr), round(t1 * sr)
+        assert loud[i0 : i0 + 200].any() and loud[i1 - 200 : i1].any()
+        if k:
+            gap = loud[round(spans[k - 1][3] * sr) + 1 : i0 - 1]
+            assert not gap.any() and gap.size >= WORD_GAP_S * sr - 2
+
+
+def test_word_codes_encode_each_unit_on_its_own():
+    """``piper_word_codes``: a reply's codes are the codec's codes of each unit after silence,
+    so the same unit has the same codes in every reply, as many codes as the recording has."""
+    pytest.importorskip("piper", reason="the voice needs the data extra")
+    from omnistream.codec.encoder import SpeechEncoder
+    from omnistream.config import CodecEncoderConfig
+    from omnistream.engine.codec import Codec
+    from omnistream.train.voices import piper_word_codes, piper_words, word_spans
+
+    torch.manual_seed(0)
+    enc = SpeechEncoder(CodecEncoderConfig(hidden_size=32, intermediate_size=64, num_layers=2))
+    codec = Codec(enc.eval(), token2wav=None, speakers={}, model_dir=Path("test"))
+
+    def encode(pcm, sr):
+        return codec.encode(pcm, sample_rate=sr).tolist()
+
+    cache: dict = {}
+    units = {}
+    for n in ("two", "three"):
+        text = f"There are {n} yellow shapes."
+        codes = piper_word_codes(text, encode, cache=cache)
+        assert len(codes) == len(encode(*piper_words(text)))
+        _, _, t0, t1 = word_spans(text)[1]  # "yellow"
+        units[n] = codes[round(t0 * 50) : round(t1 * 50)]
+    assert units["two"] == units["three"] and len(units["two"]) > 5
+    assert ("yellow", 1.0) in {k[:2] for k in cache}  # encoded once
 
 
 def test_eval_refuses_training_seeds(tiny_dir):

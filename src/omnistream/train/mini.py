@@ -42,6 +42,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from omnistream.models import REPO_ROOT
@@ -115,7 +116,7 @@ def speech_file(text: str, folder: Path, length_scale: float = SPEECH_LENGTH_SCA
     same reply is spoken once)."""
     from omnistream.train.voices import piper_words, write_wav
 
-    h = hashlib.sha1(f"words|{length_scale}|{text}".encode()).hexdigest()[:16]
+    h = hashlib.sha1(f"words-grid|{length_scale}|{text}".encode()).hexdigest()[:16]
     path = folder / f"{h}.wav"
     if not path.is_file():
         folder.mkdir(parents=True, exist_ok=True)
@@ -128,13 +129,37 @@ def speech_file(text: str, folder: Path, length_scale: float = SPEECH_LENGTH_SCA
     return path
 
 
-def add_speech(data: Path, out: Path, speech_dir: str = "speech") -> int:
+def _speech_fields(reply: str, encode: Callable | None, cache: dict) -> dict:
+    """``speech_units`` (``voices.word_spans``) and, with the codec's ``encode``, ``codec_ids``
+    (``voices.piper_word_codes``: each unit encoded on its own) of a reply's recording."""
+    from omnistream.train.voices import piper_word_codes, word_spans
+
+    out: dict = {"speech_units": word_spans(reply, SPEECH_LENGTH_SCALE)}
+    if encode is not None:
+        out["codec_ids"] = piper_word_codes(reply, encode, SPEECH_LENGTH_SCALE, cache)
+    return out
+
+
+def codec_encoder(codec: str | Path | None) -> Callable | None:
+    """``(pcm, sample_rate) -> codes`` of a codec checkpoint's speech encoder (None: no codec)."""
+    if codec is None:
+        return None
+    from omnistream.engine.codec import Codec
+
+    c = Codec.load(codec)
+    if c.encoder is None:
+        return None
+    return lambda pcm, sr: c.encode(pcm, sample_rate=sr).tolist()
+
+
+def add_speech(data: Path, out: Path, speech_dir: str = "speech",
+               encode: Callable | None = None) -> int:
     """``out``: the records of ``data`` with ``speech``, their reply spoken (same folder, so
-    media paths stay valid) and ``speech_units`` (where each word is: ``voices.word_spans``).
-    Returns the number of distinct replies spoken."""
+    media paths stay valid), ``speech_units`` and with ``encode`` (``codec_encoder``) their
+    ``codec_ids`` (``_speech_fields``). Returns the number of distinct replies spoken."""
     from tqdm import tqdm
 
-    from omnistream.train.voices import word_spans
+    cache: dict = {}
 
     lines, texts = [], set()
     for line in tqdm(data.read_text(encoding="utf-8").splitlines(), desc="speaking replies",
@@ -147,7 +172,7 @@ def add_speech(data: Path, out: Path, speech_dir: str = "speech") -> int:
                                                              for p in reply)
         path = speech_file(reply, data.parent / speech_dir)
         rec["speech"] = f"{speech_dir}/{path.name}"
-        rec["speech_units"] = word_spans(reply, SPEECH_LENGTH_SCALE)
+        rec.update(_speech_fields(reply, encode, cache))
         texts.add(reply)
         lines.append(json.dumps(rec, ensure_ascii=False))
     _write_lines(out, lines)
@@ -157,17 +182,17 @@ def add_speech(data: Path, out: Path, speech_dir: str = "speech") -> int:
 # -- steps ---------------------------------------------------------------------------------------
 
 
-def add_counterfactuals(talker: Path, out: Path, seed: int, speech_dir: str = "speech") -> int:
+def add_counterfactuals(talker: Path, out: Path, seed: int, speech_dir: str = "speech",
+                        encode: Callable | None = None) -> int:
     """``out``: a copy of each record of ``talker`` (records with ``speech``) whose reply has a
     content word (``tasks.counterfactual_answer``), with that word changed and the new reply
     spoken; the media are unchanged, so the reply contradicts them. Returns the record count."""
     import numpy as np
 
     from omnistream.train.tasks import counterfactual_answer
-    from omnistream.train.voices import word_spans
 
     rng = np.random.default_rng([seed, 7])
-    lines = []
+    lines, cache = [], {}
     for line in talker.read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue
@@ -179,7 +204,7 @@ def add_counterfactuals(talker: Path, out: Path, seed: int, speech_dir: str = "s
             continue
         rec["messages"][-1]["content"] = reply
         rec["speech"] = f"{speech_dir}/{speech_file(reply, talker.parent / speech_dir).name}"
-        rec["speech_units"] = word_spans(reply, SPEECH_LENGTH_SCALE)
+        rec.update(_speech_fields(reply, encode, cache))
         lines.append(json.dumps(rec, ensure_ascii=False))
     _write_lines(out, lines)
     return len(lines)
@@ -221,7 +246,8 @@ def run(out: str | Path, codec: str | Path | None, n_per_family: int = 800, seed
         raise SystemExit(f"no trained speech codec at {codec}: train one (configs/train/"
                          "codec*.json) and pass --codec DIR (make mini CODEC=DIR)")
 
-    # 1. data
+    # 1. data (the Talker's targets through the codec's encoder: the voice step keeps it as is)
+    encode = codec_encoder(codec if codec is not None else init)
     data_dir = out / "data"
     data = data_dir / "data.jsonl"
     if not _done(data, "data"):
@@ -232,20 +258,22 @@ def run(out: str | Path, codec: str | Path | None, n_per_family: int = 800, seed
         log(f"split: {split_records(data)}")
     if not _done(data_dir / "talker.jsonl", "speech"):
         timed("speech", lambda: log(
-            f"speech: {add_speech(data, data_dir / 'talker.jsonl')} replies spoken"))
+            f"speech: {add_speech(data, data_dir / 'talker.jsonl', encode=encode)} replies "
+            "spoken"))
     repeat_dir = data_dir / TALKER_REPEAT
     if not _done(repeat_dir / "talker.jsonl", "talker repeat"):
         def talker_repeat() -> None:
             from omnistream.train.tasks import make_dataset
 
             rep = make_dataset(repeat_dir, talker_repeat_n, seed, families=["repeat"])
-            log(f"talker repeat: {add_speech(rep, repeat_dir / 'talker.jsonl')} replies spoken")
+            n = add_speech(rep, repeat_dir / "talker.jsonl", encode=encode)
+            log(f"talker repeat: {n} replies spoken")
 
         timed("talker_repeat", talker_repeat)
     counter = data_dir / TALKER_COUNTER
     if not _done(counter, "counterfactual replies"):
         def talker_counter() -> None:
-            n = add_counterfactuals(data_dir / "talker.jsonl", counter, seed)
+            n = add_counterfactuals(data_dir / "talker.jsonl", counter, seed, encode=encode)
             log(f"counterfactual replies: {n} records")
 
         timed("talker_counter", talker_counter)

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import tempfile
 import wave
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,8 +62,11 @@ def piper(text: str, length_scale: float = 1.0) -> tuple[np.ndarray, int]:
 # Function words join the word after them: spoken alone, "the" is heard as "that", "a" as "eight".
 CLITICS = frozenset({"a", "am", "an", "are", "can", "do", "how", "i", "is", "it", "of", "the",
                      "there", "to", "what", "you"})
-WORD_GAP_S = 0.06  # silence between spoken units
+WORD_GAP_S = 0.06  # least silence between spoken units
 _EDGE_S = 0.1  # silence before and after a whole reply
+# Each unit starts on the codec's 20 ms frame grid: the codes of a unit that starts between two
+# frames depend on where (a reply's later words got 3-12 different code sequences).
+_FRAME_S = 0.02
 
 
 def _unit_spans(text: str) -> list[tuple[str, int, int]]:
@@ -96,7 +100,8 @@ def piper_words(text: str, length_scale: float = 1.0) -> tuple[np.ndarray, int]:
 
     The omni-mini Talker's targets. From whole-sentence recordings a small Talker learns each
     reply by heart, keyed by its first codes, and never reads the text (docs/MINI.md); here every
-    unit sounds the same in every reply, so at each gap only the text tells what comes next."""
+    unit sounds the same in every reply, so at each gap only the text tells what comes next.
+    Every unit starts on the 20 ms grid of the codec's frames."""
     pcm, sr, _ = _word_timeline(text, length_scale)
     return pcm, sr
 
@@ -107,20 +112,55 @@ def word_spans(text: str, length_scale: float = 1.0) -> list[list[float]]:
     return _word_timeline(text, length_scale)[2]
 
 
-def _word_timeline(text: str, length_scale: float) -> tuple[np.ndarray, int, list[list[float]]]:
-    parts: list[np.ndarray] = []
-    spans: list[list[float]] = []
-    sr = 22050
-    t = _EDGE_S
-    for u, lo, hi in _unit_spans(text):
+def _segments(text: str, length_scale: float) -> list[tuple[str, int, int, np.ndarray, int]]:
+    """Per unit: (unit, char_lo, char_hi, its speech and the silence after it, speech samples);
+    each segment but the last lasts whole codec frames, the last ends with the reply's edge."""
+    out = []
+    spans = _unit_spans(text)
+    for i, (u, lo, hi) in enumerate(spans):
         pcm, sr = _unit(u, length_scale)
-        spans.append([lo, hi, round(t, 4), round(t + len(pcm) / sr, 4)])
-        t += (len(pcm) + int(WORD_GAP_S * sr)) / sr
-        parts += [pcm, np.zeros(int(WORD_GAP_S * sr), np.float32)]
-    if not parts:
+        frame = round(_FRAME_S * sr)
+        if i + 1 < len(spans):
+            n = -(-(len(pcm) + int(WORD_GAP_S * sr)) // frame) * frame
+        else:
+            n = len(pcm) + int(_EDGE_S * sr)
+        seg = np.zeros(n, np.float32)
+        seg[: len(pcm)] = pcm
+        out.append((u, lo, hi, seg, len(pcm)))
+    return out
+
+
+def _word_timeline(text: str, length_scale: float) -> tuple[np.ndarray, int, list[list[float]]]:
+    sr = 22050  # Piper's rate (the joe voice)
+    segs = _segments(text, length_scale)
+    if not segs:
         return np.zeros(0, np.float32), sr, []
-    edge = np.zeros(int(_EDGE_S * sr), np.float32)
-    return np.concatenate([edge, *parts[:-1], edge]), sr, spans
+    spans, t = [], _EDGE_S
+    for _, lo, hi, seg, n in segs:
+        spans.append([lo, hi, round(t, 4), round(t + n / sr, 4)])
+        t += len(seg) / sr
+    edge = np.zeros(round(_EDGE_S * sr), np.float32)
+    return np.concatenate([edge] + [seg for *_, seg, _ in segs]), sr, spans
+
+
+def piper_word_codes(text: str, encode: Callable[[np.ndarray, int], list[int]],
+                     length_scale: float = 1.0, cache: dict | None = None) -> list[int]:
+    """The codes of ``piper_words(text)`` with every unit encoded on its own (after silence),
+    so a unit has the same codes in every reply: in one pass the codec's receptive field
+    carries the previous word into the next one's first codes. ``encode(pcm, sr)``: the codec's
+    encoder (``engine.codec.Codec.encode``); ``cache``: units already encoded by it."""
+    cache = {} if cache is None else cache
+    edge = np.zeros(round(_EDGE_S * 22050), np.float32)
+    codes: list[int] = []
+    for i, (u, _, _, seg, _) in enumerate(_segments(text, length_scale)):
+        key = (u, length_scale, len(seg))
+        if key not in cache:
+            pcm = np.concatenate([edge, seg])
+            c = list(encode(pcm, 22050))
+            cache[key] = (c[:5], c[5:])  # the leading edge's 5 frames, the segment's
+        lead, own = cache[key]
+        codes += (lead if i == 0 else []) + own
+    return codes
 
 
 def espeak(text: str, wpm: float = 160.0, voice: str = "en-us") -> tuple[np.ndarray, int]:
