@@ -9,8 +9,9 @@ config). Steps, in order (``OUT/...``):
 1. ``data/``: ``--n-per-family`` cases of every task family (``train.tasks``, seed 0), split into
    ``text.jsonl`` (no media), ``media.jsonl`` (with media) and ``data.jsonl`` (all), and
    ``talker.jsonl``: the records with ``speech``, the reply spoken in the Piper voice at
-   length_scale 1.0 word by word (``train.voices.piper_words``); the checkpoint's codec turns it
-   into the Talker's targets. ``talker_repeat/talker.jsonl``: ``--talker-repeat`` more
+   length_scale 1.0 word by word (``train.voices.piper_words``), ``speech_units`` (where each
+   word is, for the Talker's guided attention) and ``codec_ids``, the Talker's targets: the
+   codec's codes of each word encoded on its own (``voices.piper_word_codes``). ``talker_repeat/talker.jsonl``: ``--talker-repeat`` more
    ``repeat`` cases, spoken the same way (the Talker's many distinct replies).
    ``talker_counter.jsonl``: the task records again with the reply's content word changed
    (``add_counterfactuals``), so the Talker learns to say the tokens it is given.
