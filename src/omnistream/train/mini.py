@@ -11,7 +11,8 @@ config). Steps, in order (``OUT/...``):
    ``talker.jsonl``: the records with ``speech``, the reply spoken in the Piper voice at
    length_scale 1.0 word by word (``train.voices.piper_words``), ``speech_units`` (where each
    word is, for the Talker's guided attention) and ``codec_ids``, the Talker's targets: the
-   codec's codes of each word encoded on its own (``voices.piper_word_codes``). ``talker_repeat/talker.jsonl``: ``--talker-repeat`` more
+   codec's codes of each word encoded on its own (``voices.piper_word_codes``).
+   ``talker_repeat/talker.jsonl``: ``--talker-repeat`` more
    ``repeat`` cases, spoken the same way (the Talker's many distinct replies).
    ``talker_counter.jsonl``: the task records again with the reply's content word changed
    (``add_counterfactuals``), so the Talker learns to say the tokens it is given.
