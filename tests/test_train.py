@@ -357,16 +357,11 @@ def test_guided_attention_is_the_heads_attention_and_training_follows_it(tiny_di
         probs.append(s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), -1e30).softmax(-1))
         return real(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa)
 
-    attn = model.talker.model.layers[layer].self_attn
-    captured = []
-    hook = attn.register_forward_pre_hook(lambda _, args: captured.append(args))
+    targets = (queries, keys)
     monkeypatch.setattr(text_mod.F, "scaled_dot_product_attention", sdpa)
     with torch.no_grad():
-        losses.talker_logits(model.talker, x, pos, tgt != IGNORE)
+        _, g, n = losses.guided_logits(model.talker, x, pos, tgt != IGNORE, layer, head, targets)
     monkeypatch.undo()
-    hook.remove()
-    with torch.no_grad():
-        g, n = losses.guided_attention(captured[0], attn, head, queries, keys)
     mass = (probs[layer][:, head] * keys).sum(-1)[queries]  # [N]
     assert n == int(queries.sum()) and n > 0
     torch.testing.assert_close(g, -mass.log().sum(), rtol=1e-4, atol=1e-4)
@@ -376,11 +371,9 @@ def test_guided_attention_is_the_heads_attention_and_training_follows_it(tiny_di
             both, track = losses.talker_side(model.thinker, model.talker, batch, bos)
             x, pos, tgt = losses.talker_inputs(model.talker, both, track, batch,
                                                [e.codes for e in batch["examples"]])
-            cap = []
-            h = attn.register_forward_pre_hook(lambda _, args: cap.append(args))
-            losses.talker_logits(model.talker, x, pos, tgt != IGNORE)
-            h.remove()
-            return float(losses.guided_attention(cap[0], attn, head, queries, keys)[0]) / n
+            _, g, _ = losses.guided_logits(model.talker, x, pos, tgt != IGNORE, layer, head,
+                                           targets)
+            return float(g) / n
 
     before = guided_nll()
     objective = Objective(model, Stage(task="talker", guided_attention=1.0, guided_layer=layer,

@@ -44,6 +44,7 @@ from torch import Tensor
 
 from omnistream import chat
 from omnistream.config import ThinkerConfig
+from omnistream.engine.options import CODES_PER_SECOND
 from omnistream.nn.positions import audio_token_count, get_rope_index
 from omnistream.prompt import ProcessorOptions
 from omnistream.tokenizer import Tokenizer
@@ -53,7 +54,6 @@ ROLES = chat.ROLES
 MEDIA = chat.MEDIA_KINDS
 SPEECH_TASKS = ("talker", "talker_dpo")  # tasks whose examples are rendered for speech output
 N_CODES = 8292  # codec ids [0, 8292) are speech codes; 8292.. are pad/bos/eos/mask
-CODE_RATE = 50  # talker codes per second of speech
 
 
 class RecordError(ValueError):
@@ -300,22 +300,23 @@ def encode(
 def unit_alignment(units: list[list[float]], text: str, body: list[int],
                    tok: Tokenizer) -> list[tuple[int, int, int, int]]:
     """``speech_units`` of a reply -> per unit ``(code_lo, code_hi, tok_lo, tok_hi)``: its codes
-    (at ``CODE_RATE``) and the reply tokens (``body``, the ids of ``text``) that overlap its
+    (``CODES_PER_SECOND``) and the reply tokens (``body``, the ids of ``text``) that overlap its
     characters. A unit whose characters no token covers is refused (``RecordError``)."""
-    ends, pos = [], 0  # byte offset where each token ends
+    starts, pos = [], 0  # byte offset where each token starts
     for i in body:
+        starts.append(pos)
         pos += len(tok.token_bytes(i))
-        ends.append(pos)
     if pos != len(text.encode("utf-8")):
         raise RecordError("'speech_units': the reply's tokens do not spell its text")
+    ends = starts[1:] + [pos]
     out = []
     for c0, c1, t0, t1 in units:
         b0, b1 = len(text[: int(c0)].encode("utf-8")), len(text[: int(c1)].encode("utf-8"))
-        toks = [j for j, e in enumerate(ends) if e > b0 and e - len(tok.token_bytes(body[j])) < b1]
+        toks = [j for j, (s, e) in enumerate(zip(starts, ends, strict=True)) if e > b0 and s < b1]
         if not toks or int(c1) > len(text):
             raise RecordError(f"'speech_units': characters [{c0}, {c1}) are not in the reply")
-        lo = int(t0 * CODE_RATE)
-        out.append((lo, max(math.ceil(t1 * CODE_RATE), lo + 1), toks[0], toks[-1] + 1))
+        lo = int(t0 * CODES_PER_SECOND)
+        out.append((lo, max(math.ceil(t1 * CODES_PER_SECOND), lo + 1), toks[0], toks[-1] + 1))
     return out
 
 

@@ -192,11 +192,11 @@ def unit_attention_targets(batch: dict[str, Any], L: int) -> tuple[Tensor, Tenso
         base, m = e.reply_start + 1, len(e.codes or ())
         prev = 0
         for _, c1, j0, j1 in e.units or ():
-            for t in range(prev, min(c1, m)):
-                js = [j for j in range(j0, min(j1, e.reply_len)) if j <= t]
-                if js:
-                    q[b, base + t] = True
-                    keys[b, base + t, [base + j for j in js]] = True
+            t = torch.arange(prev, min(c1, m))  # [T] the unit's codes (and the gap before it)
+            j = torch.arange(j0, min(j1, e.reply_len))  # [J] its reply tokens
+            seen = j[None] <= t[:, None]  # [T, J] causal: token j is read at step j
+            keys[b, base + t[:, None], base + j[None]] = seen
+            q[b, base + t] = seen.any(1)
             prev = c1
     return q, keys
 
@@ -212,43 +212,51 @@ def guided_attention(captured: tuple, attn: nn.Module, head: int, queries: Tenso
     kv = head // group
     k = attn.k_proj(h)[..., kv * D:(kv + 1) * D].unsqueeze(1)
     q, k = apply_rotary(q, cos, sin)[:, 0], apply_rotary(k, cos, sin)[:, 0]  # [B, L, D]
-    scores = (q @ k.transpose(1, 2)).float() / D**0.5  # [B, L, L]
-    L = scores.shape[-1]
-    causal = torch.ones(L, L, dtype=torch.bool, device=h.device).tril()
     queries, keys = queries.to(h.device), keys.to(h.device)
-    scores = scores[queries]  # [N, L]
-    total = scores.masked_fill(~causal[None].expand_as(keys)[queries], float("-inf"))
-    hit = scores.masked_fill(~keys[queries], float("-inf"))
-    return (total.logsumexp(-1) - hit.logsumexp(-1)).sum(), int(queries.sum())
+    rows, at = queries.nonzero(as_tuple=True)  # [N] each query's row and position
+    scores = ((q @ k.transpose(1, 2)).float() / D**0.5)[rows, at]  # [N, L]
+    causal = torch.arange(k.shape[1], device=h.device)[None] <= at[:, None]  # [N, L]
+    total = scores.masked_fill(~causal, float("-inf")).logsumexp(-1)
+    hit = scores.masked_fill(~keys[rows, at], float("-inf")).logsumexp(-1)
+    return (total - hit).sum(), int(rows.numel())
 
 
-def talker_loss(thinker, talker, batch, speaker_bos: int, code_noise: float = 0.0,
-                guide: float = 0.0, guide_layer: int = 0, guide_head: int = 0,
-                ) -> tuple[Tensor, int]:
-    """Summed next-code cross entropy and the number of codes. With ``guide`` > 0 and examples
-    that carry ``units``, plus ``guide`` times the summed ``guided_attention`` of head
-    ``guide_head`` of layer ``guide_layer``: a unit's codes attend to its own reply tokens (the
-    Talker reads its text one token per code step, far ahead of the speech). On omni-mini it
-    puts that head's mass on the right word of fresh replies (94%) but did not by itself make
-    the Talker say the right words (docs/MINI.md)."""
-    both, track = talker_side(thinker, talker, batch, speaker_bos)
-    x, pos, tgt = talker_inputs(talker, both, track, batch, [ex.codes for ex in batch["examples"]],
-                                code_noise)
-    keep = tgt != IGNORE
-    targets = unit_attention_targets(batch, x.shape[1]) if guide > 0 else None
-    if targets is None:
-        logits = talker_logits(talker, x, pos, keep)
-        return F.cross_entropy(logits, tgt[keep], reduction="sum"), int(keep.sum())
-    attn = talker.model.layers[guide_layer].self_attn
+def guided_logits(talker: nn.Module, x: Tensor, pos: Tensor, keep: Tensor, layer: int,
+                  head: int, targets: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, int]:
+    """``talker_logits`` and, from the same forward, ``guided_attention`` of ``head`` of
+    ``layer`` on ``targets`` (``unit_attention_targets``): (logits, summed -log mass, count)."""
+    attn = talker.model.layers[layer].self_attn
     captured: list[tuple] = []
     hook = attn.register_forward_pre_hook(lambda _, args: captured.append(args))
     try:
         logits = talker_logits(talker, x, pos, keep)
     finally:
         hook.remove()
+    return (logits, *guided_attention(captured[0], attn, head, *targets))
+
+
+def talker_loss(thinker, talker, batch, speaker_bos: int, code_noise: float = 0.0,
+                guide: float = 0.0, guide_layer: int = 0, guide_head: int = 0,
+                ) -> tuple[Tensor, int]:
+    """Summed next-code cross entropy and the number of codes. With ``guide`` > 0 and examples
+    that carry ``units``, plus ``guide`` times the mean ``guided_attention`` of head
+    ``guide_head`` of layer ``guide_layer`` per guided code, times the number of codes (so
+    ``guide`` weighs it per code like the cross entropy): a unit's codes attend to its own reply
+    tokens (the Talker reads its text one token per code step, far ahead of the speech). On
+    omni-mini it puts that head's mass on the right word of fresh replies (94%) but did not by
+    itself make the Talker say the right words (docs/MINI.md)."""
+    both, track = talker_side(thinker, talker, batch, speaker_bos)
+    x, pos, tgt = talker_inputs(talker, both, track, batch, [ex.codes for ex in batch["examples"]],
+                                code_noise)
+    keep = tgt != IGNORE
+    n_codes = int(keep.sum())
+    targets = unit_attention_targets(batch, x.shape[1]) if guide > 0 else None
+    if targets is None:
+        logits = talker_logits(talker, x, pos, keep)
+        return F.cross_entropy(logits, tgt[keep], reduction="sum"), n_codes
+    logits, g, n = guided_logits(talker, x, pos, keep, guide_layer, guide_head, targets)
     ce = F.cross_entropy(logits, tgt[keep], reduction="sum")
-    g, n = guided_attention(captured[0], attn, guide_head, *targets)
-    return ce + guide * g * (int(keep.sum()) / max(n, 1)), int(keep.sum())
+    return ce + guide * g * (n_codes / max(n, 1)), n_codes
 
 
 def _seq_logp(talker, x, pos, tgt) -> Tensor:

@@ -37,6 +37,7 @@ Time on the 2-core CPU this was sized on: see ``docs/MINI.md``.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -248,8 +249,9 @@ def run(out: str | Path, codec: str | Path | None, n_per_family: int = 800, seed
         raise SystemExit(f"no trained speech codec at {codec}: train one (configs/train/"
                          "codec*.json) and pass --codec DIR (make mini CODEC=DIR)")
 
-    # 1. data (the Talker's targets through the codec's encoder: the voice step keeps it as is)
-    encode = codec_encoder(codec if codec is not None else init)
+    # 1. data (the Talker's targets through the codec's encoder: the voice step keeps it as is;
+    # loaded by the first step that speaks)
+    encoder = functools.cache(lambda: codec_encoder(codec if codec is not None else init))
     data_dir = out / "data"
     data = data_dir / "data.jsonl"
     if not _done(data, "data"):
@@ -260,7 +262,7 @@ def run(out: str | Path, codec: str | Path | None, n_per_family: int = 800, seed
         log(f"split: {split_records(data)}")
     if not _done(data_dir / "talker.jsonl", "speech"):
         timed("speech", lambda: log(
-            f"speech: {add_speech(data, data_dir / 'talker.jsonl', encode=encode)} replies "
+            f"speech: {add_speech(data, data_dir / 'talker.jsonl', encode=encoder())} replies "
             "spoken"))
     repeat_dir = data_dir / TALKER_REPEAT
     if not _done(repeat_dir / "talker.jsonl", "talker repeat"):
@@ -268,14 +270,15 @@ def run(out: str | Path, codec: str | Path | None, n_per_family: int = 800, seed
             from omnistream.train.tasks import make_dataset
 
             rep = make_dataset(repeat_dir, talker_repeat_n, seed, families=["repeat"])
-            n = add_speech(rep, repeat_dir / "talker.jsonl", encode=encode)
+            n = add_speech(rep, repeat_dir / "talker.jsonl", encode=encoder())
             log(f"talker repeat: {n} replies spoken")
 
         timed("talker_repeat", talker_repeat)
     counter = data_dir / TALKER_COUNTER
     if not _done(counter, "counterfactual replies"):
         def talker_counter() -> None:
-            n = add_counterfactuals(data_dir / "talker.jsonl", counter, seed, encode=encode)
+            n = add_counterfactuals(data_dir / "talker.jsonl", counter, seed,
+                                    encode=encoder())
             log(f"counterfactual replies: {n} records")
 
         timed("talker_counter", talker_counter)

