@@ -45,6 +45,14 @@ def run_train(args: argparse.Namespace) -> int:
         train_codec(stage, args.data, args.model, args.out, stop_at=args.stop_at,
                     resume=not args.no_resume)
         return 0
+    if stage.task == "vision":
+        from omnistream.train.vision import train_vision
+
+        res = train_vision(stage, args.data, args.model, args.out, eval_data=args.eval_data,
+                           stop_at=args.stop_at, resume=not args.no_resume)
+        if "held_out" in res:
+            print(" ".join(f"{k} {v:.3f}" for k, v in res["held_out"].items()))
+        return 0
     res = train(
         stage,
         args.data,
