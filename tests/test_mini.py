@@ -343,9 +343,11 @@ def test_recipe_follows_the_papers_order():
         assert data and all(f.endswith(".jsonl") for f in data), name
         stage = Stage.from_file(STAGE_DIR / cfg)
         tasks.append(stage.task)
+        if stage.task == "vision":
+            assert stage.trainable == ["thinker.visual.*"]
         if stage.task == "thinker":  # batches sorted by length would hold one family each
             assert stage.length_group == 1, f"{cfg}: batches should mix the families"
         done.add(name)
-    assert tasks == ["thinker"] * 4 + ["talker", "talker_dpo"]
-    stage1 = Stage.from_file(STAGE_DIR / STAGES[1][1])
+    assert tasks == ["thinker", "vision"] + ["thinker"] * 3 + ["talker", "talker_dpo"]
+    stage1 = Stage.from_file(STAGE_DIR / STAGES[2][1])
     assert stage1.trainable == ["thinker.audio_tower.*", "thinker.visual.*"]  # LLM frozen

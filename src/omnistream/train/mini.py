@@ -22,7 +22,9 @@ config). Steps, in order (``OUT/...``):
    that codec's Token2Wav, speech encoder and voice).
 4. Stages through ``omnistream train`` (``configs/train/mini_*.json``), each from the previous
    one's output: ``stage0_text`` (the LLM on the text families: it stands in for the pretrained
-   Qwen2.5 LLM the paper starts from), ``stage1_align`` (encoders aligned with the LLM frozen),
+   Qwen2.5 LLM the paper starts from), ``stage0_vision`` (the vision encoder told what each
+   image token shows: ``train/vision.py``, on ``data/vision/``), ``stage1_align`` (encoders
+   aligned with the LLM frozen),
    ``stage2_all`` (everything on all families, in batches that mix the families),
    ``stage2b_all`` (the same, continued with a warm restart), ``stage3_talker`` (the Talker).
 5. ``data/dpo.jsonl``: preference pairs of sampled speech ranked by the recognizer's WER and by
@@ -60,14 +62,19 @@ TALKER_REPEAT = "talker_repeat"
 # Replies that contradict their media (``add_counterfactuals``): trained on true replies only, the
 # Talker says what the Thinker's hidden states expect rather than the token it is given.
 TALKER_COUNTER = "talker_counter.jsonl"
+VISION = "vision"  # images with their shapes, for the dense vision stage
+VISION_IMAGES = 6000
 # (output folder, stage config, training data in OUT/data, source: "init" or a previous stage).
 # Stage 2 sees the text records twice: they are short (cheap) and teach the copying that the
 # answers of most families need (operands, repeated words, the asked color or shape). Stage 2b
 # goes on from it with a warm restart of the learning rate: at the end of stage 2's schedule the
 # Thinker was still learning (docs/MINI.md).
+# Stage 0v teaches the vision encoder what every image token shows (``train/vision.py``): from
+# the answers alone it learns the shapes' colours but hardly their kinds.
 STAGES = (
     ("stage0_text", "mini_0_text.json", ("text.jsonl",), "init"),
-    ("stage1_align", "mini_1_align.json", ("media.jsonl",), "stage0_text"),
+    ("stage0_vision", "mini_vision.json", (f"{VISION}/vision.jsonl",), "stage0_text"),
+    ("stage1_align", "mini_1_align.json", ("media.jsonl",), "stage0_vision"),
     ("stage2_all", "mini_2_all.json", ("data.jsonl", "text.jsonl"), "stage1_align"),
     ("stage2b_all", "mini_2b_all.json", ("data.jsonl", "text.jsonl"), "stage2_all"),
     ("stage3_talker", "mini_3_talker.json",
@@ -260,6 +267,11 @@ def run(out: str | Path, codec: str | Path | None, n_per_family: int = 800, seed
         timed("data", lambda: make_dataset(data_dir, n_per_family, seed))
     if not _done(data_dir / "media.jsonl", "split"):
         log(f"split: {split_records(data)}")
+    if not _done(data_dir / VISION / "vision.jsonl", "vision images"):
+        from omnistream.train.vision import make_vision_data
+
+        timed("vision_images", lambda: make_vision_data(
+            data_dir / VISION, max(VISION_IMAGES * n_per_family // 800, 8), seed))
     if not _done(data_dir / "talker.jsonl", "speech"):
         timed("speech", lambda: log(
             f"speech: {add_speech(data, data_dir / 'talker.jsonl', encode=encoder())} replies "

@@ -84,14 +84,17 @@ def token_targets(meta: dict, grid_h: int, grid_w: int, merge: int = 2,
 
 
 class VisionHeads(nn.Module):
-    """Training-only linear readouts of the merged tokens: one per entry of TARGETS."""
+    """Training-only linear readouts of the merged tokens, one per entry of TARGETS, after a
+    LayerNorm: the heads cannot gain from larger tokens, so their scale is the RMS limit's."""
 
     def __init__(self, dim: int):
         super().__init__()
+        self.norm = nn.LayerNorm(dim)
         self.heads = nn.ModuleDict({name: nn.Linear(dim, n) for name, n in TARGETS})
 
     def forward(self, tokens: Tensor) -> dict[str, Tensor]:  # [N, D] -> {name: [N, n]}
-        return {name: head(tokens) for name, head in self.heads.items()}
+        x = self.norm(tokens)
+        return {name: head(x) for name, head in self.heads.items()}
 
 
 # --------------------------------------------------------------------------------------- data
@@ -160,13 +163,25 @@ class VisionSet:
 
 
 def vision_loss(visual: nn.Module, heads: VisionHeads, px: Tensor, grid: Tensor,
-                tgt: Tensor) -> tuple[Tensor, dict[str, float]]:
-    """Sum of the heads' cross entropies over every merged token, and each head's accuracy."""
-    logits = heads(visual(px, grid))
+                tgt: Tensor, rms_limit: float = 0.0) -> tuple[Tensor, dict[str, float]]:
+    """Sum of the heads' cross entropies over every merged token, and each head's accuracy on
+    the tokens that show a shape (kind, colour) or hold a centre (centre).
+    ``rms_limit`` > 0 adds ``losses.media_penalty``'s RMS term: the tokens keep the scale the
+    Thinker's stages hold them to (``media_rms_limit``), so the LLM reads them as before."""
+    from omnistream.nn.thinker import Media
+    from omnistream.train.losses import media_penalty
+
+    tokens = visual(px, grid)
+    logits = heads(tokens)
     loss, parts = torch.zeros(()), {}
+    if rms_limit > 0:
+        loss = media_penalty(Media(image_embeds=tokens), rms_limit, 0.0)
+        parts["rms"] = tokens.pow(2).mean(-1).sqrt().mean().item()
     for k, (name, _) in enumerate(TARGETS):
         loss = loss + F.cross_entropy(logits[name], tgt[:, k])
-        parts[f"acc_{name}"] = (logits[name].argmax(-1) == tgt[:, k]).float().mean().item()
+        sel = tgt[:, k] > 0  # accuracy where there is something to see (most tokens show none)
+        hit = logits[name][sel].argmax(-1) == tgt[sel, k]
+        parts[f"acc_{name}"] = hit.float().mean().item() if sel.any() else 0.0
     return loss, parts
 
 
@@ -249,7 +264,7 @@ def train_vision(stage: Stage, data: list[str | Path], model_dir: str | Path,
             rng.shuffle(perm)
             order = order + perm
         idx, order = order[: s.batch_size], order[s.batch_size :]
-        loss, parts = vision_loss(visual, heads, *dataset.batch(idx, merge))
+        loss, parts = vision_loss(visual, heads, *dataset.batch(idx, merge), s.media_rms_limit)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if s.grad_clip > 0:
