@@ -31,7 +31,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from omnistream.train.loop import train
-    from omnistream.train.stages import CODEC_TASKS, Stage
+    from omnistream.train.stages import CODEC_TASKS, DENSE_TASKS, Stage
 
     stage = Stage.from_file(args.config)
     over = {
@@ -45,10 +45,10 @@ def run_train(args: argparse.Namespace) -> int:
         train_codec(stage, args.data, args.model, args.out, stop_at=args.stop_at,
                     resume=not args.no_resume)
         return 0
-    if stage.task == "vision":
-        from omnistream.train.vision import train_vision
+    if stage.task in DENSE_TASKS:
+        from omnistream.train.dense import train_dense
 
-        res = train_vision(stage, args.data, args.model, args.out, eval_data=args.eval_data,
+        res = train_dense(stage, args.data, args.model, args.out, eval_data=args.eval_data,
                            stop_at=args.stop_at, resume=not args.no_resume)
         if "held_out" in res:
             print(" ".join(f"{k} {v:.3f}" for k, v in res["held_out"].items()))

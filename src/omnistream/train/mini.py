@@ -23,7 +23,7 @@ config). Steps, in order (``OUT/...``):
 4. Stages through ``omnistream train`` (``configs/train/mini_*.json``), each from the previous
    one's output: ``stage0_text`` (the LLM on the text families: it stands in for the pretrained
    Qwen2.5 LLM the paper starts from), ``stage0_vision`` (the vision encoder told what each
-   image token shows: ``train/vision.py``, on ``data/vision/``), ``stage1_align`` (encoders
+   image token shows: ``train/dense.py``, on ``data/vision/``), ``stage1_align`` (encoders
    aligned with the LLM frozen),
    ``stage2_all`` (everything on all families, in batches that mix the families),
    ``stage2b_all`` (the same, continued with a warm restart), ``stage3_talker`` (the Talker).
@@ -69,7 +69,7 @@ VISION_IMAGES = 6000
 # answers of most families need (operands, repeated words, the asked color or shape). Stage 2b
 # goes on from it with a warm restart of the learning rate: at the end of stage 2's schedule the
 # Thinker was still learning (docs/MINI.md).
-# Stage 0v teaches the vision encoder what every image token shows (``train/vision.py``): from
+# Stage 0v teaches the vision encoder what every image token shows (``train/dense.py``): from
 # the answers alone it learns the shapes' colours but hardly their kinds.
 STAGES = (
     ("stage0_text", "mini_0_text.json", ("text.jsonl",), "init"),
@@ -268,7 +268,7 @@ def run(out: str | Path, codec: str | Path | None, n_per_family: int = 800, seed
     if not _done(data_dir / "media.jsonl", "split"):
         log(f"split: {split_records(data)}")
     if not _done(data_dir / VISION / "vision.jsonl", "vision images"):
-        from omnistream.train.vision import make_vision_data
+        from omnistream.train.dense import make_vision_data
 
         timed("vision_images", lambda: make_vision_data(
             data_dir / VISION, max(VISION_IMAGES * n_per_family // 800, 8), seed))

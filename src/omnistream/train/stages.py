@@ -18,9 +18,11 @@ from typing import Any
 from torch import nn
 
 TASKS = ("thinker", "talker", "talker_dpo", "vocoder", "codec", "codec_dit", "codec_encoder",
-         "vision")
+         "vision", "hearing")
 # speech codec stages (``train/codec.py``)
 CODEC_TASKS = ("vocoder", "codec", "codec_dit", "codec_encoder")
+# dense encoder pretraining (``train/dense.py``)
+DENSE_TASKS = ("vision", "hearing")
 
 
 @dataclass
@@ -44,7 +46,7 @@ class LoRAOptions:
 @dataclass
 class Stage:
     name: str = "full"
-    task: str = "thinker"  # one of TASKS ("vision": ``train/vision.py``)
+    task: str = "thinker"  # one of TASKS
     trainable: list[str] = field(default_factory=lambda: ["thinker.*"])  # glob over param names
     frozen: list[str] = field(default_factory=list)  # removed from trainable
     talker_last_layers: int = 0  # > 0: add the talker's last N layers + norm + codec_head

@@ -1,5 +1,5 @@
-"""Dense vision pretraining (train/vision.py): each merged token's ground truth, a stage that
-learns it, and resuming it."""
+"""Dense encoder pretraining (train/dense.py): each merged image token's ground truth, spoken
+words for the audio encoder, stages that learn them, and resuming them."""
 
 from __future__ import annotations
 
@@ -8,16 +8,17 @@ import json
 import pytest
 import torch
 
-from omnistream.train.stages import Stage
-from omnistream.train.vision import (
+from omnistream.train.dense import (
     COLORS,
     KINDS,
-    VisionSet,
-    evaluate_vision,
+    DenseSet,
+    evaluate_dense,
+    make_hearing_data,
     make_vision_data,
     token_targets,
-    train_vision,
+    train_dense,
 )
+from omnistream.train.stages import Stage
 
 
 def test_token_targets_mark_the_tokens_each_shape_covers():
@@ -44,7 +45,7 @@ def test_vision_data_is_seeded(tmp_path):
     b = make_vision_data(tmp_path / "b", 5, seed=3, progress=False)
     assert a.read_text() == b.read_text()
     recs = [json.loads(x) for x in a.read_text().splitlines()]
-    assert (a.parent / recs[4]["image"]).read_bytes() == (b.parent / recs[4]["image"]).read_bytes()
+    assert (a.parent / recs[4]["media"]).read_bytes() == (b.parent / recs[4]["media"]).read_bytes()
     assert {r["case"][1] for r in recs} == {"image-count", "image-count-color", "image-color",
                                             "image-shape"}
 
@@ -67,7 +68,7 @@ def test_vision_stage_learns_the_tokens_and_saves_only_the_encoder(tiny_dir, vis
     from omnistream.checkpoint import read_tensors
 
     out = tmp_path / "v"
-    train_vision(_stage(), [vision_data], tiny_dir, out, verbose=False)
+    train_dense(_stage(), [vision_data], tiny_dir, out, verbose=False)
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     first, last = log[0], log[-1]
     assert last["loss"] < 0.5 * first["loss"]
@@ -77,7 +78,7 @@ def test_vision_stage_learns_the_tokens_and_saves_only_the_encoder(tiny_dir, vis
     changed = {k for k in src if not torch.equal(src[k], new[k])}
     assert changed and all(k.startswith("thinker.visual.") for k in changed)
     # read back: the saved encoder with the resume state's heads, on all 8 images
-    acc = evaluate_vision(out, [vision_data])
+    acc = evaluate_dense(out, [vision_data])
     assert acc["kind_shape"] > first["acc_kind"] + 0.3
 
 
@@ -86,9 +87,9 @@ def test_vision_stage_resumes_where_it_stopped(tiny_dir, vision_data, tmp_path):
     from omnistream.checkpoint import read_tensors
 
     s = _stage(max_steps=6)
-    train_vision(s, [vision_data], tiny_dir, tmp_path / "a", stop_at=3, verbose=False)
-    train_vision(s, [vision_data], tiny_dir, tmp_path / "a", verbose=False)
-    train_vision(s, [vision_data], tiny_dir, tmp_path / "b", verbose=False)
+    train_dense(s, [vision_data], tiny_dir, tmp_path / "a", stop_at=3, verbose=False)
+    train_dense(s, [vision_data], tiny_dir, tmp_path / "a", verbose=False)
+    train_dense(s, [vision_data], tiny_dir, tmp_path / "b", verbose=False)
     a, b = dict(read_tensors(tmp_path / "a")), dict(read_tensors(tmp_path / "b"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
@@ -101,7 +102,7 @@ def test_vision_stage_keeps_the_tokens_scale_under_the_rms_limit(tiny_dir, visio
     runs = {}
     for limit in (0.0, 0.05):
         out = tmp_path / f"v{limit}"
-        train_vision(_stage(media_rms_limit=limit), [vision_data], tiny_dir, out, verbose=False)
+        train_dense(_stage(media_rms_limit=limit), [vision_data], tiny_dir, out, verbose=False)
         runs[limit] = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert "rms" not in runs[0.0][-1] and runs[0.05][-1]["rms"] < 2 * 0.05
     assert runs[0.05][-1]["acc_kind"] > runs[0.05][0]["acc_kind"] + 0.2
@@ -110,7 +111,45 @@ def test_vision_stage_keeps_the_tokens_scale_under_the_rms_limit(tiny_dir, visio
     scale = {}
     for limit in runs:
         m = load_model(tmp_path / f"v{limit}", with_talker=False)
-        px, grid, _ = VisionSet([vision_data], tiny_dir).batch([0, 1], 2)
+        px, grid, _ = DenseSet([vision_data], tiny_dir).batch([0, 1], 2)
         with torch.no_grad():
             scale[limit] = m.thinker.visual(px, grid).pow(2).mean(-1).sqrt().mean().item()
     assert scale[0.05] < 0.7 * scale[0.0], scale
+
+
+def test_greedy_words_collapse_repeats_and_blanks():
+    from omnistream.train.dense import HEARING_WORDS, greedy_words
+
+    ids = {w: i + 1 for i, w in enumerate(HEARING_WORDS)}
+    path = [0, ids["three"], ids["three"], 0, ids["three"], ids["plus"], 0, 0, ids["two"]]
+    logp = torch.full((len(path), len(HEARING_WORDS) + 2), -9.0)
+    logp[torch.arange(len(path)), torch.tensor(path)] = 0.0
+    assert greedy_words(logp) == ["three", "three", "plus", "two"]
+    assert {"how", "many", "yellow", "triangle", "seventeen", "minus"} <= set(HEARING_WORDS)
+
+
+@pytest.fixture(scope="module")
+def hearing_data(tmp_path_factory):
+    pytest.importorskip("piper", reason="spoken utterances need the data extra")
+    return make_hearing_data(tmp_path_factory.mktemp("hearing"), 8, seed=0, progress=False)
+
+
+def test_hearing_stage_learns_the_words_and_saves_only_the_audio_encoder(tiny_dir, hearing_data,
+                                                                         tmp_path):
+    """The seeded utterances are the task generator's spoken word lists and questions; 40 CTC
+    steps on 8 of them cut the loss per word by more than half and change only
+    ``thinker.audio_tower.*``."""
+    from omnistream.checkpoint import read_tensors
+
+    recs = [json.loads(x) for x in hearing_data.read_text().splitlines()]
+    again = make_hearing_data(tmp_path / "again", 8, seed=0, progress=False)
+    assert again.read_text() == hearing_data.read_text() and all(r["text"] for r in recs)
+    out = tmp_path / "h"
+    stage = _stage(task="hearing", trainable=["thinker.audio_tower.*"], media_rms_limit=0.3)
+    train_dense(stage, [hearing_data], tiny_dir, out, verbose=False)
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["loss"] < 0.5 * log[0]["loss"], (log[0], log[-1])
+    src, new = dict(read_tensors(tiny_dir)), dict(read_tensors(out))
+    changed = {k for k in src if not torch.equal(src[k], new[k])}
+    assert changed and all(k.startswith("thinker.audio_tower.") for k in changed)
+    assert set(evaluate_dense(out, [hearing_data])) == {"wer"}
