@@ -333,21 +333,25 @@ def test_records_split_by_media(tmp_path):
 
 def test_recipe_follows_the_papers_order():
     """Each stage starts from an earlier one, its config exists, and the tasks come in the
-    paper's order: Thinker stages (text, encoder alignment, everything), Talker, Talker DPO."""
+    paper's order: Thinker stages (text, the encoders' dense pretraining, encoder alignment,
+    everything), Talker, Talker DPO."""
     from omnistream.train.mini import STAGE_DIR, STAGES
     from omnistream.train.stages import Stage
 
     done, tasks = {"init"}, []
-    for name, cfg, data, src in STAGES:
+    for i, (name, cfg, data, src) in enumerate(STAGES):
         assert src in done, (name, src)
         assert data and all(f.endswith(".jsonl") for f in data), name
         stage = Stage.from_file(STAGE_DIR / cfg)
         tasks.append(stage.task)
-        if stage.task == "vision":
-            assert stage.trainable == ["thinker.visual.*"]
+        if stage.task in ("vision", "hearing"):  # one encoder; later stages keep it slow
+            enc = {"vision": "thinker.visual.*", "hearing": "thinker.audio_tower.*"}[stage.task]
+            assert stage.trainable == [enc]
+            later = [Stage.from_file(STAGE_DIR / c) for _, c, _, _ in STAGES[i + 1 :]]
+            assert all(s.lr_scale.get(enc, 1.0) <= 0.1 for s in later if s.task == "thinker")
         if stage.task == "thinker":  # batches sorted by length would hold one family each
             assert stage.length_group == 1, f"{cfg}: batches should mix the families"
         done.add(name)
-    assert tasks == ["thinker", "vision"] + ["thinker"] * 3 + ["talker", "talker_dpo"]
-    stage1 = Stage.from_file(STAGE_DIR / STAGES[2][1])
+    assert tasks == ["thinker", "vision", "hearing"] + ["thinker"] * 3 + ["talker", "talker_dpo"]
+    stage1 = Stage.from_file(STAGE_DIR / STAGES[3][1])
     assert stage1.trainable == ["thinker.audio_tower.*", "thinker.visual.*"]  # LLM frozen

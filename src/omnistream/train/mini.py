@@ -22,8 +22,9 @@ config). Steps, in order (``OUT/...``):
    that codec's Token2Wav, speech encoder and voice).
 4. Stages through ``omnistream train`` (``configs/train/mini_*.json``), each from the previous
    one's output: ``stage0_text`` (the LLM on the text families: it stands in for the pretrained
-   Qwen2.5 LLM the paper starts from), ``stage0_vision`` (the vision encoder told what each
-   image token shows: ``train/dense.py``, on ``data/vision/``), ``stage1_align`` (encoders
+   Qwen2.5 LLM the paper starts from), ``stage0_vision`` and ``stage0_hearing`` (the
+   encoders told what each image token shows and which words a clip says: ``train/dense.py``,
+   on ``data/vision/`` and ``data/hearing/``), ``stage1_align`` (encoders
    aligned with the LLM frozen),
    ``stage2_all`` (everything on all families, in batches that mix the families),
    ``stage2b_all`` (the same, continued with a warm restart), ``stage3_talker`` (the Talker).
@@ -64,17 +65,22 @@ TALKER_REPEAT = "talker_repeat"
 TALKER_COUNTER = "talker_counter.jsonl"
 VISION = "vision"  # images with their shapes, for the dense vision stage
 VISION_IMAGES = 6000
+HEARING = "hearing"  # spoken word lists and questions with their text, for the hearing stage
+HEARING_CLIPS = 4000
 # (output folder, stage config, training data in OUT/data, source: "init" or a previous stage).
 # Stage 2 sees the text records twice: they are short (cheap) and teach the copying that the
 # answers of most families need (operands, repeated words, the asked color or shape). Stage 2b
 # goes on from it with a warm restart of the learning rate: at the end of stage 2's schedule the
 # Thinker was still learning (docs/MINI.md).
-# Stage 0v teaches the vision encoder what every image token shows (``train/dense.py``): from
-# the answers alone it learns the shapes' colours but hardly their kinds.
+# Stages 0v and 0h teach the encoders what every token shows or says (``train/dense.py``): from
+# the answers alone the vision encoder learns the shapes' colours but hardly their kinds, and the
+# audio encoder a question's template but hardly its words. Later stages train the encoders at a
+# tenth of the rate (``lr_scale``), which keeps what these stages taught.
 STAGES = (
     ("stage0_text", "mini_0_text.json", ("text.jsonl",), "init"),
     ("stage0_vision", "mini_vision.json", (f"{VISION}/vision.jsonl",), "stage0_text"),
-    ("stage1_align", "mini_1_align.json", ("media.jsonl",), "stage0_vision"),
+    ("stage0_hearing", "mini_hearing.json", (f"{HEARING}/hearing.jsonl",), "stage0_vision"),
+    ("stage1_align", "mini_1_align.json", ("media.jsonl",), "stage0_hearing"),
     ("stage2_all", "mini_2_all.json", ("data.jsonl", "text.jsonl"), "stage1_align"),
     ("stage2b_all", "mini_2b_all.json", ("data.jsonl", "text.jsonl"), "stage2_all"),
     ("stage3_talker", "mini_3_talker.json",
@@ -272,6 +278,11 @@ def run(out: str | Path, codec: str | Path | None, n_per_family: int = 800, seed
 
         timed("vision_images", lambda: make_vision_data(
             data_dir / VISION, max(VISION_IMAGES * n_per_family // 800, 8), seed))
+    if not _done(data_dir / HEARING / "hearing.jsonl", "hearing clips"):
+        from omnistream.train.dense import make_hearing_data
+
+        timed("hearing_clips", lambda: make_hearing_data(
+            data_dir / HEARING, max(HEARING_CLIPS * n_per_family // 800, 8), seed))
     if not _done(data_dir / "talker.jsonl", "speech"):
         timed("speech", lambda: log(
             f"speech: {add_speech(data, data_dir / 'talker.jsonl', encode=encoder())} replies "
