@@ -317,3 +317,31 @@ def test_talker_records_give_speech_as_audio(tmp_path, tiny_dir):
     assert len(ds.errors) == 1 and "short.wav" in ds.errors[0]
     with pytest.raises(ValueError, match="no usable records"):
         Dataset(tmp_path / "d.jsonl", tok, cfg, "talker", log=lambda _: None)
+
+
+@pytest.mark.skipif(not (SHIPPED / "config.json").exists(), reason="no shipped model")
+def test_codec_eval_splits_the_error_between_vocoder_and_codes(tmp_path):
+    """``codec eval --vocoder-wer`` also scores the vocoder on each clip's own mel: on the
+    shipped codec that is near the original's WER, while a vocoder of random weights is not."""
+    pytest.importorskip("piper", reason="held-out clips need the data extra")
+    from omnistream.eval import recognizer
+    from omnistream.eval.codec import evaluate_codec
+
+    if not recognizer.available():
+        pytest.skip("the recognizer (eval extra) is not installed")
+    kw = dict(n=3, cache=tmp_path / "clips", progress=False, vocoder_wer=True)
+    res = evaluate_codec(SHIPPED, **kw)
+    assert res["wer_vocoder"] <= res["wer_original"] + 0.15
+    broken = tmp_path / "broken"
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(SHIPPED, broken)
+    sd = load_file(broken / "model.safetensors")
+    voc = "token2wav.code2wav_bigvgan_model."
+    g = torch.Generator().manual_seed(0)
+    sd = {k: (torch.randn(v.shape, generator=g) * 0.05 if k.startswith(voc) and v.dim() > 1
+              else v) for k, v in sd.items()}
+    save_file(sd, str(broken / "model.safetensors"))
+    assert evaluate_codec(broken, **kw)["wer_vocoder"] >= 0.5

@@ -116,6 +116,8 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_decode_args(q)
     q.add_argument("--n", type=int, default=100, help="held-out sentences")
     q.add_argument("--no-recognizer", action="store_true", help="skip WER (no eval extra)")
+    q.add_argument("--vocoder-wer", action="store_true",
+                   help="also the WER of the vocoder on each clip's own mel")
     q.add_argument("--json-out", default=None)
 
     p = sub.add_parser("eval", help="omni-mini tasks on fresh cases: accuracy per family, "
@@ -317,7 +319,8 @@ def _cmd_codec(args: argparse.Namespace) -> int:
         from omnistream.eval.codec import evaluate_codec, print_report
 
         res = evaluate_codec(model, n=args.n, recognize=not args.no_recognizer,
-                             steps=args.steps, solver=args.solver, guidance_scale=args.guidance)
+                             vocoder_wer=args.vocoder_wer, steps=args.steps,
+                             solver=args.solver, guidance_scale=args.guidance)
         print_report(res)
         if args.json_out:
             Path(args.json_out).write_text(json.dumps(res, indent=2) + "\n")

@@ -65,8 +65,12 @@ def held_out_clips(n: int, cache: str | Path | None = None) -> list[dict]:
 
 
 def evaluate_codec(model: str | Path, n: int = 100, cache: str | Path | None = None,
-                   recognize: bool = True, progress: bool = True, **decode_options) -> dict:
-    """Round-trip figures over ``n`` held-out clips (see the module docstring)."""
+                   recognize: bool = True, progress: bool = True, vocoder_wer: bool = False,
+                   **decode_options) -> dict:
+    """Round-trip figures over ``n`` held-out clips (see the module docstring). With
+    ``vocoder_wer`` also the recognizer on the vocoder fed each clip's own mel: the part of the
+    round trip's error that the vocoder makes (the rest is between the codes and the mel)."""
+    from omnistream.codec.features import speech_mel
     from omnistream.train.codec import read_wav
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -74,7 +78,7 @@ def evaluate_codec(model: str | Path, n: int = 100, cache: str | Path | None = N
     clips = held_out_clips(n, cache)
     if recognize:
         from omnistream.eval import recognizer
-    refs, hyp_orig, hyp_rt, mcds = [], [], [], []
+    refs, hyp_orig, hyp_rt, hyp_voc, mcds = [], [], [], [], []
     enc_s = dec_s = audio_s = 0.0
     first_chunk: list[float] = []
     it = clips
@@ -105,6 +109,9 @@ def evaluate_codec(model: str | Path, n: int = 100, cache: str | Path | None = N
         if recognize:
             hyp_orig.append(recognizer.transcribe(wav, OUTPUT_SAMPLE_RATE))
             hyp_rt.append(recognizer.transcribe(out, OUTPUT_SAMPLE_RATE))
+            if vocoder_wer:
+                voc = codec.token2wav.vocode(speech_mel(wav)[None])[0].cpu().numpy()
+                hyp_voc.append(recognizer.transcribe(voc, OUTPUT_SAMPLE_RATE))
     res = {
         "clips": len(clips),
         "audio_s": audio_s,
@@ -117,6 +124,8 @@ def evaluate_codec(model: str | Path, n: int = 100, cache: str | Path | None = N
     if recognize:
         res["wer_original"] = recognizer.wer(refs, hyp_orig)
         res["wer_round_trip"] = recognizer.wer(refs, hyp_rt)
+        if vocoder_wer:
+            res["wer_vocoder"] = recognizer.wer(refs, hyp_voc)
         res["examples"] = [{"text": r, "original": a, "round_trip": b}
                            for r, a, b in list(zip(refs, hyp_orig, hyp_rt, strict=True))[:5]]
     return res
@@ -127,6 +136,8 @@ def print_report(res: dict) -> None:
     if "wer_original" in res:
         rows += [("WER original (Piper)", f"{100 * res['wer_original']:.1f}%"),
                  ("WER round trip", f"{100 * res['wer_round_trip']:.1f}%")]
+    if "wer_vocoder" in res:
+        rows.append(("WER vocoder, original mel", f"{100 * res['wer_vocoder']:.1f}%"))
     rows += [("MCD", f"{res['mcd_db']:.2f} dB"),
              ("streaming decode RTF", f"{res['decode_rtf']:.3f}"),
              ("first chunk after its codes", f"{res['first_chunk_ms_median']:.0f} ms median, "
