@@ -111,7 +111,7 @@ def test_vision_stage_keeps_the_tokens_scale_under_the_rms_limit(tiny_dir, visio
     scale = {}
     for limit in runs:
         m = load_model(tmp_path / f"v{limit}", with_talker=False)
-        px, grid, _ = DenseSet([vision_data], tiny_dir).batch([0, 1], 2)
+        px, grid, _ = DenseSet("vision", [vision_data], tiny_dir).batch([0, 1], 2)
         with torch.no_grad():
             scale[limit] = m.thinker.visual(px, grid).pow(2).mean(-1).sqrt().mean().item()
     assert scale[0.05] < 0.7 * scale[0.0], scale
@@ -153,3 +153,8 @@ def test_hearing_stage_learns_the_words_and_saves_only_the_audio_encoder(tiny_di
     changed = {k for k in src if not torch.equal(src[k], new[k])}
     assert changed and all(k.startswith("thinker.audio_tower.") for k in changed)
     assert set(evaluate_dense(out, [hearing_data])) == {"wer"}
+
+
+def test_dense_stage_refuses_records_of_the_other_task(tiny_dir, vision_data):
+    with pytest.raises(ValueError, match="hearing record needs 'media' and 'text'"):
+        DenseSet("hearing", [vision_data], tiny_dir)

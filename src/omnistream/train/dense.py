@@ -175,15 +175,20 @@ class DenseSet:
     """Records of ``vision.jsonl`` / ``hearing.jsonl`` files, featurised on demand as the
     engine's processor does; ``batch`` gives one model call's inputs and targets."""
 
-    def __init__(self, files: list[str | Path], model_dir: str | Path):
+    def __init__(self, task: str, files: list[str | Path], model_dir: str | Path):
         from omnistream.prompt import processor_options
 
+        self.task = task
+        need = "shapes" if task == "vision" else "text"
         self.items: list[tuple[Path, dict]] = []
         for f in files:
             base = Path(f).parent
-            for line in Path(f).read_text().splitlines():
+            for k, line in enumerate(Path(f).read_text().splitlines()):
                 if line.strip():
                     rec = json.loads(line)
+                    if "media" not in rec or need not in rec:
+                        raise ValueError(f"{f}:{k + 1}: a {task} record needs 'media' and "
+                                         f"{need!r} (python -m omnistream.train.dense {task})")
                     self.items.append((base / rec["media"], rec))
         if not self.items:
             raise ValueError(f"no records in {[str(f) for f in files]}")
@@ -198,8 +203,9 @@ class DenseSet:
         per clip [n], texts."""
         from omnistream.train.data import process_media
 
-        if "shapes" not in self.items[idx[0]][1]:
-            feats = [process_media("audio", str(self.items[i][0])) for i in idx]
+        if self.task == "hearing":
+            feats = [process_media("audio", str(p), {"type": "audio", "audio": str(p)}, self.opts)
+                     for p, _ in (self.items[i] for i in idx)]
             return (torch.cat([f.features for f in feats], 1),
                     torch.tensor([int(f.feature_len) for f in feats]),
                     [self.items[i][1]["text"] for i in idx])
@@ -325,7 +331,7 @@ def train_dense(stage: Stage, data: list[str | Path], model_dir: str | Path,
     encoder, heads, merge = _setup(s.task, model)
     prefix = "thinker.visual." if s.task == "vision" else "thinker.audio_tower."
     encoder.train()
-    dataset = DenseSet(data, model_dir)
+    dataset = DenseSet(s.task, data, model_dir)
     params = [*encoder.parameters(), *heads.parameters()]
     opt = torch.optim.AdamW(params, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
     step, rng = 0, random.Random(s.seed)
@@ -390,8 +396,8 @@ def train_dense(stage: Stage, data: list[str | Path], model_dir: str | Path,
         bar.close()
     result: dict[str, Any] = {"out": str(out), "step": step}
     if eval_data and step >= s.max_steps:
-        result["held_out"] = evaluate_heads(s.task, encoder, heads, DenseSet(eval_data, model_dir),
-                                            merge)
+        held = DenseSet(s.task, eval_data, model_dir)
+        result["held_out"] = evaluate_heads(s.task, encoder, heads, held, merge)
         log_f.write(json.dumps({"event": "held_out", "step": step, **result["held_out"]}) + "\n")
     log_f.close()
     if step >= end and not rpath.exists():
@@ -438,7 +444,8 @@ def evaluate_dense(model_dir: str | Path, data: list[str | Path]) -> dict[str, f
     model = load_model(model_dir, with_talker=False)
     encoder, heads, merge = _setup(st["task"], model)
     heads.load_state_dict(st["heads"])
-    return evaluate_heads(st["task"], encoder, heads, DenseSet(data, model_dir), merge)
+    return evaluate_heads(st["task"], encoder, heads, DenseSet(st["task"], data, model_dir),
+                          merge)
 
 
 def main(argv: list[str] | None = None) -> None:
