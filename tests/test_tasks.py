@@ -365,6 +365,27 @@ def test_spoken_repeat_is_training_only():
     assert kinds == {"question", "words"}
 
 
+def test_image_describe_names_every_shape_left_to_right():
+    """The auxiliary family: the answer names each shape found in the picture (colour and kind)
+    in the order of their left edges; evaluation never draws it."""
+    from omnistream.media.image import load_image
+
+    assert "image-describe" not in tasks.FAMILIES
+    for case in _cases("image-describe", 6):
+        assert case.question == tasks.DESCRIBE_QUESTION
+        img = np.asarray(load_image(case.media[0].data).convert("RGB")).astype(int)
+        bg, _ = measure_image(case.media[0].data)
+        lab, n = ndimage.label(np.abs(img - bg).max(-1) > 0, structure=np.ones((3, 3)))
+        found = []
+        for k in range(1, n + 1):
+            m = lab == k
+            ys, xs = np.nonzero(m)
+            found.append((xs.min(), ys.min(), f"a {_nearest(img[m][0])} {_kind(m)}"))
+        names = [name for *_, name in sorted(found)]
+        want = names[0] if n == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+        assert case.answer == want[0].upper() + want[1:] + "."
+
+
 def test_determinism_and_dataset(tmp_path):
     """Same seed -> same bytes; a case does not depend on n_per_family; seeds differ; records
     pass ``omnistream.train.data.validate``."""

@@ -50,8 +50,11 @@ FAMILIES = (
 # Training-only families (not in TASKS.md, never evaluated): ``spoken-repeat`` speaks a question
 # of the families or a repeat list as the spoken questions are spoken (voices, silence, noise),
 # after the text "Repeat after me.", and the reply writes it: the audio encoder learns the tasks'
-# words, which the spoken questions (spoken-image, spoken arithmetic) need.
-AUX_FAMILIES = ("spoken-repeat",)
+# words, which the spoken questions (spoken-image, spoken arithmetic) need. ``image-describe``
+# names every shape of an image (colour and kind) from left to right: the LLM learns to read
+# each shape's kind and colour together, which the image families need and only hint at.
+AUX_FAMILIES = ("spoken-repeat", "image-describe")
+DESCRIBE_QUESTION = "Describe the shapes from left to right."
 EVAL_SEED_BASE = 1_000_000  # training seeds are below, evaluation seeds at or above
 CHAT_QUESTIONS = ("Hello!", "Hi!", "Who are you?")
 CHAT_ANSWER = "Hello! I am omnistream, a small model that can see, hear and talk."
@@ -274,6 +277,18 @@ def _spoken_repeat(rng: np.random.Generator) -> Case:
                 {"speech": meta, "text": text})
 
 
+def _image_describe(rng: np.random.Generator) -> Case:
+    """Auxiliary: 1-6 shapes, the answer names each (colour and kind) by its left edge."""
+    n = int(rng.integers(1, tm.MAX_SHAPES + 1))
+    png, meta = tm.render_image([(_choice(rng, SHAPES), _choice(rng, COLORS)) for _ in range(n)],
+                                rng)
+    names = [f"a {s['color']} {s['kind']}"
+             for s in sorted(meta["shapes"], key=lambda s: (s["x"], s["y"]))]
+    text = names[0] if n == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return Case("image-describe", [Media("image", "png", png)], DESCRIBE_QUESTION,
+                cap(text) + ".", meta)
+
+
 def make_case(family: str, rng: np.random.Generator) -> Case:
     """One case of ``family`` (one of FAMILIES or AUX_FAMILIES), all randomness from ``rng``."""
     if family in IMAGE_FAMILIES:
@@ -294,6 +309,8 @@ def make_case(family: str, rng: np.random.Generator) -> Case:
         return _repeat(rng)
     if family == "spoken-repeat":
         return _spoken_repeat(rng)
+    if family == "image-describe":
+        return _image_describe(rng)
     raise ValueError(f"unknown family {family!r} (one of {', '.join(FAMILIES)})")
 
 
