@@ -158,3 +158,10 @@ def test_hearing_stage_learns_the_words_and_saves_only_the_audio_encoder(tiny_di
 def test_dense_stage_refuses_records_of_the_other_task(tiny_dir, vision_data):
     with pytest.raises(ValueError, match="hearing record needs 'media' and 'text'"):
         DenseSet("hearing", [vision_data], tiny_dir)
+
+
+def test_dense_stage_trains_only_its_encoder(tiny_dir, vision_data, tmp_path):
+    with pytest.raises(ValueError, match=r"trains thinker\.visual\.\*"):
+        train_dense(_stage(trainable=["thinker.*"]), [vision_data], tiny_dir, tmp_path / "x",
+                    verbose=False)
+    assert not (tmp_path / "x").exists()

@@ -225,7 +225,8 @@ class DenseSet:
 
 
 def _rms_term(tokens: Tensor, rms_limit: float, parts: dict[str, float]) -> Tensor:
-    """``losses.media_penalty``'s RMS term (0 when ``rms_limit`` is 0); logs the mean RMS."""
+    """``losses.media_penalty``'s RMS term (0 when ``rms_limit`` is 0); logs the mean RMS. The
+    term is the same for every kind of token, so the tokens go in as any one kind."""
     from omnistream.nn.thinker import Media
     from omnistream.train.losses import media_penalty
 
@@ -298,8 +299,9 @@ HEARING_WORDS = _hearing_words()
 # ----------------------------------------------------------------------------------- training
 
 
-def _setup(task: str, model) -> tuple[nn.Module, Heads, Callable]:
-    """The encoder a task trains, its heads, and its loss on a ``DenseSet.batch``."""
+def _setup(task: str, model) -> tuple[nn.Module, Heads, int]:
+    """The encoder a task trains, its heads, and the vision encoder's spatial merge (what
+    ``DenseSet.batch`` needs for the vision targets)."""
     tc = model.cfg.thinker_config
     if task == "vision":
         merge = tc.vision_config.spatial_merge_size
@@ -324,12 +326,15 @@ def train_dense(stage: Stage, data: list[str | Path], model_dir: str | Path,
     from omnistream.train.model import load_model, save_released
 
     s = stage
+    prefix = "thinker.visual." if s.task == "vision" else "thinker.audio_tower."
+    if s.trainable != [prefix + "*"] or s.frozen or s.lora is not None:
+        raise ValueError(f"a {s.task} stage trains {prefix}* (trainable [\"{prefix}*\"], no "
+                         f"frozen, no lora), not {s.trainable}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(s.seed)
     model = load_model(model_dir, with_talker=False)
     encoder, heads, merge = _setup(s.task, model)
-    prefix = "thinker.visual." if s.task == "vision" else "thinker.audio_tower."
     encoder.train()
     dataset = DenseSet(s.task, data, model_dir)
     params = [*encoder.parameters(), *heads.parameters()]
