@@ -195,6 +195,19 @@ def test_codec_stages_train_save_resume_and_load_in_the_engine_layout(tmp_path):
     changed = {k.split(".")[0] for k, v in new.token2wav.state_dict().items()
                if not torch.equal(before[k], v)}
     assert changed == {"code2wav_dit_model"}, changed
+    # a deeper DiT starts as the identity of its new blocks: the same audio, then codec_dit
+    # trains the new blocks too
+    from omnistream.train.codec import grow_dit
+
+    with pytest.raises(ValueError, match="already has 4 layers"):
+        grow_dit(tmp_path / "c_full", tmp_path / "g", 4)
+    grown = Codec.load(grow_dit(tmp_path / "c_full", tmp_path / "g", 6))
+    assert len(grown.token2wav.code2wav_dit_model.transformer_blocks) == 6
+    want = codec.decode(codes, steps=2, solver="euler", seed=5)
+    assert np.array_equal(grown.decode(codes, steps=2, solver="euler", seed=5), want)
+    train_codec(dit_only, [data], tmp_path / "g", tmp_path / "gd", verbose=False)
+    gate = "code2wav_dit_model.transformer_blocks.5.attn_norm.linear.weight"
+    assert Codec.load(tmp_path / "gd").token2wav.state_dict()[gate].abs().sum() > 0
 
 
 def test_ctc_supervision_reaches_the_encoder_and_resumes(tmp_path):

@@ -413,7 +413,7 @@ def train_codec(stage: Stage, data: list[str | Path], model_dir: str | Path, out
             log_f.flush()
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
         due = s.save_every and step % s.save_every == 0
         if due or time.monotonic() - last_save > s.save_every_s or step == end:
             save()
@@ -475,9 +475,50 @@ def merge_vocoder(codec_dir: str | Path, vocoder_dir: str | Path, out: str | Pat
     return out
 
 
-if __name__ == "__main__":  # python -m omnistream.train.codec merge CODEC VOCODER OUT
+def grow_dit(src: str | Path, out: str | Path, layers: int, seed: int = 0) -> Path:
+    """A copy of codec checkpoint ``src`` whose DiT has ``layers`` blocks: the trained blocks
+    first, then new ones without look-back or look-ahead (the receptive field, hence streaming,
+    is unchanged). A new block's adaLN modulation starts at zero, so its gates are zero and it is
+    the identity: the grown DiT decodes exactly as ``src`` until ``codec_dit`` trains it."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from omnistream.checkpoint import load_config, read_tensors, weight_map
+    from omnistream.nn.dit import DiT
+
+    src, out = Path(src), Path(out)
+    cfg = load_config(src)
+    dit_cfg = cfg.token2wav_config.dit_config
+    old = dit_cfg.num_hidden_layers
+    if layers <= old:
+        raise ValueError(f"{src}'s DiT already has {old} layers: grow to more than that")
+    tensors = {k: v.clone() for k, v in read_tensors(src, names=list(weight_map(src)))}
+    dit_cfg.num_hidden_layers = layers
+    torch.manual_seed(seed)
+    fresh = DiT(dit_cfg)
+    fresh_init_(fresh, seed)
+    pre = "token2wav.code2wav_dit_model."
+    for k, v in fresh.state_dict().items():
+        parts = k.split(".")
+        if parts[0] == "transformer_blocks" and int(parts[1]) >= old:
+            tensors[pre + k] = v.detach().float().contiguous()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    shutil.copy(src / "spk_dict.pt", out / "spk_dict.pt")
+    return out
+
+
+_USAGE = ("usage: python -m omnistream.train.codec merge CODEC_DIR VOCODER_DIR OUT\n"
+          "       python -m omnistream.train.codec grow CODEC_DIR OUT LAYERS")
+
+if __name__ == "__main__":
     import sys
 
-    if len(sys.argv) != 5 or sys.argv[1] != "merge":
-        raise SystemExit("usage: python -m omnistream.train.codec merge CODEC_DIR VOCODER_DIR OUT")
-    print(merge_vocoder(*sys.argv[2:5]))
+    if len(sys.argv) == 5 and sys.argv[1] == "merge":
+        print(merge_vocoder(*sys.argv[2:5]))
+    elif len(sys.argv) == 5 and sys.argv[1] == "grow":
+        print(grow_dit(sys.argv[2], sys.argv[3], int(sys.argv[4])))
+    else:
+        raise SystemExit(_USAGE)
