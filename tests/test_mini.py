@@ -353,5 +353,7 @@ def test_recipe_follows_the_papers_order():
             assert stage.length_group == 1, f"{cfg}: batches should mix the families"
         done.add(name)
     assert tasks == ["thinker", "vision", "hearing"] + ["thinker"] * 3 + ["talker", "talker_dpo"]
+    # the training-only families (colour-kind binding, spoken words) are in the Thinker's stages
+    assert all("aux/data.jsonl" in data for name, _, data, _ in STAGES if name.startswith("stage2"))
     stage1 = Stage.from_file(STAGE_DIR / STAGES[3][1])
     assert stage1.trainable == ["thinker.audio_tower.*", "thinker.visual.*"]  # LLM frozen

@@ -26,7 +26,8 @@ config). Steps, in order (``OUT/...``):
    encoders told what each image token shows and which words a clip says: ``train/dense.py``,
    on ``data/vision/`` and ``data/hearing/``), ``stage1_align`` (encoders
    aligned with the LLM frozen),
-   ``stage2_all`` (everything on all families, in batches that mix the families),
+   ``stage2_all`` (everything on all families and the training-only ones in ``data/aux/``,
+   in batches that mix the families),
    ``stage2b_all`` (the same, continued with a warm restart), ``stage3_talker`` (the Talker).
 5. ``data/dpo.jsonl``: preference pairs of sampled speech ranked by the recognizer's WER and by
    pause errors (``train.dpo_pairs``), then ``stage4_dpo`` (Talker DPO).
@@ -67,6 +68,12 @@ VISION = "vision"  # images with their shapes, for the dense vision stage
 VISION_IMAGES = 6000
 HEARING = "hearing"  # spoken word lists and questions with their text, for the hearing stage
 HEARING_CLIPS = 4000
+# Training-only families beside the tasks in stages 2 and 2b (``tasks.AUX_FAMILIES``):
+# ``image-describe`` names every shape's colour and kind, which teaches the LLM to bind the two
+# (the seventh session: 58.2% -> 67.3% on fresh cases with it); ``spoken-repeat`` writes down
+# spoken word lists, the words the spoken questions use.
+AUX = "aux"
+AUX_CASES = 3000
 # (output folder, stage config, training data in OUT/data, source: "init" or a previous stage).
 # Stage 2 sees the text records twice: they are short (cheap) and teach the copying that the
 # answers of most families need (operands, repeated words, the asked color or shape). Stage 2b
@@ -81,8 +88,10 @@ STAGES = (
     ("stage0_vision", "mini_vision.json", (f"{VISION}/vision.jsonl",), "stage0_text"),
     ("stage0_hearing", "mini_hearing.json", (f"{HEARING}/hearing.jsonl",), "stage0_vision"),
     ("stage1_align", "mini_1_align.json", ("media.jsonl",), "stage0_hearing"),
-    ("stage2_all", "mini_2_all.json", ("data.jsonl", "text.jsonl"), "stage1_align"),
-    ("stage2b_all", "mini_2b_all.json", ("data.jsonl", "text.jsonl"), "stage2_all"),
+    ("stage2_all", "mini_2_all.json", ("data.jsonl", "text.jsonl", f"{AUX}/data.jsonl"),
+     "stage1_align"),
+    ("stage2b_all", "mini_2b_all.json", ("data.jsonl", "text.jsonl", f"{AUX}/data.jsonl"),
+     "stage2_all"),
     ("stage3_talker", "mini_3_talker.json",
      ("talker.jsonl", f"{TALKER_REPEAT}/talker.jsonl", TALKER_COUNTER), "stage2b_all"),
     ("stage4_dpo", "mini_4_dpo.json", ("dpo.jsonl",), "stage3_talker"),
@@ -273,6 +282,11 @@ def run(out: str | Path, codec: str | Path | None, n_per_family: int = 800, seed
         timed("data", lambda: make_dataset(data_dir, n_per_family, seed))
     if not _done(data_dir / "media.jsonl", "split"):
         log(f"split: {split_records(data)}")
+    if not _done(data_dir / AUX / "data.jsonl", "auxiliary cases"):
+        from omnistream.train.tasks import AUX_FAMILIES, make_dataset
+
+        n_aux = max(AUX_CASES * n_per_family // 800, 1)
+        timed("aux", lambda: make_dataset(data_dir / AUX, n_aux, seed, families=AUX_FAMILIES))
     if not _done(data_dir / VISION / "vision.jsonl", "vision images"):
         from omnistream.train.dense import make_vision_data
 
