@@ -45,8 +45,19 @@ MINI_CONFIG_FILE = _CONFIGS / "mini" / "config.json"
 CODEC_CONFIG_FILE = _CONFIGS / "codec" / "config.json"
 BUDGET_BYTES = 80_000_000  # all shipped weights together (issue 13)
 PARTS = ("thinker", "talker", "token2wav", "codec_encoder")
-SHIP_DTYPES = {"thinker": torch.bfloat16, "talker": torch.bfloat16,
-               "token2wav": torch.float32, "codec_encoder": torch.float32}
+# Stored dtypes by tensor-name prefix (the longest that matches decides). The DiT's weights are
+# stored in bfloat16 beside the fp32 vocoder: the 8-layer DiT (codec v3) in fp32 put the model at
+# 85 MB.
+SHIP_DTYPES = {"thinker.": torch.bfloat16, "talker.": torch.bfloat16,
+               "token2wav.": torch.float32, "token2wav.code2wav_dit_model.": torch.bfloat16,
+               "codec_encoder.": torch.float32}
+
+
+def ship_dtype(name: str, dtype: torch.dtype,
+               dtypes: dict[str, torch.dtype] = SHIP_DTYPES) -> torch.dtype:
+    """The stored dtype of tensor ``name`` (now ``dtype``) under ``dtypes``."""
+    best = max((k for k in dtypes if name.startswith(k)), key=len, default=None)
+    return dtype if best is None else dtypes[best]
 VOICE, VOICE_BOS = "Joe", 151872  # the codec's voice (the Piper voice it was trained on)
 # The tasks' shapes stay recognisable far below the release's pixel budgets, and media tokens
 # are most of a step's time and of a stage's memory: images at most 224x224 (64 tokens), video
@@ -160,7 +171,7 @@ def budget(tensors: dict[str, Tensor] | str | Path,
     for k, v in tensors.items():
         part = k.split(".", 1)[0]
         row = out.setdefault(part, {"params": 0, "bytes": 0})
-        dt = dtypes.get(part, v.dtype) if v.is_floating_point() else v.dtype
+        dt = ship_dtype(k, v.dtype, dtypes) if v.is_floating_point() else v.dtype
         row["params"] += v.numel()
         row["bytes"] += v.numel() * dt.itemsize
     out["total"] = {"params": sum(r["params"] for r in out.values()),
@@ -180,10 +191,11 @@ def format_budget(b: dict[str, dict[str, int]]) -> str:
 
 def ship(src_dir: str | Path, out_dir: str | Path) -> Path:
     """The shipped copy of a trained checkpoint: its side files and one ``model.safetensors``
-    with Thinker and Talker in bfloat16, the codec in float32. Raises ValueError over budget."""
+    with Thinker, Talker and the DiT in bfloat16, the vocoder and the speech encoder in float32
+    (``SHIP_DTYPES``). Raises ValueError over budget."""
     src, out = Path(src_dir), Path(out_dir)
-    tensors = {k: v.to(SHIP_DTYPES.get(k.split(".", 1)[0], v.dtype)) if v.is_floating_point()
-               else v.clone() for k, v in read_tensors(src)}
+    tensors = {k: v.to(ship_dtype(k, v.dtype)) if v.is_floating_point() else v.clone()
+               for k, v in read_tensors(src)}
     b = budget(tensors, {})
     if b["total"]["bytes"] > BUDGET_BYTES:
         raise ValueError("over budget:\n" + format_budget(b))
