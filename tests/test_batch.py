@@ -280,3 +280,14 @@ def test_packed_linear_equals_linear_and_packs_only_wide_untied_layers():
     assert pack_linears_(m, exclude=(m.encoder,)) == 1
     assert isinstance(m.wide, PackedLinear)
     assert type(m.narrow) is type(m.tied) is type(m.encoder[0]) is nn.Linear
+
+
+def test_first_chunks_go_to_the_audio_thread_in_small_groups():
+    """Eight replies' first chunks in calls of two (the first replies speak early), the other
+    chunks in one call after them."""
+    from types import SimpleNamespace
+
+    items = [SimpleNamespace(chunk=SimpleNamespace(lo=lo)) for lo in (0, 48, 0, 0, 96, 0, 0, 0)]
+    assert Batcher()._audio_calls(items) == [[0, 2], [3, 5], [6, 7], [1, 4]]
+    assert Batcher(first_chunk_group=0)._audio_calls(items) == [[0, 2, 3, 5, 6, 7], [1, 4]]
+    assert Batcher()._audio_calls(items[1:2]) == [[0]]

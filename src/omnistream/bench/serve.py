@@ -55,7 +55,7 @@ def free_port() -> int:
 
 def _serve(model: str | None, fake: bool, step_ms: float, port: int,
            max_speech_s: float = 120.0, slots: int = 64, dtype: str = "float32",
-           device: str = "cpu", overlap_audio: bool = True) -> None:
+           device: str = "cpu", overlap_audio: bool = True, first_chunk_group: int = 2) -> None:
     import uvicorn
 
     from omnistream.serve.app import create_app
@@ -68,7 +68,8 @@ def _serve(model: str | None, fake: bool, step_ms: float, port: int,
 
         engine = Engine.load(model, dtype=dtype, device=device, quiet=True)
     app = create_app(engine, ServeConfig(max_concurrent=slots, max_speech_s=max_speech_s,
-                                         overlap_audio=overlap_audio))
+                                         overlap_audio=overlap_audio,
+                                         first_chunk_group=first_chunk_group))
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
@@ -214,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-overlap-audio", action="store_true",
                    help="the server synthesises speech on its model thread (the baseline of "
                         "the audio thread)")
+    p.add_argument("--first-chunk-group", type=int, default=2,
+                   help="replies' first chunks per code2wav call (0: all together)")
     p.add_argument("--json", action="store_true", help="print JSON rows")
     args = p.parse_args(argv)
 
@@ -241,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     proc = mp.get_context("spawn").Process(
         target=_serve, daemon=True,
         args=(model, args.fake, args.step_ms, port, args.max_speech_s, max(args.clients),
-              args.dtype, args.device, not args.no_overlap_audio))
+              args.dtype, args.device, not args.no_overlap_audio, args.first_chunk_group))
     proc.start()
     try:
         deadline = time.time() + 300
