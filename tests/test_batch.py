@@ -5,7 +5,6 @@ chunks between the running replies' steps; the server's scheduler batches its re
 from __future__ import annotations
 
 import asyncio
-import time
 
 import numpy as np
 import pytest
@@ -103,38 +102,6 @@ def test_batched_streams_equal_their_solo_runs(engine, solo):
         a1, a2 = _pcm(alone), _pcm(batched)
         assert a1.shape == a2.shape and (i == 3 or a1.size > 0)
         np.testing.assert_allclose(a2, a1, atol=1e-4)
-
-
-def test_speech_synthesis_runs_beside_the_text_and_talker_steps(engine, solo, monkeypatch):
-    """With ``overlap_audio`` a code2wav call runs on the audio thread while the replies go on:
-    Talker steps run during a (slowed) synthesis call, and every stream still gets its solo
-    codes and audio, its chunks in order."""
-    import omnistream.engine.batch as batch
-
-    calls, steps = [], []
-    real_decode, real_talker = batch.decode_chunks, TalkerWork.run_batch.__func__
-
-    def slow_decode(work):
-        t = time.perf_counter()
-        time.sleep(0.2)
-        out = real_decode(work)
-        calls.append((t, time.perf_counter()))
-        return out
-
-    def timed_talker(cls, items):
-        steps.append(time.perf_counter())
-        return real_talker(cls, items)
-
-    monkeypatch.setattr(batch, "decode_chunks", slow_decode)
-    monkeypatch.setattr(TalkerWork, "run_batch", classmethod(timed_talker))
-    sessions = [engine.session(**_options(i)) for i in range(len(PROMPTS))]
-    out = Batcher().run([s.respond(p) for s, p in zip(sessions, PROMPTS, strict=True)])
-    assert calls and any(lo < t < hi for t in steps for lo, hi in calls)
-    for alone, batched in zip(solo, out, strict=True):
-        assert batched[-1].codec_ids == alone[-1].codec_ids
-        chunks = [e.index for e in batched if isinstance(e, AudioChunk)]
-        assert chunks == list(range(len(chunks)))
-        np.testing.assert_allclose(_pcm(batched), _pcm(alone), atol=1e-4)
 
 
 def test_cancelling_one_stream_leaves_the_others_unchanged(engine, solo):
@@ -280,14 +247,3 @@ def test_packed_linear_equals_linear_and_packs_only_wide_untied_layers():
     assert pack_linears_(m, exclude=(m.encoder,)) == 1
     assert isinstance(m.wide, PackedLinear)
     assert type(m.narrow) is type(m.tied) is type(m.encoder[0]) is nn.Linear
-
-
-def test_first_chunks_go_to_the_audio_thread_in_small_groups():
-    """Eight replies' first chunks in calls of two (the first replies speak early), the other
-    chunks in one call after them."""
-    from types import SimpleNamespace
-
-    items = [SimpleNamespace(chunk=SimpleNamespace(lo=lo)) for lo in (0, 48, 0, 0, 96, 0, 0, 0)]
-    assert Batcher()._audio_calls(items) == [[0, 2], [3, 5], [6, 7], [1, 4]]
-    assert Batcher(first_chunk_group=0)._audio_calls(items) == [[0, 2, 3, 5, 6, 7], [1, 4]]
-    assert Batcher()._audio_calls(items[1:2]) == [[0]]

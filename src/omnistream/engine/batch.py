@@ -21,13 +21,7 @@ docs/ENGINE_API.md). A ``Batcher`` instead collects the items of all its replies
     3. one batched Talker step for every reply waiting on one (the steps that 2 unlocked, and
        the speech of replies whose text is complete);
     4. the code2wav chunks that became ready, solved together where their windows have the
-       same length (``code2wav.decode_chunks``), else one by one. With ``overlap_audio`` (the
-       default) that call runs on the Batcher's audio thread: each reply gets a ``Deferred``
-       back at once and goes on with its Thinker and Talker steps, emitting the chunk's PCM (in
-       order) at its next step after the chunk is done; a reply whose codes are all out waits
-       for its last chunks (``AwaitAudio``). Text then never waits for speech synthesis, which
-       on a small model is most of the compute. The audio thread touches only what
-       ``Code2WavStream`` keeps for synthesis (noise, mel tail); planning stays on the caller.
+       same length (``code2wav.decode_chunks``), else one by one.
 
 Each reply samples from its own logits row with its own parameters and generators, exactly as
 alone, so batching changes the ids only through float rounding: on CPU, MKL computes a row of a
@@ -49,7 +43,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -157,37 +150,6 @@ class Code2WavWork(Work):
         return out
 
 
-@dataclass(frozen=True)
-class Deferred:
-    """The result of a ``Code2WavWork`` running on the audio thread: ``pcm()`` once ``done()``
-    (it raises the call's error, if any)."""
-
-    future: Future
-    index: int
-    work: Code2WavWork
-
-    def done(self) -> bool:
-        return self.future.done()
-
-    def pcm(self) -> np.ndarray:
-        return self.future.result()[self.index]
-
-
-@dataclass(frozen=True)
-class AwaitAudio:
-    """The reply has nothing left but its chunks in flight; resume it when they are done."""
-
-    chunks: tuple[Deferred, ...]
-
-    def done(self) -> bool:
-        return all(d.done() for d in self.chunks)
-
-
-def _run_audio(items: list[Code2WavWork]) -> list[np.ndarray]:
-    with torch.inference_mode():  # thread-local: the audio thread enters it itself
-        return run_work(items)
-
-
 def _rows(items: list) -> list[list[int]]:
     """Indices of the items that can share one call: same module, caches in one pool (each
     other item alone)."""
@@ -239,9 +201,6 @@ class Reply(Generator):
                 item = self.steps.send(result)
                 if isinstance(item, Work):
                     result = run_work([item])[0]
-                elif isinstance(item, AwaitAudio):
-                    wait([d.future for d in item.chunks])
-                    result = None
                 elif isinstance(item, Pause):
                     result = None
                 else:
@@ -266,7 +225,7 @@ class Entry:
     reply: Reply
     on_event: Callable[[Event], None]
     on_end: Callable[[BaseException | None], None]  # once: None, or the error it ended with
-    pending: Work | Pause | AwaitAudio = _NEW
+    pending: Work | Pause = _NEW
     result: Any = None
     owner: Any = None  # free for the caller (the server's job)
 
@@ -279,12 +238,8 @@ class Batcher:
     """Advances many replies together, one ``tick`` at a time (see the module docstring). Not
     thread-safe: one thread (the server's model thread) calls everything."""
 
-    def __init__(self, prefill_tokens: int = 256, overlap_audio: bool = True,
-                 first_chunk_group: int = 2):
+    def __init__(self, prefill_tokens: int = 256):
         self.prefill_tokens = prefill_tokens  # prompt tokens per tick (at least one chunk runs)
-        self.overlap_audio = overlap_audio  # code2wav on the audio thread (module docstring)
-        self.first_chunk_group = first_chunk_group  # first chunks per audio call (_audio_calls)
-        self._audio: ThreadPoolExecutor | None = None
         self.entries: list[Entry] = []
         self.ticks = 0
         kinds = (ThinkerWork, TalkerWork, Code2WavWork)
@@ -311,7 +266,7 @@ class Batcher:
         """One round: prefill budget, then one Thinker, one Talker and one code2wav batch.
         ``ready(entry)`` False skips a reply this tick (e.g. a slow consumer). Returns whether
         any work ran."""
-        ran = self._resume_audio(block=False)
+        ran = False
         with torch.inference_mode():
             budget = self.prefill_tokens
             for e in [e for e in self.entries if isinstance(e.pending, Pause)]:
@@ -332,17 +287,6 @@ class Batcher:
                 self.calls[kind] += 1
                 self.rows[kind] += len(batch)
                 self.widest[kind] = max(self.widest[kind], len(batch))
-                if kind is Code2WavWork and self.overlap_audio:
-                    if self._audio is None:
-                        self._audio = ThreadPoolExecutor(1, thread_name_prefix="omnistream-audio")
-                    items = [e.pending for e in batch]
-                    for idx in self._audio_calls(items):
-                        future = self._audio.submit(_run_audio, [items[i] for i in idx])
-                        for j, i in enumerate(idx):
-                            batch[i].result = Deferred(future, j, items[i])
-                    for e in batch:
-                        self._advance(e)
-                    continue
                 try:
                     results = run_work([e.pending for e in batch])
                 except Exception as err:  # noqa: BLE001 - every reply in the call fails
@@ -352,33 +296,8 @@ class Batcher:
                 for e, r in zip(batch, results, strict=True):
                     e.result = r
                     self._advance(e)
-        if not ran:  # nothing to run but chunks in flight: wait for one
-            ran = self._resume_audio(block=True)
         self.ticks += ran
         return ran
-
-    def _audio_calls(self, items: list[Code2WavWork]) -> list[list[int]]:
-        """The audio thread's calls for one tick's chunks, in order: replies' first chunks in
-        groups of ``first_chunk_group`` (0: one group), then the other chunks together. On a
-        CPU a batched chunk costs its rows nearly as much as apart, so eight first chunks in one
-        call would all wait for the eighth; in small groups the first replies start speaking
-        early."""
-        first = [i for i, w in enumerate(items) if w.chunk.lo == 0]
-        rest = [i for i, w in enumerate(items) if w.chunk.lo != 0]
-        g = self.first_chunk_group or max(len(first), 1)
-        return [first[k : k + g] for k in range(0, len(first), g)] + ([rest] if rest else [])
-
-    def _resume_audio(self, block: bool) -> bool:
-        """Resume the replies whose awaited chunks are done (``block``: first wait, briefly, for
-        one to finish); returns whether any was resumed."""
-        waiting = [e for e in self.entries if isinstance(e.pending, AwaitAudio)]
-        if block and waiting:
-            wait({d.future for e in waiting for d in e.pending.chunks}, timeout=0.05,
-                 return_when=FIRST_COMPLETED)
-        done = [e for e in waiting if e.pending.done()]
-        for e in done:
-            self._advance(e)
-        return bool(done)
 
     def run(self, replies: Iterable[Reply]) -> list[list[Event]]:
         """Drive ``replies`` to their ends together; their events, in order, per reply."""
@@ -399,7 +318,7 @@ class Batcher:
             while True:
                 item = e.reply.steps.send(e.result)
                 e.result = None
-                if isinstance(item, (Work, Pause, AwaitAudio)):
+                if isinstance(item, (Work, Pause)):
                     e.pending = item
                     return
                 e.on_event(item)

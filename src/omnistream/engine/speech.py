@@ -14,7 +14,6 @@ are yielded as work items (``engine/batch.py``): run at once alone, or batched a
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from omnistream.engine.batch import AwaitAudio, Code2WavWork, Deferred, Pause, TalkerWork
+from omnistream.engine.batch import Code2WavWork, Pause, TalkerWork
 from omnistream.engine.events import SAMPLE_RATE, AudioChunk, Event
 from omnistream.engine.sampling import sample, seen_mask
 
@@ -55,7 +54,6 @@ class Speech:
         self.talker = eng.talker
         self.track = self.talker.text_track(eng.thinker.model.embed_tokens, sess.speaker.bos_token)
         self.stream = None
-        self.inflight: deque[Deferred] = deque()  # chunks on a Batcher's audio thread, in order
         if not offline:
             from omnistream.engine.code2wav import Code2WavStream
 
@@ -89,9 +87,6 @@ class Speech:
         elif self.stream is not None:
             self.stream.close()
             yield from self._chunks()
-            if self.inflight:
-                yield AwaitAudio(tuple(self.inflight))
-            yield from self._landed()
 
     def _text(self, k: int) -> Tensor | None:
         """Text-track input [1, 1, E] of talker step k (``TextTrack.at``); None while reply
@@ -134,7 +129,6 @@ class Speech:
     def _advance(self) -> Iterator[Event]:
         """Run every Talker step whose input exists; push codes to code2wav as they come."""
         sess = self.sess
-        yield from self._landed()
         while not self.done and not sess._cancel.is_set():
             if self.k == 0:
                 if not self.reply:
@@ -170,19 +164,7 @@ class Speech:
         for chunk in iter(self.stream.next_chunk, None):
             work = Code2WavWork(self.stream, chunk)
             pcm = yield work
-            if isinstance(pcm, Deferred):  # a Batcher synthesises it on its audio thread
-                self.inflight.append(pcm)
-                continue
             self.code2wav_s += work.seconds
-            yield from self._emit(pcm)
-        yield from self._landed()
-
-    def _landed(self) -> Iterator[Event]:
-        """Emit the chunks in flight that are done, in order (up to the first still running)."""
-        while self.inflight and self.inflight[0].done():
-            d = self.inflight.popleft()
-            pcm = d.pcm()
-            self.code2wav_s += d.work.seconds
             yield from self._emit(pcm)
 
     def _emit(self, pcm: Tensor | np.ndarray) -> Iterator[Event]:
