@@ -54,7 +54,8 @@ bench: setup-test
 	$(BIN)/python -m omnistream.cli bench
 
 # The speech codec from scratch (docs/CODEC.md): Piper corpus, then the codec stage (encoder + DiT)
-# and the vocoder stage side by side (one core each), merged, then the DiT alone (codec_dit) into
+# and the vocoder stage side by side (one core each), merged, then the DiT alone (codec_dit), the
+# character CTC stage, and the DiT grown to 8 layers and trained alone (codec_dit8) into
 # models/codec. Resumable.
 CODEC_OUT ?= artifacts/codec
 codec: setup-test
@@ -71,6 +72,9 @@ codec: setup-test
 	$(BIN)/python -m omnistream.train.speech_corpus $(CODEC_OUT)/corpus4k --n 4000 --seed 0
 	$(BIN)/omnistream train --config configs/train/codec_ctc.json \
 		--data $(CODEC_OUT)/corpus4k/corpus.jsonl --model $(CODEC_OUT)/dit --out $(CODEC_OUT)/ctc
-	mkdir -p models/codec && cp configs/codec/config.json models/codec/ && \
-		cp $(CODEC_OUT)/ctc/model.safetensors $(CODEC_OUT)/ctc/spk_dict.pt models/codec/
+	$(BIN)/python -m omnistream.train.codec grow $(CODEC_OUT)/ctc $(CODEC_OUT)/grown 8
+	$(BIN)/omnistream train --config configs/train/codec_dit8.json \
+		--data $(CODEC_OUT)/corpus4k/corpus.jsonl --model $(CODEC_OUT)/grown --out $(CODEC_OUT)/dit8
+	mkdir -p models/codec && cp $(CODEC_OUT)/dit8/config.json $(CODEC_OUT)/dit8/spk_dict.pt \
+		$(CODEC_OUT)/dit8/model.safetensors models/codec/
 	$(BIN)/omnistream codec eval --model models/codec --n 100
