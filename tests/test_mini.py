@@ -182,6 +182,13 @@ def test_mini_checkpoint_fits_the_budget(tmp_path):
     shipped = ship(d, tmp_path / "ship")
     sb = budget(shipped, {})
     assert sb["total"]["bytes"] == b["total"]["bytes"]
+    from omnistream.checkpoint import read_tensors
+
+    stored = {k.split(".")[1] if k.startswith("token2wav.") else k.split(".")[0]: v.dtype
+              for k, v in read_tensors(shipped)}  # the DiT in bf16, the vocoder in fp32
+    assert stored["code2wav_dit_model"] == torch.bfloat16
+    assert stored["code2wav_bigvgan_model"] == torch.float32
+    assert stored["thinker"] == stored["talker"] == torch.bfloat16
     assert not (shipped / "RANDOM_WEIGHTS").exists()
     eng = Engine.load(shipped, quiet=True)
     assert eng.speakers == ["Joe"]

@@ -482,10 +482,9 @@ def grow_dit(src: str | Path, out: str | Path, layers: int, seed: int = 0) -> Pa
     the identity: the grown DiT decodes exactly as ``src`` until ``codec_dit`` trains it."""
     import shutil
 
-    from safetensors.torch import save_file
-
     from omnistream.checkpoint import load_config, read_tensors, weight_map
-    from omnistream.nn.dit import DiT
+    from omnistream.maketiny import write_safetensors
+    from omnistream.nn.dit import DiTBlock
 
     src, out = Path(src), Path(out)
     cfg = load_config(src)
@@ -493,18 +492,15 @@ def grow_dit(src: str | Path, out: str | Path, layers: int, seed: int = 0) -> Pa
     old = dit_cfg.num_hidden_layers
     if layers <= old:
         raise ValueError(f"{src}'s DiT already has {old} layers: grow to more than that")
-    tensors = {k: v.clone() for k, v in read_tensors(src, names=list(weight_map(src)))}
+    tensors = dict(read_tensors(src, names=list(weight_map(src))))
+    for i in range(old, layers):
+        block = DiTBlock(dit_cfg, look_back=0, look_ahead=0)
+        fresh_init_(block, seed + i)  # zeroes attn_norm.linear: the gates
+        pre = f"token2wav.code2wav_dit_model.transformer_blocks.{i}."
+        tensors |= {pre + k: v.detach() for k, v in block.state_dict().items()}
     dit_cfg.num_hidden_layers = layers
-    torch.manual_seed(seed)
-    fresh = DiT(dit_cfg)
-    fresh_init_(fresh, seed)
-    pre = "token2wav.code2wav_dit_model."
-    for k, v in fresh.state_dict().items():
-        parts = k.split(".")
-        if parts[0] == "transformer_blocks" and int(parts[1]) >= old:
-            tensors[pre + k] = v.detach().float().contiguous()
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    write_safetensors(out, [tensors])
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     shutil.copy(src / "spk_dict.pt", out / "spk_dict.pt")
     return out
