@@ -55,7 +55,7 @@ def free_port() -> int:
 
 def _serve(model: str | None, fake: bool, step_ms: float, port: int,
            max_speech_s: float = 120.0, slots: int = 64, dtype: str = "float32",
-           device: str = "cpu") -> None:
+           device: str = "cpu", first_chunk_group: int = 0) -> None:
     import uvicorn
 
     from omnistream.serve.app import create_app
@@ -67,7 +67,8 @@ def _serve(model: str | None, fake: bool, step_ms: float, port: int,
         from omnistream.engine.session import Engine
 
         engine = Engine.load(model, dtype=dtype, device=device, quiet=True)
-    app = create_app(engine, ServeConfig(max_concurrent=slots, max_speech_s=max_speech_s))
+    app = create_app(engine, ServeConfig(max_concurrent=slots, max_speech_s=max_speech_s,
+                                         first_chunk_group=first_chunk_group))
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
@@ -210,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
                         "while others stream); 0: all at once")
     p.add_argument("--repeats", type=int, default=1,
                    help="run the levels this many times (interleaved), keep each one's best")
+    p.add_argument("--first-chunk-group", type=int, default=0,
+                   help="replies' first speech chunks per code2wav call (0: all at once)")
     p.add_argument("--json", action="store_true", help="print JSON rows")
     args = p.parse_args(argv)
 
@@ -237,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     proc = mp.get_context("spawn").Process(
         target=_serve, daemon=True,
         args=(model, args.fake, args.step_ms, port, args.max_speech_s, max(args.clients),
-              args.dtype, args.device))
+              args.dtype, args.device, args.first_chunk_group))
     proc.start()
     try:
         deadline = time.time() + 300
