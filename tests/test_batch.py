@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from omnistream.engine.batch import Batcher, Code2WavWork, TalkerWork, ThinkerWork
+from omnistream.engine.batch import Batcher, TalkerWork, ThinkerWork
 from omnistream.engine.events import AudioChunk, Done, TextDelta
 from omnistream.engine.sampling import SamplingParams
 
@@ -82,29 +82,13 @@ def test_cache_rows_attend_each_row_to_its_own_slots(engine):
                                        atol=1e-5)
 
 
-@pytest.mark.parametrize("first_chunk_group", [0, 1])
-def test_batched_streams_equal_their_solo_runs(engine, solo, first_chunk_group, monkeypatch):
+def test_batched_streams_equal_their_solo_runs(engine, solo):
     """N sessions decoded together (greedy and sampled text, sampled speech, one text-only):
-    every stream's text ids and codec ids equal its solo run's; its audio within fp32 noise.
-    With ``first_chunk_group`` 1 every reply's first chunk is synthesised in a call of its own."""
-    calls: list[list[int]] = []  # each code2wav call's chunk starts
-    run_batch = Code2WavWork.run_batch.__func__
-
-    def recording(cls, items):
-        calls.append([w.chunk.lo for w in items])
-        return run_batch(cls, items)
-
-    monkeypatch.setattr(Code2WavWork, "run_batch", classmethod(recording))
+    every stream's text ids and codec ids equal its solo run's; its audio within fp32 noise."""
     sessions = [engine.session(**_options(i)) for i in range(len(PROMPTS))]
     assert all(s.cache.pool is engine.slots.thinker for s in sessions)
-    b = Batcher(first_chunk_group=first_chunk_group)
+    b = Batcher()
     out = b.run([s.respond(p) for s, p in zip(sessions, PROMPTS, strict=True)])
-    firsts = [c for c in calls if 0 in c]
-    assert sum(c.count(0) for c in firsts) == 3  # the three speaking streams' first chunks
-    if first_chunk_group == 1:
-        assert all(c == [0] for c in firsts)
-    else:
-        assert any(len(c) > 1 for c in calls)  # chunks of several streams in one call
     steps = sum(len(o[-1].text_ids) - 1 for o in solo)  # every fed reply token
     assert b.rows[ThinkerWork] == steps
     assert b.calls[ThinkerWork] < steps / 2  # the Thinker steps ran several per call

@@ -55,7 +55,7 @@ def free_port() -> int:
 
 def _serve(model: str | None, fake: bool, step_ms: float, port: int,
            max_speech_s: float = 120.0, slots: int = 64, dtype: str = "float32",
-           device: str = "cpu", first_chunk_group: int = 0) -> None:
+           device: str = "cpu") -> None:
     import uvicorn
 
     from omnistream.serve.app import create_app
@@ -67,8 +67,7 @@ def _serve(model: str | None, fake: bool, step_ms: float, port: int,
         from omnistream.engine.session import Engine
 
         engine = Engine.load(model, dtype=dtype, device=device, quiet=True)
-    app = create_app(engine, ServeConfig(max_concurrent=slots, max_speech_s=max_speech_s,
-                                         first_chunk_group=first_chunk_group))
+    app = create_app(engine, ServeConfig(max_concurrent=slots, max_speech_s=max_speech_s))
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
@@ -211,8 +210,6 @@ def main(argv: list[str] | None = None) -> int:
                         "while others stream); 0: all at once")
     p.add_argument("--repeats", type=int, default=1,
                    help="run the levels this many times (interleaved), keep each one's best")
-    p.add_argument("--first-chunk-group", type=int, default=0,
-                   help="replies' first speech chunks per code2wav call (0: all at once)")
     p.add_argument("--json", action="store_true", help="print JSON rows")
     args = p.parse_args(argv)
 
@@ -240,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     proc = mp.get_context("spawn").Process(
         target=_serve, daemon=True,
         args=(model, args.fake, args.step_ms, port, args.max_speech_s, max(args.clients),
-              args.dtype, args.device, args.first_chunk_group))
+              args.dtype, args.device))
     proc.start()
     try:
         deadline = time.time() + 300

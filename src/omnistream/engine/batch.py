@@ -238,9 +238,8 @@ class Batcher:
     """Advances many replies together, one ``tick`` at a time (see the module docstring). Not
     thread-safe: one thread (the server's model thread) calls everything."""
 
-    def __init__(self, prefill_tokens: int = 256, first_chunk_group: int = 0):
+    def __init__(self, prefill_tokens: int = 256):
         self.prefill_tokens = prefill_tokens  # prompt tokens per tick (at least one chunk runs)
-        self.first_chunk_group = first_chunk_group  # first chunks per code2wav call (_calls)
         self.entries: list[Entry] = []
         self.ticks = 0
         kinds = (ThinkerWork, TalkerWork, Code2WavWork)
@@ -281,38 +280,24 @@ class Batcher:
                 if budget <= 0:
                     break
             for kind in (ThinkerWork, TalkerWork, Code2WavWork):
-                ready_now = [e for e in self.entries if isinstance(e.pending, kind) and ready(e)]
-                for batch in self._calls(ready_now):
-                    ran = True
-                    self.calls[kind] += 1
-                    self.rows[kind] += len(batch)
-                    self.widest[kind] = max(self.widest[kind], len(batch))
-                    try:
-                        results = run_work([e.pending for e in batch])
-                    except Exception as err:  # noqa: BLE001 - every reply in the call fails
-                        for e in batch:
-                            self._end(e, err)
-                        continue
-                    for e, r in zip(batch, results, strict=True):
-                        e.result = r
-                        self._advance(e)
+                batch = [e for e in self.entries if isinstance(e.pending, kind) and ready(e)]
+                if not batch:
+                    continue
+                ran = True
+                self.calls[kind] += 1
+                self.rows[kind] += len(batch)
+                self.widest[kind] = max(self.widest[kind], len(batch))
+                try:
+                    results = run_work([e.pending for e in batch])
+                except Exception as err:  # noqa: BLE001 - every reply in the call fails
+                    for e in batch:
+                        self._end(e, err)
+                    continue
+                for e, r in zip(batch, results, strict=True):
+                    e.result = r
+                    self._advance(e)
         self.ticks += ran
         return ran
-
-    def _calls(self, batch: list[Entry]) -> list[list[Entry]]:
-        """One kind's ready replies -> its calls this tick, in order. Thinker and Talker steps:
-        one call. Code2wav chunks with ``first_chunk_group`` > 0: the replies' first chunks in
-        groups of that many, each group's audio delivered before the next runs, then the other
-        chunks together. On a CPU a chunk costs about as much batched as alone, so eight first
-        chunks in one call would all wait for the eighth."""
-        if not batch:
-            return []
-        g = self.first_chunk_group
-        if g <= 0 or not isinstance(batch[0].pending, Code2WavWork):
-            return [batch]
-        first = [e for e in batch if e.pending.chunk.lo == 0]
-        rest = [e for e in batch if e.pending.chunk.lo != 0]
-        return [first[k : k + g] for k in range(0, len(first), g)] + ([rest] if rest else [])
 
     def run(self, replies: Iterable[Reply]) -> list[list[Event]]:
         """Drive ``replies`` to their ends together; their events, in order, per reply."""

@@ -40,7 +40,7 @@ class ServerState:
         self.engine = engine
         self.cfg = cfg
         self.model_id = str(getattr(engine, "model_id", "omnistream"))
-        self.scheduler = Scheduler(first_chunk_group=cfg.first_chunk_group)
+        self.scheduler = Scheduler()
         reserve_slots(engine, cfg.max_concurrent, cfg.max_speech_s)  # sessions decode batched
         self.slots = SlotLimiter(cfg.max_concurrent)
         self.ready = asyncio.Event()

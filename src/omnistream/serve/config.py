@@ -17,7 +17,6 @@ class ServeConfig:
     max_tokens: int = 4096  # largest max_tokens a request may ask for
     default_max_tokens: int = 512  # when the request does not say
     max_speech_s: float = 120.0  # one spoken reply (the Talker stops there)
-    first_chunk_group: int = 0  # replies' first speech chunks per code2wav call (0: all at once)
     max_realtime_buffer_s: float = 120.0  # one live user turn
     allow_remote_media: bool = True  # fetch http(s) media URLs
     allowed_local_media_path: str | None = None  # serve local paths under this folder only

@@ -84,10 +84,10 @@ class Scheduler:
     """The model-owning thread. ``call`` runs one function there; ``stream`` starts a reply."""
 
     def __init__(self, max_buffered: int = 64, cancel_drain_steps: int = 64,
-                 prefill_tokens: int = 256, first_chunk_group: int = 0):
+                 prefill_tokens: int = 256):
         self.max_buffered = max_buffered
         self.cancel_drain_steps = cancel_drain_steps
-        self.batcher = Batcher(prefill_tokens, first_chunk_group)
+        self.batcher = Batcher(prefill_tokens)  # prompt tokens prefilled per round
         self._calls: collections.deque = collections.deque()
         self._new_jobs: collections.deque = collections.deque()
         self._jobs: list[Job] = []
