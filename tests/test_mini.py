@@ -179,7 +179,9 @@ def test_mini_checkpoint_fits_the_budget(tmp_path):
     assert (opts.image_max_pixels, opts.video_max_pixels) == (224 * 224, 112 * 112)
     b = budget(d)
     assert b["total"]["bytes"] <= BUDGET_BYTES, format_budget(b)
+    (d / "resume.pt").write_bytes(b"a dense stage's heads")  # carried along by the stages
     shipped = ship(d, tmp_path / "ship")
+    assert not (shipped / "resume.pt").exists()  # a training record, not part of the model
     sb = budget(shipped, {})
     assert sb["total"]["bytes"] == b["total"]["bytes"]
     from omnistream.checkpoint import read_tensors

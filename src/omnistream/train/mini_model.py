@@ -39,6 +39,7 @@ from omnistream.maketiny import (
 )
 from omnistream.models import RANDOM_WEIGHTS_MARKER, REPO_ROOT
 from omnistream.tokenizer import CHAT_TEMPLATE, write_tokenizer_files
+from omnistream.train.model import TRAINING_RECORDS
 
 _CONFIGS = (REPO_ROOT or Path.cwd()) / "configs"
 MINI_CONFIG_FILE = _CONFIGS / "mini" / "config.json"
@@ -204,7 +205,7 @@ def ship(src_dir: str | Path, out_dir: str | Path) -> Path:
     tmp.mkdir(parents=True)
     for f in src.iterdir():
         if (f.is_file() and not f.name.endswith((".safetensors", ".jsonl", ".index.json"))
-                and f.name not in (RANDOM_WEIGHTS_MARKER, "train_stage.json")):
+                and f.name not in (RANDOM_WEIGHTS_MARKER, *TRAINING_RECORDS)):
             shutil.copy2(f, tmp / f.name)
     cfg = json.loads((tmp / "config.json").read_text())
     cfg["torch_dtype"] = "bfloat16"

@@ -79,6 +79,11 @@ def tied_aliases(model: nn.Module) -> dict[str, str]:
     return out
 
 
+# a training run's own record (its log, its stage, a dense or codec stage's resume state): never
+# part of a checkpoint made from that run's output
+TRAINING_RECORDS = ("train_log.jsonl", "train_stage.json", "resume.pt")
+
+
 def save_released(out_dir: str | Path, src_dir: str | Path, trained: dict[str, Tensor]) -> Path:
     """Write a complete release-layout checkpoint to ``out_dir``: the source's non-weight files
     (config, tokenizer, processor, spk_dict ...) and one ``model.safetensors`` holding the source
@@ -87,9 +92,7 @@ def save_released(out_dir: str | Path, src_dir: str | Path, trained: dict[str, T
     not make-tiny's noise."""
     out, src = Path(out_dir), Path(src_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # the source's own training record (its log, its stage) is not this checkpoint's
-    skip = ("model.safetensors.index.json", RANDOM_WEIGHTS_MARKER, "train_log.jsonl",
-            "train_stage.json")
+    skip = ("model.safetensors.index.json", RANDOM_WEIGHTS_MARKER, *TRAINING_RECORDS)
     for f in src.iterdir():
         if f.is_file() and not f.name.endswith(".safetensors") and f.name not in skip:
             shutil.copy2(f, out / f.name)
