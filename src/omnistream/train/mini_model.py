@@ -39,7 +39,7 @@ from omnistream.maketiny import (
 )
 from omnistream.models import RANDOM_WEIGHTS_MARKER, REPO_ROOT
 from omnistream.tokenizer import CHAT_TEMPLATE, write_tokenizer_files
-from omnistream.train.model import TRAINING_RECORDS
+from omnistream.train.model import side_files
 
 _CONFIGS = (REPO_ROOT or Path.cwd()) / "configs"
 MINI_CONFIG_FILE = _CONFIGS / "mini" / "config.json"
@@ -203,10 +203,8 @@ def ship(src_dir: str | Path, out_dir: str | Path) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for f in src.iterdir():
-        if (f.is_file() and not f.name.endswith((".safetensors", ".jsonl", ".index.json"))
-                and f.name not in (RANDOM_WEIGHTS_MARKER, *TRAINING_RECORDS)):
-            shutil.copy2(f, tmp / f.name)
+    for f in side_files(src):
+        shutil.copy2(f, tmp / f.name)
     cfg = json.loads((tmp / "config.json").read_text())
     cfg["torch_dtype"] = "bfloat16"
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")

@@ -84,6 +84,14 @@ def tied_aliases(model: nn.Module) -> dict[str, str]:
 TRAINING_RECORDS = ("train_log.jsonl", "train_stage.json", "resume.pt")
 
 
+def side_files(src_dir: str | Path) -> list[Path]:
+    """A checkpoint's files to carry into one made from it: config, tokenizer, processor,
+    spk_dict ...; not its weights, its random-weights marker or training records."""
+    return [f for f in Path(src_dir).iterdir()
+            if f.is_file() and not f.name.endswith((".safetensors", ".index.json", ".jsonl"))
+            and f.name not in (RANDOM_WEIGHTS_MARKER, *TRAINING_RECORDS)]
+
+
 def save_released(out_dir: str | Path, src_dir: str | Path, trained: dict[str, Tensor]) -> Path:
     """Write a complete release-layout checkpoint to ``out_dir``: the source's non-weight files
     (config, tokenizer, processor, spk_dict ...) and one ``model.safetensors`` holding the source
@@ -92,10 +100,8 @@ def save_released(out_dir: str | Path, src_dir: str | Path, trained: dict[str, T
     not make-tiny's noise."""
     out, src = Path(out_dir), Path(src_dir)
     out.mkdir(parents=True, exist_ok=True)
-    skip = ("model.safetensors.index.json", RANDOM_WEIGHTS_MARKER, *TRAINING_RECORDS)
-    for f in src.iterdir():
-        if f.is_file() and not f.name.endswith(".safetensors") and f.name not in skip:
-            shutil.copy2(f, out / f.name)
+    for f in side_files(src):
+        shutil.copy2(f, out / f.name)
     (out / RANDOM_WEIGHTS_MARKER).unlink(missing_ok=True)
     tensors = read_tensors(src)
     for k, v in trained.items():
