@@ -180,6 +180,10 @@ def test_mini_checkpoint_fits_the_budget(tmp_path):
     b = budget(d)
     assert b["total"]["bytes"] <= BUDGET_BYTES, format_budget(b)
     (d / "resume.pt").write_bytes(b"a dense stage's heads")  # carried along by the stages
+    from omnistream.maketiny import GENERATION_CONFIG
+
+    # an older run's file without the mini's decoding defaults: ship writes them
+    (d / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG))
     shipped = ship(d, tmp_path / "ship")
     assert not (shipped / "resume.pt").exists()  # a training record, not part of the model
     sb = budget(shipped, {})
@@ -194,6 +198,7 @@ def test_mini_checkpoint_fits_the_budget(tmp_path):
     assert not (shipped / "RANDOM_WEIGHTS").exists()
     eng = Engine.load(shipped, quiet=True)
     assert eng.speakers == ["Joe"]
+    assert eng.talker_sampling.greedy and eng.talker_sampling.repetition_penalty == 1.0
     assert eng.talker.cfg.tts_codec_end_token_id == 8294  # the release's special codec ids
     std = float(eng.thinker.model.layers[0].mlp.up_proj.weight.detach().std())
     assert 0.015 < std < 0.025  # make-tiny's scale (N(0, 0.02))

@@ -7,6 +7,7 @@ import itertools
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 RANDOM_WEIGHTS_NOTICE = (
@@ -23,10 +24,12 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--talker-temperature", type=float, default=0.9)
-    p.add_argument("--talker-top-k", type=int, default=40)
-    p.add_argument("--talker-top-p", type=float, default=0.8)
-    p.add_argument("--talker-repetition-penalty", type=float, default=1.05)
+    # the Talker's: each unset one is the checkpoint's (generation_config.json's talker_* keys,
+    # else the release's T 0.9, k 40, p 0.8, penalty 1.05)
+    p.add_argument("--talker-temperature", type=float, default=None)
+    p.add_argument("--talker-top-k", type=int, default=None)
+    p.add_argument("--talker-top-p", type=float, default=None)
+    p.add_argument("--talker-repetition-penalty", type=float, default=None)
     p.add_argument("--talker-max-new-tokens", type=int, default=4096)
     p.add_argument("--seed", type=int, default=None)
 
@@ -170,7 +173,7 @@ def _messages(args: argparse.Namespace) -> list[dict]:
 def _session_options(args: argparse.Namespace):
     """The ``SessionOptions`` of ``generate`` / ``chat`` from their flags."""
     from omnistream.engine.options import SessionOptions
-    from omnistream.engine.sampling import TALKER_SAMPLING, SamplingParams
+    from omnistream.engine.sampling import SamplingParams
 
     return SessionOptions(
         voice=args.voice, system=args.system, audio_output=not args.no_audio,
@@ -179,12 +182,18 @@ def _session_options(args: argparse.Namespace):
                                 repetition_penalty=args.repetition_penalty),
         max_new_tokens=args.max_new_tokens, ignore_eos=getattr(args, "ignore_eos", False),
         seed=args.seed,
-        talker_sampling=SamplingParams(
-            temperature=args.talker_temperature, top_k=args.talker_top_k,
-            top_p=args.talker_top_p, repetition_penalty=args.talker_repetition_penalty,
-            suppress_ids=TALKER_SAMPLING.suppress_ids),
         talker_max_new_tokens=args.talker_max_new_tokens,
     )
+
+
+def _talker_flags(options, args: argparse.Namespace, engine):
+    """``options`` with the given ``--talker-*`` flags over the checkpoint's Talker sampling."""
+    flags = {f: getattr(args, "talker_" + f) for f in
+             ("temperature", "top_k", "top_p", "repetition_penalty")}
+    flags = {f: v for f, v in flags.items() if v is not None}
+    if not flags:
+        return options
+    return options.replace(talker_sampling=replace(engine.talker_sampling, **flags))
 
 
 def _load_engine(args: argparse.Namespace, audio_output: bool):
@@ -208,7 +217,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     player = Player.open() if (args.play and options.audio_output) else None
     try:
         engine = _load_engine(args, options.audio_output)
-        sess = engine.session(options)
+        sess = engine.session(_talker_flags(options, args, engine))
         events = sess.respond(messages, offline=args.offline)
         first = next(events)  # media decoding and prefill: bad input fails here, before any file
         writer = StreamingWavWriter(args.out) if options.audio_output else None
@@ -254,7 +263,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     options = _session_options(args)
     audio_output = options.audio_output
     engine = _load_engine(args, audio_output)
-    sess = engine.session(options)
+    sess = engine.session(_talker_flags(options, args, engine))
     out_dir = Path(args.out_dir)
     print("omnistream chat: type a message; attach files with /audio F, /image F, /video F; "
           "/quit to leave.", file=sys.stderr)
@@ -369,7 +378,7 @@ def _cmd_chat_mic(args: argparse.Namespace) -> int:
                                    "text replies") from cause
     try:
         engine = _load_engine(args, options.audio_output)
-        sess = engine.session(options)
+        sess = engine.session(_talker_flags(options, args, engine))
         print(f"omnistream chat --mic: speak (turns: {detector.name} detector, input "
               f"{rate} Hz); Ctrl-C to leave. Use headphones: the microphone hears the speaker.",
               file=sys.stderr)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 
-from omnistream.engine.sampling import TALKER_SAMPLING, SamplingParams
+from omnistream.engine.sampling import SamplingParams
 
 CODES_PER_SECOND = 50  # Talker codec ids per second of speech (code2wav: 480 samples at 24 kHz)
 SOLVERS = ("rk4", "euler")
@@ -31,7 +31,9 @@ class SessionOptions:
     ignore_eos: bool = False  # run to max_new_tokens (benchmarks)
     seed: int | None = None  # base of the per-stage generators; None: a fresh random seed
     # -- the speech (Talker)
-    talker_sampling: SamplingParams = TALKER_SAMPLING  # the release's: T 0.9, k 40, p 0.8, 1.05
+    # None: the checkpoint's (generation_config.json's talker_* keys), else the release's
+    # TALKER_SAMPLING: T 0.9, k 40, p 0.8, penalty 1.05
+    talker_sampling: SamplingParams | None = None
     talker_max_new_tokens: int = 4096  # codec ids per reply (50 = 1 s of speech)
     max_codes_per_token: int = 50  # codec ids per reply token: stops a Talker that never ends
     # -- code2wav (speech synthesis, see engine/code2wav.py)
@@ -60,9 +62,10 @@ class SessionOptions:
         g = self.guidance_scale
         if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or g < 0):
             raise ValueError(f"guidance_scale must be a number >= 0, not {g!r}")
-        for name in ("sampling", "talker_sampling"):
-            if not isinstance(getattr(self, name), SamplingParams):
-                raise ValueError(f"{name} must be a SamplingParams")
+        if not isinstance(self.sampling, SamplingParams):
+            raise ValueError("sampling must be a SamplingParams")
+        if not isinstance(self.talker_sampling, (SamplingParams, type(None))):
+            raise ValueError("talker_sampling must be a SamplingParams or None")
 
     def replace(self, **changes) -> SessionOptions:
         """A copy with ``changes`` (field names; an unknown name raises TypeError)."""

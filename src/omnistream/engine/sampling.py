@@ -9,7 +9,7 @@ mask updated by scatter, and random sampling uses the exponential-race trick
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -32,6 +32,29 @@ class SamplingParams:
 TALKER_SAMPLING = SamplingParams(
     temperature=0.9, top_k=40, top_p=0.8, repetition_penalty=1.05, suppress_ids=(8293,)
 )
+# ``generation_config.json`` keys a checkpoint may set for its Talker (the names of transformers'
+# ``generate`` arguments for this model); the release's file has none, so it gets the above.
+TALKER_CONFIG_KEYS = {"talker_temperature": "temperature", "talker_top_k": "top_k",
+                      "talker_top_p": "top_p", "talker_repetition_penalty": "repetition_penalty"}
+
+
+def talker_sampling_from(generation_config: dict) -> SamplingParams:
+    """The Talker sampling a checkpoint asks for: its ``talker_*`` keys over ``TALKER_SAMPLING``;
+    ``talker_do_sample: false`` means greedy. A small Talker trained here speaks more clearly
+    greedy than at the release's temperature."""
+    changes = {f: generation_config[k] for k, f in TALKER_CONFIG_KEYS.items()
+               if generation_config.get(k) is not None}
+    if generation_config.get("talker_do_sample") is False:
+        changes["temperature"] = 0.0
+    try:
+        p = replace(TALKER_SAMPLING, **changes)
+        ok = (p.temperature >= 0 and p.top_k >= 0 and 0 < p.top_p <= 1
+              and p.repetition_penalty > 0)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"bad Talker sampling in generation_config.json: {changes}")
+    return p
 
 
 def seen_mask(batch_size: int, vocab_size: int, ids: Tensor | None = None, device=None) -> Tensor:

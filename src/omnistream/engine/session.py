@@ -23,6 +23,7 @@ sessions' replies together (one batched Thinker step, one batched Talker step pe
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import weakref
@@ -39,7 +40,7 @@ from omnistream.checkpoint import resolve_dtype
 from omnistream.engine.batch import Reply, SlotPool, ThinkerWork, pausing
 from omnistream.engine.events import Done, TextDelta, Usage
 from omnistream.engine.options import SessionOptions
-from omnistream.engine.sampling import sample, seen_mask
+from omnistream.engine.sampling import sample, seen_mask, talker_sampling_from
 from omnistream.engine.speech import Speech
 from omnistream.models import RANDOM_WEIGHTS_MARKER
 from omnistream.nn.cache import KVCache
@@ -102,6 +103,10 @@ class Engine:
         self.model_id = model_id or self.model_dir.name
         self.random_weights = random_weights
         self.slots: SlotPool | None = None  # cache slots for batched sessions (reserve_slots)
+        gen = self.model_dir / "generation_config.json"
+        # the Talker sampling of sessions that do not choose one
+        self.talker_sampling = talker_sampling_from(
+            json.loads(gen.read_text()) if gen.is_file() else {})
         from omnistream.prompt import Processor
 
         self.processor = Processor.from_dir(self.model_dir)
@@ -207,7 +212,8 @@ class Session:
         self.speaker = engine.speaker(o.voice) if self.audio_output else None
         # the options the reply loops read, as attributes
         self.system = o.system
-        self.sampling, self.talker_sampling = o.sampling, o.talker_sampling
+        self.sampling = o.sampling
+        self.talker_sampling = o.talker_sampling or engine.talker_sampling
         self.max_new_tokens = o.max_new_tokens
         self.talker_max_new_tokens = o.talker_max_new_tokens
         self.max_codes_per_token = o.max_codes_per_token

@@ -65,6 +65,10 @@ VOICE, VOICE_BOS = "Joe", 151872  # the codec's voice (the Piper voice it was tr
 # frames at most 112x112 (16 tokens per 2 frames).
 MINI_PREPROCESSOR_CONFIG = PREPROCESSOR_CONFIG | {
     "max_pixels": 224 * 224, "video_min_pixels": 56 * 56, "video_max_pixels": 112 * 112}
+# The small Talker speaks more clearly greedy than at the release's temperature and repetition
+# penalty (engine/sampling.py reads these keys).
+MINI_GENERATION_CONFIG = GENERATION_CONFIG | {"talker_do_sample": False,
+                                              "talker_repetition_penalty": 1.0}
 
 
 def mini_config(codec_dir: str | Path | None = None) -> dict:
@@ -128,7 +132,7 @@ def _write_side_files(out: Path, cfg_dict: dict) -> None:
         (out / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
     dump("config.json", cfg_dict)
-    dump("generation_config.json", GENERATION_CONFIG)
+    dump("generation_config.json", MINI_GENERATION_CONFIG)
     dump("preprocessor_config.json", MINI_PREPROCESSOR_CONFIG)
     dump("chat_template.json", {"chat_template": CHAT_TEMPLATE})
     write_tokenizer_files(out)
@@ -208,6 +212,8 @@ def ship(src_dir: str | Path, out_dir: str | Path) -> Path:
     cfg = json.loads((tmp / "config.json").read_text())
     cfg["torch_dtype"] = "bfloat16"
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    # the decoding defaults belong to the shipped model, whatever run the weights came from
+    (tmp / "generation_config.json").write_text(json.dumps(MINI_GENERATION_CONFIG, indent=2) + "\n")
     write_safetensors(tmp, [tensors])
     shutil.rmtree(out, ignore_errors=True)
     tmp.replace(out)
