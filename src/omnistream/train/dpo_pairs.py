@@ -116,6 +116,7 @@ def make_pairs(model: str | Path, data: str | Path, out: str | Path, prompts: in
     """Preference pairs for up to ``prompts`` records of ``data``, written to ``out`` (same
     folder as ``data``: media paths stay relative to it); returns the number of pairs."""
     from omnistream.engine.options import SessionOptions
+    from omnistream.engine.sampling import TALKER_SAMPLING
     from omnistream.engine.session import Engine
     from omnistream.eval.tasks import SPEECH_SECONDS, record_messages, respond
     from omnistream.media.audio import decode_audio
@@ -141,7 +142,8 @@ def make_pairs(model: str | Path, data: str | Path, out: str | Path, prompts: in
                 if x.strip()]
     done = {r["source"] for r in rows}
     engine = Engine.load(model, quiet=True)
-    base = SessionOptions(max_new_tokens=48, solver=solver,
+    # the release's Talker sampling, whatever the checkpoint speaks with: samples must differ
+    base = SessionOptions(max_new_tokens=48, solver=solver, talker_sampling=TALKER_SAMPLING,
                           talker_max_new_tokens=SessionOptions.speech_limit(SPEECH_SECONDS))
     with progress.open("a", encoding="utf-8") as f:
         for idx in _pick(records, prompts):
