@@ -277,3 +277,18 @@ def test_trained_checkpoint_keeps_its_own_training_log(tiny_dir, tmp_path):
     save_released(out, src, {k: read_tensors(src, (k,))[k]})
     assert (out / "train_log.jsonl").read_text() == '{"stage": "next"}\n'
     assert not (out / "train_stage.json").exists() and (out / "config.json").is_file()
+
+
+def test_media_parts_keep_the_command_line_order():
+    """``--image A --audio B`` asks about A in the words of B: the prompt holds the parts in the
+    order given (the tasks' spoken-image questions put the image first)."""
+    from omnistream.cli import _build_parser, _messages
+
+    args = _build_parser().parse_args(["generate", "--image", "a.png", "--audio", "q.wav",
+                                       "--video", "v.mp4", "--image", "b.png", "--prompt", "?"])
+    assert _messages(args)[-1]["content"] == [
+        {"type": "image", "image": "a.png"}, {"type": "audio", "audio": "q.wav"},
+        {"type": "video", "video": "v.mp4"}, {"type": "image", "image": "b.png"},
+        {"type": "text", "text": "?"}]
+    args = _build_parser().parse_args(["generate", "--prompt", "hi"])
+    assert _messages(args)[-1]["content"] == [{"type": "text", "text": "hi"}]

@@ -18,6 +18,14 @@ RANDOM_WEIGHTS_NOTICE = (
 EXTRAS = {"serve": ("omnistream.serve.app", "serve"), "train": ("omnistream.train.cli", None)}
 
 
+class _MediaArg(argparse.Action):
+    """``--audio/--image/--video F``: appends ``(kind, F)`` to one shared list."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        media = list(getattr(namespace, self.dest) or [])
+        setattr(namespace, self.dest, media + [(option_string.lstrip("-"), values)])
+
+
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -61,9 +69,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None,
                    help="the question in text (optional with --audio / --image / --video)")
     p.add_argument("--system", default=None)
-    p.add_argument("--audio", action="append", default=[], metavar="F")
-    p.add_argument("--image", action="append", default=[], metavar="F")
-    p.add_argument("--video", action="append", default=[], metavar="F")
+    # one list in command-line order: the prompt's media parts come in the order given
+    for kind in ("audio", "image", "video"):
+        p.add_argument(f"--{kind}", dest="media", action=_MediaArg, default=[], metavar="F")
     p.add_argument("--use-audio-in-video", action="store_true")
     p.add_argument("--voice", default=None)
     p.add_argument("--no-audio", action="store_true", help="text only (speech half not loaded)")
@@ -152,13 +160,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _messages(args: argparse.Namespace) -> list[dict]:
-    content: list[dict] = []
-    for f in args.audio:
-        content.append({"type": "audio", "audio": f})
-    for f in args.image:
-        content.append({"type": "image", "image": f})
-    for f in args.video:
-        content.append({"type": "video", "video": f})
+    content = [{"type": kind, kind: f} for kind, f in args.media]
     if args.prompt:
         content.append({"type": "text", "text": args.prompt})
     if not content:
