@@ -199,6 +199,11 @@ def test_mini_checkpoint_fits_the_budget(tmp_path):
     eng = Engine.load(shipped, quiet=True)
     assert eng.speakers == ["Joe"]
     assert eng.talker_sampling.greedy and eng.talker_sampling.repetition_penalty == 1.0
+    from omnistream.tokenizer import TOKENIZER_FILES, Tokenizer
+
+    assert not any((shipped / f).exists() for f in TOKENIZER_FILES)  # the built-in ones
+    text = "Hello! I am omnistream.<|im_end|>"
+    assert eng.tokenizer.encode(text) == Tokenizer.from_dir(d).encode(text)
     assert eng.talker.cfg.tts_codec_end_token_id == 8294  # the release's special codec ids
     std = float(eng.thinker.model.layers[0].mlp.up_proj.weight.detach().std())
     assert 0.015 < std < 0.025  # make-tiny's scale (N(0, 0.02))

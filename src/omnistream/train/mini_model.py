@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import filecmp
 import json
 import shutil
 from pathlib import Path
@@ -38,7 +39,12 @@ from omnistream.maketiny import (
     write_safetensors,
 )
 from omnistream.models import RANDOM_WEIGHTS_MARKER, REPO_ROOT
-from omnistream.tokenizer import CHAT_TEMPLATE, write_tokenizer_files
+from omnistream.tokenizer import (
+    CHAT_TEMPLATE,
+    TOKENIZER_FILES,
+    tokenizer_files,
+    write_tokenizer_files,
+)
 from omnistream.train.model import side_files
 
 _CONFIGS = (REPO_ROOT or Path.cwd()) / "configs"
@@ -195,9 +201,9 @@ def format_budget(b: dict[str, dict[str, int]]) -> str:
 
 
 def ship(src_dir: str | Path, out_dir: str | Path) -> Path:
-    """The shipped copy of a trained checkpoint: its side files and one ``model.safetensors``
-    with Thinker, Talker and the DiT in bfloat16, the vocoder and the speech encoder in float32
-    (``SHIP_DTYPES``). Raises ValueError over budget."""
+    """The shipped copy of a trained checkpoint: its side files (less the built-in tokenizer's)
+    and one ``model.safetensors`` with Thinker, Talker and the DiT in bfloat16, the vocoder and
+    the speech encoder in float32 (``SHIP_DTYPES``). Raises ValueError over budget."""
     src, out = Path(src_dir), Path(out_dir)
     tensors = {k: v.to(ship_dtype(k, v.dtype)) if v.is_floating_point() else v.clone()
                for k, v in read_tensors(src)}
@@ -212,6 +218,13 @@ def ship(src_dir: str | Path, out_dir: str | Path) -> Path:
     cfg = json.loads((tmp / "config.json").read_text())
     cfg["torch_dtype"] = "bfloat16"
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    # the tokenizer is the built-in Qwen one (Tokenizer.from_dir falls back to it): 10.5 MB of
+    # derivable files the repository need not hold (write_tokenizer_files writes them back)
+    built_in = tokenizer_files()
+    for name in TOKENIZER_FILES:
+        f = tmp / name
+        if f.is_file() and filecmp.cmp(f, built_in / name, shallow=False):
+            f.unlink()
     # the decoding defaults belong to the shipped model, whatever run the weights came from
     (tmp / "generation_config.json").write_text(json.dumps(MINI_GENERATION_CONFIG, indent=2) + "\n")
     write_safetensors(tmp, [tensors])
