@@ -10,7 +10,9 @@ import torch
 
 from omnistream.train.dense import (
     COLORS,
+    IGNORE,
     KINDS,
+    MOTIONS,
     DenseSet,
     evaluate_dense,
     make_hearing_data,
@@ -27,17 +29,18 @@ def test_token_targets_mark_the_tokens_each_shape_covers():
     meta = {"size": [112, 112],
             "shapes": [{"kind": "square", "color": "red", "x": 28, "y": 0, "size": 28},
                        {"kind": "circle", "color": "blue", "x": 56, "y": 56, "size": 56}]}
-    t = token_targets(meta, 8, 8).reshape(4, 4, 3)
+    t = token_targets(meta, 8, 8).reshape(4, 4, 4)
     sq, circ = 1 + KINDS.index("square"), 1 + KINDS.index("circle")
     red, blue = 1 + COLORS.index("red"), 1 + COLORS.index("blue")
-    assert t[0, 1].tolist() == [sq, red, 1]  # covered whole, holds the centre (42, 14)
+    assert t[0, 1].tolist() == [sq, red, 1, IGNORE]  # covered whole, holds the centre (42, 14)
     for r, c in ((2, 2), (2, 3), (3, 2), (3, 3)):
         assert t[r, c, :2].tolist() == [circ, blue]
     assert t[3, 3, 2] == 1 and t[2, 2, 2] == 0  # the centre (84, 84) is in token (3, 3)
     assert int((t[..., 0] > 0).sum()) == 5 and int(t[..., 2].sum()) == 2
+    assert (t[..., 3] == IGNORE).all()  # an image has no motion to learn
     # the encoder saw the image at half size: the same shapes on 2 x 2 tokens
-    half = token_targets(meta, 4, 4).reshape(2, 2, 3)
-    assert half[0, 0, 0] == sq and half[1, 1].tolist() == [circ, blue, 1]
+    half = token_targets(meta, 4, 4).reshape(2, 2, 4)
+    assert half[0, 0, 0] == sq and half[1, 1].tolist() == [circ, blue, 1, IGNORE]
 
 
 def test_vision_data_is_seeded(tmp_path):
@@ -47,7 +50,26 @@ def test_vision_data_is_seeded(tmp_path):
     recs = [json.loads(x) for x in a.read_text().splitlines()]
     assert (a.parent / recs[4]["media"]).read_bytes() == (b.parent / recs[4]["media"]).read_bytes()
     assert {r["case"][1] for r in recs} == {"image-count", "image-count-color", "image-color",
-                                            "image-shape"}
+                                            "image-shape", "video-motion"}
+    assert recs[4]["media"].endswith(".mp4") and recs[4]["motion"] in MOTIONS
+
+
+def test_a_motion_clip_gives_its_direction_to_the_tokens_that_show_its_shape(tmp_path):
+    """The merged tokens that show the shape in a frame pair carry the clip's direction; the
+    background and the image heads have no ground truth there."""
+    data = make_vision_data(tmp_path, 5, seed=3, progress=False)
+    ds = DenseSet("vision", [data], tmp_path)
+    px, grid, tgt = ds.batch([3, 4], 2)  # an image, then the clip
+    assert grid[1, 0] >= 2  # the clip: two or more frame pairs
+    n_img = int(grid[0].prod()) // 4
+    clip = tgt[n_img:]
+    assert len(clip) == int(grid[1].prod()) // 4
+    want = 1 + MOTIONS.index(ds.items[4][1]["motion"])
+    assert set(clip[:, 3].tolist()) == {IGNORE, want} and (clip[:, :3] == IGNORE).all()
+    per_pair = clip[:, 3].reshape(int(grid[1, 0]), -1)  # one small shape on a plain ground
+    moving = (per_pair > 0).sum(1)
+    assert (moving >= 1).all() and (moving <= per_pair.shape[1] // 4).all(), moving
+    assert (tgt[:n_img, 3] == IGNORE).all() and (tgt[:n_img, :3] >= 0).all()
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +102,7 @@ def test_vision_stage_learns_the_tokens_and_saves_only_the_encoder(tiny_dir, vis
     # read back: the saved encoder with the resume state's heads, on all 8 images
     acc = evaluate_dense(out, [vision_data])
     assert acc["kind_shape"] > first["acc_kind"] + 0.3
+    assert 0 <= acc["motion_shape"] <= 1  # the clip among the 8 was scored
 
 
 def test_vision_stage_resumes_where_it_stopped(tiny_dir, vision_data, tmp_path):
@@ -98,7 +121,11 @@ def test_vision_stage_resumes_where_it_stopped(tiny_dir, vision_data, tmp_path):
 def test_vision_stage_keeps_the_tokens_scale_under_the_rms_limit(tiny_dir, vision_data,
                                                                  tmp_path):
     """With ``media_rms_limit`` the tokens are pulled towards the limit (the Thinker's stages'
-    scale) while the heads still learn; without it they drift above."""
+    scale) while the heads still learn; without it they drift above. (8 images, no clip: a
+    clip adds the motion head's pull, which 40 steps do not settle.)"""
+    ten = make_vision_data(tmp_path / "ten", 10, seed=0, progress=False)
+    vision_data = ten.with_name("images.jsonl")
+    vision_data.write_text("".join(x + "\n" for x in ten.read_text().splitlines() if ".png" in x))
     runs = {}
     for limit in (0.0, 0.05):
         out = tmp_path / f"v{limit}"

@@ -9,7 +9,11 @@ learns from every output token instead, through small training-only heads (not s
 checkpoint) that read ground truth the task generator knows:
 
 * ``vision`` (``thinker.visual.*``, merger included): per merged image token the kind and colour
-  of the shape covering it and whether it holds a shape's centre (``render_image``'s shapes).
+  of the shape covering it and whether it holds a shape's centre (``render_image``'s shapes);
+  and per merged token of a ``video-motion`` clip that shows the shape the way it moves. The
+  LLM could not learn the motion from the answer alone (omni-mini v1 answered 1 of 10 of its
+  own training clips right, below chance); a token sees it, since its two frames (temporal
+  patch 2) show where the shape's edges were and where they went.
 * ``hearing`` (``thinker.audio_tower.*``): the words of a spoken utterance, by CTC over the
   audio tokens (25 per second) with the tasks' word list (``HEARING_WORDS``), as an ASR-trained
   encoder (the release's) hears them.
@@ -51,8 +55,14 @@ RESUME_FILE = "resume.pt"
 KINDS = ("circle", "square", "triangle")  # label 0: no shape
 COLORS = ("red", "green", "blue", "yellow")
 MIN_COVER = 0.15  # a token shows a shape when the shape covers this much of its pixels
-TARGETS = (("kind", len(KINDS) + 1), ("color", len(COLORS) + 1), ("centre", 2))
+MOTIONS = ("left", "right", "up", "down")  # labels 1-4 (as the other heads: 0 unused)
+TARGETS = (("kind", len(KINDS) + 1), ("color", len(COLORS) + 1), ("centre", 2),
+           ("motion", len(MOTIONS) + 1))
+MOTION_DIFF = 0.5  # normalised pixel units (about 35 of 255) from the background: the shape
+MOTION_COVER = 0.05  # a merged token shows the moving shape when this much of it is the shape
+IGNORE = -100  # no ground truth for this head on this token (cross_entropy's ignore_index)
 IMAGE_FAMILIES = ("image-count", "image-count-color", "image-color", "image-shape")
+VISION_FAMILIES = (*IMAGE_FAMILIES, "video-motion")  # make_vision_data's cycle
 DATA_FILES = {"vision": "vision.jsonl", "hearing": "hearing.jsonl"}
 
 
@@ -77,10 +87,11 @@ def words_of(text: str) -> list[str]:
 def token_targets(meta: dict, grid_h: int, grid_w: int, merge: int = 2,
                   patch: int = 14) -> Tensor:
     """Per merged token of an image (raster order, as the vision encoder outputs them) the
-    ground truth [N, 3]: kind (0 none, 1 + KINDS index), colour (0 none, 1 + COLORS index) of
-    the shape covering most of the token (at least MIN_COVER of it), and 1 where the token holds
-    a shape's centre. ``meta``: ``render_image``'s ground truth (original ``size`` and
-    ``shapes``); the encoder saw the image resized to ``grid_w * patch`` x ``grid_h * patch``."""
+    ground truth [N, 4]: kind (0 none, 1 + KINDS index), colour (0 none, 1 + COLORS index) of
+    the shape covering most of the token (at least MIN_COVER of it), 1 where the token holds
+    a shape's centre, and no motion ground truth (``video_targets``). ``meta``:
+    ``render_image``'s ground truth (original ``size`` and ``shapes``); the encoder saw the
+    image resized to ``grid_w * patch`` x ``grid_h * patch``."""
     from PIL import Image, ImageDraw
 
     from omnistream.train.tasks_media import Shape, draw_shape
@@ -97,7 +108,8 @@ def token_targets(meta: dict, grid_h: int, grid_w: int, merge: int = 2,
     lab = lab.resize((W, H), Image.NEAREST)
     gy, gx = grid_h // merge, grid_w // merge
     cells = np.asarray(lab).reshape(gy, cell, gx, cell).transpose(0, 2, 1, 3).reshape(gy * gx, -1)
-    out = torch.zeros(gy * gx, 3, dtype=torch.long)
+    out = torch.zeros(gy * gx, len(TARGETS), dtype=torch.long)
+    out[:, 3] = IGNORE
     for i, row in enumerate(cells):
         cover = np.bincount(row, minlength=len(meta["shapes"]) + 1)[1:]
         if len(cover) and cover.max() >= MIN_COVER * row.size:
@@ -106,6 +118,22 @@ def token_targets(meta: dict, grid_h: int, grid_w: int, merge: int = 2,
             out[i, 1] = 1 + COLORS.index(s["color"])
     for cx, cy in centres:
         out[int(min(cy, gy - 1)) * gx + int(min(cx, gx - 1)), 2] = 1
+    return out
+
+
+def video_targets(px: Tensor, rec: dict, merge: int = 2, patch: int = 14) -> Tensor:
+    """[N, 4] for a ``video-motion`` clip's pixel patches ``px`` [merge² N, C * 2 * patch²]
+    (the processor's order: each merged token's patches together, each patch's frame pair):
+    its direction (1 + MOTIONS index) on the merged tokens whose pixels show the shape in
+    either frame (at least MOTION_COVER of them away from the background, the clip's median
+    colour); no ground truth elsewhere (the background shows no motion, and a still class
+    would outweigh the few moving tokens) nor for the image heads."""
+    x = px.reshape(px.shape[0] // merge**2, merge**2, 3, -1, patch * patch)  # [N, m², C, T, p²]
+    bg = x.transpose(0, 2).reshape(3, -1).median(-1).values  # [C]
+    away = (x - bg[:, None, None]).abs().amax(2) > MOTION_DIFF  # [N, m², T, p²]
+    shows = away.float().flatten(1).mean(1) >= MOTION_COVER  # [N]
+    out = torch.full((x.shape[0], len(TARGETS)), IGNORE, dtype=torch.long)
+    out[shows, 3] = 1 + MOTIONS.index(rec["motion"])
     return out
 
 
@@ -127,14 +155,18 @@ class Heads(nn.Module):
 
 
 def make_vision_data(out_dir: str | Path, n: int, seed: int, progress: bool = True) -> Path:
-    """``n`` images of the omni-mini image families (each family in turn; the task generator's
-    cases ``case_rng(seed, family, i)``) as PNGs under ``out_dir/images`` and their shapes in
-    ``out_dir/vision.jsonl``. The same arguments write the same bytes. Returns the JSONL path."""
+    """``n`` items of VISION_FAMILIES in turn (the task generator's cases ``case_rng(seed,
+    family, i)``): images as PNGs under ``out_dir/images`` with their shapes, ``video-motion``
+    clips under ``out_dir/videos`` with their direction, listed in ``out_dir/vision.jsonl``.
+    The same arguments write the same bytes. Returns the JSONL path."""
     from omnistream.train.tasks import case_rng, make_case
 
     def one(j: int) -> tuple[str, bytes, dict]:
-        family, i = IMAGE_FAMILIES[j % len(IMAGE_FAMILIES)], j // len(IMAGE_FAMILIES)
+        family, i = VISION_FAMILIES[j % len(VISION_FAMILIES)], j // len(VISION_FAMILIES)
         case = make_case(family, case_rng(seed, family, i))
+        if family == "video-motion":
+            return (f"videos/{j:06d}.mp4", case.media[0].data,
+                    {"motion": case.meta["direction"], "case": [seed, family, i]})
         return (f"images/{j:06d}.png", case.media[0].data,
                 {"size": case.meta["size"], "shapes": case.meta["shapes"],
                  "case": [seed, family, i]})
@@ -179,16 +211,17 @@ class DenseSet:
         from omnistream.prompt import processor_options
 
         self.task = task
-        need = "shapes" if task == "vision" else "text"
+        need = ("shapes", "motion") if task == "vision" else ("text",)
         self.items: list[tuple[Path, dict]] = []
         for f in files:
             base = Path(f).parent
             for k, line in enumerate(Path(f).read_text().splitlines()):
                 if line.strip():
                     rec = json.loads(line)
-                    if "media" not in rec or need not in rec:
+                    if "media" not in rec or not any(n in rec for n in need):
                         raise ValueError(f"{f}:{k + 1}: a {task} record needs 'media' and "
-                                         f"{need!r} (python -m omnistream.train.dense {task})")
+                                         f"{' or '.join(map(repr, need))} (python -m "
+                                         f"omnistream.train.dense {task})")
                     self.items.append((base / rec["media"], rec))
         if not self.items:
             raise ValueError(f"no records in {[str(f) for f in files]}")
@@ -198,7 +231,7 @@ class DenseSet:
         return len(self.items)
 
     def batch(self, idx: list[int], merge: int = 2) -> tuple:
-        """Vision records: pixel patches [P, C], grid_thw [n, 3], targets [N, 3] (``merge``:
+        """Vision records: pixel patches [P, C], grid_thw [n, 3], targets [N, 4] (``merge``:
         the encoder's spatial merge). Hearing records: mel features [128, sum(frames)], frames
         per clip [n], texts."""
         from omnistream.train.data import process_media
@@ -212,12 +245,15 @@ class DenseSet:
         px, grids, tgt = [], [], []
         for i in idx:
             path, rec = self.items[i]
-            v = process_media("image", str(path), {"type": "image", "image": str(path)},
-                              self.opts)
+            kind = "video" if "motion" in rec else "image"
+            v = process_media(kind, str(path), {"type": kind, kind: str(path)}, self.opts)
             grid = torch.as_tensor(v.grid_thw).reshape(3)
             px.append(torch.as_tensor(v.pixel_values))
             grids.append(grid)
-            tgt.append(token_targets(rec, int(grid[1]), int(grid[2]), merge))
+            if kind == "video":
+                tgt.append(video_targets(torch.as_tensor(v.pixel_values), rec, merge))
+            else:
+                tgt.append(token_targets(rec, int(grid[1]), int(grid[2]), merge))
         return torch.cat(px), torch.stack(grids), torch.cat(tgt)
 
 
@@ -238,14 +274,16 @@ def _rms_term(tokens: Tensor, rms_limit: float, parts: dict[str, float]) -> Tens
 
 def vision_loss(visual: nn.Module, heads: Heads, px: Tensor, grid: Tensor, tgt: Tensor,
                 rms_limit: float = 0.0) -> tuple[Tensor, dict[str, float]]:
-    """Sum of the heads' cross entropies over every merged token (+ the RMS term), and each
-    head's accuracy on the tokens that show a shape (kind, colour) or hold a centre."""
+    """Sum of the heads' cross entropies over every merged token that has their ground truth
+    (+ the RMS term), and each head's accuracy on the tokens that show a shape (kind, colour),
+    hold a centre or move."""
     tokens = visual(px, grid)
     logits = heads(tokens)
     parts: dict[str, float] = {}
     loss = _rms_term(tokens, rms_limit, parts)
     for k, (name, _) in enumerate(TARGETS):
-        loss = loss + F.cross_entropy(logits[name], tgt[:, k])
+        if (tgt[:, k] != IGNORE).any():  # a batch of images only has no motion, and vice versa
+            loss = loss + F.cross_entropy(logits[name], tgt[:, k], ignore_index=IGNORE)
         sel = tgt[:, k] > 0  # accuracy where there is something to see (most tokens show none)
         hit = logits[name][sel].argmax(-1) == tgt[sel, k]
         parts[f"acc_{name}"] = hit.float().mean().item() if sel.any() else 0.0
@@ -413,9 +451,9 @@ def train_dense(stage: Stage, data: list[str | Path], model_dir: str | Path,
 @torch.no_grad()
 def evaluate_heads(task: str, encoder: nn.Module, heads: Heads, data: DenseSet, merge: int,
                    batch: int = 16) -> dict[str, float]:
-    """Vision: per head, accuracy over all tokens and over those that show a shape (kind,
-    colour) or hold a centre (``centre_shape``). Hearing: the greedy decoding's word error
-    rate."""
+    """Vision: per head, accuracy over all tokens with its ground truth and over those that
+    show a shape (kind, colour), hold a centre (``centre_shape``) or move (``motion_shape``).
+    Hearing: the greedy decoding's word error rate."""
     was = encoder.training
     encoder.eval()
     hit: dict[str, float] = {}
@@ -431,8 +469,9 @@ def evaluate_heads(task: str, encoder: nn.Module, heads: Heads, data: DenseSet, 
             continue
         logits = heads(encoder(b[0], b[1]))
         for k, (name, _) in enumerate(TARGETS):
-            ok = logits[name].argmax(-1) == b[2][:, k]
-            sel = b[2][:, k] > 0
+            has = b[2][:, k] != IGNORE
+            ok = logits[name][has].argmax(-1) == b[2][has, k]
+            sel = b[2][has, k] > 0
             for key, v in ((name, ok), (name + "_shape", ok[sel])):
                 hit[key] = hit.get(key, 0.0) + v.sum().item()
                 cnt[key] = cnt.get(key, 0) + v.numel()
@@ -457,7 +496,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m omnistream.train.dense",
                                 description="Dense encoder pretraining: data and evaluation.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name, what in (("vision", "images with their shapes (vision.jsonl)"),
+    for name, what in (("vision", "images with their shapes, clips with their motion "
+                                  "(vision.jsonl)"),
                        ("hearing", "spoken utterances with their text (hearing.jsonl)")):
         mk = sub.add_parser(name, help=what)
         mk.add_argument("out", type=Path)

@@ -64,8 +64,8 @@ TALKER_REPEAT = "talker_repeat"
 # Replies that contradict their media (``add_counterfactuals``): trained on true replies only, the
 # Talker says what the Thinker's hidden states expect rather than the token it is given.
 TALKER_COUNTER = "talker_counter.jsonl"
-VISION = "vision"  # images with their shapes, for the dense vision stage
-VISION_IMAGES = 6000
+VISION = "vision"  # images with their shapes, motion clips with their direction (dense vision)
+VISION_IMAGES = 6000  # items: every fifth a video-motion clip (dense.VISION_FAMILIES)
 HEARING = "hearing"  # spoken word lists and questions with their text, for the hearing stage
 HEARING_CLIPS = 4000
 # Training-only families beside the tasks in stages 2 and 2b (``tasks.AUX_FAMILIES``):
