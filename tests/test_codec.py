@@ -246,6 +246,53 @@ def test_ctc_supervision_reaches_the_encoder_and_resumes(tmp_path):
                     verbose=False)
 
 
+def test_vocoder_learns_from_the_checkpoints_decoded_mel(tmp_path):
+    """``vocoder_input: "decoded"``: BigVGAN trains on each clip's round trip (the encoder's
+    codes through the DiT, the checkpoint's ODE settings), cut to the recording's frames and
+    cached; only the vocoder changes, and a resumed run repeats the uninterrupted one."""
+    from omnistream.checkpoint import read_tensors
+    from omnistream.train.codec import SpeechSet, train_codec
+    from omnistream.train.stages import Stage
+
+    cfg_dir, data = _codec_dir(tmp_path), _corpus(tmp_path)
+    with pytest.raises(ValueError, match="vocoder_input 'decoded' needs"):  # nothing trained
+        train_codec(Stage(name="v", task="vocoder", vocoder_input="decoded"), [data], cfg_dir,
+                    tmp_path / "x", verbose=False)
+    base = dict(name="c", task="codec", batch_size=2, segment_frames=48, warmup_steps=1,
+                max_steps=2)
+    train_codec(Stage(**base), [data], cfg_dir, tmp_path / "c", verbose=False)
+    with pytest.raises(ValueError, match="vocoder_input 'decoded' needs"):
+        train_codec(Stage(**base, vocoder_input="decoded"), [data], tmp_path / "c",
+                    tmp_path / "x", verbose=False)
+    with pytest.raises(ValueError, match="vocoder_input must be"):
+        train_codec(Stage(name="v", task="vocoder", vocoder_input="mels"), [data],
+                    tmp_path / "c", tmp_path / "x", verbose=False)
+    voc = Stage(name="v", task="vocoder", vocoder_input="decoded", batch_size=2,
+                segment_frames=16, lr=1e-3, warmup_steps=1, max_steps=4, log_every=1, seed=3)
+    full = train_codec(voc, [data], tmp_path / "c", tmp_path / "v", verbose=False)
+    assert all(math.isfinite(v) for v in full["losses"])
+    # the cache holds what the checkpoint decodes: clip 1's codes, the DiT, noise seeded per clip
+    cached = torch.load(tmp_path / "v" / "decoded_mels.pt")
+    clips = SpeechSet([data], progress=False)
+    codec = Codec.load(tmp_path / "c")
+    t2w, voice = codec.token2wav, codec.voice()
+    steps, solver, guidance = codec.config.decode_options()
+    codes = codec.encoder.encode(clips.wavs[1])[None]
+    noise = torch.randn(1, 2 * codes.shape[1], 80,
+                        generator=torch.Generator().manual_seed(3 * 1_000_003 + 1))
+    want = t2w.solve(codes, t2w.speaker(voice.cond, voice.ref_mel, guidance), noise, steps,
+                     solver, guidance)[0]
+    assert [m.shape for m in cached] == [m.shape for m in clips.mels]
+    torch.testing.assert_close(cached[1], want[:, :clips.mels[1].shape[1]])
+    assert (cached[1] - clips.mels[1]).abs().mean() > 0.1  # not the recording's mel
+    train_codec(voc, [data], tmp_path / "c", tmp_path / "vi", stop_at=2, verbose=False)
+    resumed = train_codec(voc, [data], tmp_path / "c", tmp_path / "vi", verbose=False)
+    assert resumed["losses"] == pytest.approx(full["losses"], rel=1e-5, abs=1e-6)
+    before, after = (dict(read_tensors(d)) for d in (tmp_path / "c", tmp_path / "v"))
+    changed = {k.split(".")[1] for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"code2wav_bigvgan_model"}, changed
+
+
 def test_cli_encode_decode_and_errors_write_nothing(tmp_path, capsys):
     from omnistream.cli import main
     from omnistream.train.codec import train_codec

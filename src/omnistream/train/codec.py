@@ -6,7 +6,10 @@ checkpoint directory whose ``config.json`` has ``token2wav_config`` and ``codec_
 components whose weights are missing there start from a fresh initialisation.
 
 * ``vocoder``: BigVGAN learns waveform from the clips' mel (log-mel L1 + multi-resolution STFT
-  losses; no discriminator, to fit a CPU budget).
+  losses; no discriminator, to fit a CPU budget). With ``vocoder_input`` "decoded" it learns the
+  recording from the checkpoint's round trip of it instead (encoder codes -> DiT mel, the
+  checkpoint's ODE settings; cached in ``OUT/decoded_mels.pt``): the decoder's mel is smoother
+  than a recording's, and a vocoder trained on recordings' mel does not expect that.
 * ``codec``: the encoder (speech -> FSQ codes) and the DiT (codes -> mel by flow matching) learn
   together: the encoder from a small mel head on the quantised values (not saved in the model),
   the DiT by flow matching on the encoder's codes. Condition dropout trains the unconditional
@@ -251,6 +254,37 @@ def vocoder_loss(t2w: Token2Wav, mel: Tensor, wav: Tensor) -> tuple[Tensor, dict
 # ------------------------------------------------------------------------------------- model
 
 
+def decoded_mels(enc: SpeechEncoder, t2w: Token2Wav, cfg: OmniConfig, voice: dict,
+                 data: SpeechSet, seed: int, cache: Path, progress: bool = True) -> list[Tensor]:
+    """Each clip's mel as the checkpoint decodes it: the encoder's codes through the DiT with the
+    checkpoint's ODE settings (noise seeded per clip), cut to the recording's frames [80, F].
+    Cached at ``cache`` (reused when it holds as many clips)."""
+    if cache.exists():
+        mels = torch.load(cache)
+        if len(mels) == len(data.mels):
+            return mels
+    steps, solver, guidance = cfg.token2wav_config.decode_options()
+    spk = t2w.speaker(voice["cond"].float(), voice["ref_mel"].float(), guidance)
+    it = range(len(data.wavs))
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, desc="decoded mel", unit="clip")
+    mels = []
+    for i in it:
+        codes = enc.encode(data.wavs[i])[None]  # [1, N]
+        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        noise = torch.randn(1, codes.shape[1] * t2w.code2wav_dit_model.cfg.repeats,
+                            cfg.token2wav_config.dit_config.mel_dim, generator=g)
+        mel = t2w.solve(codes, spk, noise, steps, solver, guidance)[0]  # [80, 2N]
+        n = data.mels[i].shape[1]
+        mels.append(F.pad(mel[:, :n], (0, max(0, n - mel.shape[1])), value=math.log(1e-5)))
+    tmp = cache.with_suffix(".tmp")
+    torch.save(mels, tmp)
+    tmp.replace(cache)
+    return mels
+
+
 def fresh_init_(module: nn.Module, seed: int) -> None:
     """Initialise a module built without weights (DiT: adaLN modulations and output at zero)."""
     g = torch.Generator().manual_seed(seed)
@@ -315,6 +349,12 @@ def train_codec(stage: Stage, data: list[str | Path], model_dir: str | Path, out
         if s.task == "codec_encoder" and not t2w_loaded:
             raise ValueError("codec_encoder trains against a frozen Token2Wav: "
                              f"{model_dir} has no token2wav weights")
+    if s.vocoder_input not in ("mel", "decoded"):
+        raise ValueError(f"vocoder_input must be 'mel' or 'decoded', not {s.vocoder_input!r}")
+    if s.vocoder_input == "decoded" and (s.task != "vocoder" or not t2w_loaded
+                                         or cfg.codec_encoder_config is None):
+        raise ValueError("vocoder_input 'decoded' needs a vocoder stage on a checkpoint with "
+                         "trained codec_encoder and token2wav weights")
     if s.ctc_weight > 0:
         if s.task not in ("codec", "codec_encoder"):
             raise ValueError(f"ctc_weight trains the encoder: not in a {s.task!r} stage")
@@ -326,6 +366,10 @@ def train_codec(stage: Stage, data: list[str | Path], model_dir: str | Path, out
     except Exception:  # noqa: BLE001 - no speaker file yet: derive the voice from the corpus
         speakers = {voice: {"bos_token": voice_bos, **voice_from_corpus(dataset, s.seed)}}
     spk_entry = next(iter(speakers.values()))
+    if s.vocoder_input == "decoded":
+        coder, _ = _load_or_init(model_dir, cfg, "codec_encoder", s.seed + 1)
+        dataset.mels = decoded_mels(coder, t2w, cfg, spk_entry, dataset, s.seed,
+                                    out / "decoded_mels.pt", verbose)
 
     if s.task == "vocoder":
         params = list(t2w.code2wav_bigvgan_model.parameters())

@@ -89,6 +89,9 @@ class Stage:
     # codec: weight of a character CTC loss on whole clips' quantised codes (0 = off), so the
     # codes carry what was said, as the release's ASR-supervised speech tokenizer does
     ctc_weight: float = 0.0
+    # vocoder: what BigVGAN learns from: "mel" (the recording's) or "decoded" (the checkpoint's
+    # round trip of it, codes -> DiT), so it learns to undo what the DiT gets wrong
+    vocoder_input: str = "mel"
     save_every_s: float = 240.0  # codec stages also checkpoint after this many seconds
     # bookkeeping
     eval_every: int = 0  # steps; 0 = never
