@@ -27,6 +27,7 @@ class FakeEngine:
         self.step_delay = step_delay
         self.audio_every = audio_every
         self.sessions = 0
+        self.last_sampling: SamplingParams | None = None  # the latest session's
 
     def session(self, voice=None, system=None, audio_output=True, sampling=None,
                 talker_sampling=None, max_new_tokens=256, seed=None, **_):
@@ -35,8 +36,9 @@ class FakeEngine:
             if voice is not None and voice.lower() not in names:
                 raise ValueError(f"unknown voice {voice!r}; available: {', '.join(self.speakers)}")
         self.sessions += 1
+        self.last_sampling = sampling or SamplingParams()
         return FakeSession(self, voice or self.speakers[0], system, audio_output,
-                           sampling or SamplingParams(), max_new_tokens)
+                           self.last_sampling, max_new_tokens)
 
 
 class FakeSession:

@@ -129,10 +129,6 @@ def test_page_asks_omni_mini_a_spoken_question(tmp_path):
         page.goto(server.url + "/")
         page.wait_for_function("document.querySelectorAll('#voice option').length >= 1")
         page.click("#start")
-        # greedy replies (the Realtime session's default is OpenAI's temperature 0.8): the page
-        # path must answer as the engine does, not as a sample of it
-        page.wait_for_function("ws !== null && ws.readyState === WebSocket.OPEN")
-        page.evaluate("send({type: 'session.update', session: {temperature: 0}})")
         page.wait_for_function("omni.lastReply.status !== null", timeout=90_000)
         page.screenshot(path=str(ARTIFACTS / "browser_omni_mini.png"))
         reply = page.evaluate("({text: omni.lastReply.text, status: omni.lastReply.status, "
@@ -141,8 +137,11 @@ def test_page_asks_omni_mini_a_spoken_question(tmp_path):
     # the turn began after quiet (300 ms of prefix padding before the speech): the whole
     # question reached the server, not its tail
     assert starts and starts[0] > 0, (starts, reply["text"])
-    # the target; greedy, the engine hears this question right with any lead-in up to
-    # 0.5 s at any sub-frame offset, and sums it right with the server's turn bounds
+    # The target. The session is greedy by default (ServeConfig.realtime_temperature):
+    # at OpenAI's 0.8 the page once sampled "Seven plus four is eight." on CI, and here 3 of 4
+    # runs on the same microphone bytes were wrong. Greedy, the engine hears this question right
+    # with any lead-in up to 0.5 s at any sub-frame offset, and sums it right with the server's
+    # turn bounds.
     assert reply["text"] == "Three plus four is seven.", reply["text"]
     audio = np.asarray(reply["audio"], dtype=np.float32)
     assert audio.size >= 24_000, audio.size  # at least 1 s of speech at 24 kHz

@@ -69,7 +69,9 @@ class Client:
 def server():
     # tones stand in for speech here, so this server decides turns by loudness; the spoken
     # tests below use the default detector (Silero)
-    with LiveServer(create_app(FakeEngine(step_delay=0.01), ServeConfig(vad="energy"))) as s:
+    engine = FakeEngine(step_delay=0.01)
+    with LiveServer(create_app(engine, ServeConfig(vad="energy"))) as s:
+        s.engine = engine
         yield s
 
 
@@ -85,6 +87,8 @@ def test_manual_turn(server):
     created = c.recv()
     assert created["type"] == "session.created"
     assert created["session"]["turn_detection"]["silence_duration_ms"] == 500
+    # greedy until the client says otherwise, as chat completions answer (OpenAI's default: 0.8)
+    assert created["session"]["temperature"] == 0.0
     c.send("session.update", session={"turn_detection": None, "voice": "Ethan"})
     assert c.until("session.updated")[0]["session"]["turn_detection"] is None
     c.send_audio(tone(1.0))
@@ -100,6 +104,7 @@ def test_manual_turn(server):
     assert samples == 5 * 1200  # 9 words: 4 chunks + the final one, 50 ms each
     assert done["response"]["output"][0]["content"][0]["transcript"] == text
     assert done["response"]["usage"]["output_tokens"] == 9
+    assert server.engine.last_sampling.greedy
     c.close()
 
 
@@ -155,6 +160,19 @@ def test_barge_in_cancels_reply(server):
     c.close()
 
 
+def test_client_temperature_reaches_the_session(server):
+    c = Client(server.url)
+    c.until("session.created")
+    c.send("session.update", session={"temperature": 0.7})
+    assert c.until("session.updated")[0]["session"]["temperature"] == 0.7
+    c.send("conversation.item.create", item={"type": "message", "role": "user",
+                                             "content": [{"type": "input_text", "text": "hi"}]})
+    c.send("response.create")
+    c.until("response.done")
+    assert server.engine.last_sampling.temperature == 0.7
+    c.close()
+
+
 def test_client_cancel_and_bad_events(server):
     c = Client(server.url)
     c.until("session.created")
@@ -168,6 +186,9 @@ def test_client_cancel_and_bad_events(server):
     assert c.until("error")[0]["error"]["code"] == "invalid_type"
     c.send("session.update", session={"voice": "Nobody"})
     assert c.until("error")[0]["error"]["param"] == "session.voice"
+    for bad in ("hot", True, -0.1, 2.5):
+        c.send("session.update", session={"temperature": bad})
+        assert c.until("error")[0]["error"]["param"] == "session.temperature"
     c.send("session.update", session={"turn_detection": None})
     c.until("session.updated")
     c.send("input_audio_buffer.commit")

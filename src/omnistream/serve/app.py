@@ -244,6 +244,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--vad", default=d.vad, choices=["auto", "silero", "energy"],
                    help="Realtime turn detector (auto: Silero when silero-vad is installed, "
                         "else loudness)")
+    p.add_argument("--realtime-temperature", type=float, default=d.realtime_temperature,
+                   help="a Realtime session's temperature until the client sets one (OpenAI's "
+                        "default is 0.8; 0: greedy, as chat completions answer by default)")
     p.add_argument("--log-level", default="warning", help="info also logs every request")
     return p
 
@@ -254,7 +257,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_body_bytes=int(args.max_body_mb * 2**20), max_audio_s=args.max_audio_s,
         max_video_s=args.max_video_s, max_speech_s=args.max_speech_s,
         allowed_local_media_path=args.allowed_local_media_path,
-        allow_remote_media=not args.no_remote_media, warmup=not args.no_warmup, vad=args.vad)
+        allow_remote_media=not args.no_remote_media, warmup=not args.no_warmup, vad=args.vad,
+        realtime_temperature=args.realtime_temperature)
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -23,3 +23,8 @@ class ServeConfig:
     remote_timeout_s: float = 20.0
     warmup: bool = True
     vad: str = "auto"  # Realtime turn detector: "silero", "energy", "auto" (Silero if installed)
+    # a Realtime session's temperature until the client sets one. OpenAI's default is 0.8; ours
+    # is greedy, as chat completions and the CLI answer when a request does not say: the same
+    # question gets the same answer on every path (a small model sampled at 0.8 gets its
+    # arithmetic wrong about half the time)
+    realtime_temperature: float = 0.0

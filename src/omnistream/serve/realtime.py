@@ -149,7 +149,7 @@ class RealtimeConnection:
             "turn_detection": {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300,
                                "silence_duration_ms": 500, "create_response": True,
                                "interrupt_response": True},
-            "tools": [], "tool_choice": "auto", "temperature": 0.8,
+            "tools": [], "tool_choice": "auto", "temperature": self.cfg.realtime_temperature,
             "max_response_output_tokens": "inf",
         }
         self.hist = np.zeros(0, dtype=np.float32)  # recent input at 24 kHz
@@ -307,6 +307,10 @@ class RealtimeConnection:
                                   not set(s["modalities"]) <= {"text", "audio"}):
             raise APIError(400, "modalities must be a list of 'text' and 'audio'",
                            param="session.modalities", code="invalid_value")
+        temp = s.get("temperature", 0.0)
+        if isinstance(temp, bool) or not isinstance(temp, (int, float)) or not 0 <= temp <= 2:
+            raise APIError(400, "temperature must be a number from 0 to 2",
+                           param="session.temperature", code="invalid_value")
         td = s.get("turn_detection", self.session["turn_detection"])
         if td is not None and not isinstance(td, dict):
             raise APIError(400, "turn_detection must be an object or null",
