@@ -171,6 +171,8 @@ def test_client_temperature_reaches_the_session(server):
     c.until("response.done")
     assert server.engine.last_sampling.temperature == 0.7
     c.close()
+    with pytest.raises(ValueError, match="realtime_temperature"):
+        ServeConfig(realtime_temperature=-0.5)
 
 
 def test_client_cancel_and_bad_events(server):

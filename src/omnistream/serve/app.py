@@ -266,6 +266,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from omnistream.engine.session import Engine
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    cfg = config_from_args(args)  # bad settings fail before the model loads
     engine = Engine.load(args.model, dtype=args.dtype, device=args.device, audio_output=True,
                          quantize=args.quantize)
     if engine.random_weights:
@@ -273,7 +274,7 @@ def run_serve(args: argparse.Namespace) -> int:
               file=sys.stderr)
     print(f"serving {engine.model_id} on http://{args.host}:{args.port} "
           f"(voices: {', '.join(engine.speakers)}; web page at /)", file=sys.stderr)
-    return serve_app(create_app(engine, config_from_args(args)), args.host, args.port,
+    return serve_app(create_app(engine, cfg), args.host, args.port,
                      args.log_level)
 
 

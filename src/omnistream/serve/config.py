@@ -28,3 +28,8 @@ class ServeConfig:
     # question gets the same answer on every path (a small model sampled at 0.8 gets its
     # arithmetic wrong about half the time)
     realtime_temperature: float = 0.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.realtime_temperature <= 2.0:
+            raise ValueError(f"realtime_temperature must be from 0 to 2, not "
+                             f"{self.realtime_temperature}")

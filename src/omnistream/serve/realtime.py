@@ -483,11 +483,10 @@ class RealtimeConnection:
         if self.sess is None:
             s = self.session
             audio_out = "audio" in s.get("modalities", ["audio"])
-            temp = s.get("temperature")
             self.sess = await self.st.scheduler.acall(
                 new_session, self.st.engine, voice=s.get("voice"),
                 system=s.get("instructions") or None, audio_output=audio_out,
-                sampling={"temperature": temp} if isinstance(temp, (int, float)) else {},
+                sampling={"temperature": s["temperature"]},  # checked by session.update
                 max_new_tokens=self._max_tokens(), seed=None,
                 max_speech_s=self.st.cfg.max_speech_s)
             self.sess_turns = 0

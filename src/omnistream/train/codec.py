@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from omnistream.codec.encoder import MEL_SCALE, MEL_SHIFT, SpeechEncoder
-from omnistream.codec.features import speech_mel
+from omnistream.codec.features import MEL_FLOOR, speech_mel
 from omnistream.config import OmniConfig
 from omnistream.media.audio import OUTPUT_SAMPLE_RATE
 from omnistream.nn.bigvgan import HOP
@@ -104,7 +104,7 @@ class SpeechSet:
             f0 = 2 * rng.randrange(max(1, (m.shape[1] - frames) // 2 + 1))
             seg = m[:, f0:f0 + frames]
             ws = w[f0 * HOP:(f0 + frames) * HOP]
-            seg = F.pad(seg, (0, frames - seg.shape[1]), value=math.log(1e-5))
+            seg = F.pad(seg, (0, frames - seg.shape[1]), value=math.log(MEL_FLOOR))
             mels.append(seg)
             wavs.append(F.pad(ws, (0, frames * HOP - ws.shape[0])))
         return torch.stack(mels), torch.stack(wavs)
@@ -116,7 +116,7 @@ class SpeechSet:
         n = [self.mels[i].shape[1] for i in idx]
         width = max(n) + max(n) % 2
         mel = torch.stack([F.pad(self.mels[i], (0, width - self.mels[i].shape[1]),
-                                 value=math.log(1e-5)) for i in idx])
+                                 value=math.log(MEL_FLOOR)) for i in idx])
         return mel, torch.tensor(n), [self.texts[i] for i in idx]
 
 
@@ -264,7 +264,6 @@ def decoded_mels(enc: SpeechEncoder, t2w: Token2Wav, cfg: OmniConfig, voice: dic
         if len(mels) == len(data.mels):
             return mels
     steps, solver, guidance = cfg.token2wav_config.decode_options()
-    spk = t2w.speaker(voice["cond"].float(), voice["ref_mel"].float(), guidance)
     it = range(len(data.wavs))
     if progress:
         from tqdm import tqdm
@@ -274,11 +273,10 @@ def decoded_mels(enc: SpeechEncoder, t2w: Token2Wav, cfg: OmniConfig, voice: dic
     for i in it:
         codes = enc.encode(data.wavs[i])[None]  # [1, N]
         g = torch.Generator().manual_seed(seed * 1_000_003 + i)
-        noise = torch.randn(1, codes.shape[1] * t2w.code2wav_dit_model.cfg.repeats,
-                            cfg.token2wav_config.dit_config.mel_dim, generator=g)
-        mel = t2w.solve(codes, spk, noise, steps, solver, guidance)[0]  # [80, 2N]
+        mel = t2w.sample(codes, voice["cond"], voice["ref_mel"], steps, solver, guidance,
+                         generator=g)[0]  # [80, 2N]
         n = data.mels[i].shape[1]
-        mels.append(F.pad(mel[:, :n], (0, max(0, n - mel.shape[1])), value=math.log(1e-5)))
+        mels.append(F.pad(mel[:, :n], (0, max(0, n - mel.shape[1])), value=math.log(MEL_FLOOR)))
     tmp = cache.with_suffix(".tmp")
     torch.save(mels, tmp)
     tmp.replace(cache)
