@@ -267,66 +267,71 @@ def test_voice_reference_wer():
     assert s["wer"] == 0.4 and s["voice_wer"] == 0.1
 
 
-def test_word_by_word_voice_repeats_its_units_exactly():
-    """The Talker's targets: function words join the next word, and a unit sounds the same in
-    every reply, so two replies that share their first unit share those samples exactly; every
-    unit starts on the codec's 20 ms frame grid, where ``word_spans`` says."""
+def test_sentence_voice_times_each_word_from_pipers_durations():
+    """The Talker's targets: the reply spoken whole (the same samples as ``piper``, with silence
+    at both ends), and ``speech_units`` from Piper's phoneme durations: every word in one unit,
+    in order, words espeak joins ("There are") in one, each unit loud where it is said and the
+    units of a reply in time order, across sentences too."""
     pytest.importorskip("piper", reason="the voice needs the data extra")
-    from omnistream.train.voices import WORD_GAP_S, piper_words, speaking_units, word_spans
+    pytest.importorskip("onnx", reason="Piper's alignments need the data extra")
+    from omnistream.train.voices import _EDGE_S, _group_words, piper, piper_sentence
 
-    assert speaking_units("The circle is red.") == ["the circle", "is red"]
-    assert speaking_units("Hello! I am omnistream, a small model.") == [
-        "hello", "i am omnistream", "a small", "model"]
-    red, sr = piper_words("The circle is red.")
-    blue, _ = piper_words("The circle is blue.")
-    same = int(np.argmax(red[: len(blue)] != blue[: len(red)]))  # first differing sample
-    first, _ = piper_words("The circle")
-    assert same >= len(first) - int(0.1 * sr) + int(WORD_GAP_S * sr) - 1  # edge + unit + gap
+    assert _group_words([3, 2, 4, 5], [5, 4, 5]) == [2, 1, 1]
+    assert _group_words([1, 1, 1], [1, 1, 1]) == [1, 1, 1]
     text = "There are three yellow shapes."
-    pcm, sr = piper_words(text)
-    spans = word_spans(text)
-    assert [text[int(a):int(b)] for a, b, _, _ in spans] == ["There are three", "yellow", "shapes"]
-    loud = np.abs(pcm) > 1e-3
-    for k, (_, _, t0, t1) in enumerate(spans):
-        assert abs(t0 / 0.02 - round(t0 / 0.02)) < 1e-3  # on the frame grid
-        i0, i1 = round(t0 * sr), round(t1 * sr)
-        assert loud[i0 : i0 + 200].any() and loud[i1 - 200 : i1].any()
-        if k:
-            gap = loud[round(spans[k - 1][3] * sr) + 1 : i0 - 1]
-            assert not gap.any() and gap.size >= WORD_GAP_S * sr - 2
+    pcm, sr, units = piper_sentence(text)
+    plain, _ = piper(text)
+    edge = round(_EDGE_S * sr)
+    assert len(pcm) == len(plain) + 2 * edge and np.array_equal(pcm[edge:-edge], plain)
+    assert [text[int(a):int(b)] for a, b, _, _ in units] == ["There are", "three", "yellow",
+                                                             "shapes"]
+    loud = np.abs(pcm) > 0.02 * np.abs(pcm).max()
+    for _, _, t0, t1 in units:
+        assert t1 > t0 and loud[round(t0 * sr): round(t1 * sr)].mean() > 0.3
+    chat = "Hello! I am omnistream, a small model that can see, hear and talk."
+    pcm, sr, units = piper_sentence(chat)
+    words = [chat[int(a):int(b)] for a, b, _, _ in units]
+    assert " ".join(words).split() == ["Hello", "I", "am", "omnistream", "a", "small", "model",
+                                       "that", "can", "see", "hear", "and", "talk"]
+    starts = [u[2] for u in units]
+    assert starts == sorted(starts) and units[-1][3] <= len(pcm) / sr
 
 
-def test_word_codes_encode_each_unit_on_its_own():
-    """``piper_word_codes``: a reply's codes are the codec's codes of each unit after silence,
-    so the same unit has the same codes in every reply, as many codes as the recording has."""
+def test_talker_records_carry_the_sentence_its_units_and_codes(tmp_path):
+    """``mini.add_speech``: each record gets its reply's recording (spoken once per distinct
+    reply), ``speech_units`` that the data loader turns into codes and reply tokens, and
+    ``codec_ids``: the codec's codes of exactly that recording (50 per second)."""
     pytest.importorskip("piper", reason="the voice needs the data extra")
+    pytest.importorskip("onnx", reason="Piper's alignments need the data extra")
     from omnistream.codec.encoder import SpeechEncoder
     from omnistream.config import CodecEncoderConfig
     from omnistream.engine.codec import Codec
-    from omnistream.train.voices import piper_word_codes, piper_words, word_spans
+    from omnistream.media.audio import decode_audio
+    from omnistream.train.mini import add_speech
 
     torch.manual_seed(0)
     enc = SpeechEncoder(CodecEncoderConfig(hidden_size=32, intermediate_size=64, num_layers=2))
     codec = Codec(enc.eval(), token2wav=None, speakers={}, model_dir=Path("test"))
-
     calls = []
 
     def encode(pcm, sr):
         calls.append(len(pcm))
         return codec.encode(pcm, sample_rate=sr).tolist()
 
-    cache: dict = {}
-    units = {}
-    for n in ("two", "three"):
-        text = f"There are {n} yellow shapes."
-        codes = piper_word_codes(text, encode, cache=cache)
-        pcm, sr = piper_words(text)
-        assert len(codes) == len(codec.encode(pcm, sample_rate=sr))
-        _, _, t0, t1 = word_spans(text)[1]  # "yellow"
-        units[n] = codes[round(t0 * 50) : round(t1 * 50)]
-    assert units["two"] == units["three"] and len(units["two"]) > 5
-    # "there are two", "there are three", then "yellow" and "shapes" once for both replies
-    assert len(calls) == len(cache) == 4
+    replies = ["The circle is red.", "I hear four beeps.", "The circle is red."]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": "Say it."}, {"role": "assistant", "content": r}]}) + "\n"
+        for r in replies))
+    assert add_speech(data, tmp_path / "talker.jsonl", encode=encode) == 2
+    recs = [json.loads(line) for line in (tmp_path / "talker.jsonl").read_text().splitlines()]
+    assert len(calls) == 2 and recs[0]["speech"] == recs[2]["speech"] != recs[1]["speech"]
+    for rec, reply in zip(recs, replies, strict=True):
+        pcm, sr = decode_audio(str(tmp_path / rec["speech"]))
+        assert rec["codec_ids"] == codec.encode(pcm, sample_rate=sr).tolist()
+        assert abs(len(rec["codec_ids"]) - 50 * len(pcm) / sr) <= 2
+        words = [reply[int(a):int(b)] for a, b, _, _ in rec["speech_units"]]
+        assert " ".join(words).split() == reply.rstrip(".").split()
 
 
 def test_eval_refuses_training_seeds(tiny_dir):

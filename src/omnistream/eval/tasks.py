@@ -176,20 +176,20 @@ def evaluate(model: str | Path, n: int = 50, seed: int | None = None,
 
 def _voice_floor(rec_mod) -> Callable[[str], tuple[int, int]] | None:
     """``answer -> (edits, words)`` of the recognizer on the Talker's target voice reading
-    ``answer`` (``voices.piper_words`` at its length_scale); None without the data extra."""
+    ``answer`` (``voices.piper`` at its length_scale); None without the data extra."""
     try:
         import piper  # noqa: F401
     except ImportError:
         return None
     from omnistream.media.audio import resample
     from omnistream.train.mini import SPEECH_LENGTH_SCALE
-    from omnistream.train.voices import piper_words
+    from omnistream.train.voices import piper
 
     memo: dict[str, tuple[int, int]] = {}
 
     def floor(answer: str) -> tuple[int, int]:
         if answer not in memo:
-            pcm, sr = piper_words(answer, SPEECH_LENGTH_SCALE)
+            pcm, sr = piper(answer, SPEECH_LENGTH_SCALE)
             heard = rec_mod.transcribe(resample(pcm, sr, SAMPLE_RATE), SAMPLE_RATE)
             ref = rec_mod.normalize(answer)
             memo[answer] = (rec_mod.edit_distance(ref, rec_mod.normalize(heard)), len(ref))

