@@ -106,7 +106,8 @@ _STRESS = str.maketrans("", "", "ˈˌ.,!?;:")
 _BOUNDARY = frozenset({" ", "^", "$", "_"})  # between words, the sentence's start and end
 
 
-@functools.lru_cache(maxsize=16384)
+# a reply is spoken, then timed and encoded: a few recent ones suffice (each holds its audio)
+@functools.lru_cache(maxsize=64)
 def piper_sentence(text: str,
                    length_scale: float = 1.0) -> tuple[np.ndarray, int, list[list[float]]]:
     """``text`` spoken whole in the Piper voice, with ``_EDGE_S`` of silence before and after:
