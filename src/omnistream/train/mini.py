@@ -152,16 +152,17 @@ def speech_file(text: str, folder: Path, length_scale: float = SPEECH_LENGTH_SCA
 
 def _speech_fields(reply: str, speech: Path, encode: Callable | None, cache: dict) -> dict:
     """``speech_units`` (``voices.piper_sentence``) and, with the codec's ``encode``,
-    ``codec_ids`` (the codes of the recording ``speech``, as stored) of a reply."""
-    from omnistream.media.audio import decode_audio
-    from omnistream.train.voices import piper_sentence
+    ``codec_ids`` (the codes of the recording ``speech``, as stored) of a reply; ``cache``: the
+    fields of recordings already done (replies repeat across records)."""
+    if speech not in cache:
+        from omnistream.media.audio import decode_audio
+        from omnistream.train.voices import piper_sentence
 
-    out: dict = {"speech_units": piper_sentence(reply, SPEECH_LENGTH_SCALE)[2]}
-    if encode is not None:
-        if speech not in cache:
-            cache[speech] = list(encode(*decode_audio(str(speech))))
-        out["codec_ids"] = cache[speech]
-    return out
+        fields: dict = {"speech_units": piper_sentence(reply, SPEECH_LENGTH_SCALE)[2]}
+        if encode is not None:
+            fields["codec_ids"] = list(encode(*decode_audio(str(speech))))
+        cache[speech] = fields
+    return cache[speech]
 
 
 def codec_encoder(codec: str | Path | None) -> Callable | None:

