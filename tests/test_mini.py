@@ -359,11 +359,14 @@ def test_recipe_follows_the_papers_order():
     """Each stage starts from an earlier one, its config exists, and the tasks come in the
     paper's order: Thinker stages (text, the encoders' dense pretraining, encoder alignment,
     everything), Talker, Talker DPO."""
-    from omnistream.train.mini import STAGE_DIR, STAGES
+    from omnistream.train.mini import BALANCED, STAGE_DIR, STAGES
     from omnistream.train.stages import Stage
 
     done, tasks = {"init"}, []
     for i, (name, cfg, data, src) in enumerate(STAGES):
+        if src == BALANCED:  # the finished Thinker, rescaled for the Talker
+            assert "stage2b_all" in done and Stage.from_file(STAGE_DIR / cfg).task == "talker"
+            done.add(BALANCED)
         assert src in done, (name, src)
         assert data and all(f.endswith(".jsonl") for f in data), name
         stage = Stage.from_file(STAGE_DIR / cfg)

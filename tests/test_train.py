@@ -608,3 +608,36 @@ def test_lora_stage_saves_merged_weights(tiny_dir, data, tmp_path):
     )
     k = "talker.model.layers.0.self_attn.q_proj.weight"
     torch.testing.assert_close(stored[k].float(), merged[k].to(torch.bfloat16).float())
+
+
+@torch.no_grad()
+def test_balance_keeps_the_thinker_and_strengthens_the_tokens(tiny_dir, data):
+    """``mini_model.balance_tensors``: the Thinker's logits are unchanged (media in the prompt),
+    its hidden states reach the Talker alpha times smaller and its embeddings alpha times larger,
+    and the Talker's input projection sees the codec embedding and the hidden states as before
+    and the token embeddings alpha**2 times stronger."""
+    from omnistream.config import OmniConfig
+    from omnistream.train import losses
+    from omnistream.train.mini_model import balance_config, balance_tensors
+
+    a = 4.0
+    model = _talker_model()
+    cfg = balance_config(tiny_config(), a)
+    bal = OmniTrain(OmniConfig.from_dict(cfg), with_talker=True).eval()
+    bal.load_state_dict(balance_tensors(dict(model.state_dict()), a))
+    tok = Tokenizer.from_dir(tiny_dir)
+    ds = Dataset(data, tok, model.cfg.thinker_config, task="talker")
+    batch = collate(ds.examples[:4], tok.special.pad)
+    assert batch["media"]["image"] and batch["media"]["audio"]
+    h, e = losses.thinker_states(model.thinker, batch)
+    hb, eb = losses.thinker_states(bal.thinker, batch)
+    torch.testing.assert_close(bal.thinker.lm_head(hb), model.thinker.lm_head(h))
+    torch.testing.assert_close(hb, h / a)
+    torch.testing.assert_close(eb, e * a)
+    proj, proj_b = model.talker.thinker_to_talker_proj, bal.talker.thinker_to_talker_proj
+    codec = model.talker.model.embed_tokens.weight[:16]
+    codec_b = bal.talker.model.embed_tokens.weight[:16]
+    torch.testing.assert_close(proj_b(codec_b), proj(codec))
+    torch.testing.assert_close(proj_b(hb), proj(h), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(proj_b(eb) - proj_b.bias, a * a * (proj(e) - proj.bias),
+                               atol=1e-4, rtol=1e-4)

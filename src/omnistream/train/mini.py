@@ -27,7 +27,9 @@ config). Steps, in order (``OUT/...``):
    aligned with the LLM frozen),
    ``stage2_all`` (everything on all families and the training-only ones in ``data/aux/``,
    in batches that mix the families),
-   ``stage2b_all`` (the same, continued with a warm restart), ``stage3_talker`` (the Talker).
+   ``stage2b_all`` (the same, continued with a warm restart), ``stage2b_balanced`` (the same
+   model with its token embeddings stronger in the Talker's text track, the Thinker's outputs
+   unchanged: ``mini_model.balance``), ``stage3_talker`` (the Talker).
 4. ``data/dpo.jsonl``: preference pairs of sampled speech ranked by the recognizer's WER and by
    pause errors (``train.dpo_pairs``), then ``stage4_dpo`` (Talker DPO).
 5. The shipped copy (``--ship``, default ``models/omni-mini``: bf16 Thinker/Talker,
@@ -73,6 +75,11 @@ HEARING_CLIPS = 4000
 # spoken word lists, the words the spoken questions use.
 AUX = "aux"
 AUX_CASES = 3000
+# The Thinker's hidden states drown its token embeddings in the Talker's text track (norms about
+# 21 and 1): ``mini_model.balance`` rescales the finished Thinker (outputs unchanged) so that the
+# Talker reads each token TEXT_TRACK_ALPHA**2 times louder (docs/MINI.md, fourteenth session).
+BALANCED = "stage2b_balanced"
+TEXT_TRACK_ALPHA = 4.0
 # (output folder, stage config, training data in OUT/data, source: "init" or a previous stage).
 # Stage 2 sees the text records twice: they are short (cheap) and teach the copying that the
 # answers of most families need (operands, repeated words, the asked color or shape). Stage 2b
@@ -92,7 +99,7 @@ STAGES = (
     ("stage2b_all", "mini_2b_all.json", ("data.jsonl", "text.jsonl", f"{AUX}/data.jsonl"),
      "stage2_all"),
     ("stage3_talker", "mini_3_talker.json",
-     ("talker.jsonl", f"{TALKER_REPEAT}/talker.jsonl", TALKER_COUNTER), "stage2b_all"),
+     ("talker.jsonl", f"{TALKER_REPEAT}/talker.jsonl", TALKER_COUNTER), BALANCED),
     ("stage4_dpo", "mini_4_dpo.json", ("dpo.jsonl",), "stage3_talker"),
 )
 SPEECH_LENGTH_SCALE = 1.0  # the Talker's targets: the Piper voice at its natural speed
@@ -344,6 +351,11 @@ def run(out: str | Path, codec: str | Path | None, n_per_family: int = 800, seed
                 "--data", str(data_dir / "talker.jsonl"), "--out", str(data_dir / "dpo.jsonl"),
                 "--prompts", str(dpo_prompts), "--samples", str(dpo_samples),
                 "--seed", str(seed)]))
+        if src == BALANCED and not _done(out / BALANCED / "config.json", "balance"):
+            from omnistream.train.mini_model import balance
+
+            timed("balance", lambda: balance(out / "stage2b_all", out / BALANCED,
+                                             TEXT_TRACK_ALPHA))
         if _done(stage_out / "train_stage.json", name):
             continue
         n_records = sum(_count(data_dir / f) for f in train_data)

@@ -14,6 +14,7 @@ shipped copy (Thinker and Talker bfloat16, the codec float32) and checks the bud
     python -m omnistream.train.mini_model init OUT [--codec DIR] [--seed 0]
     python -m omnistream.train.mini_model budget DIR
     python -m omnistream.train.mini_model ship SRC OUT
+    python -m omnistream.train.mini_model balance SRC OUT [--alpha 4]
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import argparse
 import copy
 import filecmp
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -233,6 +235,78 @@ def ship(src_dir: str | Path, out_dir: str | Path) -> Path:
     return out
 
 
+# ``balance``: tensors scaled by alpha (+1) or 1/alpha (-1). The Thinker's residual stream is
+# alpha times larger (embeddings, every block's output projections, the encoders' last
+# projections) and its final norm 1/alpha, so its logits are unchanged; the Talker's input
+# projection times alpha and its codec embedding 1/alpha keep its view of the hidden states.
+_BALANCE = (
+    (r"thinker\.model\.embed_tokens\.weight", 1),
+    (r"thinker\.model\.layers\.\d+\.(self_attn\.o_proj|mlp\.down_proj)\.(weight|bias)", 1),
+    (r"thinker\.model\.norm\.weight", -1),
+    (r"thinker\.audio_tower\.proj\.(weight|bias)", 1),
+    (r"talker\.thinker_to_talker_proj\.weight", 1),
+    (r"talker\.model\.embed_tokens\.weight", -1),
+)
+
+
+def balance_tensors(tensors: dict[str, Tensor], alpha: float) -> dict[str, Tensor]:
+    """The same model with the token embeddings ``alpha**2`` times stronger in the Talker's text
+    track (hidden + embedding), the Thinker's outputs unchanged (``alpha`` a power of two keeps
+    them exact in floating point).
+
+    The text track sums the Thinker's final hidden state (norm ~21 in omni-mini v3) and the
+    token's embedding (norm ~1), so the Talker hardly sees which token it is to say and speaks
+    the word the hidden state expects (a wrong count, colour or side). The Thinker is a pre-norm
+    decoder: scaling its residual stream by ``alpha`` and its final norm by
+    ``1/alpha`` leaves every logit as it was, while its hidden states reach the Talker ``alpha``
+    times smaller and its embeddings ``alpha`` times larger; the Talker's input projection
+    (times ``alpha``) and codec embedding (``1/alpha``) then see ``codec + hidden + alpha**2 *
+    embedding``. The Talker is trained on from there."""
+    merger = sorted({int(m.group(1)) for k in tensors
+                     if (m := re.fullmatch(r"thinker\.visual\.merger\.mlp\.(\d+)\.weight", k))})
+    rules = list(_BALANCE)
+    if merger:  # the vision merger's last linear layer writes the image tokens
+        rules.append((rf"thinker\.visual\.merger\.mlp\.{merger[-1]}\.(weight|bias)", 1))
+    if "thinker.lm_head.weight" in tensors:  # an untied head (omni-mini's is the embedding)
+        rules.append((r"thinker\.lm_head\.weight", 1))
+    out = dict(tensors)
+    for pattern, sign in rules:
+        hits = [k for k in tensors if re.fullmatch(pattern, k)]
+        if not hits:
+            raise KeyError(f"balance: no tensor matches {pattern}")
+        for k in hits:
+            out[k] = tensors[k] * (alpha if sign > 0 else 1.0 / alpha)
+    return out
+
+
+def balance_config(cfg: dict, alpha: float) -> dict:
+    """The config of a ``balance_tensors`` model: the Thinker's RMSNorm epsilon times
+    ``alpha**2``, as every one of its norms reads the residual stream ``alpha`` times larger
+    (RMSNorm(alpha x, alpha**2 eps) = RMSNorm(x, eps), so the logits stay exact)."""
+    cfg = copy.deepcopy(cfg)
+    text = cfg["thinker_config"]["text_config"]
+    text["rms_norm_eps"] = text["rms_norm_eps"] * alpha * alpha
+    return cfg
+
+
+def balance(src_dir: str | Path, out_dir: str | Path, alpha: float = 4.0) -> Path:
+    """A copy of the checkpoint ``src_dir`` with ``balance_tensors`` and ``balance_config``
+    applied (side files copied)."""
+    src, out = Path(src_dir), Path(out_dir)
+    tensors = balance_tensors(dict(read_tensors(src)), alpha)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in side_files(src):
+        shutil.copy2(f, tmp / f.name)
+    cfg = balance_config(json.loads((src / "config.json").read_text()), alpha)
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    write_safetensors(tmp, [tensors])
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.replace(out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m omnistream.train.mini_model", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -246,6 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("ship", help="the shipped (bf16) copy of a trained checkpoint")
     p.add_argument("src")
     p.add_argument("out")
+    p = sub.add_parser("balance", help="stronger token embeddings in the Talker's text track")
+    p.add_argument("src")
+    p.add_argument("out")
+    p.add_argument("--alpha", type=float, default=4.0)
     a = ap.parse_args(argv)
     if a.cmd == "init":
         d = init_mini(a.out, a.codec, a.seed)
@@ -253,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         print(d)
     elif a.cmd == "budget":
         print(format_budget(budget(a.dir)))
+    elif a.cmd == "balance":
+        print(balance(a.src, a.out, a.alpha))
     else:
         d = ship(a.src, a.out)
         print(format_budget(budget(d, {})))
