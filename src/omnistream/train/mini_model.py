@@ -25,6 +25,7 @@ import filecmp
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -212,14 +213,31 @@ def ship(src_dir: str | Path, out_dir: str | Path) -> Path:
     b = budget(tensors, {})
     if b["total"]["bytes"] > BUDGET_BYTES:
         raise ValueError("over budget:\n" + format_budget(b))
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["torch_dtype"] = "bfloat16"
+    return _write_checkpoint(src, out, tensors, cfg, _ship_side_files)
+
+
+def _write_checkpoint(src: Path, out: Path, tensors: dict[str, Tensor], cfg: dict,
+                      finish: Callable[[Path], None] | None = None) -> Path:
+    """``out``: ``src``'s side files, ``cfg`` as config.json and ``tensors``, written in a
+    temporary folder (``finish`` edits it) that then replaces ``out``."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for f in side_files(src):
         shutil.copy2(f, tmp / f.name)
-    cfg = json.loads((tmp / "config.json").read_text())
-    cfg["torch_dtype"] = "bfloat16"
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    if finish is not None:
+        finish(tmp)
+    write_safetensors(tmp, [tensors])
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.replace(out)
+    return out
+
+
+def _ship_side_files(tmp: Path) -> None:
+    """The shipped folder's own side files (``ship``)."""
     # the tokenizer is the built-in Qwen one (Tokenizer.from_dir falls back to it): 10.5 MB of
     # derivable files the repository need not hold (write_tokenizer_files writes them back)
     built_in = tokenizer_files()
@@ -229,16 +247,9 @@ def ship(src_dir: str | Path, out_dir: str | Path) -> Path:
             f.unlink()
     # the decoding defaults belong to the shipped model, whatever run the weights came from
     (tmp / "generation_config.json").write_text(json.dumps(MINI_GENERATION_CONFIG, indent=2) + "\n")
-    write_safetensors(tmp, [tensors])
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.replace(out)
-    return out
 
 
-# ``balance``: tensors scaled by alpha (+1) or 1/alpha (-1). The Thinker's residual stream is
-# alpha times larger (embeddings, every block's output projections, the encoders' last
-# projections) and its final norm 1/alpha, so its logits are unchanged; the Talker's input
-# projection times alpha and its codec embedding 1/alpha keep its view of the hidden states.
+# ``balance_tensors``: tensors scaled by alpha (+1) or 1/alpha (-1)
 _BALANCE = (
     (r"thinker\.model\.embed_tokens\.weight", 1),
     (r"thinker\.model\.layers\.\d+\.(self_attn\.o_proj|mlp\.down_proj)\.(weight|bias)", 1),
@@ -293,18 +304,8 @@ def balance(src_dir: str | Path, out_dir: str | Path, alpha: float = 4.0) -> Pat
     """A copy of the checkpoint ``src_dir`` with ``balance_tensors`` and ``balance_config``
     applied (side files copied)."""
     src, out = Path(src_dir), Path(out_dir)
-    tensors = balance_tensors(dict(read_tensors(src)), alpha)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for f in side_files(src):
-        shutil.copy2(f, tmp / f.name)
     cfg = balance_config(json.loads((src / "config.json").read_text()), alpha)
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    write_safetensors(tmp, [tensors])
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.replace(out)
-    return out
+    return _write_checkpoint(src, out, balance_tensors(dict(read_tensors(src)), alpha), cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
