@@ -384,3 +384,54 @@ def test_recipe_follows_the_papers_order():
     assert all("aux/data.jsonl" in data for name, _, data, _ in STAGES if name.startswith("stage2"))
     stage1 = Stage.from_file(STAGE_DIR / STAGES[3][1])
     assert stage1.trainable == ["thinker.audio_tower.*", "thinker.visual.*"]  # LLM frozen
+
+
+def test_clear_speech_chooses_the_fewest_errors_then_the_natural_speed():
+    from omnistream.train.clear_speech import choose
+
+    assert choose({0.9: 3, 1.0: 2, 1.2: 0}) == 1.2
+    assert choose({0.9: 1, 1.0: 1, 1.1: 1}) == 1.0  # a tie keeps the natural speed
+    assert choose({0.9: 0, 1.1: 0, 1.3: 2}) == 1.1  # equally near: the slower
+
+
+def test_clear_speech_retargets_the_chosen_replies_only(tmp_path):
+    """``clear_speech.retarget``: records whose reply was chosen speak that rendering (its
+    recording, Piper's word units at that speed, the codes of exactly that recording); other
+    records and the other fields stay as they were."""
+    pytest.importorskip("piper", reason="the voice needs the data extra")
+    pytest.importorskip("onnx", reason="Piper's alignments need the data extra")
+    from omnistream.codec.encoder import SpeechEncoder
+    from omnistream.config import CodecEncoderConfig
+    from omnistream.engine.codec import Codec
+    from omnistream.media.audio import decode_audio
+    from omnistream.train.clear_speech import retarget, templated_replies
+    from omnistream.train.mini import add_speech
+
+    torch.manual_seed(0)
+    enc = SpeechEncoder(CodecEncoderConfig(hidden_size=32, intermediate_size=64, num_layers=2))
+    codec = Codec(enc.eval(), token2wav=None, speakers={}, model_dir=Path("test"))
+
+    def encode(pcm, sr):
+        return codec.encode(pcm, sample_rate=sr).tolist()
+
+    replies = [("beeps", "I hear four beeps."), ("repeat", "Red four."),
+               ("beeps", "I hear four beeps.")]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"family": f, "messages": [
+        {"role": "user", "content": "Say it."}, {"role": "assistant", "content": r}]}) + "\n"
+        for f, r in replies))
+    talker = tmp_path / "talker.jsonl"
+    add_speech(data, talker, encode=encode)
+    assert templated_replies([talker]) == ["I hear four beeps."]  # not the repeat family's
+    assert retarget([talker], "_c", {"I hear four beeps.": 1.3}, encode) == {"talker_c.jsonl": 2}
+    old = [json.loads(x) for x in talker.read_text().splitlines()]
+    new = [json.loads(x) for x in (tmp_path / "talker_c.jsonl").read_text().splitlines()]
+    assert new[1] == old[1]
+    for o, n in ((old[0], new[0]), (old[2], new[2])):
+        assert n["messages"] == o["messages"] and n["speech"].startswith("speech_c/")
+        pcm, sr = decode_audio(str(tmp_path / n["speech"]))
+        assert n["codec_ids"] == codec.encode(pcm, sample_rate=sr).tolist()
+        # slower: every word ends later, and the recording is longer
+        assert len(n["codec_ids"]) > len(o["codec_ids"]) + 5
+        assert [u[:2] for u in n["speech_units"]] == [u[:2] for u in o["speech_units"]]
+        assert n["speech_units"][-1][3] > o["speech_units"][-1][3]

@@ -16,6 +16,8 @@ config). Steps, in order (``OUT/...``):
    ``repeat`` cases, spoken the same way (the Talker's many distinct replies).
    ``talker_counter.jsonl``: the task records again with the reply's content word changed
    (``add_counterfactuals``), so the Talker learns to say the tokens it is given.
+   ``talker_c.jsonl`` and ``talker_counter_c.jsonl``: the same, each templated reply spoken at
+   the Piper speed whose codec round trip the recognizer hears best (``train.clear_speech``).
 2. ``init/``: the from-scratch checkpoint (``mini_model.init_mini``: random Thinker and Talker,
    the codec's Token2Wav, speech encoder and voice; that Token2Wav was trained on this voice's
    sentences and renders the Talker's codes as it is).
@@ -65,6 +67,9 @@ TALKER_REPEAT = "talker_repeat"
 # Replies that contradict their media (``add_counterfactuals``): trained on true replies only, the
 # Talker says what the Thinker's hidden states expect rather than the token it is given.
 TALKER_COUNTER = "talker_counter.jsonl"
+# The two files again with each templated reply spoken in its clearest rendering (the Talker
+# learns those replies by heart: ``train.clear_speech``, fifteenth session).
+TALKER_CLEAR, TALKER_COUNTER_CLEAR = "talker_c.jsonl", "talker_counter_c.jsonl"
 VISION = "vision"  # images with their shapes, motion clips with their direction (dense vision)
 VISION_IMAGES = 6000  # items: every fifth a video-motion clip (dense.VISION_FAMILIES)
 HEARING = "hearing"  # spoken word lists and questions with their text, for the hearing stage
@@ -79,7 +84,7 @@ AUX_CASES = 3000
 # 21 and 1): ``mini_model.balance`` rescales the finished Thinker (outputs unchanged) so that the
 # Talker reads each token TEXT_TRACK_ALPHA**2 times louder (docs/MINI.md, fourteenth session).
 BALANCED = "stage2b_balanced"
-TEXT_TRACK_ALPHA = 4.0
+TEXT_TRACK_ALPHA = 8.0
 # (output folder, stage config, training data in OUT/data, source: "init" or a previous stage).
 # Stage 2 sees the text records twice: they are short (cheap) and teach the copying that the
 # answers of most families need (operands, repeated words, the asked color or shape). Stage 2b
@@ -99,7 +104,7 @@ STAGES = (
     ("stage2b_all", "mini_2b_all.json", ("data.jsonl", "text.jsonl", f"{AUX}/data.jsonl"),
      "stage2_all"),
     ("stage3_talker", "mini_3_talker.json",
-     ("talker.jsonl", f"{TALKER_REPEAT}/talker.jsonl", TALKER_COUNTER), BALANCED),
+     (TALKER_CLEAR, f"{TALKER_REPEAT}/talker.jsonl", TALKER_COUNTER_CLEAR), BALANCED),
     ("stage4_dpo", "mini_4_dpo.json", ("dpo.jsonl",), "stage3_talker"),
 )
 SPEECH_LENGTH_SCALE = 1.0  # the Talker's targets: the Piper voice at its natural speed
@@ -157,15 +162,17 @@ def speech_file(text: str, folder: Path, length_scale: float = SPEECH_LENGTH_SCA
     return path
 
 
-def _speech_fields(reply: str, speech: Path, encode: Callable | None, cache: dict) -> dict:
-    """``speech_units`` (``voices.piper_sentence``) and, with the codec's ``encode``,
-    ``codec_ids`` (the codes of the recording ``speech``, as stored) of a reply; ``cache``: the
-    fields of recordings already done (replies repeat across records)."""
+def _speech_fields(reply: str, speech: Path, encode: Callable | None, cache: dict,
+                   length_scale: float = SPEECH_LENGTH_SCALE) -> dict:
+    """``speech_units`` (``voices.piper_sentence`` at ``length_scale``, the recording's) and,
+    with the codec's ``encode``, ``codec_ids`` (the codes of the recording ``speech``, as
+    stored) of a reply; ``cache``: the fields of recordings already done (replies repeat across
+    records)."""
     if speech not in cache:
         from omnistream.media.audio import decode_audio
         from omnistream.train.voices import piper_sentence
 
-        fields: dict = {"speech_units": piper_sentence(reply, SPEECH_LENGTH_SCALE)[2]}
+        fields: dict = {"speech_units": piper_sentence(reply, length_scale)[2]}
         if encode is not None:
             fields["codec_ids"] = list(encode(*decode_audio(str(speech))))
         cache[speech] = fields
@@ -327,6 +334,11 @@ def run(out: str | Path, codec: str | Path | None, n_per_family: int = 800, seed
             log(f"counterfactual replies: {n} records")
 
         timed("talker_counter", talker_counter)
+    if not _done(data_dir / TALKER_COUNTER_CLEAR, "clearest renderings"):
+        timed("clear_speech", lambda: _run(py + [
+            "omnistream.train.clear_speech", str(data_dir), "--codec",
+            str(codec if codec is not None else init), "--files", "talker.jsonl",
+            TALKER_COUNTER, "--suffix", "_c"]))
 
     # 2. the from-scratch checkpoint, with the codec's Token2Wav and voice
     if not _done(init / "config.json", "init"):
