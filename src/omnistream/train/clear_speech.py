@@ -30,19 +30,13 @@ from pathlib import Path
 
 import numpy as np
 
-from omnistream.train.mini import SPEECH_LENGTH_SCALE, codec_encoder
+from omnistream.train.mini import SPEECH_LENGTH_SCALE, _write_lines, codec_encoder, reply_text
 
 # families whose replies come from a few templates (the rest: one reply per record)
 TEMPLATE_FAMILIES = ("chat", "beeps", "image-count", "image-count-color", "image-color",
                      "image-shape", "spoken-image", "video-motion", "audio-in-video")
 SCALES = (0.9, 0.95, 1.0, 1.05, 1.1, 1.2)
 SEEDS = (0, 1)
-
-
-def reply_text(rec: dict) -> str:
-    """A record's assistant reply as one string."""
-    reply = rec["messages"][-1]["content"]
-    return reply if isinstance(reply, str) else "".join(p.get("text", "") for p in reply)
 
 
 def templated_replies(files: list[Path],
@@ -127,9 +121,7 @@ def retarget(files: list[Path], suffix: str, choices: dict[str, float],
                 n += 1
             lines.append(json.dumps(rec, ensure_ascii=False))
         out = path.with_name(path.stem + suffix + path.suffix)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text("".join(x + "\n" for x in lines), encoding="utf-8")
-        tmp.replace(out)
+        _write_lines(out, lines)
         changed[out.name] = n
     return changed
 

@@ -134,6 +134,12 @@ def split_records(data: Path) -> dict[str, int]:
     return {"text": len(text), "media": len(media)}
 
 
+def reply_text(rec: dict) -> str:
+    """A record's assistant reply as one string."""
+    reply = rec["messages"][-1]["content"]
+    return reply if isinstance(reply, str) else "".join(p.get("text", "") for p in reply)
+
+
 def _write_lines(path: Path, lines: list[str]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
@@ -206,9 +212,7 @@ def add_speech(data: Path, out: Path, speech_dir: str = "speech",
         if not line.strip():
             continue
         rec = json.loads(line)
-        reply = rec["messages"][-1]["content"]
-        reply = reply if isinstance(reply, str) else "".join(p.get("text", "")
-                                                             for p in reply)
+        reply = reply_text(rec)
         path = speech_file(reply, data.parent / speech_dir)
         rec["speech"] = f"{speech_dir}/{path.name}"
         rec.update(_speech_fields(reply, path, encode, cache))
