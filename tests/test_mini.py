@@ -260,7 +260,9 @@ def test_voice_reference_wer():
     if not recognizer.available():
         pytest.skip("no recognizer (eval extra)")
     floor = _voice_floor(recognizer)
-    assert floor("There are three yellow shapes.") == (0, 5)
+    # (since the 2026-12-03 package set the recognizer hears Piper's "There are
+    # three yellow shapes." as "... shades": the floor is a measurement, not a given)
+    assert floor("It moves to the left.") == (0, 5)
     cases = [{"correct": True, "ttfa_s": None, "rtf": None, "wer_edits": 2, "wer_words": 5,
               "voice_edits": e, "voice_words": 5} for e in (0, 1)]
     s = summarize(cases)
@@ -359,13 +361,13 @@ def test_recipe_follows_the_papers_order():
     """Each stage starts from an earlier one, its config exists, and the tasks come in the
     paper's order: Thinker stages (text, the encoders' dense pretraining, encoder alignment,
     everything), Talker, Talker DPO."""
-    from omnistream.train.mini import BALANCED, STAGE_DIR, STAGES
+    from omnistream.train.mini import BALANCED, STAGE_DIR, STAGES, THINKER
     from omnistream.train.stages import Stage
 
     done, tasks = {"init"}, []
     for i, (name, cfg, data, src) in enumerate(STAGES):
         if src == BALANCED:  # the finished Thinker, rescaled for the Talker
-            assert "stage2b_all" in done and Stage.from_file(STAGE_DIR / cfg).task == "talker"
+            assert THINKER in done and Stage.from_file(STAGE_DIR / cfg).task == "talker"
             done.add(BALANCED)
         assert src in done, (name, src)
         assert data and all(f.endswith(".jsonl") for f in data), name
@@ -379,7 +381,7 @@ def test_recipe_follows_the_papers_order():
         if stage.task == "thinker":  # batches sorted by length would hold one family each
             assert stage.length_group == 1, f"{cfg}: batches should mix the families"
         done.add(name)
-    assert tasks == ["thinker", "vision", "hearing"] + ["thinker"] * 3 + ["talker", "talker_dpo"]
+    assert tasks == ["thinker", "vision", "hearing"] + ["thinker"] * 4 + ["talker", "talker_dpo"]
     # the training-only families (colour-kind binding, spoken words) are in the Thinker's stages
     assert all("aux/data.jsonl" in data for name, _, data, _ in STAGES if name.startswith("stage2"))
     stage1 = Stage.from_file(STAGE_DIR / STAGES[3][1])

@@ -174,6 +174,56 @@ def test_media_records_expand_placeholders(tiny_dir, data):
     assert a.media[0][1] is b.media[0][1] and a.input_ids == b.input_ids
 
 
+def test_stored_media_come_back_with_the_same_bits(tiny_dir, data):
+    """Images are kept packed (uint8 indices per colour channel) and a batch gets exactly the
+    processor's float32 patches back."""
+    from omnistream.config import OmniConfig
+    from omnistream.train.data import PackedValues, collate_media, encode, validate
+
+    tok = Tokenizer.from_dir(tiny_dir)
+    cfg = OmniConfig.from_file(tiny_dir / "config.json").thinker_config
+    ds = Dataset(data, tok, cfg)
+    lines = data.read_text().splitlines()
+    n_images = 0
+    for ex in ds.examples:
+        if not ex.media:
+            continue
+        rec = json.loads(lines[int(ex.where.rsplit(":", 1)[1]) - 1])
+        fresh = collate_media(encode(validate(rec, data.parent), tok, cfg, data.parent).media)
+        kept, batch = collate_media(ex.media), collate([ex], tok.special.pad)["media"]
+        for kind in ("image", "video", "audio"):
+            for k, a, b in zip(kept[kind], batch[kind], fresh[kind], strict=True):
+                if kind == "audio":
+                    assert torch.equal(a.features, b.features)
+                    continue
+                if kind == "image":
+                    n_images += 1
+                    assert isinstance(k.pixel_values, PackedValues)
+                    assert 3 * (k.pixel_values.index.nbytes + k.pixel_values.table.nbytes) < (
+                        b.pixel_values.nbytes)
+                assert a.pixel_values.dtype == torch.float32
+                assert torch.equal(a.pixel_values, b.pixel_values), (kind, ex.where)
+    assert n_images > 0
+
+
+def test_values_pack_only_when_every_bit_comes_back():
+    from omnistream.train.data import PackedValues, pack_values
+
+    g = torch.Generator().manual_seed(0)
+    levels = torch.randn(3, 256, generator=g)  # 256 values per third of the columns
+    idx = torch.randint(0, 256, (3, 40, 8), generator=g)
+    idx.view(3, -1)[:, :256] = torch.arange(256)  # each of them present
+    x = torch.stack([levels[j][idx[j]] for j in range(3)], 1).reshape(40, 24)
+    packed = pack_values(x)
+    assert isinstance(packed, PackedValues) and torch.equal(packed.unpack(), x)
+    y = x.clone()
+    y[37, 4] = 0.5 + levels.max()  # a 257th value in the first third (all 256 are in rows < 32)
+    assert pack_values(y) is y
+    z = torch.zeros(4, 6)
+    z[0, 0] = -0.0  # equal to 0.0, another bit pattern
+    assert pack_values(z) is z
+
+
 def test_stage_configs_parse():
     names = sorted(p.stem for p in CONFIGS.glob("*.json"))
     assert {
