@@ -31,6 +31,7 @@ audio item right after the video item, so ids, features and TMRoPE positions are
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -356,7 +357,15 @@ def pack_values(x: Tensor) -> PackedValues | Tensor:
         return x
     x = x.contiguous()
     n, c = x.shape
-    for g in (1, 3):
+    if c % 3 == 0:  # fast: the 256 values each channel of a normalised pixel can take
+        levels = _pixel_levels()
+        blocks = x.reshape(n, 3, c // 3)
+        index = torch.stack([torch.searchsorted(levels[j], blocks[:, j].contiguous())
+                             for j in range(3)], 1).clamp_(max=255).to(torch.uint8)
+        packed = PackedValues(index, levels)
+        if _same_bits(packed.unpack(), x):
+            return packed
+    for g in (1, 3):  # any other tensor with few values: sort them (slower)
         if c % g:
             continue
         blocks = x.reshape(n, g, c // g)
@@ -370,10 +379,23 @@ def pack_values(x: Tensor) -> PackedValues | Tensor:
             table[j, : len(values)] = values
         else:
             packed = PackedValues(index, table)
-            # unique() equates -0.0 and 0.0: keep the float tensor unless every bit comes back
-            if torch.equal(packed.unpack().view(torch.int32), x.view(torch.int32)):
+            if _same_bits(packed.unpack(), x):
                 return packed
     return x
+
+
+def _same_bits(a: Tensor, b: Tensor) -> bool:
+    # float equality would take -0.0 for 0.0
+    return torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+@functools.cache
+def _pixel_levels() -> Tensor:
+    """``[3, 256]``: each colour channel's 256 uint8 pixel values as the processor normalises
+    them (ascending)."""
+    from omnistream.media.image import normalize
+
+    return normalize(torch.arange(256, dtype=torch.uint8).expand(1, 3, 1, 256))[0, :, 0]
 
 
 def pack_media(item: Any) -> Any:
