@@ -345,6 +345,15 @@ def test_eval_refuses_training_seeds(tiny_dir):
         evaluate(tiny_dir, n=1, seed=5)
 
 
+def test_recipe_refuses_seeds_that_reach_the_evaluation_cases(tmp_path):
+    from omnistream.train.mini import FRESH_SEEDS, run
+    from omnistream.train.tasks import EVAL_SEED_BASE
+
+    with pytest.raises(ValueError, match="evaluation seeds start at"):
+        run(tmp_path / "mini", None, seed=EVAL_SEED_BASE - max(FRESH_SEEDS))  # fresh: 1,000,000
+    assert not (tmp_path / "mini").exists()  # refused before anything was written
+
+
 def test_records_split_by_media(tmp_path):
     from omnistream.train.mini import split_records
 

@@ -178,7 +178,7 @@ def test_stored_media_come_back_with_the_same_bits(tiny_dir, data):
     """Images are kept packed (uint8 indices per colour channel) and a batch gets exactly the
     processor's float32 patches back."""
     from omnistream.config import OmniConfig
-    from omnistream.train.data import PackedValues, collate_media, encode, validate
+    from omnistream.train.data import PackedPixels, collate_media, encode, validate
 
     tok = Tokenizer.from_dir(tiny_dir)
     cfg = OmniConfig.from_file(tiny_dir / "config.json").thinker_config
@@ -198,30 +198,29 @@ def test_stored_media_come_back_with_the_same_bits(tiny_dir, data):
                     continue
                 if kind == "image":
                     n_images += 1
-                    assert isinstance(k.pixel_values, PackedValues)
-                    assert 3 * (k.pixel_values.index.nbytes + k.pixel_values.table.nbytes) < (
-                        b.pixel_values.nbytes)
+                    assert isinstance(k.pixel_values, PackedPixels)
+                    assert 4 * k.pixel_values.index.nbytes == b.pixel_values.nbytes
                 assert a.pixel_values.dtype == torch.float32
                 assert torch.equal(a.pixel_values, b.pixel_values), (kind, ex.where)
     assert n_images > 0
 
 
-def test_values_pack_only_when_every_bit_comes_back():
-    from omnistream.train.data import PackedValues, pack_values
+def test_pixels_pack_only_when_every_bit_comes_back():
+    from omnistream.media.image import normalize, patchify
+    from omnistream.train.data import PackedPixels, pack_pixels
 
     g = torch.Generator().manual_seed(0)
-    levels = torch.randn(3, 256, generator=g)  # 256 values per third of the columns
-    idx = torch.randint(0, 256, (3, 40, 8), generator=g)
-    idx.view(3, -1)[:, :256] = torch.arange(256)  # each of them present
-    x = torch.stack([levels[j][idx[j]] for j in range(3)], 1).reshape(40, 24)
-    packed = pack_values(x)
-    assert isinstance(packed, PackedValues) and torch.equal(packed.unpack(), x)
-    y = x.clone()
-    y[37, 4] = 0.5 + levels.max()  # a 257th value in the first third (all 256 are in rows < 32)
-    assert pack_values(y) is y
-    z = torch.zeros(4, 6)
-    z[0, 0] = -0.0  # equal to 0.0, another bit pattern
-    assert pack_values(z) is z
+    frames = torch.randint(0, 256, (2, 3, 28, 56), dtype=torch.uint8, generator=g)
+    x, _ = patchify(normalize(frames))  # [8, 1176], as the processor makes them
+    packed = pack_pixels(x)
+    assert isinstance(packed, PackedPixels) and packed.index.dtype == torch.uint8
+    assert torch.equal(packed.unpack().view(torch.int32), x.view(torch.int32))
+    lo, hi = normalize(torch.tensor([0, 1], dtype=torch.uint8).view(1, 1, 1, 2).expand(
+        1, 3, 1, 2))[0, 0, 0]  # channel 0's two lowest levels
+    for bad in ((lo + hi) / 2, torch.tensor(-0.0)):  # between two levels; -0.0 == 0.0 as floats
+        y = x.clone()
+        y[3, 5] = bad  # a channel-0 column
+        assert pack_pixels(y) is y
 
 
 def test_stage_configs_parse():

@@ -333,60 +333,36 @@ def _media(part: dict, base: Path, opts: ProcessorOptions | None, cache: dict | 
 
 
 @dataclass
-class PackedValues:
-    """A float ``[N, C]`` tensor kept losslessly as uint8 indices into ``g`` tables of at most
-    256 values, one per block of ``C / g`` columns."""
+class PackedPixels:
+    """Image or video patches ``[N, 3 * k]`` (colour-major columns, ``image.patchify``) kept as
+    uint8 indices into each channel's 256 normalised pixel values (``_pixel_levels``)."""
 
-    index: Tensor  # [N, g, C/g] uint8
-    table: Tensor  # [g, 256] float32
+    index: Tensor  # [N, 3, k] uint8
 
     def unpack(self) -> Tensor:
-        g = self.table.shape[0]
-        rows = torch.arange(g)[None, :, None]  # each block reads its own table
-        return self.table[rows, self.index.long()].reshape(self.index.shape[0], -1)
+        """The float32 patches, bit for bit as the processor gave them."""
+        channel = torch.arange(3)[None, :, None]  # each channel reads its own levels
+        return _pixel_levels()[channel, self.index.long()].reshape(self.index.shape[0], -1)
 
 
-def pack_values(x: Tensor) -> PackedValues | Tensor:
-    """``x`` as ``PackedValues`` when every block of its columns (the whole row, or the thirds:
-    a patch's colour channels) has at most 256 distinct values, else ``x`` itself.
+def pack_pixels(x: Tensor) -> PackedPixels | Tensor:
+    """``x`` as ``PackedPixels`` when that gives back every bit, else ``x`` itself.
 
-    A record's image and video patches are CLIP-normalised uint8 pixels, so each channel has at
-    most 256 values: kept as float32 patches, the media of a Thinker stage with 37,000 records
-    (15,000 images) held 19 GB (sixteenth session). Unpacking gives back the same bits."""
-    if x.dtype != torch.float32 or x.ndim != 2:
+    A record's image and video patches are CLIP-normalised uint8 pixels, so each channel has
+    256 possible values: kept as float32 patches, the media of a Thinker stage with 37,000
+    records (15,000 images) held 19 GB (sixteenth session); packed, a quarter of that."""
+    if x.dtype != torch.float32 or x.ndim != 2 or x.shape[1] % 3:
         return x
     x = x.contiguous()
-    n, c = x.shape
-    if c % 3 == 0:  # fast: the 256 values each channel of a normalised pixel can take
-        levels = _pixel_levels()
-        blocks = x.reshape(n, 3, c // 3)
-        index = torch.stack([torch.searchsorted(levels[j], blocks[:, j].contiguous())
-                             for j in range(3)], 1).clamp_(max=255).to(torch.uint8)
-        packed = PackedValues(index, levels)
-        if _same_bits(packed.unpack(), x):
-            return packed
-    for g in (1, 3):  # any other tensor with few values: sort them (slower)
-        if c % g:
-            continue
-        blocks = x.reshape(n, g, c // g)
-        index = torch.empty(n, g, c // g, dtype=torch.uint8)
-        table = torch.zeros(g, 256)
-        for j in range(g):
-            values, inverse = torch.unique(blocks[:, j], return_inverse=True)
-            if len(values) > 256:
-                break
-            index[:, j] = inverse.to(torch.uint8)
-            table[j, : len(values)] = values
-        else:
-            packed = PackedValues(index, table)
-            if _same_bits(packed.unpack(), x):
-                return packed
+    levels = _pixel_levels()
+    channels = x.reshape(x.shape[0], 3, -1)
+    index = torch.stack([torch.searchsorted(levels[j], channels[:, j].contiguous())
+                         for j in range(3)], 1).clamp_(max=255).to(torch.uint8)
+    packed = PackedPixels(index)
+    # bits, not values: a value between two levels or a -0.0 keeps the float tensor
+    if torch.equal(packed.unpack().view(torch.int32), x.view(torch.int32)):
+        return packed
     return x
-
-
-def _same_bits(a: Tensor, b: Tensor) -> bool:
-    # float equality would take -0.0 for 0.0
-    return torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
 @functools.cache
@@ -399,10 +375,10 @@ def _pixel_levels() -> Tensor:
 
 
 def pack_media(item: Any) -> Any:
-    """A processed media item with its pixels packed (``pack_values``) where that is lossless."""
+    """A processed media item with its pixels packed (``pack_pixels``) where that is lossless."""
     pixels = getattr(item, "pixel_values", None)
     if isinstance(pixels, Tensor):
-        packed = pack_values(pixels)
+        packed = pack_pixels(pixels)
         if packed is not pixels:
             return replace(item, pixel_values=packed)
     return item
@@ -411,7 +387,7 @@ def pack_media(item: Any) -> Any:
 def unpack_media(item: Any) -> Any:
     """``pack_media``'s item as the processor gave it."""
     pixels = getattr(item, "pixel_values", None)
-    if isinstance(pixels, PackedValues):
+    if isinstance(pixels, PackedPixels):
         return replace(item, pixel_values=pixels.unpack())
     return item
 

@@ -85,9 +85,9 @@ AUX_CASES = 3000
 # Fresh cases for a last Thinker round (``stage2c_fresh``): the omni-mini Thinker kept gaining
 # from rounds on cases it had not seen (fifteenth and sixteenth sessions: 88.9% -> 93.5% ->
 # 94.9% on 550 fresh cases, docs/MINI.md), most from the families it answered worst (listed
-# twice), with a few of each other family so that none is forgotten. Seeds: the recipe's + 5
-# and + 6.
+# twice), with a few of each other family so that none is forgotten.
 FRESH, FRESH_REST = "fresh", "fresh_rest"
+FRESH_SEEDS = (5, 6)  # added to the recipe's seed: cases the earlier stages never saw
 FRESH_FAMILIES = ("image-count-color", "spoken-image", "image-color", "image-count", "arithmetic")
 FRESH_CASES, FRESH_REST_CASES = 1500, 600
 THINKER = "stage2c_fresh"  # the finished Thinker, balanced for the Talker
@@ -285,6 +285,11 @@ def run(out: str | Path, codec: str | Path | None, n_per_family: int = 800, seed
         ship_dir: str | Path | None = None, eval_n: int = 10, dpo_prompts: int = 22,
         dpo_samples: int = 4, max_steps_scale: float = 1.0, talker_repeat_n: int = 10000) -> Path:
     """Run every step not yet done (see the module docstring); returns the shipped directory."""
+    from omnistream.train.tasks import EVAL_SEED_BASE
+
+    if not 0 <= seed < EVAL_SEED_BASE - max(FRESH_SEEDS):  # never train on evaluation cases
+        raise ValueError(f"training seed {seed}: use 0 .. {EVAL_SEED_BASE - max(FRESH_SEEDS) - 1}"
+                         f" (evaluation seeds start at {EVAL_SEED_BASE})")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     py = [sys.executable, "-m"]
@@ -324,10 +329,11 @@ def run(out: str | Path, codec: str | Path | None, n_per_family: int = 800, seed
         from omnistream.train.tasks import FAMILIES, make_dataset
 
         def fresh() -> None:
-            make_dataset(data_dir / FRESH, max(FRESH_CASES * n_per_family // 800, 1), seed + 5,
-                         families=FRESH_FAMILIES)
+            make_dataset(data_dir / FRESH, max(FRESH_CASES * n_per_family // 800, 1),
+                         seed + FRESH_SEEDS[0], families=FRESH_FAMILIES)
             make_dataset(data_dir / FRESH_REST, max(FRESH_REST_CASES * n_per_family // 800, 1),
-                         seed + 6, families=[f for f in FAMILIES if f not in FRESH_FAMILIES])
+                         seed + FRESH_SEEDS[1],
+                         families=[f for f in FAMILIES if f not in FRESH_FAMILIES])
 
         timed("fresh", fresh)
     if not _done(data_dir / VISION / "vision.jsonl", "vision images"):
@@ -447,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="artifacts/mini", help="work folder (data, stages, logs)")
     ap.add_argument("--codec", default=None, help="the trained speech codec's directory")
     ap.add_argument("--n-per-family", type=int, default=800)
-    ap.add_argument("--seed", type=int, default=0, help="training data seed (< 1,000,000)")
+    ap.add_argument("--seed", type=int, default=0, help="training data seed (0 .. 999,993)")
     ap.add_argument("--ship", default=None, help="shipped model folder (default models/omni-mini)")
     ap.add_argument("--eval-n", type=int, default=10, help="fresh cases per family (0: none)")
     ap.add_argument("--talker-repeat", type=int, default=10000,
