@@ -115,10 +115,23 @@ def test_bad_records_are_skipped_and_reported(tiny_dir, data, tmp_path):
         and "[0, 8292)" in ds.errors[5]
     )
     assert "bad image" in ds.errors[6]
-    assert len(logged) == 7 and json.loads(logged[0])["where"] == f"{path}:2"
+    assert len(logged) == 7 and logged[0] == {"event": "bad_record", "where": f"{path}:2",
+                                             "error": ds.errors[0].split(": ", 1)[1]}
     # the talker task needs codes: records without them are reported, not fatal
     ds = Dataset(path, tok, cfg, task="talker", log=lambda _: None)
     assert len(ds) == 2
+
+
+def test_loading_shows_progress_per_file(tiny_dir, data, capsys):
+    from omnistream.config import OmniConfig
+
+    cfg = OmniConfig.from_file(tiny_dir / "config.json").thinker_config
+    n = len(data.read_text().splitlines())
+    Dataset(data, Tokenizer.from_dir(tiny_dir), cfg, progress=True)
+    err = capsys.readouterr().err
+    assert f"loading {data.parent.name}/{data.name}" in err and f"{n}/{n}" in err
+    Dataset(data, Tokenizer.from_dir(tiny_dir), cfg)  # quiet by default
+    assert capsys.readouterr().err == ""
 
 
 def test_labels_cover_assistant_text_only(tiny_dir, tmp_path):

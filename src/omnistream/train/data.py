@@ -426,35 +426,45 @@ class Dataset:
         cfg: ThinkerConfig,
         task: str = "thinker",
         max_len: int | None = None,
-        log=print,
+        log: Callable[[dict], None] = lambda obj: print(json.dumps(obj)),
         speech_codes: Callable[[str], list[int]] | None = None,
         processor_options: ProcessorOptions | None = None,
+        progress: bool = False,
     ):
+        """``log`` receives one dict per skipped record (the training log's JSON lines);
+        ``progress``: a bar per file on stderr (loading a stage's media takes minutes)."""
         self.examples: list[Example] = []
         self.errors: list[str] = []
         media_cache: dict = {}  # records that show the same file share its tensors
         for path in [paths] if isinstance(paths, (str, Path)) else paths:
             path = Path(path)
             with path.open(encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    where = f"{path}:{lineno}"
+                lines = f.readlines()
+            numbered = enumerate(lines, 1)
+            if progress:
+                from tqdm import tqdm
+
+                numbered = tqdm(numbered, total=len(lines), unit="record",
+                                desc=f"loading {path.parent.name}/{path.name}")
+            for lineno, line in numbered:
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
                     try:
-                        try:
-                            rec = json.loads(line)
-                        except json.JSONDecodeError as e:
-                            raise RecordError(f"invalid JSON: {e.msg} (column {e.colno})") from None
-                        ex = encode(validate(rec, path.parent), tok, cfg, path.parent, task,
-                                    speech_codes, processor_options, media_cache)
-                        if max_len is not None and len(ex) > max_len:
-                            raise RecordError(f"{len(ex)} tokens > max_len {max_len}")
-                    except RecordError as e:
-                        self.errors.append(f"{where}: {e}")
-                        log(json.dumps({"event": "bad_record", "where": where, "error": str(e)}))
-                        continue
-                    ex.where = where
-                    self.examples.append(ex)
+                        rec = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise RecordError(f"invalid JSON: {e.msg} (column {e.colno})") from None
+                    ex = encode(validate(rec, path.parent), tok, cfg, path.parent, task,
+                                speech_codes, processor_options, media_cache)
+                    if max_len is not None and len(ex) > max_len:
+                        raise RecordError(f"{len(ex)} tokens > max_len {max_len}")
+                except RecordError as e:
+                    self.errors.append(f"{where}: {e}")
+                    log({"event": "bad_record", "where": where, "error": str(e)})
+                    continue
+                ex.where = where
+                self.examples.append(ex)
         if not self.examples:
             raise ValueError(f"no usable records in {paths} ({len(self.errors)} bad)")
 

@@ -198,7 +198,7 @@ def train(
     speech_codes = _speech_codes(model_dir, model.cfg) if s.needs_talker else None
     opts = processor_options(model_dir)  # media decoded as the engine will decode them
     ds = Dataset(data, tok, tcfg, s.task, s.max_len, log=log if master else (lambda _: None),
-                 speech_codes=speech_codes, processor_options=opts)
+                 speech_codes=speech_codes, processor_options=opts, progress=master and verbose)
     eval_ds = (Dataset(eval_data, tok, tcfg, s.task, s.max_len, log=log,
                        speech_codes=speech_codes, processor_options=opts) if eval_data else None)
     global_batch = s.batch_size * s.grad_accum * world
