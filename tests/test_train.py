@@ -230,7 +230,9 @@ def test_pixels_pack_only_when_every_bit_comes_back():
     assert torch.equal(packed.unpack().view(torch.int32), x.view(torch.int32))
     lo, hi = normalize(torch.tensor([0, 1], dtype=torch.uint8).view(1, 1, 1, 2).expand(
         1, 3, 1, 2))[0, 0, 0]  # channel 0's two lowest levels
-    for bad in ((lo + hi) / 2, torch.tensor(-0.0)):  # between two levels; -0.0 == 0.0 as floats
+    top = normalize(torch.full((1, 3, 1, 1), 255, dtype=torch.uint8))[0, 0, 0, 0]
+    for bad in ((lo + hi) / 2, top + 1):  # between two levels; past the highest (its index
+        # would be 256, clamped to 255)
         y = x.clone()
         y[3, 5] = bad  # a channel-0 column
         assert pack_pixels(y) is y

@@ -359,7 +359,7 @@ def pack_pixels(x: Tensor) -> PackedPixels | Tensor:
     index = torch.stack([torch.searchsorted(levels[j], channels[:, j].contiguous())
                          for j in range(3)], 1).clamp_(max=255).to(torch.uint8)
     packed = PackedPixels(index)
-    # bits, not values: a value between two levels or a -0.0 keeps the float tensor
+    # every bit must come back: a value that is not one of the levels keeps the float tensor
     if torch.equal(packed.unpack().view(torch.int32), x.view(torch.int32)):
         return packed
     return x

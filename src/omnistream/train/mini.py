@@ -281,14 +281,22 @@ def _run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True)
 
 
+def last_seed() -> int:
+    """The largest training seed whose cases (``seed + FRESH_SEEDS`` too) stay below the
+    evaluation seeds."""
+    from omnistream.train.tasks import EVAL_SEED_BASE
+
+    return EVAL_SEED_BASE - max(FRESH_SEEDS) - 1
+
+
 def run(out: str | Path, codec: str | Path | None, n_per_family: int = 800, seed: int = 0,
         ship_dir: str | Path | None = None, eval_n: int = 10, dpo_prompts: int = 22,
         dpo_samples: int = 4, max_steps_scale: float = 1.0, talker_repeat_n: int = 10000) -> Path:
     """Run every step not yet done (see the module docstring); returns the shipped directory."""
     from omnistream.train.tasks import EVAL_SEED_BASE
 
-    if not 0 <= seed < EVAL_SEED_BASE - max(FRESH_SEEDS):  # never train on evaluation cases
-        raise ValueError(f"training seed {seed}: use 0 .. {EVAL_SEED_BASE - max(FRESH_SEEDS) - 1}"
+    if not 0 <= seed <= last_seed():  # never train on evaluation cases
+        raise ValueError(f"training seed {seed}: use 0 .. {last_seed()}"
                          f" (evaluation seeds start at {EVAL_SEED_BASE})")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -453,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="artifacts/mini", help="work folder (data, stages, logs)")
     ap.add_argument("--codec", default=None, help="the trained speech codec's directory")
     ap.add_argument("--n-per-family", type=int, default=800)
-    ap.add_argument("--seed", type=int, default=0, help="training data seed (0 .. 999,993)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help=f"training data seed (0 .. {last_seed():,})")
     ap.add_argument("--ship", default=None, help="shipped model folder (default models/omni-mini)")
     ap.add_argument("--eval-n", type=int, default=10, help="fresh cases per family (0: none)")
     ap.add_argument("--talker-repeat", type=int, default=10000,
