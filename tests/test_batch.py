@@ -244,6 +244,42 @@ def test_packed_linear_equals_linear_and_packs_only_wide_untied_layers():
             self.encoder = nn.Sequential(nn.Linear(512, 8))
 
     m = Model()
-    assert pack_linears_(m, exclude=(m.encoder,)) == 1
+    assert pack_linears_(m, exclude=(m.encoder,)) == 0  # 512 x 64 weights: too few to gain
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("omnistream.engine.packed.PACK_MIN_NUMEL", 512 * 64)
+        assert pack_linears_(m, exclude=(m.encoder,)) == 1
     assert isinstance(m.wide, PackedLinear)
     assert type(m.narrow) is type(m.tied) is type(m.encoder[0]) is nn.Linear
+
+
+@torch.no_grad()
+def test_fused_projections_decode_as_the_separate_ones_and_keep_the_state_dict():
+    from omnistream.config import OmniConfig
+    from omnistream.nn.thinker import Thinker
+    from omnistream.tiny import tiny_config
+
+    torch.manual_seed(0)
+    model = Thinker(OmniConfig.from_dict(tiny_config()).thinker_config).eval()
+    for p in model.parameters():
+        p.normal_(0, 0.05)
+    ids = torch.randint(0, 1000, (1, 9))
+
+    def decode() -> torch.Tensor:  # prefill, then 3 one-token steps: logits [4, V]
+        cache = model.model.new_cache(1, 32)
+        pos, deltas = model.position_ids(ids)
+        out = [model(model.embed(ids), pos, cache)[0][:, -1]]
+        for t in (5, 17, 3):
+            out.append(model.decode_step(torch.tensor([t]), cache, deltas).logits)
+        return torch.cat(out)
+
+    want, before = decode(), {k: v.clone() for k, v in model.state_dict().items()}
+    layers = len(model.model.layers)
+    assert model.model.fuse_projections_(max_numel=0) == 0  # every group over the limit
+    assert model.model.fuse_projections_() == 2 * layers  # q/k/v and gate/up of each layer
+    attn = model.model.layers[0].self_attn
+    fused = attn._qkv.weight
+    assert attn.k_proj.weight.data_ptr() == fused[attn.q_proj.out_features :].data_ptr()
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    torch.testing.assert_close(decode(), want, rtol=1e-5, atol=1e-5)

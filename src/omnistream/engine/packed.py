@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 PACK_MIN_IN = 512  # narrower layers: oneDNN's per-call cost (~30 us) outweighs what it saves
+PACK_MIN_NUMEL = 2048 * 2048  # smaller weights: the same (and they are fused instead)
 
 
 class PackedLinear(nn.Module):
@@ -33,8 +34,20 @@ class PackedLinear(nn.Module):
         151936 x 2048           47 426  69 466  82 653         58 524 / 134 345 / 190 733
         128 x 64                    30      32      30              2 /      4 /      4
 
-    so only layers with at least ``PACK_MIN_IN`` inputs are packed. ``weight`` (and ``bias``)
-    are oneDNN tensors; ``in_features`` / ``out_features`` as in ``nn.Linear``."""
+    so only layers with at least ``PACK_MIN_IN`` inputs are packed. On the 2-core AMD EPYC
+    of the eighteenth session (no AVX-512; one thread, quiet) oneDNN's per-call cost is larger
+    and it only breaks even at about 4 M weights:
+
+        weight [N x K]     rows:    1       8          (MKL F.linear: 1 / 8)
+        2048 x 2048                680   2 668            693 / 3 025
+        1024 x 1024                223     681            163 /   626
+         896 x  896                129     478             73 /   283
+         192 x  576                 66     119             14 /    39
+
+    so a layer must also hold ``PACK_MIN_NUMEL`` weights: the small models' layers (omni-mini's
+    Talker MLP, 576 x 192, took 3x longer per token packed) are fused instead
+    (``TextModel.fuse_projections_``). ``weight`` (and ``bias``) are oneDNN tensors;
+    ``in_features`` / ``out_features`` as in ``nn.Linear``."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -54,7 +67,7 @@ def should_pack(linear: nn.Module) -> bool:
         return False
     w = linear.weight
     return (w.device.type == "cpu" and w.dtype == torch.float32
-            and linear.in_features >= PACK_MIN_IN)
+            and linear.in_features >= PACK_MIN_IN and w.numel() >= PACK_MIN_NUMEL)
 
 
 @torch.no_grad()

@@ -141,7 +141,7 @@ class Engine:
                                        quiet=quiet).eval()
             speakers = load_speakers(d)
         from omnistream.engine.layout import tune_head_layout_
-        from omnistream.engine.packed import pack_linears_
+        from omnistream.engine.packed import PACK_MIN_NUMEL, pack_linears_
         from omnistream.engine.quant import quantize_int4_, quantize_int8_
 
         for m in (thinker, talker):
@@ -154,7 +154,10 @@ class Engine:
                     raise ValueError("int4 uses torch's CPU kernel; use int8 on this device")
                 quantize_int4_(m)
             else:
-                # the decoders' wide fp32 layers on a CPU: batched decoding (engine/packed.py)
+                # the decoders' small projections in one matmul per group (a small model's
+                # decode step is per-call cost), the wide fp32 layers on a CPU packed for
+                # batched decoding (engine/packed.py)
+                m.model.fuse_projections_(max_numel=PACK_MIN_NUMEL)
                 pack_linears_(m, (m.audio_tower, m.visual) if m is thinker else ())
                 head = m.lm_head if m is thinker else m.codec_head
                 if type(head) is torch.nn.Linear:

@@ -36,6 +36,40 @@ class DecoderConfig(Protocol):
     mrope_section: list[int]
 
 
+@torch.no_grad()
+def fuse_linears(linears: list[nn.Linear], max_numel: int | None = None) -> nn.Linear | None:
+    """One ``nn.Linear`` computing ``linears`` (same input) side by side, or None when they are
+    not all plain ``nn.Linear`` layers of one dtype and device with or without bias alike, or
+    the fused weight would exceed ``max_numel`` elements.
+
+    Decoding one token multiplies a vector by many small matrices, and each call has a fixed
+    cost (dispatch, thread wake-up) that dominates a small model's step; one call for q, k and v
+    (or gate and up) pays it once. The parts' parameters become views of the fused weight and
+    bias, so the state dict (names, shapes, values) and the memory stay as they were. For
+    inference only: the parts no longer require gradients, and converting the module's dtype
+    or device afterwards would separate the parts from the fused copy."""
+    first = linears[0]
+    if any(type(m) is not nn.Linear for m in linears):
+        return None
+    same = {(m.in_features, m.weight.dtype, m.weight.device, m.bias is None) for m in linears}
+    out = sum(m.out_features for m in linears)
+    if len(same) != 1 or (max_numel is not None and out * first.in_features > max_numel):
+        return None
+    weight = torch.cat([m.weight for m in linears])  # [sum out, in]
+    bias = None if first.bias is None else torch.cat([m.bias for m in linears])
+    fused = nn.Linear(first.in_features, out, bias=bias is not None, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    fused.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+    lo = 0
+    for m in linears:
+        hi = lo + m.out_features
+        m.weight = nn.Parameter(weight[lo:hi], requires_grad=False)
+        if bias is not None:
+            m.bias = nn.Parameter(bias[lo:hi], requires_grad=False)
+        lo = hi
+    return fused
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -56,6 +90,26 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=True)
         self.v_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=True)
         self.o_proj = nn.Linear(n_heads * head_dim, hidden, bias=False)
+        self._qkv: nn.Linear | None = None  # q, k, v in one matmul (``fuse_``); not a child
+
+    def fuse_(self, max_numel: int | None = None) -> bool:
+        """Project q, k and v with one matmul from now on (``fuse_linears``). Returns whether
+        they were fused."""
+        fused = fuse_linears([self.q_proj, self.k_proj, self.v_proj], max_numel)
+        object.__setattr__(self, "_qkv", fused or self._qkv)
+        return fused is not None
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, T, hidden] -> q [B, H, T, D], k and v [B, H_kv, T, D]."""
+        B, T, _ = x.shape
+        if self._qkv is not None:
+            nq, nk = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            q, k, v = self._qkv(x).split([nq, nk, nk], -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return q, k, v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
 
     def forward(
         self,
@@ -68,11 +122,7 @@ class Attention(nn.Module):
         layer: int,
     ) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = (
-            self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        )  # [B, Hkv, T, D]
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.project(x)  # [B, H, T, D], [B, Hkv, T, D] x 2
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         gqa = self.n_heads != self.n_kv_heads
         if isinstance(cache, CacheRows):  # one token per row of several sessions' caches
@@ -92,8 +142,18 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self._gate_up: nn.Linear | None = None  # gate and up in one matmul (``fuse_``)
+
+    def fuse_(self, max_numel: int | None = None) -> bool:
+        """Project gate and up with one matmul from now on (``fuse_linears``)."""
+        fused = fuse_linears([self.gate_proj, self.up_proj], max_numel)
+        object.__setattr__(self, "_gate_up", fused or self._gate_up)
+        return fused is not None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._gate_up is not None:
+            gate, up = self._gate_up(x).chunk(2, -1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -170,6 +230,11 @@ class TextModel(nn.Module):
             dtype=dtype or w.dtype,
             device=device or w.device,
         )
+
+    def fuse_projections_(self, max_numel: int | None = None) -> int:
+        """Fuse every layer's q/k/v and gate/up projections for decoding (``fuse_linears``;
+        parts over ``max_numel`` elements stay separate). Returns how many groups were fused."""
+        return sum(m.fuse_(max_numel) for m in self.modules() if isinstance(m, Attention | MLP))
 
     def new_pool(self, slots: int, max_len: int) -> KVPool:
         """``slots`` one-row caches of ``max_len`` in one tensor per layer (weights' dtype and
