@@ -282,4 +282,16 @@ def test_fused_projections_decode_as_the_separate_ones_and_keep_the_state_dict()
     after = model.state_dict()
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], v) for k, v in before.items())
+    calls = {"parts": 0, "fused": 0}  # the decode must go through the fused matmuls only
+
+    def count(key):
+        return lambda *_: calls.__setitem__(key, calls[key] + 1)
+
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        for part in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj):
+            part.register_forward_hook(count("parts"))
+        for f in (a._qkv, m._gate_up):
+            f.register_forward_hook(count("fused"))
     torch.testing.assert_close(decode(), want, rtol=1e-5, atol=1e-5)
+    assert calls == {"parts": 0, "fused": 2 * layers * 4}  # 2 groups x layers x 4 calls

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 PACK_MIN_IN = 512  # narrower layers: oneDNN's per-call cost (~30 us) outweighs what it saves
-PACK_MIN_NUMEL = 2048 * 2048  # smaller weights: the same (and they are fused instead)
+PACK_MIN_NUMEL = 2048 * 2048  # smaller weights: packing loses on CPUs without AVX-512
 
 
 class PackedLinear(nn.Module):
