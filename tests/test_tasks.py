@@ -386,6 +386,53 @@ def test_image_describe_names_every_shape_left_to_right():
         assert case.answer == want[0].upper() + want[1:] + "."
 
 
+def test_typed_arithmetic_reads_digits_and_answers_in_words():
+    """The auxiliary family: the question as people type it (digits or words, "+"/"-" or
+    plus/minus); the answer, re-derived from the typed operands, is the arithmetic family's
+    sentence in words; evaluation draws it only by name."""
+    assert "typed-arithmetic" not in tasks.FAMILIES
+    seen = set()
+    for case in _cases("typed-arithmetic", 60):
+        assert not case.media
+        m = re.fullmatch(r"(?:What is |What's |How much is |what is )?([a-z0-9]+) ?"
+                         r"(plus|minus|\+|-) ?([a-z0-9]+)(?: = )?\??", case.question)
+        assert m, case.question
+        a, b = (int(v) if v.isdigit() else NUM.index(v) for v in m.group(1, 3))
+        plus = m.group(2) in ("plus", "+")
+        c = a + b if plus else a - b
+        assert 0 <= a <= 10 and 0 <= b <= 10 and 0 <= c <= 20
+        op = "plus" if plus else "minus"
+        assert case.answer == f"{NUM[a].capitalize()} {op} {NUM[b]} is {NUM[c]}."
+        seen |= {"symbol" if m.group(2) in "+-" else "word op",
+                 *("digits" if v.isdigit() else "word" for v in m.group(1, 3))}
+    assert seen == {"symbol", "word op", "digits", "word"}
+
+
+def test_image_paraphrase_asks_in_other_words_and_answers_from_the_picture():
+    """The auxiliary family: an image question worded otherwise than TASKS.md's; the answer,
+    re-derived from the picture for the question it means, is that family's."""
+    assert "image-paraphrase" not in tasks.FAMILIES
+    canonical = {r.pattern for r in map(re.compile, (q for q, _ in GRAMMAR.values() if q))}
+    kinds = set()
+    for case in _cases("image-paraphrase", 24):
+        q = case.question
+        assert not any(re.fullmatch(p, q) for p in canonical), q
+        color = re.search(C, q)
+        shape = re.search(S, q)
+        if re.search(r"colou?r", q):
+            meant = f"What color is the {shape[0]}?"
+        elif color and re.search(r"shape is|kind of shape|is the \w+ shape", q):
+            meant = f"Which shape is {color[0]}?"
+        elif color:
+            meant = f"How many {color[0]} shapes are there?"
+        else:
+            meant = "How many shapes are there?"
+        _, shapes = measure_image(case.media[0].data)
+        assert case.answer == expected_image_answer(meant, shapes), q
+        kinds.add(meant.split(" ")[0] + (" color" if color else ""))
+    assert kinds == {"What", "Which color", "How", "How color"}
+
+
 def test_determinism_and_dataset(tmp_path):
     """Same seed -> same bytes; a case does not depend on n_per_family; seeds differ; records
     pass ``omnistream.train.data.validate``."""

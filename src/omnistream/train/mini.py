@@ -79,7 +79,9 @@ HEARING_CLIPS = 4000
 # Training-only families beside the tasks in stages 2 and 2b (``tasks.AUX_FAMILIES``):
 # ``image-describe`` names every shape's colour and kind, which teaches the LLM to bind the two
 # (the seventh session: 58.2% -> 67.3% on fresh cases with it); ``spoken-repeat`` writes down
-# spoken word lists, the words the spoken questions use.
+# spoken word lists, the words the spoken questions use; ``typed-arithmetic`` and
+# ``image-paraphrase`` ask sums with digits and symbols and the image questions in other words,
+# as users type them (nineteenth session).
 AUX = "aux"
 AUX_CASES = 3000
 # Fresh cases for a last Thinker round (``stage2c_fresh``): the omni-mini Thinker kept gaining

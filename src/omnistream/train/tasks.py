@@ -53,7 +53,12 @@ FAMILIES = (
 # words, which the spoken questions (spoken-image, spoken arithmetic) need. ``image-describe``
 # names every shape of an image (colour and kind) from left to right: the LLM learns to read
 # each shape's kind and colour together, which the image families need and only hint at.
-AUX_FAMILIES = ("spoken-repeat", "image-describe")
+# ``typed-arithmetic`` asks the arithmetic question as people type it (digits, "+" and "-",
+# "What's", no question mark) and answers in the family's words: TASKS.md writes its numbers
+# as words, and a model that never saw a digit answered "What is 3 plus 4?" with nonsense.
+# ``image-paraphrase`` asks the image families' questions in other words ("How many shapes?",
+# "Count the red shapes."), with the families' answers.
+AUX_FAMILIES = ("spoken-repeat", "image-describe", "typed-arithmetic", "image-paraphrase")
 DESCRIBE_QUESTION = "Describe the shapes from left to right."
 EVAL_SEED_BASE = 1_000_000  # training seeds are below, evaluation seeds at or above
 CHAT_QUESTIONS = ("Hello!", "Hi!", "Who are you?")
@@ -200,6 +205,35 @@ IMAGE_FAMILIES = {"image-count": _image_count, "image-count-color": _image_count
                   "image-color": _image_color, "image-shape": _image_shape}
 
 
+PARAPHRASES = {
+    "image-count": ("How many shapes?", "How many shapes do you see?", "Count the shapes.",
+                    "How many shapes are in the picture?", "how many shapes are there",
+                    "What is the number of shapes?", "How many shapes can you see?"),
+    "image-count-color": ("How many {color} shapes?", "How many {color} shapes do you see?",
+                          "Count the {color} shapes.", "How many shapes are {color}?",
+                          "How many {color} shapes are in the picture?",
+                          "how many {color} shapes are there"),
+    "image-color": ("What colour is the {shape}?", "What is the color of the {shape}?",
+                    "Which color is the {shape}?", "what color is the {shape}",
+                    "Tell me the color of the {shape}."),
+    "image-shape": ("What shape is {color}?", "Which shape is the {color} one?",
+                    "What is the {color} shape?", "which shape is {color}",
+                    "What kind of shape is {color}?"),
+}
+
+
+def _image_paraphrase(rng: np.random.Generator) -> Case:
+    """Auxiliary: an image family's question in other words (``PARAPHRASES``), its answer."""
+    sub = _choice(rng, tuple(IMAGE_FAMILIES))
+    case = _image_case("image-paraphrase", sub, rng, spoken=False)
+    words = case.question[:-1].split(" ")
+    color = next((w for w in words if w in COLORS), "")
+    shape = next((w for w in words if w in SHAPES), "")
+    case.question = _choice(rng, PARAPHRASES[sub]).format(color=color, shape=shape)
+    case.meta["question"] = case.question
+    return case
+
+
 def _image_case(family: str, sub: str, rng: np.random.Generator, spoken: bool) -> Case:
     specs, q, a = IMAGE_FAMILIES[sub](rng)
     png, meta = tm.render_image(specs, rng)
@@ -229,6 +263,21 @@ def _arithmetic(rng: np.random.Generator) -> Case:
         wav, meta["speech"] = tm.spoken_question(q, rng)
         return Case("arithmetic", [Media("audio", "wav", wav)], None, ans, meta)
     return Case("arithmetic", [], q, ans, meta)
+
+
+TYPED_FORMS = ("What is {a} {op} {b}?", "What is {a} {sym} {b}?", "What is {a}{sym}{b}?",
+               "What's {a} {op} {b}?", "{a} {sym} {b} = ?", "{a} {op} {b}?", "what is {a} {op} {b}",
+               "How much is {a} {op} {b}?")
+TYPED_DIGIT_P = 0.8  # each operand is typed as digits this often, else as its word
+
+
+def _typed_arithmetic(rng: np.random.Generator) -> Case:
+    """Auxiliary: an arithmetic question typed with digits or symbols; the answer in words."""
+    _, ans, meta = _sum(rng)
+    form = _choice(rng, TYPED_FORMS)
+    a, b = (str(v) if rng.random() < TYPED_DIGIT_P else NUMBERS[v] for v in (meta["a"], meta["b"]))
+    q = form.format(a=a, b=b, op=meta["op"], sym="+" if meta["op"] == "plus" else "-")
+    return Case("typed-arithmetic", [], q, ans, meta | {"question": q})
 
 
 def _beeps(rng: np.random.Generator) -> Case:
@@ -311,6 +360,10 @@ def make_case(family: str, rng: np.random.Generator) -> Case:
         return _spoken_repeat(rng)
     if family == "image-describe":
         return _image_describe(rng)
+    if family == "typed-arithmetic":
+        return _typed_arithmetic(rng)
+    if family == "image-paraphrase":
+        return _image_paraphrase(rng)
     raise ValueError(f"unknown family {family!r} (one of {', '.join(FAMILIES)})")
 
 
