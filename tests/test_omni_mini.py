@@ -79,16 +79,16 @@ def test_the_demo_exchange_through_the_cli(tmp_path, capsys, monkeypatch):
         assert recognizer.wer([DEMO_ANSWER], [heard]) <= 0.4, heard
 
 
-def test_image_questions_in_other_words(engine):
+def test_image_questions_in_other_words():
     """The image questions worded as users type them (the training-only ``image-paraphrase``
     family, fresh cases) get the task families' answers."""
-    from omnistream.eval.tasks import evaluate, format_table, summarize
+    from omnistream.eval.tasks import evaluate, format_table
 
-    res = evaluate(MINI, n=6, seed=3_000_000, families=["image-paraphrase"], recognize=False,
+    res = evaluate(MINI, n=12, seed=3_000_000, families=["image-paraphrase"], recognize=False,
                    speech_seconds=0.1)
-    # the shipped model (v7): 92% on 50 fresh cases (docs/MINI.md); v6, which never saw
-    # them, 46%
-    assert summarize(res["cases"])["acc"] >= 4 / 6, format_table(res)
+    # v7: 11 of these 12 (92% on 50 fresh cases, docs/MINI.md); v6, which never saw such
+    # wordings, 6 of them
+    assert sum(c["correct"] for c in res["cases"]) >= 9, format_table(res)
 
 
 def test_questions_outside_the_tasks_get_an_answer(engine):
