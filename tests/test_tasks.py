@@ -495,3 +495,15 @@ def test_counterfactual_answers_change_the_content_in_the_familys_grammar():
                         "arithmetic": " ".join(a.split()[:3])}.get(family)
                 assert kept is None or kept in cf, (a, cf)
     assert tasks.counterfactual_answer(tasks.CHAT_ANSWER, rng) is None
+
+
+def test_unknown_families_are_named_in_the_error(tmp_path):
+    """One check for the generator and the evaluation: task and training-only families pass,
+    anything else is refused by name."""
+    assert tasks.check_families(["beeps", "typed-arithmetic"]) == ("beeps", "typed-arithmetic")
+    with pytest.raises(ValueError, match="'beep'"):
+        tasks.make_dataset(tmp_path, 1, seed=0, families=["beep"], progress=False)
+    from omnistream.eval.tasks import evaluate
+
+    with pytest.raises(ValueError, match="'image-counts'"):
+        evaluate("/nonexistent", n=1, families=["image-counts"], recognize=False)

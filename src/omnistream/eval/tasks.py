@@ -116,17 +116,14 @@ def evaluate(model: str | Path, n: int = 50, seed: int | None = None,
     ``EVAL_SEED_BASE``) must be at least ``EVAL_SEED_BASE``."""
     from omnistream.engine.options import SessionOptions
     from omnistream.engine.session import Engine
-    from omnistream.train.tasks import AUX_FAMILIES, EVAL_SEED_BASE, FAMILIES, case_rng, make_case
+    from omnistream.train.tasks import EVAL_SEED_BASE, FAMILIES, case_rng, check_families, make_case
 
     seed = EVAL_SEED_BASE if seed is None else seed
     if seed < EVAL_SEED_BASE:
         raise ValueError(f"evaluation seeds start at {EVAL_SEED_BASE} (training uses those "
                          f"below); got {seed}")
-    families = list(FAMILIES if families is None else families)
-    for f in families:  # the training-only families only when asked for by name
-        if f not in FAMILIES + AUX_FAMILIES:
-            raise ValueError(f"unknown family {f!r} (one of {', '.join(FAMILIES)}; "
-                             f"training-only: {', '.join(AUX_FAMILIES)})")
+    # the training-only families only when asked for by name
+    families = list(check_families(FAMILIES if families is None else families))
     rec_mod = None
     if recognize is None or recognize:
         from omnistream.eval import recognizer

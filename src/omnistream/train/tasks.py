@@ -367,6 +367,16 @@ def make_case(family: str, rng: np.random.Generator) -> Case:
     raise ValueError(f"unknown family {family!r} (one of {', '.join(FAMILIES)})")
 
 
+def check_families(families: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """``families`` as a tuple, or a ValueError naming the first that is neither a task family
+    nor a training-only one."""
+    for f in families:
+        if f not in FAMILIES + AUX_FAMILIES:
+            raise ValueError(f"unknown family {f!r} (one of {', '.join(FAMILIES)}; "
+                             f"training-only: {', '.join(AUX_FAMILIES)})")
+    return tuple(families)
+
+
 def case_rng(seed: int, family: str, i: int) -> np.random.Generator:
     """The random stream of case ``i`` of ``family`` for ``seed``."""
     return np.random.default_rng([seed, (*FAMILIES, *AUX_FAMILIES).index(family), i])
@@ -383,11 +393,7 @@ def make_dataset(out_dir: str | Path, n_per_family: int, seed: int,
     case). The same arguments write the same bytes. Returns the JSONL path."""
     from tqdm import tqdm
 
-    families = tuple(FAMILIES if families is None else families)
-    for f in families:
-        if f not in FAMILIES + AUX_FAMILIES:
-            raise ValueError(f"unknown family {f!r} (one of {', '.join(FAMILIES)}; auxiliary: "
-                             f"{', '.join(AUX_FAMILIES)})")
+    families = check_families(FAMILIES if families is None else families)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(f, i) for f in families for i in range(n_per_family)]
