@@ -370,11 +370,14 @@ def test_recipe_follows_the_papers_order():
     """Each stage starts from an earlier one, its config exists, and the tasks come in the
     paper's order: Thinker stages (text, the encoders' dense pretraining, encoder alignment,
     everything), Talker, Talker DPO."""
-    from omnistream.train.mini import BALANCED, STAGE_DIR, STAGES, THINKER
+    from omnistream.train.mini import BALANCED, REFRESHED, STAGE_DIR, STAGES, THINKER
     from omnistream.train.stages import Stage
 
     done, tasks = {"init"}, []
     for i, (name, cfg, data, src) in enumerate(STAGES):
+        if src == REFRESHED:  # fresh rows for the tokens new to the LLM, before the alignment
+            assert "stage0_hearing" in done and name == "stage1_align"
+            done.add(REFRESHED)
         if src == BALANCED:  # the finished Thinker, rescaled for the Talker
             assert THINKER in done and Stage.from_file(STAGE_DIR / cfg).task == "talker"
             done.add(BALANCED)
@@ -395,6 +398,69 @@ def test_recipe_follows_the_papers_order():
     assert all("aux/data.jsonl" in data for name, _, data, _ in STAGES if name.startswith("stage2"))
     stage1 = Stage.from_file(STAGE_DIR / STAGES[3][1])
     assert stage1.trainable == ["thinker.audio_tower.*", "thinker.visual.*"]  # LLM frozen
+
+
+def test_refresh_draws_again_only_the_rows_of_new_tokens(tiny_dir, tmp_path):
+    """``mini_model.refresh``: the embedding rows of the tokens that the new records hold and the
+    seen ones do not are drawn again at the spread of the seen tokens' rows; every other tensor
+    and row is kept."""
+    from omnistream.checkpoint import read_tensors
+    from omnistream.train.mini_model import EMBED, record_token_ids, refresh
+
+    def write(name: str, user: str, reply: str) -> Path:
+        rec = {"messages": [{"role": "user", "content": [{"type": "text", "text": user}]},
+                            {"role": "assistant", "content": reply}]}
+        (tmp_path / name).write_text(json.dumps(rec) + "\n")
+        return tmp_path / name
+
+    seen = write("seen.jsonl", "What is three plus four?", "Three plus four is seven.")
+    new = write("new.jsonl", "What is 3+4?", "Three plus four is seven.")
+    tok = Tokenizer.qwen()
+    assert record_token_ids([seen], ("assistant",)) == set(tok.encode("Three plus four is seven."))
+    stale = record_token_ids([new]) - record_token_ids([seen])
+    assert set(tok.encode("3+4")) <= stale and not set(tok.encode(" plus")) & stale
+    out, n = refresh(tiny_dir, tmp_path / "out", [new], [seen], seed=1)
+    assert n == len(stale)
+    before, after = dict(read_tensors(tiny_dir)), dict(read_tensors(out))
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before if k != EMBED)
+    changed = (before[EMBED] != after[EMBED]).any(dim=1).nonzero().flatten().tolist()
+    assert changed == sorted(stale)
+    like = sorted(record_token_ids([seen]))
+    spread = before[EMBED][like].float().std()
+    drawn = after[EMBED][sorted(stale)].float()
+    assert 0.5 * spread < drawn.std() < 2 * spread
+
+
+def test_recipe_refreshes_the_rows_that_stage_0_never_saw(tiny_dir, tmp_path):
+    """The recipe's refresh step reads stage 0's records as seen and the later Thinker stages'
+    as new: a colour that only the media records say gets a fresh row, a word of stage 0's
+    records does not."""
+    import shutil
+
+    from omnistream.checkpoint import read_tensors
+    from omnistream.train.mini import REFRESHED, STAGES, THINKER, refresh_step
+    from omnistream.train.mini_model import EMBED
+
+    def rec(user: str, reply: str) -> str:
+        return json.dumps({"messages": [{"role": "user", "content": user},
+                                        {"role": "assistant", "content": reply}]})
+
+    files = {f for n, _, d, _ in STAGES if n in ("stage1_align", "stage2_all", THINKER)
+             for f in d}
+    for f in files | {"text.jsonl"}:
+        (tmp_path / "data" / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / f).write_text(rec("Say hello.", "Hello.") + "\n")
+    (tmp_path / "data" / "media.jsonl").write_text(rec("Which color?", "Magenta.") + "\n")
+    shutil.copytree(tiny_dir, tmp_path / "stage0_hearing")
+    assert refresh_step(tmp_path, seed=0) > 0
+    before = dict(read_tensors(tiny_dir))[EMBED]
+    after = dict(read_tensors(tmp_path / REFRESHED))[EMBED]
+    tok = Tokenizer.qwen()
+    new = set(tok.encode("Which color?")) | set(tok.encode("Magenta."))
+    new -= set(tok.encode("Say hello.")) | set(tok.encode("Hello."))
+    changed = (before != after).any(dim=1).nonzero().flatten().tolist()
+    assert changed == sorted(new)
 
 
 def test_clear_speech_chooses_the_fewest_errors_then_the_natural_speed():

@@ -25,8 +25,9 @@ config). Steps, in order (``OUT/...``):
    one's output: ``stage0_text`` (the LLM on the text families: it stands in for the pretrained
    Qwen2.5 LLM the paper starts from), ``stage0_vision`` and ``stage0_hearing`` (the
    encoders told what each image token shows and which words a clip says: ``train/dense.py``,
-   on ``data/vision/`` and ``data/hearing/``), ``stage1_align`` (encoders
-   aligned with the LLM frozen),
+   on ``data/vision/`` and ``data/hearing/``), ``stage0_refreshed`` (its token-embedding rows
+   drawn again for the tokens that stage 0 never saw: ``mini_model.refresh``),
+   ``stage1_align`` (encoders aligned with the LLM frozen),
    ``stage2_all`` (everything on all families and the training-only ones in ``data/aux/``,
    in batches that mix the families),
    ``stage2b_all`` (the same, continued with a warm restart), ``stage2c_fresh`` (the same
@@ -98,6 +99,12 @@ THINKER = "stage2c_fresh"  # the finished Thinker, balanced for the Talker
 # Talker reads each token TEXT_TRACK_ALPHA**2 times louder (docs/MINI.md, fourteenth session).
 BALANCED = "stage2b_balanced"
 TEXT_TRACK_ALPHA = 8.0
+# The encoders' dense stages' checkpoint with fresh token-embedding rows for the tokens that the
+# later stages' records hold and stage 0's never did (the colours and shapes of the media
+# families' replies, the digits of typed sums): stage 0 pushed those rows, all alike, down its
+# tied head (``mini_model.refresh_rows``; nineteenth session), and stage 1, with the LLM frozen,
+# could not make it tell one such word from another.
+REFRESHED = "stage0_refreshed"
 # (output folder, stage config, training data in OUT/data, source: "init" or a previous stage).
 # Stage 2 sees the text records twice: they are short (cheap) and teach the copying that the
 # answers of most families need (operands, repeated words, the asked color or shape). Stage 2b
@@ -111,7 +118,7 @@ STAGES = (
     ("stage0_text", "mini_0_text.json", ("text.jsonl",), "init"),
     ("stage0_vision", "mini_vision.json", (f"{VISION}/vision.jsonl",), "stage0_text"),
     ("stage0_hearing", "mini_hearing.json", (f"{HEARING}/hearing.jsonl",), "stage0_vision"),
-    ("stage1_align", "mini_1_align.json", ("media.jsonl",), "stage0_hearing"),
+    ("stage1_align", "mini_1_align.json", ("media.jsonl",), REFRESHED),
     ("stage2_all", "mini_2_all.json", ("data.jsonl", "text.jsonl", f"{AUX}/data.jsonl"),
      "stage1_align"),
     ("stage2b_all", "mini_2b_all.json", ("data.jsonl", "text.jsonl", f"{AUX}/data.jsonl"),
@@ -283,6 +290,19 @@ def _run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True)
 
 
+def refresh_step(out: Path, seed: int) -> int:
+    """``OUT/stage0_refreshed``: the encoders' dense stages' checkpoint with fresh embedding rows
+    for the tokens of the later Thinker stages' records that stage 0's never held
+    (``mini_model.refresh``); returns how many rows were drawn."""
+    from omnistream.train.mini_model import refresh
+
+    data = {n: d for n, _, d, _ in STAGES}
+    later = sorted({f for n in ("stage1_align", "stage2_all", THINKER) for f in data[n]})
+    _, k = refresh(out / "stage0_hearing", out / REFRESHED, [out / "data" / f for f in later],
+                   [out / "data" / f for f in data["stage0_text"]], seed)
+    return k
+
+
 def last_seed() -> int:
     """The largest training seed whose cases (``seed + FRESH_SEEDS`` too) stay below the
     evaluation seeds."""
@@ -407,6 +427,9 @@ def run(out: str | Path, codec: str | Path | None, n_per_family: int = 800, seed
                 "--data", str(data_dir / "talker.jsonl"), "--out", str(data_dir / "dpo.jsonl"),
                 "--prompts", str(dpo_prompts), "--samples", str(dpo_samples),
                 "--seed", str(seed)]))
+        if src == REFRESHED and not _done(out / REFRESHED / "config.json", "refresh"):
+            timed("refresh", lambda: log(f"refresh: {refresh_step(out, seed)} token rows drawn "
+                                         "again"))
         if src == BALANCED and not _done(out / BALANCED / "config.json", "balance"):
             from omnistream.train.mini_model import balance
 

@@ -15,6 +15,7 @@ shipped copy (Thinker and Talker bfloat16, the codec float32) and checks the bud
     python -m omnistream.train.mini_model budget DIR
     python -m omnistream.train.mini_model ship SRC OUT
     python -m omnistream.train.mini_model balance SRC OUT [--alpha 4]
+    python -m omnistream.train.mini_model refresh SRC OUT --new A.jsonl.. --seen B.jsonl..
 """
 
 from __future__ import annotations
@@ -308,6 +309,69 @@ def balance(src_dir: str | Path, out_dir: str | Path, alpha: float = 4.0) -> Pat
     return _write_checkpoint(src, out, balance_tensors(dict(read_tensors(src)), alpha), cfg)
 
 
+EMBED = "thinker.model.embed_tokens.weight"
+
+
+def record_token_ids(files: list[str | Path], roles: tuple[str, ...] = ("system", "user",
+                                                                        "assistant")) -> set[int]:
+    """The Qwen token ids of the text that the messages of ``roles`` hold in the training
+    records of ``files`` (JSONL)."""
+    from omnistream.tokenizer import Tokenizer
+
+    texts = []
+    for f in files:
+        for line in Path(f).read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            for m in json.loads(line)["messages"]:
+                if m["role"] not in roles:
+                    continue
+                c = m["content"]
+                texts += [c] if isinstance(c, str) else [p["text"] for p in c
+                                                         if p.get("type") == "text"]
+    ids: set[int] = set()
+    for e in Tokenizer.qwen().encode_batch(sorted(set(texts))):
+        ids.update(e)
+    return ids
+
+
+def refresh_rows(tensors: dict[str, Tensor], ids: set[int] | list[int], like: set[int] | list[int],
+                 seed: int = 0) -> dict[str, Tensor]:
+    """The same tensors with the Thinker's token-embedding rows ``ids`` drawn again from
+    N(0, s), s the spread of the rows ``like`` (the tokens the model uses).
+
+    Why: omni-mini's head is its token embedding. A token that the model reads nowhere and never
+    writes gets one gradient, the softmax pushing its logit down along the mean of the hidden
+    states, so over a long training all such rows move to one shared direction (nineteenth
+    session: the digits, "+" and "=" at norm 3.6, the used rows about 1.1). When such tokens
+    later appear in the input they are one vector, and a short round cannot pull them apart:
+    typed sums answered 6% before the rows were drawn again, 54% after (docs/MINI.md)."""
+    ids, like = sorted(set(ids)), sorted(set(like) - set(ids))
+    if not ids:
+        return dict(tensors)
+    w = tensors[EMBED]
+    std = float(w[like].float().std()) if like else INIT_STD
+    g = torch.Generator().manual_seed(seed)
+    fresh = torch.randn(len(ids), w.shape[1], generator=g) * std
+    out = dict(tensors)
+    out[EMBED] = w.clone()
+    out[EMBED][ids] = fresh.to(w.dtype)
+    return out
+
+
+def refresh(src_dir: str | Path, out_dir: str | Path, new_data: list[str | Path],
+            seen_data: list[str | Path], seed: int = 0) -> tuple[Path, int]:
+    """A copy of ``src_dir`` whose token-embedding rows are drawn again (``refresh_rows``) for
+    every token of the records ``new_data`` that the records ``seen_data`` (what the checkpoint
+    was trained on) never hold; returns the copy and the number of rows drawn."""
+    src = Path(src_dir)
+    seen = record_token_ids(seen_data)
+    stale = record_token_ids(new_data) - seen
+    tensors = refresh_rows(dict(read_tensors(src)), stale, seen, seed)
+    cfg = json.loads((src / "config.json").read_text())
+    return _write_checkpoint(src, Path(out_dir), tensors, cfg), len(stale)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m omnistream.train.mini_model", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -325,6 +389,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("src")
     p.add_argument("out")
     p.add_argument("--alpha", type=float, default=4.0)
+    p = sub.add_parser("refresh", help="fresh embedding rows for the tokens new to a checkpoint")
+    p.add_argument("src")
+    p.add_argument("out")
+    p.add_argument("--new", nargs="+", required=True, help="records about to be trained on")
+    p.add_argument("--seen", nargs="+", required=True, help="records src was trained on")
+    p.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     if a.cmd == "init":
         d = init_mini(a.out, a.codec, a.seed)
@@ -334,6 +404,9 @@ def main(argv: list[str] | None = None) -> int:
         print(format_budget(budget(a.dir)))
     elif a.cmd == "balance":
         print(balance(a.src, a.out, a.alpha))
+    elif a.cmd == "refresh":
+        d, n = refresh(a.src, a.out, a.new, a.seen, a.seed)
+        print(f"{d}: {n} token rows drawn again")
     else:
         d = ship(a.src, a.out)
         print(format_budget(budget(d, {})))
