@@ -434,31 +434,34 @@ def test_refresh_draws_again_only_the_rows_of_new_tokens(tiny_dir, tmp_path):
 
 def test_recipe_refreshes_the_rows_that_stage_0_never_saw(tiny_dir, tmp_path):
     """The recipe's refresh step reads stage 0's records as seen and the later Thinker stages'
-    as new: a colour that only the media records say gets a fresh row, a word of stage 0's
-    records does not."""
+    as new: a colour that only the media records or the last Thinker stage's say gets a fresh
+    row; a word of stage 0's records, or one that only the Talker's records say, does not."""
     import shutil
 
     from omnistream.checkpoint import read_tensors
-    from omnistream.train.mini import REFRESHED, STAGES, THINKER, refresh_step
+    from omnistream.train.mini import FRESH, REFRESHED, STAGES, TALKER_CLEAR, refresh_step
     from omnistream.train.mini_model import EMBED
 
     def rec(user: str, reply: str) -> str:
         return json.dumps({"messages": [{"role": "user", "content": user},
                                         {"role": "assistant", "content": reply}]})
 
-    files = {f for n, _, d, _ in STAGES if n in ("stage1_align", "stage2_all", THINKER)
-             for f in d}
-    for f in files | {"text.jsonl"}:
+    for f in {f for *_, d, _ in STAGES for f in d}:
         (tmp_path / "data" / f).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "data" / f).write_text(rec("Say hello.", "Hello.") + "\n")
     (tmp_path / "data" / "media.jsonl").write_text(rec("Which color?", "Magenta.") + "\n")
+    (tmp_path / "data" / FRESH / "data.jsonl").write_text(rec("Say hello.", "Turquoise.") + "\n")
+    # the Talker's records: the Thinker is frozen there, its words need no fresh rows
+    (tmp_path / "data" / TALKER_CLEAR).write_text(rec("Say hello.", "Crimson.") + "\n")
     shutil.copytree(tiny_dir, tmp_path / "stage0_hearing")
     assert refresh_step(tmp_path, seed=0) > 0
     before = dict(read_tensors(tiny_dir))[EMBED]
     after = dict(read_tensors(tmp_path / REFRESHED))[EMBED]
     tok = Tokenizer.qwen()
-    new = set(tok.encode("Which color?")) | set(tok.encode("Magenta."))
+    new = set(tok.encode("Which color?")) | set(tok.encode("Magenta.")) | set(
+        tok.encode("Turquoise."))
     new -= set(tok.encode("Say hello.")) | set(tok.encode("Hello."))
+    assert set(tok.encode("Crimson.")) - set(tok.encode("Hello.")) - new  # a word only it says
     changed = (before != after).any(dim=1).nonzero().flatten().tolist()
     assert changed == sorted(new)
 

@@ -296,10 +296,13 @@ def refresh_step(out: Path, seed: int) -> int:
     (``mini_model.refresh``); returns how many rows were drawn."""
     from omnistream.train.mini_model import refresh
 
-    data = {n: d for n, _, d, _ in STAGES}
-    later = sorted({f for n in ("stage1_align", "stage2_all", THINKER) for f in data[n]})
-    _, k = refresh(out / "stage0_hearing", out / REFRESHED, [out / "data" / f for f in later],
-                   [out / "data" / f for f in data["stage0_text"]], seed)
+    names = [n for n, *_ in STAGES]
+    first = next(i for i, (*_, src) in enumerate(STAGES) if src == REFRESHED)
+    # new: the Thinker stages from the first on fresh rows; seen: stage 0's text records (the
+    # dense stages' records hold no messages)
+    later = sorted({f for *_, d, _ in STAGES[first:names.index(THINKER) + 1] for f in d})
+    _, k = refresh(out / names[first - 1], out / REFRESHED, [out / "data" / f for f in later],
+                   [out / "data" / f for f in STAGES[0][2]], seed)
     return k
 
 
@@ -421,6 +424,8 @@ def run(out: str | Path, codec: str | Path | None, n_per_family: int = 800, seed
     final = out / STAGES[-1][0]
     for name, cfg, train_data, src in STAGES:
         stage_out = out / name
+        if _done(stage_out / "train_stage.json", name):
+            continue  # its source (DPO pairs, fresh rows, balanced Thinker) is not needed again
         if name == "stage4_dpo" and not _done(data_dir / "dpo.jsonl", "dpo pairs"):
             timed("dpo_pairs", lambda src=src: _run(py + [
                 "omnistream.train.dpo_pairs", "--model", str(out / src),
@@ -435,8 +440,6 @@ def run(out: str | Path, codec: str | Path | None, n_per_family: int = 800, seed
 
             timed("balance", lambda: balance(out / THINKER, out / BALANCED,
                                              TEXT_TRACK_ALPHA))
-        if _done(stage_out / "train_stage.json", name):
-            continue
         n_records = sum(_count(data_dir / f) for f in train_data)
         if n_records == 0:  # only DPO can end up without data: all samples scored alike
             log(f"{name}: SKIPPED, no records in {train_data}; shipping {src}")
