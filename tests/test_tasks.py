@@ -507,3 +507,66 @@ def test_unknown_families_are_named_in_the_error(tmp_path):
 
     with pytest.raises(ValueError, match="'image-counts'"):
         evaluate("/nonexistent", n=1, families=["image-counts"], recognize=False)
+
+
+def test_levels_vary_only_the_audio_and_by_the_recorded_gain(tmp_path):
+    """``make_dataset(levels=True)`` (training only): the same cases as without it, each WAV at
+    the gain its record names (measured on the tones) or through the gain control, images
+    untouched, the same bytes on every run."""
+    from omnistream.train import tasks_media as tm
+
+    fams = ["beeps", "image-count"]
+    plain = tasks.make_dataset(tmp_path / "a", 6, seed=5, families=fams, progress=False)
+    lev = tasks.make_dataset(tmp_path / "b", 6, seed=5, families=fams, progress=False,
+                             levels=True)
+    again = tasks.make_dataset(tmp_path / "c", 6, seed=5, families=fams, progress=False,
+                               levels=True)
+    assert lev.read_text() == again.read_text()
+    kinds = set()
+    for p, r in zip(*([json.loads(x) for x in f.read_text().splitlines()] for f in (plain, lev)),
+                    strict=True):
+        assert p["messages"] == r["messages"] and "levels" not in p
+        media = r["messages"][1]["content"][0]
+        a, b, c = ((f.parent / media[media["type"]]).read_bytes() for f in (plain, lev, again))
+        assert b == c
+        if r["family"] == "image-count":
+            assert a == b and r["levels"] == []
+            continue
+        (meta,) = r["levels"]
+        assert tm.LEVEL_DB[0] <= meta["gain_db"] <= tm.LEVEL_DB[1]
+        x, sr = tm.read_wav_bytes(a)
+        y, _ = tm.read_wav_bytes(b)
+        assert len(x) == len(y) and a != b
+        kinds.add("gain" if meta["agc_rms"] is None else "agc")
+        loud = np.abs(x) > 0.5 * np.abs(x).max()  # samples inside a tone
+        if meta["agc_rms"] is None and np.abs(x).max() * 10 ** (meta["gain_db"] / 20) < 0.99:
+            ratio = np.median(y[loud] / x[loud])  # not clipped: the plain gain
+            assert ratio == pytest.approx(10 ** (meta["gain_db"] / 20), rel=0.01, abs=1e-3)
+    assert kinds == {"gain", "agc"}
+
+
+def test_gain_control_levels_speech_and_gates_the_quiet():
+    """``tasks_media.vary_level``'s gain control: a quiet tone comes out near the drawn target
+    RMS, a stretch 60 dB below it is gated, and no sample passes full scale."""
+    from omnistream.train import tasks_media as tm
+
+    sr = 16_000
+    t = np.arange(sr // 2) / sr
+    tone = 0.01 * np.sin(2 * np.pi * 440 * t)
+    x = np.concatenate([tone, 1e-5 * np.sin(2 * np.pi * 300 * t), tone]).astype(np.float32)
+    seen = 0
+    for seed in range(12):
+        y, meta = tm.vary_level(x, sr, np.random.default_rng(seed))
+        assert np.abs(y).max() <= 1.0
+        if meta["agc_rms"] is None:
+            continue
+        seen += 1
+        g = 10 ** (meta["gain_db"] / 20)
+        mid = slice(sr // 8, 3 * sr // 8)  # inside the first tone, away from the smoothing
+        rms = np.sqrt(np.mean(y[mid].astype(np.float64) ** 2))
+        want = np.clip(meta["agc_rms"], 0.01 * g / np.sqrt(2) * tm.AGC_GAIN[0],
+                       0.01 * g / np.sqrt(2) * tm.AGC_GAIN[1])
+        assert rms == pytest.approx(want, rel=0.02)
+        gap = y[sr // 2 + sr // 8: sr - sr // 8]
+        assert np.abs(gap).max() <= 1e-5 * g * tm.AGC_GATE_GAIN * 1.01
+    assert seen >= 3

@@ -385,12 +385,27 @@ def case_rng(seed: int, family: str, i: int) -> np.random.Generator:
 # -- dataset -----------------------------------------------------------------------------------
 
 
+def vary_levels(case: Case, rng: np.random.Generator) -> list[dict]:
+    """Training only: every WAV of ``case`` at a random level, sometimes through a gain control
+    (``tasks_media.vary_level``), in place; returns each one's meta."""
+    metas = []
+    for m in case.media:
+        if m.ext == "wav":
+            pcm, sr = tm.read_wav_bytes(m.data)
+            pcm, meta = tm.vary_level(pcm, sr, rng)
+            m.data = tm.wav_bytes(pcm, sr)
+            metas.append(meta)
+    return metas
+
+
 def make_dataset(out_dir: str | Path, n_per_family: int, seed: int,
                  families: list[str] | tuple[str, ...] | None = None,
-                 progress: bool = True) -> Path:
+                 progress: bool = True, levels: bool = False) -> Path:
     """``n_per_family`` cases of each family (default: all) written under ``out_dir``: media in
     ``out_dir/media/{family}/``, records in ``out_dir/data.jsonl`` (family by family, case by
-    case). The same arguments write the same bytes. Returns the JSONL path."""
+    case). ``levels``: the same cases with their WAVs at random levels (``vary_levels``; for
+    training only: TASKS.md's renderings keep the voices' level). The same arguments write the
+    same bytes. Returns the JSONL path."""
     from tqdm import tqdm
 
     families = check_families(FAMILIES if families is None else families)
@@ -399,14 +414,16 @@ def make_dataset(out_dir: str | Path, n_per_family: int, seed: int,
     jobs = [(f, i) for f in families for i in range(n_per_family)]
     lines = []
     for f, i in tqdm(jobs, desc="omni-mini cases", disable=not progress, unit="case"):
-        case = make_case(f, case_rng(seed, f, i))
+        rng = case_rng(seed, f, i)
+        case = make_case(f, rng)
+        level = vary_levels(case, rng) if levels else None  # the same case, then its levels
         paths = []
         for k, m in enumerate(case.media):
             rel = f"media/{f}/{i:06d}_{k}.{m.ext}"
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             (out / rel).write_bytes(m.data)
             paths.append(rel)
-        rec = case.record(paths) | {"case": [seed, f, i]}
+        rec = case.record(paths) | {"case": [seed, f, i]} | ({"levels": level} if levels else {})
         lines.append(json.dumps(rec, ensure_ascii=False))
     path = out / "data.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -423,9 +440,12 @@ def main(argv: list[str] | None = None) -> None:
                    help=f"training: < {EVAL_SEED_BASE}; evaluation: >= {EVAL_SEED_BASE}")
     p.add_argument("--families", default=None, help="comma-separated (default: all)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--levels", action="store_true",
+                   help="training only: audio at random levels, sometimes through a gain control")
     a = p.parse_args(argv)
     fams = a.families.split(",") if a.families else None
-    print(make_dataset(a.out, a.n_per_family, a.seed, fams, progress=not a.no_progress))
+    print(make_dataset(a.out, a.n_per_family, a.seed, fams, progress=not a.no_progress,
+                       levels=a.levels))
 
 
 if __name__ == "__main__":

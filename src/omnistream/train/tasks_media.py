@@ -219,6 +219,45 @@ def spoken_question(text: str, rng: np.random.Generator) -> tuple[bytes, dict]:
     return wav_bytes(pcm, sr), meta
 
 
+# Training only (``tasks.make_dataset(levels=True)``): microphones differ in level by tens of dB
+# and browsers level them again (automatic gain, noise suppression). omni-mini trained on the
+# voices' own level heard 90% of eval spoken sums, 25% at a quarter of it, 10% at three times it
+# (clipped) and 75% through a crude gain control (docs/MINI.md, twenty-first session).
+LEVEL_DB = (-20.0, 12.0)  # gain on the clip, clipped at full scale afterwards
+AGC_P = 0.5  # then, this often, a gain control that levels each 20 ms frame toward AGC_RMS
+AGC_RMS = (0.05, 0.3)
+AGC_GAIN = (0.25, 8.0)  # its gain's bounds
+AGC_GATE_DB = -35.0  # frames this far below the loudest are gated (noise suppression) ...
+AGC_GATE_GAIN = 0.05  # ... to this gain
+
+
+def read_wav_bytes(data: bytes) -> tuple[np.ndarray, int]:
+    """The mono float pcm and rate of a 16-bit WAV written by ``wav_bytes``."""
+    with wave.open(io.BytesIO(data)) as w:
+        pcm = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32768.0
+        return pcm, w.getframerate()
+
+
+def vary_level(pcm: np.ndarray, sr: int, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+    """``pcm`` at a random level (LEVEL_DB, clipped at full scale) and, with probability AGC_P,
+    through a gain control with a noise gate (smoothed over 100 ms): (pcm, meta)."""
+    db = float(rng.uniform(*LEVEL_DB))
+    x = np.asarray(pcm, np.float32) * np.float32(10 ** (db / 20))
+    meta: dict = {"gain_db": db, "agc_rms": None}
+    if rng.random() < AGC_P:
+        hop = sr // 50
+        n = -(-len(x) // hop)
+        frames = np.pad(x, (0, n * hop - len(x))).reshape(n, hop)
+        rms = np.sqrt((frames.astype(np.float64) ** 2).mean(axis=1)) + 1e-9  # [n]
+        target = float(rng.uniform(*AGC_RMS))
+        g = np.clip(target / rms, *AGC_GAIN)
+        g[rms < rms.max() * 10 ** (AGC_GATE_DB / 20)] = AGC_GATE_GAIN
+        g = np.convolve(np.pad(g, 2, mode="edge"), np.ones(5) / 5, mode="valid")
+        x = (frames * g[:, None].astype(np.float32)).reshape(-1)[: len(x)]
+        meta["agc_rms"] = target
+    return np.clip(x, -1.0, 1.0), meta
+
+
 def beeps(n: int, rng: np.random.Generator) -> tuple[bytes, dict]:
     """A WAV of ``n`` tones (BEEP_HZ ± BEEP_HZ_TOL, lengths BEEP_S, gaps BEEP_GAP_S, first one
     BEEP_OFFSET_S in) in BEEP_TOTAL_S of audio, with optional noise: (bytes, meta)."""
