@@ -251,6 +251,33 @@ def test_eval_prints_the_table_on_the_tiny_model(tiny_dir, capsys):
     assert rows["all"][1] == str(len(FAMILIES))
 
 
+def test_eval_levels_hear_the_training_generators_levels(tiny_dir, tmp_path, monkeypatch):
+    """``evaluate(levels=True)`` gives the engine each case's audio exactly as
+    ``make_dataset(levels=True)`` writes it for the same seed (and the plain audio without)."""
+    from omnistream.eval import tasks as ev
+    from omnistream.train.tasks import EVAL_SEED_BASE, make_dataset
+
+    heard: list[bytes] = []
+
+    def fake_respond(engine, messages, options):
+        part = next(p for m in messages if isinstance(m["content"], list)
+                    for p in m["content"] if p.get("type") == "audio")
+        heard.append(Path(part["audio"]).read_bytes())
+        return ev.Reply("", np.zeros(0, np.float32), [], {"wall_s": 0.0}, "stop")
+
+    monkeypatch.setattr(ev, "respond", fake_respond)
+    for levels in (False, True):
+        heard.clear()
+        res = ev.evaluate(tiny_dir, n=3, families=["beeps"], recognize=False, levels=levels)
+        assert res["levels"] is levels
+        assert ("random microphone levels" in ev.format_table(res)) is levels
+        data = make_dataset(tmp_path / str(levels), 3, EVAL_SEED_BASE, ["beeps"], False, levels)
+        want = [(data.parent / json.loads(x)["messages"][1]["content"][0]["audio"]).read_bytes()
+                for x in data.read_text().splitlines()]
+        assert heard == want
+    assert heard[0] != (tmp_path / "False" / "media/beeps/000000_0.wav").read_bytes()
+
+
 def test_voice_reference_wer():
     """The eval's reference column: the recognizer on the Piper voice reading an answer."""
     pytest.importorskip("piper", reason="the voice needs the data extra")

@@ -107,16 +107,25 @@ class CaseResult:
 def evaluate(model: str | Path, n: int = 50, seed: int | None = None,
              families: list[str] | None = None, recognize: bool | None = None,
              max_new_tokens: int = MAX_NEW_TOKENS, speech_seconds: float = SPEECH_SECONDS,
-             solver: str | None = None, dtype: str = "float32",
+             solver: str | None = None, dtype: str = "float32", levels: bool = False,
              progress: Callable[[CaseResult], None] | None = None) -> dict[str, Any]:
     """Evaluate ``model`` on ``n`` fresh cases per family; returns ``{"cases": [...],
-    "recognizer": bool, "model", "seed"}`` (``format_table`` prints it).
+    "recognizer": bool, "model", "seed", "levels"}`` (``format_table`` prints it).
 
     ``recognize``: None = when the recognizer is installed. ``seed`` (default
-    ``EVAL_SEED_BASE``) must be at least ``EVAL_SEED_BASE``."""
+    ``EVAL_SEED_BASE``) must be at least ``EVAL_SEED_BASE``. ``levels``: the same cases with
+    their audio at random microphone levels (``train.tasks.vary_levels``), a robustness check
+    beyond TASKS.md's renderings."""
     from omnistream.engine.options import SessionOptions
     from omnistream.engine.session import Engine
-    from omnistream.train.tasks import EVAL_SEED_BASE, FAMILIES, case_rng, check_families, make_case
+    from omnistream.train.tasks import (
+        EVAL_SEED_BASE,
+        FAMILIES,
+        case_rng,
+        check_families,
+        make_case,
+        vary_levels,
+    )
 
     seed = EVAL_SEED_BASE if seed is None else seed
     if seed < EVAL_SEED_BASE:
@@ -142,7 +151,10 @@ def evaluate(model: str | Path, n: int = 50, seed: int | None = None,
     with tempfile.TemporaryDirectory(prefix="omnistream-eval-") as tmp:
         for f in families:
             for i in range(n):
-                case = make_case(f, case_rng(seed, f, i))
+                rng = case_rng(seed, f, i)
+                case = make_case(f, rng)
+                if levels:
+                    vary_levels(case, rng)  # as make_dataset(levels=True) draws them
                 paths = []
                 for k, m in enumerate(case.media):
                     p = Path(tmp) / f"{f}_{i}_{k}.{m.ext}"
@@ -169,7 +181,7 @@ def evaluate(model: str | Path, n: int = 50, seed: int | None = None,
                 if progress is not None:
                     progress(res)
     return {"model": str(model), "seed": seed, "n": n, "recognizer": rec_mod is not None,
-            "cases": [asdict(r) for r in results]}
+            "levels": levels, "cases": [asdict(r) for r in results]}
 
 
 def _voice_floor(rec_mod) -> Callable[[str], tuple[int, int]] | None:
@@ -231,6 +243,8 @@ def format_table(res: dict[str, Any]) -> str:
     rows += [row(f, cs) for f, cs in fams.items()]
     rows += ["-" * len(head), row("all", res["cases"])]
     note = f"model {res['model']}, seed {res['seed']}, {res['n']} fresh cases per family"
+    if res.get("levels"):
+        note += ", audio at random microphone levels"
     if not res["recognizer"]:
         note += "; WER needs the recognizer: pip install 'omnistream[eval]'"
     return "\n".join(rows + [note])
