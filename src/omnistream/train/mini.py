@@ -32,7 +32,8 @@ config). Steps, in order (``OUT/...``):
    in batches that mix the families),
    ``stage2b_all`` (the same, continued with a warm restart), ``stage2c_fresh`` (the same
    again with fresh cases, most of them of the families the Thinker answers worst:
-   ``data/fresh/``, ``data/fresh_rest/``), ``stage2b_balanced`` (the same
+   ``data/fresh/``, ``data/fresh_rest/``, and audio at random microphone levels:
+   ``data/levels/``), ``stage2b_balanced`` (the same
    model with its token embeddings stronger in the Talker's text track, the Thinker's outputs
    unchanged: ``mini_model.balance``), ``stage3_talker`` (the Talker).
 4. ``data/dpo.jsonl``: preference pairs of sampled speech ranked by the recognizer's WER and by
@@ -90,9 +91,15 @@ AUX_CASES = 3000
 # 94.9% on 550 fresh cases, docs/MINI.md), most from the families it answered worst (listed
 # twice), with a few of each other family so that none is forgotten.
 FRESH, FRESH_REST = "fresh", "fresh_rest"
-FRESH_SEEDS = (5, 6)  # added to the recipe's seed: cases the earlier stages never saw
+FRESH_SEEDS = (5, 6, 7)  # added to the recipe's seed: cases the earlier stages never saw
 FRESH_FAMILIES = ("image-count-color", "spoken-image", "image-color", "image-count", "arithmetic")
 FRESH_CASES, FRESH_REST_CASES = 1500, 600
+# With them, cases whose audio comes at random microphone levels, sometimes levelled by a gain
+# control (``tasks.make_dataset(levels=True)``): trained at the voices' own level, omni-mini
+# misheard quiet, loud and browser-levelled questions (twenty-first session, docs/MINI.md).
+LEVELS = "levels"
+LEVEL_FAMILIES = ("arithmetic", "spoken-image", "spoken-repeat", "beeps")
+LEVEL_CASES = 1000
 THINKER = "stage2c_fresh"  # the finished Thinker, balanced for the Talker
 # The Thinker's hidden states drown its token embeddings in the Talker's text track (norms about
 # 21 and 1): ``mini_model.balance`` rescales the finished Thinker (outputs unchanged) so that the
@@ -125,7 +132,8 @@ STAGES = (
      "stage2_all"),
     (THINKER, "mini_2c_fresh.json", ("data.jsonl", "text.jsonl", f"{AUX}/data.jsonl",
                                      f"{FRESH}/data.jsonl", f"{FRESH}/data.jsonl",
-                                     f"{FRESH_REST}/data.jsonl"), "stage2b_all"),
+                                     f"{FRESH_REST}/data.jsonl", f"{LEVELS}/data.jsonl"),
+     "stage2b_all"),
     ("stage3_talker", "mini_3_talker.json",
      (TALKER_CLEAR, f"{TALKER_REPEAT}/talker.jsonl", TALKER_COUNTER_CLEAR), BALANCED),
     ("stage4_dpo", "mini_4_dpo.json", ("dpo.jsonl",), "stage3_talker"),
@@ -369,6 +377,12 @@ def run(out: str | Path, codec: str | Path | None, n_per_family: int = 800, seed
                          families=[f for f in FAMILIES if f not in FRESH_FAMILIES])
 
         timed("fresh", fresh)
+    if not _done(data_dir / LEVELS / "data.jsonl", "cases at microphone levels"):
+        from omnistream.train.tasks import make_dataset
+
+        timed("levels", lambda: make_dataset(
+            data_dir / LEVELS, max(LEVEL_CASES * n_per_family // 800, 1), seed + FRESH_SEEDS[2],
+            families=LEVEL_FAMILIES, levels=True))
     if not _done(data_dir / VISION / "vision.jsonl", "vision images"):
         from omnistream.train.dense import make_vision_data
 
