@@ -20,6 +20,7 @@ from torch import Tensor
 
 from omnistream.codec.encoder import SpeechEncoder, StreamingEncoder
 from omnistream.config import Token2WavConfig
+from omnistream.engine.options import SessionOptions
 from omnistream.media.audio import OUTPUT_SAMPLE_RATE, decode_audio, resample
 from omnistream.media.errors import MediaError
 from omnistream.nn.token2wav import Token2Wav
@@ -122,8 +123,10 @@ class Codec:
     def voice(self, name: str | None = None):
         return self.speakers[name] if name else next(iter(self.speakers.values()))
 
-    def decode_stream(self, codes: Any, voice: str | None = None, *, chunk_frames: int = 48,
-                      max_chunk_frames: int = 144, steps: int | None = None,
+    def decode_stream(self, codes: Any, voice: str | None = None, *,
+                      chunk_frames: int = SessionOptions.chunk_frames,
+                      max_chunk_frames: int = SessionOptions.max_chunk_frames,
+                      steps: int | None = None,
                       solver: str | None = None, guidance_scale: float | None = None,
                       seed: int = 0) -> Iterator[np.ndarray]:
         """Codes -> 24 kHz float32 PCM chunks, as the engine streams speech (ODE options left

@@ -37,7 +37,10 @@ class SessionOptions:
     talker_max_new_tokens: int = 4096  # codec ids per reply (50 = 1 s of speech)
     max_codes_per_token: int = 50  # codec ids per reply token: stops a Talker that never ends
     # -- code2wav (speech synthesis, see engine/code2wav.py)
-    chunk_frames: int = 48  # mel frames (10 ms) per first chunk: (48 + 24) / 2 codes to audio
+    # mel frames (10 ms) per first chunk: audio after (C + 24) / 2 codes. One DiT block (24),
+    # the least: omni-mini's first audio after a typed question, median 0.24-0.29 s against
+    # 0.31-0.33 at 48, the recognizer's WER alike (docs/MINI.md, twenty-first session)
+    chunk_frames: int = 24
     max_chunk_frames: int = 144  # chunks double up to this size (less re-solved context)
     # the flow-matching ODE per chunk; None: the checkpoint's (token2wav_config, the release's
     # RK4, 10 steps, guidance 0.5 when it says nothing)
