@@ -48,8 +48,8 @@ def test_fresh_cases_of_every_family(engine):
     print(format_table(res))
     s = summarize(res["cases"])
     # The target is 95% in every family; the shipped model (v8) reaches 95.3% on 550
-    # fresh cases (docs/MINI.md; v7: 95.1%, v6: 94.9%, v5: 93.5%). This catches a broken or swapped model
-    # (random weights: 0 of 11), not the target.
+    # fresh cases (docs/MINI.md; v7: 95.1%, v6: 94.9%, v5: 93.5%). This catches a broken or
+    # swapped model (random weights: 0 of 11), not the target.
     assert s["acc"] >= 7 / 11, format_table(res)
     for c in res["cases"]:
         assert c["audio_s"] > 0.5, c  # every reply is spoken
