@@ -113,14 +113,14 @@ def test_spoken_sums_from_a_quiet_or_a_loud_microphone(engine, gain):
     from omnistream.chat import SPEECH_SYSTEM_PROMPT
     from omnistream.engine.events import Done
     from omnistream.eval.tasks import normalize_answer
+    from omnistream.media.audio import decode_audio
     from omnistream.train.tasks import case_rng, make_case
-    from omnistream.train.tasks_media import read_wav_bytes
 
     cases = [c for c in (make_case("arithmetic", case_rng(3_000_000, "arithmetic", i))
                          for i in range(40)) if c.media][:10]
     right = []
     for c in cases:
-        pcm, sr = read_wav_bytes(c.media[0].data)
+        pcm, sr = decode_audio(c.media[0].data)
         msgs = [{"role": "user", "content": [{"type": "audio", "sampling_rate": sr,
                                               "audio": np.clip(gain * pcm, -1.0, 1.0)}]}]
         sess = engine.session(seed=0, audio_output=False, system=SPEECH_SYSTEM_PROMPT)

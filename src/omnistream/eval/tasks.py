@@ -114,18 +114,11 @@ def evaluate(model: str | Path, n: int = 50, seed: int | None = None,
 
     ``recognize``: None = when the recognizer is installed. ``seed`` (default
     ``EVAL_SEED_BASE``) must be at least ``EVAL_SEED_BASE``. ``levels``: the same cases with
-    their audio at random microphone levels (``train.tasks.vary_levels``), a robustness check
+    their audio at random microphone levels (``train.tasks.render_case``), a robustness check
     beyond TASKS.md's renderings."""
     from omnistream.engine.options import SessionOptions
     from omnistream.engine.session import Engine
-    from omnistream.train.tasks import (
-        EVAL_SEED_BASE,
-        FAMILIES,
-        case_rng,
-        check_families,
-        make_case,
-        vary_levels,
-    )
+    from omnistream.train.tasks import EVAL_SEED_BASE, FAMILIES, check_families, render_case
 
     seed = EVAL_SEED_BASE if seed is None else seed
     if seed < EVAL_SEED_BASE:
@@ -151,10 +144,7 @@ def evaluate(model: str | Path, n: int = 50, seed: int | None = None,
     with tempfile.TemporaryDirectory(prefix="omnistream-eval-") as tmp:
         for f in families:
             for i in range(n):
-                rng = case_rng(seed, f, i)
-                case = make_case(f, rng)
-                if levels:
-                    vary_levels(case, rng)  # as make_dataset(levels=True) draws them
+                case, _ = render_case(seed, f, i, levels)
                 paths = []
                 for k, m in enumerate(case.media):
                     p = Path(tmp) / f"{f}_{i}_{k}.{m.ext}"

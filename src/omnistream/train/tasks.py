@@ -388,14 +388,26 @@ def case_rng(seed: int, family: str, i: int) -> np.random.Generator:
 def vary_levels(case: Case, rng: np.random.Generator) -> list[dict]:
     """Training only: every WAV of ``case`` at a random level, sometimes through a gain control
     (``tasks_media.vary_level``), in place; returns each one's meta."""
+    from omnistream.media.audio import decode_audio
+
     metas = []
     for m in case.media:
         if m.ext == "wav":
-            pcm, sr = tm.read_wav_bytes(m.data)
+            pcm, sr = decode_audio(m.data)
             pcm, meta = tm.vary_level(pcm, sr, rng)
             m.data = tm.wav_bytes(pcm, sr)
             metas.append(meta)
     return metas
+
+
+def render_case(seed: int, family: str, i: int, levels: bool = False
+                ) -> tuple[Case, list[dict] | None]:
+    """Case ``i`` of ``family`` for ``seed`` and, with ``levels``, its WAVs then drawn at random
+    levels from the same stream (``vary_levels``' metas; None without): what the generator
+    writes and the evaluation plays."""
+    rng = case_rng(seed, family, i)
+    case = make_case(family, rng)
+    return case, vary_levels(case, rng) if levels else None
 
 
 def make_dataset(out_dir: str | Path, n_per_family: int, seed: int,
@@ -414,16 +426,16 @@ def make_dataset(out_dir: str | Path, n_per_family: int, seed: int,
     jobs = [(f, i) for f in families for i in range(n_per_family)]
     lines = []
     for f, i in tqdm(jobs, desc="omni-mini cases", disable=not progress, unit="case"):
-        rng = case_rng(seed, f, i)
-        case = make_case(f, rng)
-        level = vary_levels(case, rng) if levels else None  # the same case, then its levels
+        case, level = render_case(seed, f, i, levels)
         paths = []
         for k, m in enumerate(case.media):
             rel = f"media/{f}/{i:06d}_{k}.{m.ext}"
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             (out / rel).write_bytes(m.data)
             paths.append(rel)
-        rec = case.record(paths) | {"case": [seed, f, i]} | ({"levels": level} if levels else {})
+        rec = case.record(paths) | {"case": [seed, f, i]}
+        if level is not None:
+            rec["levels"] = level
         lines.append(json.dumps(rec, ensure_ascii=False))
     path = out / "data.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")

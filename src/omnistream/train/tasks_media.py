@@ -231,13 +231,6 @@ AGC_GATE_DB = -35.0  # frames this far below the loudest are gated (noise suppre
 AGC_GATE_GAIN = 0.05  # ... to this gain
 
 
-def read_wav_bytes(data: bytes) -> tuple[np.ndarray, int]:
-    """The mono float pcm and rate of a 16-bit WAV written by ``wav_bytes``."""
-    with wave.open(io.BytesIO(data)) as w:
-        pcm = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32768.0
-        return pcm, w.getframerate()
-
-
 def vary_level(pcm: np.ndarray, sr: int, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
     """``pcm`` at a random level (LEVEL_DB, clipped at full scale) and, with probability AGC_P,
     through a gain control with a noise gate (smoothed over 100 ms): (pcm, meta)."""
