@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
+
+# The device the path-users-run parity tests (Session.respond, the CLI, batching) run on:
+# ``OMNISTREAM_TEST_DEVICE=cuda pytest tests/test_talker.py tests/test_batch.py`` repeats them on
+# a GPU, the reference beside our engine on the same device (conftest turns TF32 off there).
+DEVICE = os.environ.get("OMNISTREAM_TEST_DEVICE", "cpu")
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ import asyncio
 import numpy as np
 import pytest
 import torch
+from helpers import DEVICE
 
 from omnistream.engine.batch import Batcher, TalkerWork, ThinkerWork
 from omnistream.engine.events import AudioChunk, Done, TextDelta
@@ -23,7 +24,7 @@ FAST_SPEECH = dict(talker_max_new_tokens=40, ode_steps=2, solver="euler", chunk_
 def engine(tiny_dir):
     from omnistream.engine.session import Engine
 
-    eng = Engine.load(tiny_dir, quiet=True)
+    eng = Engine.load(tiny_dir, quiet=True, device=DEVICE)
     eng.reserve_slots(6, context=1024, speech_codes=64)
     return eng
 
@@ -62,13 +63,14 @@ def test_cache_rows_attend_each_row_to_its_own_slots(engine):
     caches = [pool.view(i) for i in range(3)]
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
-        th.prefill(torch.randint(0, 1000, (1, 30), generator=g), caches[0])  # stale, then cut
+        ids = torch.randint(0, 1000, (1, 30), generator=g).to(DEVICE)
+        th.prefill(ids, caches[0])  # stale, then cut
         caches[0].crop(4)
         for c, n in zip(caches, (0, 11, 23), strict=True):
             if n:
-                th.prefill(torch.randint(0, 1000, (1, n), generator=g), c)
-        tokens = torch.tensor([5, 6, 7])
-        deltas = torch.tensor([[0], [2], [-1]])
+                th.prefill(torch.randint(0, 1000, (1, n), generator=g).to(DEVICE), c)
+        tokens = torch.tensor([5, 6, 7], device=DEVICE)
+        deltas = torch.tensor([[0], [2], [-1]], device=DEVICE)
         lengths = [c.length for c in caches]
         batched = th.decode_step(tokens, CacheRows(caches), deltas)
         assert [c.length for c in caches] == [n + 1 for n in lengths]

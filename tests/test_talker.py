@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import randomize_, tiny_hf_config
+from helpers import DEVICE, randomize_, tiny_hf_config
 from test_thinker import VS, aiv_prompt, hf_to_ckpt, mm_prompt, text_ids
 
 from omnistream.config import OmniConfig
@@ -121,7 +121,8 @@ def _reference_codes(ref, ids, mask, n_text, n_codes, media):
             x = x if x is not None else kwargs["input_ids"]
             cache = kwargs.get("cache")
             past = cache.get_seq_length() if cache is not None else 0
-            kwargs["attention_mask"] = torch.ones(x.shape[0], past + x.shape[1], dtype=torch.long)
+            kwargs["attention_mask"] = torch.ones(x.shape[0], past + x.shape[1], dtype=torch.long,
+                                                  device=x.device)
         return args, kwargs
 
     ref.talker.generate = capture
@@ -130,8 +131,8 @@ def _reference_codes(ref, ids, mask, n_text, n_codes, media):
     ref.speaker_map = {
         "Chelsie": {
             "bos_token": SPEAKER_BOS,
-            "cond": torch.zeros(1, 192),
-            "ref_mel": torch.zeros(1, 40, 80),
+            "cond": torch.zeros(1, 192, device=ids.device),
+            "ref_mel": torch.zeros(1, 40, 80, device=ids.device),
         }
     }
     ref.talker.rope_deltas = None
@@ -217,14 +218,15 @@ def user_path(tiny_dir, tmp_path_factory):
 
     ref = _reference(seed=5)
     d = _write_checkpoint(ref, tiny_dir, tmp_path_factory.mktemp("plain"))
-    plain = Engine.load(d, quiet=True)
+    plain = Engine.load(d, quiet=True, device=DEVICE)
     done = list(plain.session(max_new_tokens=3, talker_max_new_tokens=1).respond(EOS_PROMPT))[-1]
     ref_eos = copy.deepcopy(ref)
     with torch.no_grad():
         head = ref_eos.thinker.lm_head.weight
         head[EOS] = head[done.text_ids[2]] * 1.1  # scores above the greedy token wherever it wins
     d_eos = _write_checkpoint(ref_eos, tiny_dir, tmp_path_factory.mktemp("eos"))
-    return {"plain": (ref, d, plain), "eos": (ref_eos, d_eos, Engine.load(d_eos, quiet=True))}
+    eos = Engine.load(d_eos, quiet=True, device=DEVICE)
+    return {"plain": (ref.to(DEVICE), d, plain), "eos": (ref_eos.to(DEVICE), d_eos, eos)}
 
 
 def _until_stop(codes: torch.Tensor) -> list[int]:
@@ -280,9 +282,10 @@ def test_session_codes_match_reference_generate(user_path, case, tmp_path):
     assert inputs.input_ids.tolist() == sess.last_prompt_ids  # the features the session used
     media = {k: getattr(inputs, k) for k in MEDIA_FIELDS if getattr(inputs, k) is not None}
     media.pop("use_audio_in_video", None)
+    media = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in media.items()}
     if aiv:
         media["use_audio_in_video"] = True
-    ids = torch.tensor([sess.last_prompt_ids])
+    ids = torch.tensor([sess.last_prompt_ids], device=DEVICE)
     want_text, want_codes = _reference_codes(ref, ids, torch.ones_like(ids), n_text, N_CODES,
                                              media)
     assert done.text_ids == want_text[0].tolist()
@@ -300,12 +303,12 @@ def test_cli_generate_codes_match_reference_generate(user_path, tmp_path, capsys
     from omnistream.cli import main
 
     ref, d, _ = user_path["plain"]
-    rc = main(["generate", "--model", str(d), "--prompt", LENGTH_PROMPT, "--json",
-               "--max-new-tokens", "5", "--talker-max-new-tokens", str(N_CODES),
+    rc = main(["generate", "--model", str(d), "--device", DEVICE, "--prompt", LENGTH_PROMPT,
+               "--json", "--max-new-tokens", "5", "--talker-max-new-tokens", str(N_CODES),
                "--talker-temperature", "0", "--out", str(tmp_path / "reply.wav")])
     assert rc == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    ids = torch.tensor([res["prompt_ids"]])
+    ids = torch.tensor([res["prompt_ids"]], device=DEVICE)
     want_text, want_codes = _reference_codes(ref, ids, torch.ones_like(ids), 5, N_CODES, {})
     assert res["text_ids"] == want_text[0].tolist()
     assert res["codec_ids"] == _until_stop(want_codes[0]) and len(res["codec_ids"]) > 6
