@@ -160,3 +160,38 @@ def test_stream_close_to_offline(model, inputs, offline, C, C_max):
     # is ~1e-7, far below it) and above every broken variant.
     assert snr > 70.0
     assert max_abs < 1.5e-3
+
+
+@pytest.mark.parametrize("C", [24, 48])
+def test_first_chunk_without_lookahead(model, inputs, offline, C):
+    """``first_future=0``: the first chunk comes after C / 2 codes, however the codes arrive;
+    past its first C - 20 voiced frames the stream stays as close to offline as the official
+    windowing (the next window re-solves the block that lacked its future), and those first
+    frames stay close too."""
+    codes, cond, ref_mel, noise = inputs
+    kw = dict(chunk_size=C, max_chunk_size=144, noise=noise)
+    stream = Code2WavStream(model, cond, ref_mel, first_future=0, **kw)
+    chunks, first_at = [], None
+    for k, code in enumerate(codes[0].tolist(), start=1):
+        ready = stream.push(code)
+        if ready and first_at is None:
+            first_at, first_len = k, ready[0].size
+        chunks += ready
+    got = torch.from_numpy(np.concatenate(chunks + stream.flush()))
+    assert first_at == C // 2 and first_len == (C - 20) * 240
+    once = chunked_code2wav(model, codes, cond, ref_mel, first_future=0, **kw)
+    assert torch.equal(got, once)  # pushing one code at a time or all at once: the same
+    official = chunked_code2wav(model, codes, cond, ref_mel, **kw)
+
+    def snr(x, ref):
+        return 10 * math.log10(ref.pow(2).sum().item() / max((x - ref).pow(2).sum().item(), 1e-30))
+
+    head = first_len + 20 * 240  # the early frames and the vocoder context right after them
+    late = [snr(x[head:], offline[head:]) for x in (got, official)]
+    early = snr(got[:head], offline[:head])
+    print(f"\nfirst chunk without look-ahead, C={C}: SNR vs offline after {head} samples "
+          f"{late[0]:.1f} dB (official windowing {late[1]:.1f}), first {head}: {early:.1f} dB")
+    assert late[0] > late[1] - 3.0
+    assert early > 40.0  # broken windowing (tests above) gives 33-61 dB over the whole signal
+    with pytest.raises(ValueError, match="first_future"):
+        Code2WavStream(model, cond, ref_mel, first_future=25)

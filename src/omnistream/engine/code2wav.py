@@ -14,6 +14,13 @@ has exactly 480 samples per code. With ``chunk_size`` a multiple of the DiT bloc
 blocks line up with the offline solve's, and the only departure from offline is the context lost at
 the window edges as it spreads over the ODE steps (small; see tests/test_code2wav_stream.py).
 
+``first_future`` < 24 lets the first chunk start before its look-ahead block exists (0: after C / 2
+codes, 12 for C = 24). Its last block is then solved without the block it attends to ahead, but
+only its first C - 20 frames are voiced at once (4 frames = 40 ms for C = 24); the next window
+reaches one block further back (``Chunk.refresh``) and its solve of that block, now with its
+future, replaces the stored one before the rest of it is voiced. What departs from the official
+path is those first C - 20 frames and the vocoder context around them.
+
 ``push`` / ``flush`` are built from smaller pieces (``append``, ``next_chunk`` to plan a chunk,
 ``run`` to synthesise it) so that a scheduler can synthesise the chunks of several streams at
 once: ``decode_chunks`` stacks the DiT solves whose windows have the same length (and the vocoder
@@ -46,7 +53,8 @@ class Code2WavStream:
 
     def __init__(self, model: Token2Wav, cond: Tensor, ref_mel: Tensor, *, chunk_size: int = 72,
                  max_chunk_size: int | None = None, steps: int = 10, solver: str = "rk4",
-                 guidance_scale: float = 0.5, noise: Tensor | None = None, seed: int = 0):
+                 guidance_scale: float = 0.5, noise: Tensor | None = None, seed: int = 0,
+                 first_future: int | None = None):
         """cond [1, 192], ref_mel [1, T_ref, 80]: the voice. ``chunk_size``: mel frames per chunk,
         a positive multiple of the DiT block size (24); 72 is the official value, 48 halves the
         first-chunk latency. ``noise`` [1, frames, 80] fixes the initial state (it must cover the
@@ -56,7 +64,10 @@ class Code2WavStream:
         24; default: no growth). The first audio still needs only one small chunk, and later
         chunks re-solve less context: each solve covers 48 past + C + 24 future frames, so the
         work per output frame is 2.5x at C = 48 but 1.5x at C = 144. Growing needs the Talker
-        ahead of playback (chunk k + 1 waits for C_k more codes), which a real-time engine is."""
+        ahead of playback (chunk k + 1 waits for C_k more codes), which a real-time engine is.
+
+        ``first_future``: mel frames of look-ahead the first chunk waits for, 0..24 (default 24,
+        one DiT block, as the official path; see the module docstring)."""
         dit_cfg = model.cfg.dit_config
         bs = dit_cfg.block_size
         max_chunk_size = chunk_size if max_chunk_size is None else max_chunk_size
@@ -65,7 +76,10 @@ class Code2WavStream:
                 raise ValueError(f"{name} must be a positive multiple of {bs}, got {v}")
         self.model, self.C, self.C_max = model, chunk_size, max(max_chunk_size, chunk_size)
         self.repeats, self.mel_dim = dit_cfg.repeats, dit_cfg.mel_dim
-        self.past, self.future = 2 * bs, bs  # DiT window context (frames)
+        self.past, self.future, self.bs = 2 * bs, bs, bs  # DiT window context (frames)
+        self.first_future = bs if first_future is None else first_future
+        if not 0 <= self.first_future <= bs:
+            raise ValueError(f"first_future must be 0..{bs}, got {first_future}")
         self.steps, self.solver, self.guidance_scale = steps, solver, guidance_scale
         self.spk = model.speaker(cond, ref_mel, guidance_scale)  # ECAPA once per utterance
         self._noise = None if noise is None else noise.to(model.device, torch.float32)
@@ -74,6 +88,7 @@ class Code2WavStream:
         self._mel_tail = torch.zeros(1, self.mel_dim, 0, device=model.device)  # [1, 80, <=40]
         self._lo = 0  # first frame of the next chunk
         self._size = chunk_size  # frames of the next chunk
+        self._short = False  # the last planned chunk's last block was solved without its future
         self._done = False
 
     @property
@@ -109,8 +124,9 @@ class Code2WavStream:
         """Plan the next chunk whose inputs exist (None: wait for more codes). Chunks must be
         ``run`` in the order they are planned."""
         M = self.frames
+        fut = self.first_future if self._lo == 0 else self.future  # the same however codes come
         if not self._done:
-            if self._lo + self._size + self.future > M:
+            if self._lo + self._size + fut > M:
                 return None
             hi, final = self._lo + self._size, False
         elif self._lo < M:
@@ -118,9 +134,12 @@ class Code2WavStream:
             final = hi >= M
         else:
             return None
-        lo = self._lo
+        lo, refresh = self._lo, self._short
+        w_lo = max(lo - self.past - (self.bs if refresh else 0), 0)
+        w_hi = min(hi + fut, M)
+        self._short = not final and w_hi < hi + self.future
         self._lo, self._size = hi, min(2 * self._size, self.C_max)
-        return Chunk(lo, hi, max(lo - self.past, 0), min(hi + self.future, M), final)
+        return Chunk(lo, hi, w_lo, w_hi, final, refresh)
 
     def dit_inputs(self, c: Chunk) -> tuple[Tensor, Tensor]:
         """The DiT window's codes [1, (w_hi - w_lo) / 2] and noise [1, w_hi - w_lo, 80]."""
@@ -131,6 +150,11 @@ class Code2WavStream:
         """The window's solved mel [1, 80, w_hi - w_lo] -> the vocoder input [1, 80, <=40 + C]
         (the previous frames, then the chunk's); keeps the tail for the next chunk."""
         mel = window_mel[..., c.lo - c.w_lo : c.hi - c.w_lo]  # [1, 80, hi - lo]
+        if c.refresh:  # the stored last block lacked its future; this window solved it with it
+            k = min(self.bs, self._mel_tail.shape[-1])
+            fresh = window_mel[..., c.lo - k - c.w_lo : c.lo - c.w_lo]
+            self._mel_tail = torch.cat([self._mel_tail[..., : self._mel_tail.shape[-1] - k],
+                                        fresh], dim=-1)
         voc_in = torch.cat([self._mel_tail, mel], dim=-1)
         c.voc_lo = c.lo - self._mel_tail.shape[-1]  # first frame of the vocoder input
         self._mel_tail = voc_in[..., max(voc_in.shape[-1] - VOC_PAST, 0) :]
@@ -170,6 +194,8 @@ class Chunk:
     w_lo: int
     w_hi: int
     final: bool
+    refresh: bool = False  # the window reaches a block further back: it re-solves the stored
+    # last block of a chunk that ran without its look-ahead (``first_future``)
     voc_lo: int = 0  # first frame of its vocoder input (set by ``vocoder_input``)
 
 

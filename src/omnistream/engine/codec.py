@@ -126,6 +126,7 @@ class Codec:
     def decode_stream(self, codes: Any, voice: str | None = None, *,
                       chunk_frames: int = SessionOptions.chunk_frames,
                       max_chunk_frames: int = SessionOptions.max_chunk_frames,
+                      first_chunk_lookahead: int = SessionOptions.first_chunk_lookahead,
                       steps: int | None = None,
                       solver: str | None = None, guidance_scale: float | None = None,
                       seed: int = 0) -> Iterator[np.ndarray]:
@@ -137,7 +138,8 @@ class Codec:
         codes = self.check_codes(codes)
         spk = self.voice(voice)
         stream = Code2WavStream(self.token2wav, spk.cond, spk.ref_mel, chunk_size=chunk_frames,
-                                max_chunk_size=max_chunk_frames, steps=steps, solver=solver,
+                                max_chunk_size=max_chunk_frames,
+                                first_future=first_chunk_lookahead, steps=steps, solver=solver,
                                 guidance_scale=guidance_scale, seed=seed)
         with torch.inference_mode():
             for c in codes.tolist():

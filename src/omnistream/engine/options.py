@@ -37,11 +37,16 @@ class SessionOptions:
     talker_max_new_tokens: int = 4096  # codec ids per reply (50 = 1 s of speech)
     max_codes_per_token: int = 50  # codec ids per reply token: stops a Talker that never ends
     # -- code2wav (speech synthesis, see engine/code2wav.py)
-    # mel frames (10 ms) per first chunk: audio after (C + 24) / 2 codes. One DiT block (24),
-    # the least: omni-mini's first audio after a typed question, median 0.24-0.29 s against
-    # 0.31-0.33 at 48, the recognizer's WER alike (docs/MINI.md, twenty-first session)
+    # mel frames (10 ms) per first chunk: audio after (C + L) / 2 codes, L the look-ahead below.
+    # One DiT block (24), the least. With L = 0, omni-mini's first audio after a typed question
+    # came at a median 0.20-0.24 s against 0.32-0.33 with the official L = 24 and 0.33 with
+    # C = 48, L = 24; the recognizer's WER alike (docs/MINI.md, twenty-second session)
     chunk_frames: int = 24
     max_chunk_frames: int = 144  # chunks double up to this size (less re-solved context)
+    # mel frames of look-ahead the first chunk waits for, 0..24: 24 (one DiT block) is the
+    # official path; at 0 its last block is solved without the block ahead, then solved again
+    # with it before most of it is voiced (engine/code2wav.py)
+    first_chunk_lookahead: int = 0
     # the flow-matching ODE per chunk; None: the checkpoint's (token2wav_config, the release's
     # RK4, 10 steps, guidance 0.5 when it says nothing)
     ode_steps: int | None = None  # steps per chunk
@@ -57,6 +62,9 @@ class SessionOptions:
                 continue
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, not {v!r}")
+        v = self.first_chunk_lookahead
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 24:
+            raise ValueError(f"first_chunk_lookahead must be an integer 0..24, not {v!r}")
         if self.max_chunk_frames < self.chunk_frames:
             raise ValueError(f"max_chunk_frames ({self.max_chunk_frames}) < chunk_frames "
                              f"({self.chunk_frames})")

@@ -223,6 +223,7 @@ class Session:
         self.ignore_eos = o.ignore_eos
         self.use_audio_in_video = o.use_audio_in_video
         self.chunk_frames, self.max_chunk_frames = o.chunk_frames, o.max_chunk_frames
+        self.first_chunk_lookahead = o.first_chunk_lookahead
         self.ode_steps, self.solver, self.guidance_scale = (
             engine.cfg.token2wav_config.decode_options(o.ode_steps, o.solver, o.guidance_scale))
         self.reuse_talker_cache = True  # False: re-prefill the whole history each turn (tests)

@@ -59,7 +59,9 @@ class Speech:
 
             self.stream = Code2WavStream(eng.token2wav, sess.speaker.cond, sess.speaker.ref_mel,
                                          chunk_size=sess.chunk_frames,
-                                         max_chunk_size=sess.max_chunk_frames, steps=sess.ode_steps,
+                                         max_chunk_size=sess.max_chunk_frames,
+                                         first_future=sess.first_chunk_lookahead,
+                                         steps=sess.ode_steps,
                                          solver=sess.solver, guidance_scale=sess.guidance_scale,
                                          seed=sess.noise_seed)
 
