@@ -296,6 +296,17 @@ def test_voice_reference_wer():
     assert s["wer"] == 0.4 and s["voice_wer"] == 0.1
 
 
+def test_gapless_start_waits_for_the_chunk_that_comes_late():
+    """A 40 ms first chunk at 0.1 s, the next at 0.5 s: playback started before 0.46 s would
+    run dry; a chunk ahead of its playback time changes nothing."""
+    from omnistream.eval.tasks import gapless_start, summarize
+
+    assert gapless_start([]) is None
+    assert gapless_start([(0.1, 0), (0.5, 960), (0.6, 24000)]) == pytest.approx(0.46)
+    cases = [{"correct": True, "ttfa_s": 0.1, "rtf": 0.5, "gapless_s": g} for g in (0.3, None)]
+    assert summarize(cases)["gapless_s"] == 0.3
+
+
 def test_sentence_voice_times_each_word_from_pipers_durations():
     """The Talker's targets: the reply spoken whole (the same samples as ``piper``, with silence
     at both ends), and ``speech_units`` from Piper's phoneme durations: every word in one unit,

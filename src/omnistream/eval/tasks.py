@@ -53,23 +53,36 @@ class Reply:
     finish_reason: str
 
 
+def gapless_start(arrivals: list[tuple[float, int]]) -> float | None:
+    """The least playback delay (seconds after the question) after which a reply's audio,
+    played from then on at 24 kHz, never runs dry: ``max(t_i - n_i / 24000)`` over its chunks,
+    chunk i arriving at ``t_i`` with ``n_i`` samples before it. A first chunk far ahead of the
+    rest gives an early first audio but no earlier gapless start."""
+    return max((t - n / SAMPLE_RATE for t, n in arrivals), default=None)
+
+
 def respond(engine, messages: list[dict], options) -> Reply:
     """``messages`` answered by a fresh session with ``options`` (``SessionOptions``), streamed;
-    ``timings`` are the engine's plus ``wall_s``, the whole reply."""
+    ``timings`` are the engine's plus ``wall_s``, the whole reply, and ``gapless_s``
+    (``gapless_start``) when there is audio."""
     sess = engine.session(options)
     pcm: list[np.ndarray] = []
+    arrivals: list[tuple[float, int]] = []  # (seconds after t0, samples before the chunk)
     done = None
     t0 = time.perf_counter()
     for ev in sess.respond(messages):
         if isinstance(ev, AudioChunk):
+            arrivals.append((time.perf_counter() - t0, sum(x.size for x in pcm)))
             pcm.append(ev.pcm)
         elif isinstance(ev, Done):
             done = ev
     wall = time.perf_counter() - t0
     assert done is not None
     audio = np.concatenate(pcm) if pcm else np.zeros(0, np.float32)
-    return Reply(done.text, audio, list(done.codec_ids), {**done.timings, "wall_s": wall},
-                 done.finish_reason)
+    timings = {**done.timings, "wall_s": wall}
+    if arrivals:
+        timings["gapless_s"] = gapless_start(arrivals)
+    return Reply(done.text, audio, list(done.codec_ids), timings, done.finish_reason)
 
 
 def record_messages(rec: dict, base: Path) -> list[dict]:
@@ -102,6 +115,7 @@ class CaseResult:
     heard: str | None = None  # the recognizer's transcript
     voice_edits: int | None = None  # the recognizer on the Piper voice reading the answer
     voice_words: int | None = None
+    gapless_s: float | None = None  # ``gapless_start``: audio from then on never runs dry
 
 
 def evaluate(model: str | Path, n: int = 50, seed: int | None = None,
@@ -158,7 +172,8 @@ def evaluate(model: str | Path, n: int = 50, seed: int | None = None,
                     f, i, case.answer, r.text,
                     normalize_answer(r.text) == normalize_answer(case.answer),
                     r.timings.get("ttfa_s"),
-                    r.timings["wall_s"] / audio_s if audio_s > 0 else None, audio_s)
+                    r.timings["wall_s"] / audio_s if audio_s > 0 else None, audio_s,
+                    gapless_s=r.timings.get("gapless_s"))
                 if rec_mod is not None:
                     ref = rec_mod.normalize(r.text)
                     heard = rec_mod.transcribe(r.pcm, SAMPLE_RATE) if r.pcm.size else ""
@@ -205,14 +220,16 @@ def _rate(cases: list[dict], edits: str, words: str) -> float | None:
 
 
 def summarize(cases: list[dict]) -> dict[str, float | None]:
-    """Accuracy, WER (and the voice's reference WER), median TTFA and RTF of some cases."""
-    ttfa = [c["ttfa_s"] for c in cases if c["ttfa_s"] is not None]
-    rtf = [c["rtf"] for c in cases if c["rtf"] is not None]
+    """Accuracy, WER (and the voice's reference WER), median TTFA, gapless start and RTF of
+    some cases."""
+    def median(key: str) -> float | None:
+        v = [c[key] for c in cases if c.get(key) is not None]
+        return statistics.median(v) if v else None
+
     return {"n": len(cases), "acc": sum(c["correct"] for c in cases) / max(len(cases), 1),
             "wer": _rate(cases, "wer_edits", "wer_words"),
             "voice_wer": _rate(cases, "voice_edits", "voice_words"),
-            "ttfa_s": statistics.median(ttfa) if ttfa else None,
-            "rtf": statistics.median(rtf) if rtf else None}
+            "ttfa_s": median("ttfa_s"), "gapless_s": median("gapless_s"), "rtf": median("rtf")}
 
 
 def format_table(res: dict[str, Any]) -> str:
@@ -220,15 +237,17 @@ def format_table(res: dict[str, Any]) -> str:
     fams: dict[str, list[dict]] = {}
     for c in res["cases"]:
         fams.setdefault(c["family"], []).append(c)
-    head = f"{'family':<18}{'n':>4}{'acc':>8}{'WER':>8}{'voice WER':>11}{'TTFA s':>9}{'RTF':>7}"
+    head = (f"{'family':<18}{'n':>4}{'acc':>8}{'WER':>8}{'voice WER':>11}{'TTFA s':>9}"
+            f"{'gapless s':>11}{'RTF':>7}")
     rows = [head, "-" * len(head)]
 
     def row(name: str, cases: list[dict]) -> str:
         s = summarize(cases)
         wer, vw = (f"{100 * s[k]:.1f}%" if s[k] is not None else "-" for k in ("wer", "voice_wer"))
-        ttfa = f"{s['ttfa_s']:.2f}" if s["ttfa_s"] is not None else "-"
-        rtf = f"{s['rtf']:.2f}" if s["rtf"] is not None else "-"
-        return f"{name:<18}{s['n']:>4}{100 * s['acc']:>7.1f}%{wer:>8}{vw:>11}{ttfa:>9}{rtf:>7}"
+        ttfa, gapless, rtf = (f"{s[k]:.2f}" if s[k] is not None else "-"
+                              for k in ("ttfa_s", "gapless_s", "rtf"))
+        return (f"{name:<18}{s['n']:>4}{100 * s['acc']:>7.1f}%{wer:>8}{vw:>11}{ttfa:>9}"
+                f"{gapless:>11}{rtf:>7}")
 
     rows += [row(f, cs) for f, cs in fams.items()]
     rows += ["-" * len(head), row("all", res["cases"])]
