@@ -307,6 +307,30 @@ def test_gapless_start_waits_for_the_chunk_that_comes_late():
     assert summarize(cases)["gapless_s"] == 0.3
 
 
+def test_respond_times_each_chunk_with_the_samples_before_it(monkeypatch):
+    """``eval.tasks.respond`` on a reply whose chunks come at known times (a fake clock): 40 ms
+    at 0.1 s, 1 s at 0.5 s: gapless start 0.46 s, and the reply's audio joined."""
+    from omnistream.engine.events import AudioChunk, Done
+    from omnistream.eval import tasks as ev
+
+    clock = iter([0.0, 0.1, 0.5, 0.7])  # t0, the two chunks, the end
+
+    class Session:
+        def respond(self, messages):
+            yield AudioChunk(np.full(960, 0.1, np.float32), 0)
+            yield AudioChunk(np.zeros(24_000, np.float32), 1)
+            yield Done("Hi.", "stop", timings={"ttfa_s": 0.1})
+
+    class Engine:
+        def session(self, options):
+            return Session()
+
+    monkeypatch.setattr(ev.time, "perf_counter", lambda: next(clock))
+    r = ev.respond(Engine(), [], None)
+    assert r.timings == {"ttfa_s": 0.1, "wall_s": 0.7, "gapless_s": pytest.approx(0.46)}
+    assert r.pcm.shape == (24_960,) and r.pcm[959] == np.float32(0.1) and r.pcm[960] == 0
+
+
 def test_sentence_voice_times_each_word_from_pipers_durations():
     """The Talker's targets: the reply spoken whole (the same samples as ``piper``, with silence
     at both ends), and ``speech_units`` from Piper's phoneme durations: every word in one unit,

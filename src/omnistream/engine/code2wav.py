@@ -76,7 +76,7 @@ class Code2WavStream:
                 raise ValueError(f"{name} must be a positive multiple of {bs}, got {v}")
         self.model, self.C, self.C_max = model, chunk_size, max(max_chunk_size, chunk_size)
         self.repeats, self.mel_dim = dit_cfg.repeats, dit_cfg.mel_dim
-        self.past, self.future, self.bs = 2 * bs, bs, bs  # DiT window context (frames)
+        self.past, self.future = 2 * bs, bs  # DiT window context (frames): 2 blocks, 1
         self.first_future = bs if first_future is None else first_future
         if not 0 <= self.first_future <= bs:
             raise ValueError(f"first_future must be 0..{bs}, got {first_future}")
@@ -135,7 +135,7 @@ class Code2WavStream:
         else:
             return None
         lo, refresh = self._lo, self._short
-        w_lo = max(lo - self.past - (self.bs if refresh else 0), 0)
+        w_lo = max(lo - self.past - (self.future if refresh else 0), 0)  # + 1 block
         w_hi = min(hi + fut, M)
         self._short = not final and w_hi < hi + self.future
         self._lo, self._size = hi, min(2 * self._size, self.C_max)
@@ -151,7 +151,7 @@ class Code2WavStream:
         (the previous frames, then the chunk's); keeps the tail for the next chunk."""
         mel = window_mel[..., c.lo - c.w_lo : c.hi - c.w_lo]  # [1, 80, hi - lo]
         if c.refresh:  # the stored last block lacked its future; this window solved it with it
-            k = min(self.bs, self._mel_tail.shape[-1])
+            k = min(self.future, self._mel_tail.shape[-1])  # that block
             fresh = window_mel[..., c.lo - k - c.w_lo : c.lo - c.w_lo]
             self._mel_tail = torch.cat([self._mel_tail[..., : self._mel_tail.shape[-1] - k],
                                         fresh], dim=-1)

@@ -68,12 +68,14 @@ def respond(engine, messages: list[dict], options) -> Reply:
     sess = engine.session(options)
     pcm: list[np.ndarray] = []
     arrivals: list[tuple[float, int]] = []  # (seconds after t0, samples before the chunk)
+    n = 0
     done = None
     t0 = time.perf_counter()
     for ev in sess.respond(messages):
         if isinstance(ev, AudioChunk):
-            arrivals.append((time.perf_counter() - t0, sum(x.size for x in pcm)))
+            arrivals.append((time.perf_counter() - t0, n))
             pcm.append(ev.pcm)
+            n += ev.pcm.size
         elif isinstance(ev, Done):
             done = ev
     wall = time.perf_counter() - t0
