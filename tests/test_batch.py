@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import DEVICE
 
-from omnistream.engine.batch import Batcher, TalkerWork, ThinkerWork
+from omnistream.engine.batch import Batcher, Code2WavWork, TalkerWork, ThinkerWork
 from omnistream.engine.events import AudioChunk, Done, TextDelta
 from omnistream.engine.sampling import SamplingParams
 
@@ -171,6 +171,31 @@ def test_new_prompts_prefill_in_chunks_between_running_steps(engine, solo):
     assert done[0].text_ids == solo[0][-1].text_ids
     assert done[1].text_ids == alone[-1].text_ids
     assert done[1].codec_ids == alone[-1].codec_ids
+
+
+def test_ready_chunks_wait_for_other_replies_chunks(engine):
+    """Two replies started two ticks apart: their code2wav chunks fall due on different ticks.
+    Held (``hold_ticks``), the later chunks share calls and the replies go on in step; never
+    held, each chunk runs alone. Both ways every stream's codes and audio are its solo run's."""
+    speech = dict(talker_max_new_tokens=90, ode_steps=2, solver="euler", chunk_frames=24,
+                  max_chunk_frames=48, max_new_tokens=6, ignore_eos=True, max_context=1024)
+    solo = [list(engine.session(seed=i, **speech).respond(PROMPTS[i])) for i in (0, 1)]
+    widest = {}
+    for hold in (0, 24):
+        b = Batcher(hold_ticks=hold, hold_margin=0.0)  # margin 0: no stream counts as running dry
+        out: list[list] = [[], []]
+        b.add(engine.session(seed=0, **speech).respond(PROMPTS[0]), out[0].append)
+        b.tick()
+        b.tick()
+        b.add(engine.session(seed=1, **speech).respond(PROMPTS[1]), out[1].append)
+        while b.entries:
+            b.tick()
+        widest[hold] = b.widest[Code2WavWork]
+        for alone, batched in zip(solo, out, strict=True):
+            assert batched[-1].codec_ids == alone[-1].codec_ids
+            assert len(alone[-1].codec_ids) == 90
+            np.testing.assert_allclose(_pcm(batched), _pcm(alone), atol=1e-4)
+    assert widest == {0: 1, 24: 2}
 
 
 def _live_turn(sess):

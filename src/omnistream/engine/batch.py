@@ -23,6 +23,15 @@ docs/ENGINE_API.md). A ``Batcher`` instead collects the items of all its replies
     4. the code2wav chunks that became ready, solved together where their windows have the
        same length (``code2wav.decode_chunks``), else one by one.
 
+A ready chunk may wait (``hold_ticks``) for other replies' chunks to join its call: concurrent
+replies start on different ticks, so their chunks fall due on different ticks and would each
+pay a whole code2wav call, which on a GPU costs about the same for one chunk as for eight
+(launches, not arithmetic). A held reply pauses, so once its chunk runs with the others' the
+replies go on in step and their later chunks (same plan, same window lengths) fall due
+together. A chunk is not held when it is among its stream's first two (first audio, gapless
+start), when its stream is about to run dry (less than ``hold_margin`` s of audio left, not yet
+behind), when it has waited ``hold_ticks`` ticks, or when no other reply is making codes.
+
 Each reply samples from its own logits row with its own parameters and generators, exactly as
 alone, so batching changes the ids only through float rounding: on CPU, MKL computes a row of a
 batched matmul ([B, D] @ W, B > 1) with another kernel than the one-row product, and the results
@@ -132,10 +141,13 @@ class TalkerWork(Work):
 
 @dataclass
 class Code2WavWork(Work):
-    """Synthesise the planned ``chunk`` of ``stream`` -> PCM (float32 numpy)."""
+    """Synthesise the planned ``chunk`` of ``stream`` -> PCM (float32 numpy). ``deadline``: the
+    ``time.perf_counter()`` at which the stream's audio so far, played from its first chunk,
+    runs out; None for a chunk that must not wait (the first ones: first audio, gapless start)."""
 
     stream: Code2WavStream
     chunk: Chunk
+    deadline: float | None = None
 
     @classmethod
     def run_batch(cls, items: list[Code2WavWork]) -> list[np.ndarray]:
@@ -228,6 +240,7 @@ class Entry:
     pending: Work | Pause = _NEW
     result: Any = None
     owner: Any = None  # free for the caller (the server's job)
+    held: int = 0  # ticks its pending code2wav chunk has waited for company
 
     @property
     def started(self) -> bool:
@@ -238,8 +251,10 @@ class Batcher:
     """Advances many replies together, one ``tick`` at a time (see the module docstring). Not
     thread-safe: one thread (the server's model thread) calls everything."""
 
-    def __init__(self, prefill_tokens: int = 256):
+    def __init__(self, prefill_tokens: int = 256, hold_ticks: int = 24, hold_margin: float = 0.3):
         self.prefill_tokens = prefill_tokens  # prompt tokens per tick (at least one chunk runs)
+        self.hold_ticks = hold_ticks  # most ticks a code2wav chunk waits for others (0: never)
+        self.hold_margin = hold_margin  # s of audio left under which a chunk never waits
         self.entries: list[Entry] = []
         self.ticks = 0
         kinds = (ThinkerWork, TalkerWork, Code2WavWork)
@@ -281,7 +296,7 @@ class Batcher:
                     break
             for kind in (ThinkerWork, TalkerWork, Code2WavWork):
                 batch = [e for e in self.entries if isinstance(e.pending, kind) and ready(e)]
-                if not batch:
+                if not batch or kind is Code2WavWork and self._hold(batch, ready):
                     continue
                 ran = True
                 self.calls[kind] += 1
@@ -312,8 +327,25 @@ class Batcher:
             raise errors[0]
         return out
 
+    def _hold(self, batch: list[Entry], ready: Callable[[Entry], bool]) -> bool:
+        """Whether the ready code2wav chunks of ``batch`` wait a tick for company (see the
+        module docstring); counts the wait."""
+        if self.hold_ticks <= 0 or any(e.held >= self.hold_ticks for e in batch):
+            return False
+        now = time.perf_counter()
+        for e in batch:
+            left = e.pending.deadline
+            if left is None or 0.0 <= left - now < self.hold_margin:
+                return False
+        if not any(isinstance(o.pending, TalkerWork) and ready(o) for o in self.entries):
+            return False  # nobody else is making codes: no chunk can join
+        for e in batch:
+            e.held += 1
+        return True
+
     def _advance(self, e: Entry) -> None:
         """Resume ``e`` with its result; deliver its events until it waits again or ends."""
+        e.held = 0
         try:
             while True:
                 item = e.reply.steps.send(e.result)

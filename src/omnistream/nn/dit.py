@@ -189,7 +189,8 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, T: int, device: torch.device) -> tuple[Tensor, Tensor]:
         pos = torch.arange(T, device=device, dtype=torch.float32)
-        angles = pos[:, None] * self.inv_freq.float()
+        # an inv_freq rebuilt after an assign=True load is on the CPU, wherever the weights are
+        angles = pos[:, None] * self.inv_freq.to(device, torch.float32)
         return angles.cos(), angles.sin()  # [T, head_dim/2] each
 
 

@@ -40,7 +40,7 @@ class ServerState:
         self.engine = engine
         self.cfg = cfg
         self.model_id = str(getattr(engine, "model_id", "omnistream"))
-        self.scheduler = Scheduler()
+        self.scheduler = Scheduler(code2wav_hold=cfg.code2wav_hold)
         reserve_slots(engine, cfg.max_concurrent, cfg.max_speech_s)  # sessions decode batched
         self.slots = SlotLimiter(cfg.max_concurrent)
         self.ready = asyncio.Event()
@@ -247,6 +247,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--realtime-temperature", type=float, default=d.realtime_temperature,
                    help="a Realtime session's temperature until the client sets one (OpenAI's "
                         "default is 0.8; 0: greedy, as chat completions answer by default)")
+    p.add_argument("--code2wav-hold", type=int, default=d.code2wav_hold,
+                   help="most rounds a ready speech chunk waits for other replies' chunks to "
+                        "share one code2wav call (0: never)")
     p.add_argument("--log-level", default="warning", help="info also logs every request")
     return p
 
@@ -258,7 +261,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_video_s=args.max_video_s, max_speech_s=args.max_speech_s,
         allowed_local_media_path=args.allowed_local_media_path,
         allow_remote_media=not args.no_remote_media, warmup=not args.no_warmup, vad=args.vad,
-        realtime_temperature=args.realtime_temperature)
+        realtime_temperature=args.realtime_temperature, code2wav_hold=args.code2wav_hold)
 
 
 def run_serve(args: argparse.Namespace) -> int:

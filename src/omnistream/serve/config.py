@@ -28,8 +28,13 @@ class ServeConfig:
     # question gets the same answer on every path (a small model sampled at 0.8 gets its
     # arithmetic wrong about half the time)
     realtime_temperature: float = 0.0
+    # most model rounds a ready code2wav chunk waits for other replies' chunks to share its call
+    # (engine/batch.py); 0: never
+    code2wav_hold: int = 24
 
     def __post_init__(self):
         if not 0.0 <= self.realtime_temperature <= 2.0:
             raise ValueError(f"realtime_temperature must be from 0 to 2, not "
                              f"{self.realtime_temperature}")
+        if self.code2wav_hold < 0:
+            raise ValueError(f"code2wav_hold must be 0 or more, not {self.code2wav_hold}")

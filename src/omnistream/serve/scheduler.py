@@ -84,10 +84,12 @@ class Scheduler:
     """The model-owning thread. ``call`` runs one function there; ``stream`` starts a reply."""
 
     def __init__(self, max_buffered: int = 64, cancel_drain_steps: int = 64,
-                 prefill_tokens: int = 256):
+                 prefill_tokens: int = 256, code2wav_hold: int = 24):
         self.max_buffered = max_buffered
         self.cancel_drain_steps = cancel_drain_steps
-        self.batcher = Batcher(prefill_tokens)  # prompt tokens prefilled per round
+        # prefill_tokens: prompt tokens prefilled per round; code2wav_hold: rounds a ready
+        # speech chunk may wait for company (engine/batch.py)
+        self.batcher = Batcher(prefill_tokens, hold_ticks=code2wav_hold)
         self._calls: collections.deque = collections.deque()
         self._new_jobs: collections.deque = collections.deque()
         self._jobs: list[Job] = []
