@@ -34,6 +34,11 @@ python -m omnistream.bench --device cuda --dtype bfloat16 --config "$CONFIGS" \
 # The server under load with continuous batching: 1, 8 and 32 concurrent streams (text + speech,
 # official openai client) at 7B shapes (random weights, written once; SERVE_ARGS to change, e.g.
 # "--layers 8 --talker-layers 8" for a shorter run).
+# Token2Wav is fp32 (as the release's), so there its DiT is bound by fp32 arithmetic: the second
+# run lets its matmuls use TF32 (serve --tf32).
 python -m omnistream.bench serve --shapes 7b --device cuda --dtype bfloat16 --clients 1 8 32 \
   --max-tokens 64 --max-speech-s 4 --timeout 600 ${SERVE_ARGS:-} | tee "${OUT%.json}_serve.txt"
+python -m omnistream.bench serve --shapes 7b --device cuda --dtype bfloat16 --clients 1 8 32 \
+  --max-tokens 64 --max-speech-s 4 --timeout 600 --tf32 ${SERVE_ARGS:-} \
+  | tee -a "${OUT%.json}_serve.txt"
 echo "wrote $OUT and ${OUT%.json}_serve.txt (and ${OUT%.json}_parity.txt from a checkout)"

@@ -55,7 +55,7 @@ def free_port() -> int:
 
 def _serve(model: str | None, fake: bool, step_ms: float, port: int,
            max_speech_s: float = 120.0, slots: int = 64, dtype: str = "float32",
-           device: str = "cpu", code2wav_hold: int = 24) -> None:
+           device: str = "cpu", code2wav_hold: int = 24, tf32: bool = False) -> None:
     import uvicorn
 
     from omnistream.serve.app import create_app
@@ -66,7 +66,7 @@ def _serve(model: str | None, fake: bool, step_ms: float, port: int,
     else:
         from omnistream.engine.session import Engine
 
-        engine = Engine.load(model, dtype=dtype, device=device, quiet=True)
+        engine = Engine.load(model, dtype=dtype, device=device, quiet=True, tf32=tf32)
     app = create_app(engine, ServeConfig(max_concurrent=slots, max_speech_s=max_speech_s,
                                              code2wav_hold=code2wav_hold))
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="run the levels this many times (interleaved), keep each one's best")
     p.add_argument("--code2wav-hold", type=int, default=24,
                    help="the server's --code2wav-hold (0: chunks never wait for company)")
+    p.add_argument("--tf32", action="store_true", help="the server's --tf32 (CUDA)")
     p.add_argument("--json", action="store_true", help="print JSON rows")
     args = p.parse_args(argv)
 
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     proc = mp.get_context("spawn").Process(
         target=_serve, daemon=True,
         args=(model, args.fake, args.step_ms, port, args.max_speech_s, max(args.clients),
-              args.dtype, args.device, args.code2wav_hold))
+              args.dtype, args.device, args.code2wav_hold, args.tf32))
     proc.start()
     try:
         deadline = time.time() + 300

@@ -116,13 +116,18 @@ class Engine:
     @classmethod
     def load(cls, model: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu",
              audio_output: bool = True, quiet: bool = False,
-             quantize: str | None = None) -> Engine:
+             quantize: str | None = None, tf32: bool = False) -> Engine:
         """Load a checkpoint directory or hub id; ``audio_output=False`` loads the Thinker only.
 
         ``quantize``: "int8" or "int4" (CPU) stores the Thinker and Talker decoder weights
-        (not the encoders, not Token2Wav) in that many bits after loading (``engine/quant.py``)."""
+        (not the encoders, not Token2Wav) in that many bits after loading (``engine/quant.py``).
+        ``tf32`` (CUDA): float32 matmuls in TF32, process-wide. Token2Wav runs in float32 (as the
+        release's), so on a GPU its DiT is bound by fp32 arithmetic (10 s of speech in 1.1 s on
+        an H200 with RK4), and streams' chunks batched together cost nearly their sum."""
         if quantize not in (None, "int8", "int4"):
             raise ValueError(f"quantize must be None, 'int8' or 'int4', not {quantize!r}")
+        if tf32 and torch.device(device).type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
         from omnistream.checkpoint import (
             load_component,
             load_config,

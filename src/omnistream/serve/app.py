@@ -240,6 +240,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--quantize", default=None, choices=["int8", "int4"],
                    help="weight-only quantization of the Thinker/Talker decoders")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--tf32", action="store_true",
+                   help="CUDA: float32 matmuls (Token2Wav's) in TF32")
     p.add_argument("--no-warmup", action="store_true")
     p.add_argument("--vad", default=d.vad, choices=["auto", "silero", "energy"],
                    help="Realtime turn detector (auto: Silero when silero-vad is installed, "
@@ -271,7 +273,7 @@ def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     cfg = config_from_args(args)  # bad settings fail before the model loads
     engine = Engine.load(args.model, dtype=args.dtype, device=args.device, audio_output=True,
-                         quantize=args.quantize)
+                         quantize=args.quantize, tf32=args.tf32)
     if engine.random_weights:
         print("note: this checkpoint has RANDOM weights (omnistream make-tiny): replies are noise",
               file=sys.stderr)
