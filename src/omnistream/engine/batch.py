@@ -28,9 +28,10 @@ replies start on different ticks, so their chunks fall due on different ticks an
 pay a whole code2wav call, which on a GPU costs about the same for one chunk as for eight
 (launches, not arithmetic). A held reply pauses, so once its chunk runs with the others' the
 replies go on in step and their later chunks (same plan, same window lengths) fall due
-together. A chunk is not held when its stream is about to run dry (less than ``hold_margin`` s
-of audio left, not yet behind), when it has waited ``hold_ticks`` ticks (``hold_first`` for a
-stream's first two chunks: first audio, gapless start), or when no other reply is making codes.
+together. A chunk is not held when it is among its stream's first two (first audio, gapless
+start: holding them even two ticks made first audio later on the CPU), when its stream is about
+to run dry (less than ``hold_margin`` s of audio left, not yet behind), when it has waited
+``hold_ticks`` ticks, or when no other reply is making codes.
 
 Each reply samples from its own logits row with its own parameters and generators, exactly as
 alone, so batching changes the ids only through float rounding: on CPU, MKL computes a row of a
@@ -143,7 +144,7 @@ class TalkerWork(Work):
 class Code2WavWork(Work):
     """Synthesise the planned ``chunk`` of ``stream`` -> PCM (float32 numpy). ``deadline``: the
     ``time.perf_counter()`` at which the stream's audio so far, played from its first chunk,
-    runs out; None for the first chunks (first audio, gapless start: they wait least)."""
+    runs out; None for a chunk that must not wait (the first ones: first audio, gapless start)."""
 
     stream: Code2WavStream
     chunk: Chunk
@@ -251,12 +252,10 @@ class Batcher:
     """Advances many replies together, one ``tick`` at a time (see the module docstring). Not
     thread-safe: one thread (the server's model thread) calls everything."""
 
-    def __init__(self, prefill_tokens: int = 256, hold_ticks: int = 24, hold_margin: float = 0.3,
-                 hold_first: int = 2):
+    def __init__(self, prefill_tokens: int = 256, hold_ticks: int = 24, hold_margin: float = 0.3):
         self.prefill_tokens = prefill_tokens  # prompt tokens per tick (at least one chunk runs)
         self.hold_ticks = hold_ticks  # most ticks a code2wav chunk waits for others (0: never)
         self.hold_margin = hold_margin  # s of audio left under which a chunk never waits
-        self.hold_first = hold_first  # ticks a stream's first two chunks may wait
         self.entries: list[Entry] = []
         self.ticks = 0
         kinds = (ThinkerWork, TalkerWork, Code2WavWork)
@@ -337,8 +336,7 @@ class Batcher:
         now = time.perf_counter()
         for e in batch:
             left = e.pending.deadline
-            if left is None and e.held >= self.hold_first or \
-                    left is not None and 0.0 <= left - now < self.hold_margin:
+            if left is None or 0.0 <= left - now < self.hold_margin:
                 return False
         if not any(isinstance(o.pending, TalkerWork) and ready(o) for o in self.entries):
             return False  # nobody else is making codes: no chunk can join

@@ -164,7 +164,7 @@ class Speech:
     def _chunks(self) -> Iterator:
         """Synthesise and emit every code2wav chunk whose codes exist."""
         for chunk in iter(self.stream.next_chunk, None):
-            deadline = None  # the first two chunks wait least (engine/batch.py)
+            deadline = None  # the first two chunks never wait (engine/batch.py)
             if self.n_chunks >= 2:
                 deadline = self.t_first_audio + self.audio_s
             work = Code2WavWork(self.stream, chunk, deadline)
