@@ -198,6 +198,31 @@ def test_ready_chunks_wait_for_other_replies_chunks(engine):
     assert widest == {0: 1, 24: 2}
 
 
+def test_a_cancelled_reply_is_not_held(engine):
+    """A reply cancelled while its chunk waits for company runs the chunk on the next tick and
+    ends "cancelled"."""
+    speech = dict(talker_max_new_tokens=200, ode_steps=2, solver="euler", chunk_frames=24,
+                  max_chunk_frames=48, max_new_tokens=6, ignore_eos=True, max_context=1024)
+    b = Batcher(hold_ticks=1000, hold_margin=0.0)
+    first, second = engine.session(seed=0, **speech), engine.session(seed=1, **speech)
+    out: list = []
+    a = b.add(first.respond(PROMPTS[0]), out.append)
+    for _ in range(10):  # the second reply's chunks fall due ~10 ticks after the first's
+        b.tick()
+    b.add(second.respond(PROMPTS[1]), lambda ev: None)
+    while a.held == 0:
+        assert a in b.entries
+        b.tick()
+    held = a.pending
+    first.cancel()
+    b.tick()
+    assert a.pending is not held and a.held == 0
+    while a in b.entries:
+        b.tick()
+    assert out[-1].finish_reason == "cancelled"
+    b.remove(b.entries[0])
+
+
 def _live_turn(sess):
     """A Realtime-style turn: 1.5 s of microphone audio (24 kHz, in pieces), committed."""
     pcm = np.random.default_rng(0).standard_normal(36_000).astype(np.float32) * 0.1

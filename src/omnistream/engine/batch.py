@@ -30,8 +30,8 @@ pay a whole code2wav call, which on a GPU costs about the same for one chunk as 
 replies go on in step and their later chunks (same plan, same window lengths) fall due
 together. A chunk is not held when it is among its stream's first two (first audio, gapless
 start: holding them even two ticks made first audio later on the CPU), when its stream is about
-to run dry (less than ``hold_margin`` s of audio left, not yet behind), when it has waited
-``hold_ticks`` ticks, or when no other reply is making codes.
+to run dry (less than ``hold_margin`` s of audio left, not yet behind), when its reply was
+cancelled, when it has waited ``hold_ticks`` ticks, or when no other reply is making codes.
 
 Each reply samples from its own logits row with its own parameters and generators, exactly as
 alone, so batching changes the ids only through float rounding: on CPU, MKL computes a row of a
@@ -336,7 +336,7 @@ class Batcher:
         now = time.perf_counter()
         for e in batch:
             left = e.pending.deadline
-            if left is None or 0.0 <= left - now < self.hold_margin:
+            if left is None or 0.0 <= left - now < self.hold_margin or e.reply.session.cancelled:
                 return False
         if not any(isinstance(o.pending, TalkerWork) and ready(o) for o in self.entries):
             return False  # nobody else is making codes: no chunk can join

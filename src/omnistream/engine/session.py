@@ -264,6 +264,11 @@ class Session:
         """Stop the running reply at its next step (thread-safe)."""
         self._cancel.set()
 
+    @property
+    def cancelled(self) -> bool:
+        """Whether the running reply was told to stop."""
+        return self._cancel.is_set()
+
     def close(self) -> None:
         """Give the session's cache slot back at once (the session is unusable afterwards)."""
         if self._release is not None:
