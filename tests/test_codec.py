@@ -208,6 +208,21 @@ def test_codec_stages_train_save_resume_and_load_in_the_engine_layout(tmp_path):
     train_codec(dit_only, [data], tmp_path / "g", tmp_path / "gd", verbose=False)
     gate = "code2wav_dit_model.transformer_blocks.5.attn_norm.linear.weight"
     assert Codec.load(tmp_path / "gd").token2wav.state_dict()[gate].abs().sum() > 0
+    # richer codes: the encoder's trunk stays, 5 FSQ dims give codes past the old 1,000, and
+    # the codec stage trains encoder and DiT on them
+    from omnistream.train.codec import relevel
+
+    with pytest.raises(ValueError, match="8,192"):
+        relevel(tmp_path / "c_full", tmp_path / "r", [16, 16, 16, 16])
+    rl = relevel(tmp_path / "c_full", tmp_path / "r", [8, 8, 8, 4, 4])
+    rich = Codec.load(rl)
+    assert rich.token2wav.code2wav_dit_model.text_embed.codec_embed.num_embeddings == 8193
+    old_trunk = dict(read_tensors(tmp_path / "c_full", prefix="codec_encoder.blocks."))
+    assert old_trunk and all(torch.equal(rich.encoder.state_dict()[k[len("codec_encoder."):]], v)
+                             for k, v in old_trunk.items())
+    train_codec(st, [data], rl, tmp_path / "rt", verbose=False)
+    rc = Codec.load(tmp_path / "rt").encode(_speechlike(0.9), 24000)
+    assert rc.shape == codes.shape and int(rc.max()) < 8192
 
 
 def test_ctc_supervision_reaches_the_encoder_and_resumes(tmp_path):

@@ -548,8 +548,46 @@ def grow_dit(src: str | Path, out: str | Path, layers: int, seed: int = 0) -> Pa
     return out
 
 
+def relevel(src: str | Path, out: str | Path, levels: list[int], seed: int = 0) -> Path:
+    """A copy of codec checkpoint ``src`` whose encoder quantises to FSQ ``levels`` (richer codes,
+    at most the Talker's 8,192): the encoder's trunk stays, its projection keeps the old rows for
+    the dimensions both have (new ones start small), and the DiT's code table is new (one row per
+    code, plus the padding row). Every code changes meaning, so the ``codec`` stage (encoder and
+    DiT together) trains it next; a Talker must then learn the new codes."""
+    import shutil
+
+    from omnistream.checkpoint import load_config, read_tensors, weight_map
+    from omnistream.maketiny import write_safetensors
+
+    src, out = Path(src), Path(out)
+    n = math.prod(levels)
+    if len(levels) < 1 or min(levels) < 2 or n > 8192:
+        raise ValueError(f"FSQ levels must each be at least 2, at most 8,192 codes: {levels}")
+    cfg = load_config(src)
+    tensors = dict(read_tensors(src, names=list(weight_map(src))))
+    g = torch.Generator().manual_seed(seed)
+    w, b = tensors["codec_encoder.proj.weight"], tensors["codec_encoder.proj.bias"]  # [d_q, D]
+    k = min(len(levels), w.shape[0])
+    new_w = torch.randn(len(levels), w.shape[1], generator=g) * 0.1 / math.sqrt(w.shape[1])
+    new_w[:k] = w[:k]
+    new_b = torch.zeros(len(levels))
+    new_b[:k] = b[:k]
+    tensors["codec_encoder.proj.weight"], tensors["codec_encoder.proj.bias"] = new_w, new_b
+    key = "token2wav.code2wav_dit_model.text_embed.codec_embed.weight"
+    dim = tensors[key].shape[1]
+    tensors[key] = torch.randn(n + 1, dim, generator=g) / math.sqrt(dim)
+    cfg.codec_encoder_config.levels = list(levels)
+    cfg.token2wav_config.dit_config.num_embeds = n
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(out, [tensors])
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    shutil.copy(src / "spk_dict.pt", out / "spk_dict.pt")
+    return out
+
+
 _USAGE = ("usage: python -m omnistream.train.codec merge CODEC_DIR VOCODER_DIR OUT\n"
-          "       python -m omnistream.train.codec grow CODEC_DIR OUT LAYERS")
+          "       python -m omnistream.train.codec grow CODEC_DIR OUT LAYERS\n"
+          "       python -m omnistream.train.codec relevel CODEC_DIR OUT L1,L2,...")
 
 if __name__ == "__main__":
     import sys
@@ -558,5 +596,7 @@ if __name__ == "__main__":
         print(merge_vocoder(*sys.argv[2:5]))
     elif len(sys.argv) == 5 and sys.argv[1] == "grow":
         print(grow_dit(sys.argv[2], sys.argv[3], int(sys.argv[4])))
+    elif len(sys.argv) == 5 and sys.argv[1] == "relevel":
+        print(relevel(sys.argv[2], sys.argv[3], [int(v) for v in sys.argv[4].split(",")]))
     else:
         raise SystemExit(_USAGE)
