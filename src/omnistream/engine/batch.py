@@ -25,13 +25,14 @@ docs/ENGINE_API.md). A ``Batcher`` instead collects the items of all its replies
 
 A ready chunk may wait (``hold_ticks``) for other replies' chunks to join its call: concurrent
 replies start on different ticks, so their chunks fall due on different ticks and would each
-pay a whole code2wav call, which on a GPU costs about the same for one chunk as for eight
-(launches, not arithmetic). A held reply pauses, so once its chunk runs with the others' the
-replies go on in step and their later chunks (same plan, same window lengths) fall due
-together. A chunk is not held when it is among its stream's first two (first audio, gapless
-start: holding them even two ticks made first audio later on the CPU), when its stream is about
-to run dry (less than ``hold_margin`` s of audio left, not yet behind), when its reply was
-cancelled, when it has waited ``hold_ticks`` ticks, or when no other reply is making codes.
+pay a whole code2wav call, whose fixed part (kernel launches, the ODE loop) a shared call pays
+once (an H200 at 7B widths, 8 streams: 23.6 s against 27.3 s without holding). A held reply
+pauses, so once its chunk runs with the others' the replies go on in step and their later
+chunks (same plan, same window lengths) fall due together. A chunk is not held when it is among
+its stream's first two (first audio, gapless start: holding them two ticks did not make first
+audio at 8 streams earlier on the CPU), when its stream is about to run dry (less than
+``hold_margin`` s of audio left, not yet behind), when its reply was cancelled, when it has
+waited ``hold_ticks`` ticks, or when no other reply is making codes.
 
 Each reply samples from its own logits row with its own parameters and generators, exactly as
 alone, so batching changes the ids only through float rounding: on CPU, MKL computes a row of a
