@@ -174,28 +174,31 @@ def test_new_prompts_prefill_in_chunks_between_running_steps(engine, solo):
 
 
 def test_ready_chunks_wait_for_other_replies_chunks(engine):
-    """Two replies started two ticks apart: their code2wav chunks fall due on different ticks.
+    """Two replies started four ticks apart: their code2wav chunks fall due on different ticks.
     Held (``hold_ticks``), the later chunks share calls and the replies go on in step; never
-    held, each chunk runs alone. Both ways every stream's codes and audio are its solo run's."""
+    held, or held for no longer than a tick (``hold_cost`` 0), each chunk runs alone. Every way,
+    each stream's codes and audio are its solo run's."""
     speech = dict(talker_max_new_tokens=90, ode_steps=2, solver="euler", chunk_frames=24,
                   max_chunk_frames=48, max_new_tokens=6, ignore_eos=True, max_context=1024)
     solo = [list(engine.session(seed=i, **speech).respond(PROMPTS[i])) for i in (0, 1)]
     widest = {}
-    for hold in (0, 24):
-        b = Batcher(hold_ticks=hold, hold_margin=0.0)  # margin 0: no stream counts as running dry
+    for hold, cost in ((0, float("inf")), (24, float("inf")), (24, 0.0)):
+        # margin 0: no stream counts as running dry; cost: the time bound (inf: ticks decide;
+        # 0: a chunk waits one tick at most)
+        b = Batcher(hold_ticks=hold, hold_margin=0.0, hold_cost=cost)
         out: list[list] = [[], []]
         b.add(engine.session(seed=0, **speech).respond(PROMPTS[0]), out[0].append)
-        b.tick()
-        b.tick()
+        for _ in range(4):
+            b.tick()
         b.add(engine.session(seed=1, **speech).respond(PROMPTS[1]), out[1].append)
         while b.entries:
             b.tick()
-        widest[hold] = b.widest[Code2WavWork]
+        widest[hold, cost] = b.widest[Code2WavWork]
         for alone, batched in zip(solo, out, strict=True):
             assert batched[-1].codec_ids == alone[-1].codec_ids
             assert len(alone[-1].codec_ids) == 90
             np.testing.assert_allclose(_pcm(batched), _pcm(alone), atol=1e-4)
-    assert widest == {0: 1, 24: 2}
+    assert list(widest.values()) == [1, 2, 1]
 
 
 def test_a_cancelled_reply_is_not_held(engine):
@@ -203,7 +206,7 @@ def test_a_cancelled_reply_is_not_held(engine):
     ends "cancelled"."""
     speech = dict(talker_max_new_tokens=200, ode_steps=2, solver="euler", chunk_frames=24,
                   max_chunk_frames=48, max_new_tokens=6, ignore_eos=True, max_context=1024)
-    b = Batcher(hold_ticks=1000, hold_margin=0.0)
+    b = Batcher(hold_ticks=1000, hold_margin=0.0, hold_cost=float("inf"))
     first, second = engine.session(seed=0, **speech), engine.session(seed=1, **speech)
     out: list = []
     a = b.add(first.respond(PROMPTS[0]), out.append)

@@ -32,7 +32,8 @@ chunks (same plan, same window lengths) fall due together. A chunk is not held w
 its stream's first two (first audio, gapless start: holding them two ticks did not make first
 audio at 8 streams earlier on the CPU), when its stream is about to run dry (less than
 ``hold_margin`` s of audio left, not yet behind), when its reply was cancelled, when it has
-waited ``hold_ticks`` ticks, or when no other reply is making codes.
+waited ``hold_ticks`` ticks or ``hold_cost`` times the last code2wav call's time, or when no
+other reply is making codes.
 
 Each reply samples from its own logits row with its own parameters and generators, exactly as
 alone, so batching changes the ids only through float rounding: on CPU, MKL computes a row of a
@@ -243,6 +244,7 @@ class Entry:
     result: Any = None
     owner: Any = None  # free for the caller (the server's job)
     held: int = 0  # ticks its pending code2wav chunk has waited for company
+    held_since: float = 0.0  # since when (time.perf_counter())
 
     @property
     def started(self) -> bool:
@@ -253,10 +255,15 @@ class Batcher:
     """Advances many replies together, one ``tick`` at a time (see the module docstring). Not
     thread-safe: one thread (the server's model thread) calls everything."""
 
-    def __init__(self, prefill_tokens: int = 256, hold_ticks: int = 24, hold_margin: float = 0.3):
+    def __init__(self, prefill_tokens: int = 256, hold_ticks: int = 24, hold_margin: float = 0.3,
+                 hold_cost: float = 1.0):
         self.prefill_tokens = prefill_tokens  # prompt tokens per tick (at least one chunk runs)
         self.hold_ticks = hold_ticks  # most ticks a code2wav chunk waits for others (0: never)
         self.hold_margin = hold_margin  # s of audio left under which a chunk never waits
+        # and at most this many times the last code2wav call's time: waiting longer than the
+        # call that sharing saves costs more than it saves (on a slow CPU a tick can take 0.5 s)
+        self.hold_cost = hold_cost
+        self.code2wav_s = 0.0  # the last code2wav call's time
         self.entries: list[Entry] = []
         self.ticks = 0
         kinds = (ThinkerWork, TalkerWork, Code2WavWork)
@@ -310,6 +317,8 @@ class Batcher:
                     for e in batch:
                         self._end(e, err)
                     continue
+                if kind is Code2WavWork:
+                    self.code2wav_s = sum(w.seconds for w in (e.pending for e in batch))
                 for e, r in zip(batch, results, strict=True):
                     e.result = r
                     self._advance(e)
@@ -339,9 +348,13 @@ class Batcher:
             left = e.pending.deadline
             if left is None or 0.0 <= left - now < self.hold_margin or e.reply.session.cancelled:
                 return False
+            if e.held and now - e.held_since >= self.hold_cost * self.code2wav_s:
+                return False
         if not any(isinstance(o.pending, TalkerWork) and ready(o) for o in self.entries):
             return False  # nobody else is making codes: no chunk can join
         for e in batch:
+            if not e.held:
+                e.held_since = now
             e.held += 1
         return True
 
