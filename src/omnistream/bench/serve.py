@@ -47,6 +47,12 @@ def _fake_engine_module():
     return serve_fake
 
 
+def _default_hold() -> int:
+    from omnistream.serve.config import ServeConfig  # one home for the server's default
+
+    return ServeConfig.code2wav_hold
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -214,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                         "while others stream); 0: all at once")
     p.add_argument("--repeats", type=int, default=1,
                    help="run the levels this many times (interleaved), keep each one's best")
-    p.add_argument("--code2wav-hold", type=int, default=24,
+    p.add_argument("--code2wav-hold", type=int, default=_default_hold(),
                    help="the server's --code2wav-hold (0: chunks never wait for company)")
     p.add_argument("--tf32", action="store_true", help="the server's --tf32 (CUDA)")
     p.add_argument("--json", action="store_true", help="print JSON rows")
