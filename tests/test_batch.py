@@ -226,6 +226,67 @@ def test_a_cancelled_reply_is_not_held(engine):
     b.remove(b.entries[0])
 
 
+def test_hold_rules():
+    """Which ready code2wav chunks wait a tick for company (``Batcher._hold``), one rule per
+    case: a chunk that may wait waits; a stream's first chunks (no deadline), one about to run dry
+    (under ``hold_margin`` s left), a cancelled reply, one that waited its ``hold_ticks`` or
+    ``hold_cost`` x the last call's time, and a batch with nobody else making codes do not."""
+    from types import SimpleNamespace
+
+    from omnistream.engine.batch import Entry
+
+    def entry(pending, cancelled=False):
+        e = Entry(SimpleNamespace(session=SimpleNamespace(cancelled=cancelled)),
+                  lambda ev: None, lambda err: None)
+        e.pending = pending
+        return e
+
+    def chunk(left, **kw):  # a ready chunk whose stream's audio runs out in ``left`` s
+        import time
+        return entry(Code2WavWork(None, None, None if left is None else time.perf_counter() + left),
+                     **kw)
+
+    def held(batch, others=True, **setup):
+        b = Batcher(hold_ticks=4, hold_margin=0.3, hold_cost=1.0)
+        b.code2wav_s = setup.pop("code2wav_s", 10.0)
+        for e in batch:
+            for k, v in setup.items():
+                setattr(e, k, v)
+        b.entries = batch + ([entry(TalkerWork(None, None, 0, None, None))] if others else [])
+        return b._hold(batch, lambda e: True)
+
+    assert held([chunk(5.0)])
+    assert held([chunk(5.0), chunk(-1.0)])  # already behind: waiting no longer adds a gap
+    assert not held([chunk(5.0), chunk(None)])  # a stream's first two chunks
+    assert not held([chunk(5.0), chunk(0.1)])  # runs dry within the margin
+    assert not held([chunk(5.0), chunk(5.0, cancelled=True)])
+    assert not held([chunk(5.0)], others=False)  # no chunk can join
+    assert not held([chunk(5.0)], held=4)  # waited hold_ticks
+    import time
+    assert held([chunk(5.0)], held=1, held_since=time.perf_counter() - 1.0)
+    assert not held([chunk(5.0)], held=1, held_since=time.perf_counter() - 1.0, code2wav_s=0.5)
+
+
+def test_a_streams_first_two_chunks_have_no_deadline(engine, monkeypatch):
+    """speech.py gives a stream's first two code2wav chunks no deadline (they never wait: first
+    audio, gapless start) and every later one the time its audio so far runs out."""
+    speech = dict(talker_max_new_tokens=200, ode_steps=2, solver="euler", chunk_frames=24,
+                  max_chunk_frames=48, max_new_tokens=6, ignore_eos=True, max_context=1024)
+    deadlines = []
+    run = Code2WavWork.run_batch
+
+    def spy(items):
+        deadlines.extend(w.deadline for w in items)
+        return run(items)
+
+    monkeypatch.setattr(Code2WavWork, "run_batch", spy)
+    Batcher(hold_ticks=0).run([engine.session(seed=0, **speech).respond(PROMPTS[0])])
+    assert len(deadlines) >= 4
+    assert deadlines[:2] == [None, None]
+    assert all(isinstance(d, float) for d in deadlines[2:])
+    assert deadlines[2:] == sorted(deadlines[2:])
+
+
 def _live_turn(sess):
     """A Realtime-style turn: 1.5 s of microphone audio (24 kHz, in pieces), committed."""
     pcm = np.random.default_rng(0).standard_normal(36_000).astype(np.float32) * 0.1

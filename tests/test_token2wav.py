@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import randomize_, tiny_hf_config
+from helpers import DEVICE, randomize_, tiny_hf_config
 
 from omnistream.config import Token2WavConfig
 from omnistream.nn.token2wav import SAMPLES_PER_CODE, Token2Wav, time_points
@@ -194,3 +194,20 @@ def test_stays_float32():
     m = Token2Wav(Token2WavConfig.from_dict(tiny_config(**OVERRIDES)["token2wav_config"]))
     m.to(torch.bfloat16)
     assert all(p.dtype == torch.float32 for p in m.state_dict().values())
+
+
+def test_dit_rotary_built_on_meta_is_computed_where_the_weights_load():
+    """A DiT built on meta and loaded with ``assign=True`` from a state dict without
+    ``inv_freq`` computes it on the loaded weights' device (the GPU check's crash: a CPU buffer
+    beside CUDA weights), with the values of a DiT built there."""
+    from omnistream.nn.dit import RotaryEmbedding
+
+    with torch.device("meta"):
+        m = torch.nn.ModuleDict({"rot": RotaryEmbedding(64, 10000.0),
+                                 "lin": torch.nn.Linear(2, 2)})
+    m.load_state_dict({"lin.weight": torch.zeros(2, 2, device=DEVICE),
+                       "lin.bias": torch.zeros(2, device=DEVICE)}, assign=True)
+    assert m["rot"].inv_freq.device.type == torch.device(DEVICE).type
+    assert torch.equal(m["rot"].inv_freq.cpu(), RotaryEmbedding(64, 10000.0).inv_freq)
+    cos, _ = m["rot"](5, torch.device(DEVICE))
+    assert cos.shape == (5, 32) and cos.device.type == torch.device(DEVICE).type

@@ -231,6 +231,7 @@ class Reply(Generator):
 # -- many replies -------------------------------------------------------------------------------
 
 _NEW = Pause(0)  # the pending item of a reply that has not started
+HOLD_TICKS = 24  # default: most ticks a ready code2wav chunk waits for company
 
 
 @dataclass(eq=False)
@@ -255,8 +256,8 @@ class Batcher:
     """Advances many replies together, one ``tick`` at a time (see the module docstring). Not
     thread-safe: one thread (the server's model thread) calls everything."""
 
-    def __init__(self, prefill_tokens: int = 256, hold_ticks: int = 24, hold_margin: float = 0.3,
-                 hold_cost: float = 1.0):
+    def __init__(self, prefill_tokens: int = 256, hold_ticks: int = HOLD_TICKS,
+                 hold_margin: float = 0.3, hold_cost: float = 1.0):
         self.prefill_tokens = prefill_tokens  # prompt tokens per tick (at least one chunk runs)
         self.hold_ticks = hold_ticks  # most ticks a code2wav chunk waits for others (0: never)
         self.hold_margin = hold_margin  # s of audio left under which a chunk never waits

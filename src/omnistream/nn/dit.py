@@ -184,13 +184,14 @@ class RotaryEmbedding(nn.Module):
         key = prefix + "inv_freq"
         if key in missing_keys:
             missing_keys.remove(key)
-            if self.inv_freq.is_meta:  # built on meta, loaded with assign=True
-                self.inv_freq = _inv_freq(self.head_dim, self.theta)
+            if self.inv_freq.is_meta:  # built on meta, loaded with assign=True: computed
+                # where the loaded weights are (a CPU buffer beside CUDA weights fails there)
+                device = next((t.device for t in state_dict.values()), None)
+                self.inv_freq = _inv_freq(self.head_dim, self.theta).to(device)
 
     def forward(self, T: int, device: torch.device) -> tuple[Tensor, Tensor]:
         pos = torch.arange(T, device=device, dtype=torch.float32)
-        # an inv_freq rebuilt after an assign=True load is on the CPU, wherever the weights are
-        angles = pos[:, None] * self.inv_freq.to(device, torch.float32)
+        angles = pos[:, None] * self.inv_freq.float()
         return angles.cos(), angles.sin()  # [T, head_dim/2] each
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from omnistream.engine.batch import HOLD_TICKS
+
 
 @dataclass
 class ServeConfig:
@@ -30,7 +32,7 @@ class ServeConfig:
     realtime_temperature: float = 0.0
     # most model rounds a ready code2wav chunk waits for other replies' chunks to share its call
     # (engine/batch.py); 0: never
-    code2wav_hold: int = 24
+    code2wav_hold: int = HOLD_TICKS
 
     def __post_init__(self):
         if not 0.0 <= self.realtime_temperature <= 2.0:

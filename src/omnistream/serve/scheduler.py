@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from omnistream.engine.batch import Batcher, Entry, Reply
+from omnistream.engine.batch import HOLD_TICKS, Batcher, Entry, Reply
 from omnistream.engine.events import Done, Usage
 
 log = logging.getLogger("omnistream.serve")
@@ -84,7 +84,7 @@ class Scheduler:
     """The model-owning thread. ``call`` runs one function there; ``stream`` starts a reply."""
 
     def __init__(self, max_buffered: int = 64, cancel_drain_steps: int = 64,
-                 prefill_tokens: int = 256, code2wav_hold: int = 24):
+                 prefill_tokens: int = 256, code2wav_hold: int = HOLD_TICKS):
         self.max_buffered = max_buffered
         self.cancel_drain_steps = cancel_drain_steps
         # prefill_tokens: prompt tokens prefilled per round; code2wav_hold: rounds a ready
