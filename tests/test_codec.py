@@ -261,50 +261,6 @@ def test_ctc_supervision_reaches_the_encoder_and_resumes(tmp_path):
                     verbose=False)
 
 
-def test_mel_reader_and_the_phonetic_loss_of_the_dit(tmp_path):
-    """``mel_reader`` learns characters from recordings' mel (its CTC loss falls; a resumed run
-    repeats the uninterrupted one) and writes ``mel_reader.pt``; a ``codec_dit`` stage with
-    ``phonetic_weight`` reads the DiT's estimate with it (logged ``phonetic``), its gradient
-    changes the DiT and nothing else, and the KL is zero for the recording itself."""
-    from omnistream.checkpoint import read_tensors
-    from omnistream.train.codec import READER_FILE, MelReader, phonetic_loss, train_codec
-    from omnistream.train.stages import Stage
-
-    cfg_dir, data = _codec_dir(tmp_path), _corpus(tmp_path)
-    rd = dict(name="r", task="mel_reader", batch_size=3, lr=3e-3, warmup_steps=1, max_steps=8,
-              log_every=1)
-    full = train_codec(Stage(**rd), [data], cfg_dir, tmp_path / "rd", verbose=False)
-    assert full["losses"][-1] < full["losses"][0]
-    train_codec(Stage(**rd), [data], cfg_dir, tmp_path / "rd_int", stop_at=4, verbose=False)
-    resumed = train_codec(Stage(**rd), [data], cfg_dir, tmp_path / "rd_int", verbose=False)
-    assert resumed["losses"] == pytest.approx(full["losses"], rel=1e-5, abs=1e-6)
-    reader = MelReader()
-    reader.load_state_dict(torch.load(tmp_path / "rd" / READER_FILE, weights_only=True))
-    mel = torch.randn(2, 80, 40) - 4
-    assert reader(mel).shape == (2, 20, 29)
-    assert phonetic_loss(reader, mel, mel).item() == pytest.approx(0.0, abs=1e-6)
-    assert phonetic_loss(reader, mel + torch.randn_like(mel), mel).item() > 0
-
-    codec = dict(name="c", task="codec", batch_size=2, segment_frames=48, lr=1e-3,
-                 warmup_steps=1, max_steps=2, log_every=1)
-    train_codec(Stage(**codec), [data], cfg_dir, tmp_path / "c", verbose=False)
-    dit = dict(name="d", task="codec_dit", batch_size=2, segment_frames=48, warmup_steps=1,
-               max_steps=1, log_every=1)
-    train_codec(Stage(**dit), [data], tmp_path / "c", tmp_path / "plain", verbose=False)
-    train_codec(Stage(**dit, phonetic_weight=5.0, mel_reader=str(tmp_path / "rd" / READER_FILE)),
-                [data], tmp_path / "c", tmp_path / "ph", verbose=False)
-    log = [json.loads(x) for x in (tmp_path / "ph" / "train_log.jsonl").read_text().splitlines()]
-    assert log[-1]["phonetic"] > 0
-    a, b = (dict(read_tensors(tmp_path / d)) for d in ("plain", "ph"))
-    differ = {k.split(".")[1] for k in a if not torch.equal(a[k], b[k])}
-    assert differ == {"code2wav_dit_model"}, differ
-    rpath = str(tmp_path / "rd" / READER_FILE)
-    for bad, why in ((dict(dit, phonetic_weight=1.0), "needs mel_reader"),
-                     (dict(codec, phonetic_weight=1.0, mel_reader=rpath), "DiT alone")):
-        with pytest.raises(ValueError, match=why):
-            train_codec(Stage(**bad), [data], tmp_path / "c", tmp_path / "bad", verbose=False)
-
-
 def test_vocoder_learns_from_the_checkpoints_decoded_mel(tmp_path):
     """``vocoder_input: "decoded"``: BigVGAN trains on each clip's round trip (the encoder's
     codes through the DiT, the checkpoint's ODE settings), cut to the recording's frames and

@@ -1,5 +1,5 @@
-"""Speech codec stages of ``omnistream train`` (task "vocoder", "codec", "codec_dit",
-"codec_encoder" or "mel_reader").
+"""Speech codec stages of ``omnistream train`` (task "vocoder", "codec", "codec_dit" or
+"codec_encoder").
 
 Data: a speech corpus manifest (``train/speech_corpus.py``: 24 kHz clips + text). Model: a
 checkpoint directory whose ``config.json`` has ``token2wav_config`` and ``codec_encoder_config``;
@@ -17,13 +17,7 @@ components whose weights are missing there start from a fresh initialisation.
   a character CTC head on whole clips' quantised values (the clip's text; training only): a mel
   regression alone leaves the codes short of what was said.
 * ``codec_dit``: the DiT alone, the encoder frozen: a longer decoder training that keeps every
-  code the same, so a Talker trained on the encoder's codes stays valid. With
-  ``phonetic_weight`` > 0 it also learns to be read as the recording is: a frozen character
-  reader (``mel_reader``) reads the DiT's one-step estimate of the mel (``x_t + (1 - t) v``) and
-  the recording's mel, and the KL between the two readings joins the flow-matching loss. The
-  flow-matching loss weighs every mel bin alike, so what the words are is a small part of it.
-* ``mel_reader``: that reader alone (log mel -> characters, CTC on the corpus' whole clips and
-  texts, light noise on its input); written to ``OUT/mel_reader.pt``. Training only.
+  code the same, so a Talker trained on the encoder's codes stays valid.
 * ``codec_encoder``: the encoder with the DiT frozen; the DiT's code embedding is read through a
   straight-through soft assignment over the FSQ grid, so the flow-matching loss reaches the
   encoder: a new encoder for an existing decoder
@@ -60,8 +54,6 @@ from omnistream.train.speech_corpus import load_corpus
 from omnistream.train.stages import Stage
 
 RESUME_FILE = "resume.pt"
-READER_FILE = "mel_reader.pt"  # a mel_reader stage's output
-READER_NOISE = 0.3  # std of the noise added to the reader's log mel while it learns
 REF_FRAMES = 300  # reference mel frames stored with the voice (3 s)
 CFG_DROP = 0.15  # probability of training a row unconditionally (classifier-free guidance)
 SOFT_TAU = 0.5  # temperature of the soft assignment over the FSQ grid
@@ -203,40 +195,6 @@ class CTCHead(nn.Module):
         return self.out(h.transpose(1, 2)).log_softmax(-1)
 
 
-class MelReader(nn.Module):
-    """Training-only character reader of log mel [B, 80, F] -> log-probs [B, F // 2, C], two
-    frames per step as the codes: learnt from recordings (``mel_reader``), it tells how clearly a
-    decoded mel says what the recording said (``phonetic_loss``)."""
-
-    def __init__(self, hidden: int = 256, layers: int = 6):
-        super().__init__()
-        self.head = CTCHead(160, hidden, layers)
-
-    def forward(self, mel: Tensor) -> Tensor:
-        x = (mel + MEL_SHIFT) / MEL_SCALE
-        B, M, n = x.shape
-        x = x[..., : n - n % 2].transpose(1, 2).reshape(B, n // 2, 2 * M)  # [B, F/2, 160]
-        return self.head(x)
-
-
-def reader_loss(reader: MelReader, mel: Tensor, frames: Tensor, texts: list[str],
-                rng: torch.Generator) -> Tensor:
-    """Character CTC loss of the reader on whole clips' mel [B, 80, F] (``READER_NOISE`` added)."""
-    logp = reader(mel + READER_NOISE * torch.randn(mel.shape, generator=rng))
-    tgt, tgt_len = ctc_targets(texts)
-    n = torch.clamp(frames // 2, max=logp.shape[1])
-    return F.ctc_loss(logp.transpose(0, 1), tgt, n, tgt_len, zero_infinity=True)
-
-
-def phonetic_loss(reader: MelReader, est: Tensor, ref: Tensor) -> Tensor:
-    """Mean KL, per step, from the reader's character posteriors of the recording's mel ``ref``
-    [B, 80, F] to those of the estimate ``est`` [B, 80, F]; grads reach ``est`` only."""
-    with torch.no_grad():
-        lp = reader(ref)  # [B, F/2, C]
-    lq = reader(est)
-    return (lp.exp() * (lp - lq)).sum(-1).mean()
-
-
 def ctc_loss(enc: SpeechEncoder, head: CTCHead, mel: Tensor, frames: Tensor,
              texts: list[str]) -> Tensor:
     """Character CTC loss (mean over clips, per target character) of the encoder's quantised
@@ -249,11 +207,9 @@ def ctc_loss(enc: SpeechEncoder, head: CTCHead, mel: Tensor, frames: Tensor,
 
 
 def codec_loss(enc: SpeechEncoder, t2w: Token2Wav, head: MelHead | None, mel: Tensor, spk: Tensor,
-               rng: torch.Generator, through_dit: bool, reader: MelReader | None = None,
-               phonetic_weight: float = 0.0) -> tuple[Tensor, dict[str, float]]:
+               rng: torch.Generator, through_dit: bool) -> tuple[Tensor, dict[str, float]]:
     """Flow-matching loss of the DiT conditioned on the encoder's codes of ``mel`` [B, 80, 2N]
-    + the mel head's L1 (none without ``head``) + ``phonetic_weight`` x the phonetic loss of the
-    conditioned rows (with a ``reader``). ``spk`` [2, C]: the voice's speaker condition
+    + the mel head's L1 (none without ``head``). ``spk`` [2, C]: the voice's speaker condition
     and the unconditional one. ``through_dit``: the flow-matching loss reaches the encoder
     (straight-through soft code embeddings; for a trained, frozen DiT). Otherwise the encoder
     learns from the mel head only: a flow-matching gradient from an untrained DiT collapses the
@@ -280,14 +236,8 @@ def codec_loss(enc: SpeechEncoder, t2w: Token2Wav, head: MelHead | None, mel: Te
     x0 = torch.randn(x1.shape, generator=rng)
     t = torch.rand(B, generator=rng)
     xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * x1
-    v = dit(xt, t, c)  # [B, 2N, 80]
-    fm = F.mse_loss(v, x1 - x0)
+    fm = F.mse_loss(dit(xt, t, c), x1 - x0)
     usage = codes.unique().numel() / grid.shape[0]
-    if reader is not None and phonetic_weight > 0 and not drop.all():
-        est = xt + (1 - t[:, None, None]) * v  # the DiT's estimate of the mel from x_t
-        ph = phonetic_loss(reader, est[~drop].transpose(1, 2), mel[~drop])
-        return fm + phonetic_weight * ph, {"fm": fm.item(), "phonetic": ph.item(),
-                                           "code_usage": usage}
     if head is None:
         return fm, {"fm": fm.item(), "code_usage": usage}
     aux = F.l1_loss(head(q), (mel + MEL_SHIFT) / MEL_SCALE)  # normalised: no mean to chase
@@ -387,11 +337,11 @@ def train_codec(stage: Stage, data: list[str | Path], model_dir: str | Path, out
     model_dir, out = Path(model_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = load_config(model_dir)
-    if cfg.codec_encoder_config is None and s.task not in ("vocoder", "mel_reader"):
+    if cfg.codec_encoder_config is None and s.task != "vocoder":
         raise ValueError(f"{model_dir}/config.json has no codec_encoder_config")
     t2w, t2w_loaded = _load_or_init(model_dir, cfg, "token2wav", s.seed)
-    enc = head = ctc_head = reader = None
-    if s.task not in ("vocoder", "mel_reader"):
+    enc = head = ctc_head = None
+    if s.task != "vocoder":
         enc, _ = _load_or_init(model_dir, cfg, "codec_encoder", s.seed + 1)
         head = MelHead(len(cfg.codec_encoder_config.levels))
         if s.task == "codec_encoder" and not t2w_loaded:
@@ -407,17 +357,6 @@ def train_codec(stage: Stage, data: list[str | Path], model_dir: str | Path, out
         if s.task not in ("codec", "codec_encoder"):
             raise ValueError(f"ctc_weight trains the encoder: not in a {s.task!r} stage")
         ctc_head = CTCHead(len(cfg.codec_encoder_config.levels))
-    if s.phonetic_weight > 0:
-        if s.task != "codec_dit":
-            raise ValueError(f"phonetic_weight trains the DiT alone: not in a {s.task!r} stage")
-        if not s.mel_reader or not Path(s.mel_reader).is_file():
-            raise ValueError(f"phonetic_weight needs mel_reader: a mel_reader stage's "
-                             f"{READER_FILE}, not {s.mel_reader!r}")
-        reader = MelReader()
-        reader.load_state_dict(torch.load(s.mel_reader, weights_only=True))
-        reader.requires_grad_(False)
-    elif s.task == "mel_reader":
-        reader = MelReader()
     dataset = SpeechSet(data, progress=verbose)
     try:
         speakers = {k: {"bos_token": v.bos_token, "cond": v.cond, "ref_mel": v.ref_mel}
@@ -438,8 +377,6 @@ def train_codec(stage: Stage, data: list[str | Path], model_dir: str | Path, out
         params = list(t2w.code2wav_dit_model.parameters())
         for p in enc.parameters():
             p.requires_grad_(False)
-    elif s.task == "mel_reader":
-        params = list(reader.parameters())
     else:
         params = [*enc.parameters(), *head.parameters()]
     if ctc_head is not None:
@@ -462,8 +399,6 @@ def train_codec(stage: Stage, data: list[str | Path], model_dir: str | Path, out
             head.load_state_dict(st["head"])
         if ctc_head is not None and "ctc_head" in st:
             ctc_head.load_state_dict(st["ctc_head"])
-        if s.task == "mel_reader":
-            reader.load_state_dict(st["mel_reader"])
         opt.load_state_dict(st["optimizer"])
         step, rng, losses = st["step"], st["rng"], st["losses"]
         gen.set_state(st["gen"])
@@ -484,9 +419,6 @@ def train_codec(stage: Stage, data: list[str | Path], model_dir: str | Path, out
             state["codec_encoder"], state["head"] = enc.state_dict(), head.state_dict()
         if ctc_head is not None:
             state["ctc_head"] = ctc_head.state_dict()
-        if s.task == "mel_reader":
-            state["mel_reader"] = reader.state_dict()
-            torch.save(reader.state_dict(), out / READER_FILE)
         torch.save(state, rpath.with_suffix(".tmp"))
         rpath.with_suffix(".tmp").replace(rpath)
 
@@ -500,14 +432,11 @@ def train_codec(stage: Stage, data: list[str | Path], model_dir: str | Path, out
         mel, wav = dataset.crops(rng, s.batch_size, s.segment_frames)
         if s.task == "vocoder":
             loss, parts = vocoder_loss(t2w, mel, wav)
-        elif s.task == "mel_reader":
-            loss = reader_loss(reader, *dataset.clips(rng, s.batch_size), gen)
-            parts = {"ctc": loss.item()}
         else:
             dit = t2w.code2wav_dit_model
             spk = dit.speaker(spk_entry["cond"].float(), spk_entry["ref_mel"].float(), cfg=True)
             loss, parts = codec_loss(enc, t2w, None if s.task == "codec_dit" else head, mel, spk,
-                                     gen, s.task == "codec_encoder", reader, s.phonetic_weight)
+                                     gen, s.task == "codec_encoder")
         if ctc_head is not None:
             ctc = ctc_loss(enc, ctc_head, *dataset.clips(rng, s.batch_size))
             loss = loss + s.ctc_weight * ctc

@@ -18,9 +18,9 @@ from typing import Any
 from torch import nn
 
 TASKS = ("thinker", "talker", "talker_dpo", "vocoder", "codec", "codec_dit", "codec_encoder",
-         "mel_reader", "vision", "hearing")
+         "vision", "hearing")
 # speech codec stages (``train/codec.py``)
-CODEC_TASKS = ("vocoder", "codec", "codec_dit", "codec_encoder", "mel_reader")
+CODEC_TASKS = ("vocoder", "codec", "codec_dit", "codec_encoder")
 # dense encoder pretraining (``train/dense.py``)
 DENSE_TASKS = ("vision", "hearing")
 
@@ -92,11 +92,6 @@ class Stage:
     # vocoder: what BigVGAN learns from: "mel" (the recording's) or "decoded" (the checkpoint's
     # round trip of it, codes -> DiT), so it learns to undo what the DiT gets wrong
     vocoder_input: str = "mel"
-    # codec_dit: weight of a phonetic loss (0 = off): a frozen character reader of log mel
-    # (``mel_reader``, a ``mel_reader`` stage's output file) reads the DiT's one-step estimate of
-    # the mel and the recording's, and the DiT learns to make the two readings agree (KL)
-    phonetic_weight: float = 0.0
-    mel_reader: str | None = None
     save_every_s: float = 240.0  # codec stages also checkpoint after this many seconds
     # bookkeeping
     eval_every: int = 0  # steps; 0 = never
