@@ -167,6 +167,22 @@ def test_text_only_load_skips_speech(tiny_dir):
         eng.session(audio_output=True)
 
 
+def test_tf32_is_asked_of_cuda_only(tiny_dir):
+    """``Engine.load(tf32=True)`` turns on TF32 matmuls for a CUDA engine and leaves the
+    process-wide flag alone for a CPU one (where it means nothing, and other engines share it)."""
+    matmul = torch.backends.cuda.matmul
+    was = matmul.allow_tf32
+    matmul.allow_tf32 = False
+    try:
+        Engine.load(tiny_dir, quiet=True, audio_output=False, tf32=True)
+        assert matmul.allow_tf32 is False
+        if torch.cuda.is_available():
+            Engine.load(tiny_dir, quiet=True, audio_output=False, device="cuda", tf32=True)
+            assert matmul.allow_tf32 is True
+    finally:
+        matmul.allow_tf32 = was
+
+
 def test_wav_writer_streams_a_valid_file(tmp_path):
     import wave
 
