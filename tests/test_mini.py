@@ -447,15 +447,17 @@ def test_recipe_follows_the_papers_order():
         assert data and all(f.endswith(".jsonl") for f in data), name
         stage = Stage.from_file(STAGE_DIR / cfg)
         tasks.append(stage.task)
-        if stage.task in ("vision", "hearing"):  # one encoder; later stages keep it slow
+        if stage.task in ("vision", "hearing"):  # one encoder; later stages keep it slow (the
+            # vision tower at most 0.3 of the rate: the last round teaches counting)
             enc = {"vision": "thinker.visual.*", "hearing": "thinker.audio_tower.*"}[stage.task]
             assert stage.trainable == [enc]
             later = [Stage.from_file(STAGE_DIR / c) for _, c, _, _ in STAGES[i + 1 :]]
-            assert all(s.lr_scale.get(enc, 1.0) <= 0.1 for s in later if s.task == "thinker")
+            top = 0.3 if stage.task == "vision" else 0.1
+            assert all(s.lr_scale.get(enc, 1.0) <= top for s in later if s.task == "thinker")
         if stage.task == "thinker":  # batches sorted by length would hold one family each
             assert stage.length_group == 1, f"{cfg}: batches should mix the families"
         done.add(name)
-    assert tasks == ["thinker", "vision", "hearing"] + ["thinker"] * 4 + ["talker", "talker_dpo"]
+    assert tasks == ["thinker", "vision", "hearing"] + ["thinker"] * 5 + ["talker", "talker_dpo"]
     # the training-only families (colour-kind binding, spoken words) are in the Thinker's stages
     assert all("aux/data.jsonl" in data for name, _, data, _ in STAGES if name.startswith("stage2"))
     stage1 = Stage.from_file(STAGE_DIR / STAGES[3][1])

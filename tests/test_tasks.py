@@ -457,6 +457,13 @@ def test_determinism_and_dataset(tmp_path):
                                    ).read_bytes()
     with pytest.raises(ValueError):
         tasks.make_dataset(tmp_path / "d", 1, seed=0, families=["nope"], progress=False)
+    # a number per family: those families, each case as the same seed makes it
+    e = tasks.make_dataset(tmp_path / "e", {"repeat": 2, "image-count": 1}, seed=7,
+                           progress=False)
+    lines = e.read_text().splitlines()
+    assert [json.loads(x)["case"][1:] for x in lines] == [["repeat", 0], ["repeat", 1],
+                                                          ["image-count", 0]]
+    assert lines[2] == first["image-count"]
 
 
 @pytest.mark.parametrize("family", tasks.FAMILIES)

@@ -410,20 +410,26 @@ def render_case(seed: int, family: str, i: int, levels: bool = False
     return case, vary_levels(case, rng) if levels else None
 
 
-def make_dataset(out_dir: str | Path, n_per_family: int, seed: int,
+def make_dataset(out_dir: str | Path, n_per_family: int | dict[str, int], seed: int,
                  families: list[str] | tuple[str, ...] | None = None,
                  progress: bool = True, levels: bool = False) -> Path:
-    """``n_per_family`` cases of each family (default: all) written under ``out_dir``: media in
+    """``n_per_family`` cases of each family (default: all; a dict: its families, each with its
+    own number) written under ``out_dir``: media in
     ``out_dir/media/{family}/``, records in ``out_dir/data.jsonl`` (family by family, case by
     case). ``levels``: the same cases with their WAVs at random levels (``vary_levels``; for
     training only: TASKS.md's renderings keep the voices' level). The same arguments write the
     same bytes. Returns the JSONL path."""
     from tqdm import tqdm
 
+    if isinstance(n_per_family, dict):
+        families, counts = list(n_per_family), n_per_family
+    else:
+        counts = None
     families = check_families(FAMILIES if families is None else families)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(f, i) for f in families for i in range(n_per_family)]
+    jobs = [(f, i) for f in families
+            for i in range(counts[f] if counts is not None else n_per_family)]
     lines = []
     for f, i in tqdm(jobs, desc="omni-mini cases", disable=not progress, unit="case"):
         case, level = render_case(seed, f, i, levels)
