@@ -5,6 +5,7 @@ chunks between the running replies' steps; the server's scheduler batches its re
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -242,7 +243,6 @@ def test_hold_rules():
         return e
 
     def chunk(left, **kw):  # a ready chunk whose stream's audio runs out in ``left`` s
-        import time
         return entry(Code2WavWork(None, None, None if left is None else time.perf_counter() + left),
                      **kw)
 
@@ -262,7 +262,6 @@ def test_hold_rules():
     assert not held([chunk(5.0), chunk(5.0, cancelled=True)])
     assert not held([chunk(5.0)], others=False)  # no chunk can join
     assert not held([chunk(5.0)], held=4)  # waited hold_ticks
-    import time
     assert held([chunk(5.0)], held=1, held_since=time.perf_counter() - 1.0)
     assert not held([chunk(5.0)], held=1, held_since=time.perf_counter() - 1.0, code2wav_s=0.5)
 

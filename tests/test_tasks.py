@@ -464,6 +464,9 @@ def test_determinism_and_dataset(tmp_path):
     assert [json.loads(x)["case"][1:] for x in lines] == [["repeat", 0], ["repeat", 1],
                                                           ["image-count", 0]]
     assert lines[2] == first["image-count"]
+    with pytest.raises(ValueError, match="one or the other"):
+        tasks.make_dataset(tmp_path / "f", {"repeat": 1}, seed=0, families=["beeps"],
+                           progress=False)
 
 
 @pytest.mark.parametrize("family", tasks.FAMILIES)

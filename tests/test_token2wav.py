@@ -196,18 +196,19 @@ def test_stays_float32():
     assert all(p.dtype == torch.float32 for p in m.state_dict().values())
 
 
-def test_dit_rotary_built_on_meta_is_computed_where_the_weights_load():
+def test_dit_rotary_built_on_meta_runs_where_the_weights_load():
     """A DiT built on meta and loaded with ``assign=True`` from a state dict without
-    ``inv_freq`` computes it on the loaded weights' device (the GPU check's crash: a CPU buffer
-    beside CUDA weights), with the values of a DiT built there."""
+    ``inv_freq`` (the benchmarks' path) computes it with the values of a DiT built normally, and
+    its angles come out on the device the DiT runs on (the GPU check's crash: a CPU buffer
+    beside CUDA weights; meta stands in for a second device on any machine)."""
     from omnistream.nn.dit import RotaryEmbedding
 
-    with torch.device("meta"):
-        m = torch.nn.ModuleDict({"rot": RotaryEmbedding(64, 10000.0),
-                                 "lin": torch.nn.Linear(2, 2)})
-    m.load_state_dict({"lin.weight": torch.zeros(2, 2, device=DEVICE),
-                       "lin.bias": torch.zeros(2, device=DEVICE)}, assign=True)
-    assert m["rot"].inv_freq.device.type == torch.device(DEVICE).type
-    assert torch.equal(m["rot"].inv_freq.cpu(), RotaryEmbedding(64, 10000.0).inv_freq)
-    cos, _ = m["rot"](5, torch.device(DEVICE))
-    assert cos.shape == (5, 32) and cos.device.type == torch.device(DEVICE).type
+    for device in (DEVICE, "meta"):
+        with torch.device("meta"):
+            m = torch.nn.ModuleDict({"rot": RotaryEmbedding(64, 10000.0),
+                                     "lin": torch.nn.Linear(2, 2)})
+        m.load_state_dict({"lin.weight": torch.zeros(2, 2, device=device),
+                           "lin.bias": torch.zeros(2, device=device)}, assign=True)
+        assert torch.equal(m["rot"].inv_freq.cpu(), RotaryEmbedding(64, 10000.0).inv_freq)
+        cos, _ = m["rot"](5, torch.device(device))
+        assert cos.shape == (5, 32) and cos.device.type == torch.device(device).type

@@ -59,9 +59,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _serve(model: str | None, fake: bool, step_ms: float, port: int,
-           max_speech_s: float = 120.0, slots: int = 64, dtype: str = "float32",
-           device: str = "cpu", code2wav_hold: int | None = None, tf32: bool = False) -> None:
+def _serve(model: str | None, fake: bool, step_ms: float, port: int, max_speech_s: float,
+           slots: int, dtype: str, device: str, code2wav_hold: int, tf32: bool) -> None:
     import uvicorn
 
     from omnistream.serve.app import create_app
@@ -73,8 +72,8 @@ def _serve(model: str | None, fake: bool, step_ms: float, port: int,
         from omnistream.engine.session import Engine
 
         engine = Engine.load(model, dtype=dtype, device=device, quiet=True, tf32=tf32)
-    hold = {} if code2wav_hold is None else {"code2wav_hold": code2wav_hold}
-    app = create_app(engine, ServeConfig(max_concurrent=slots, max_speech_s=max_speech_s, **hold))
+    app = create_app(engine, ServeConfig(max_concurrent=slots, max_speech_s=max_speech_s,
+                                         code2wav_hold=code2wav_hold))
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from omnistream.config import DiTConfig
+from omnistream.nn.rope import inv_freq
 
 # --------------------------------------------------------------------------- ECAPA-TDNN
 
@@ -164,10 +165,6 @@ class TimestepEmbedding(nn.Module):
         return self.time_mlp(torch.cat([angles.sin(), angles.cos()], dim=-1).to(t.dtype))
 
 
-def _inv_freq(head_dim: int, theta: float) -> Tensor:
-    return 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-
-
 class RotaryEmbedding(nn.Module):
     """Holds ``inv_freq`` [head_dim/2] as a persistent buffer: the release stores it (bf16-rounded
     values, which the model was run with); a state dict without it keeps the computed values."""
@@ -175,7 +172,7 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
         self.head_dim, self.theta = head_dim, theta
-        self.register_buffer("inv_freq", _inv_freq(head_dim, theta))
+        self.register_buffer("inv_freq", inv_freq(head_dim, theta))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -184,14 +181,14 @@ class RotaryEmbedding(nn.Module):
         key = prefix + "inv_freq"
         if key in missing_keys:
             missing_keys.remove(key)
-            if self.inv_freq.is_meta:  # built on meta, loaded with assign=True: computed
-                # where the loaded weights are (a CPU buffer beside CUDA weights fails there)
-                device = next((t.device for t in state_dict.values()), None)
-                self.inv_freq = _inv_freq(self.head_dim, self.theta).to(device)
+            if self.inv_freq.is_meta:  # built on meta, loaded with assign=True
+                self.inv_freq = inv_freq(self.head_dim, self.theta)
 
     def forward(self, T: int, device: torch.device) -> tuple[Tensor, Tensor]:
         pos = torch.arange(T, device=device, dtype=torch.float32)
-        angles = pos[:, None] * self.inv_freq.float()
+        # an inv_freq rebuilt after an assign=True load is on the CPU wherever the weights are:
+        # the state dict this module is handed holds only its own (absent) keys
+        angles = pos[:, None] * self.inv_freq.to(device, torch.float32)
         return angles.cos(), angles.sin()  # [T, head_dim/2] each
 
 

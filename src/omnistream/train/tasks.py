@@ -422,14 +422,15 @@ def make_dataset(out_dir: str | Path, n_per_family: int | dict[str, int], seed: 
     from tqdm import tqdm
 
     if isinstance(n_per_family, dict):
-        families, counts = list(n_per_family), n_per_family
-    else:
-        counts = None
+        if families is not None:
+            raise ValueError("families come from n_per_family's keys: give one or the other")
+        families = list(n_per_family)
     families = check_families(FAMILIES if families is None else families)
+    counts = (n_per_family if isinstance(n_per_family, dict)
+              else dict.fromkeys(families, n_per_family))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(f, i) for f in families
-            for i in range(counts[f] if counts is not None else n_per_family)]
+    jobs = [(f, i) for f in families for i in range(counts[f])]
     lines = []
     for f, i in tqdm(jobs, desc="omni-mini cases", disable=not progress, unit="case"):
         case, level = render_case(seed, f, i, levels)
