@@ -392,6 +392,25 @@ def test_talker_records_give_speech_as_audio(tmp_path, tiny_dir):
 
 
 @pytest.mark.skipif(not (SHIPPED / "config.json").exists(), reason="no shipped model")
+def test_codec_eval_draws_a_new_noise_for_each_clip(tmp_path, monkeypatch):
+    """Clip i of ``codec eval --seed S`` is decoded from seed S + i (the engine draws one per
+    session), so the figure averages over noises instead of resting on one draw."""
+    pytest.importorskip("piper", reason="held-out clips need the data extra")
+    from omnistream.eval.codec import evaluate_codec
+
+    seeds: list[int] = []
+    decode_stream = Codec.decode_stream
+
+    def spy(self, codes, voice=None, **kw):
+        seeds.append(kw["seed"])
+        return decode_stream(self, codes, voice, **kw)
+
+    monkeypatch.setattr(Codec, "decode_stream", spy)
+    res = evaluate_codec(SHIPPED, n=3, cache=tmp_path / "clips", recognize=False,
+                         progress=False, seed=40)
+    assert seeds == [40, 41, 42] and res["seed"] == 40
+
+
 def test_codec_eval_splits_the_error_between_vocoder_and_codes(tmp_path):
     """``codec eval --vocoder-wer`` also scores the vocoder on each clip's own mel: on the
     shipped codec that is near the original's WER, while a vocoder of random weights is not."""

@@ -129,6 +129,8 @@ def _build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-recognizer", action="store_true", help="skip WER (no eval extra)")
     q.add_argument("--vocoder-wer", action="store_true",
                    help="also the WER of the vocoder on each clip's own mel")
+    q.add_argument("--seed", type=int, default=0,
+                   help="decode noise: clip i uses seed + i (default 0)")
     q.add_argument("--json-out", default=None)
 
     p = sub.add_parser("eval", help="omni-mini tasks on fresh cases: accuracy per family, "
@@ -332,7 +334,7 @@ def _cmd_codec(args: argparse.Namespace) -> int:
         from omnistream.eval.codec import evaluate_codec, print_report
 
         res = evaluate_codec(model, n=args.n, recognize=not args.no_recognizer,
-                             vocoder_wer=args.vocoder_wer, steps=args.steps,
+                             vocoder_wer=args.vocoder_wer, seed=args.seed, steps=args.steps,
                              solver=args.solver, guidance_scale=args.guidance)
         print_report(res)
         if args.json_out:
