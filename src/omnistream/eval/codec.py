@@ -138,7 +138,8 @@ def evaluate_codec(model: str | Path, n: int = 100, cache: str | Path | None = N
 
 
 def print_report(res: dict) -> None:
-    rows = [("clips", f"{res['clips']} ({res['audio_s']:.1f} s of speech)")]
+    seeds = f"noise seeds {res['seed']}..{res['seed'] + res['clips'] - 1}"
+    rows = [("clips", f"{res['clips']} ({res['audio_s']:.1f} s of speech, {seeds})")]
     if "wer_original" in res:
         rows += [("WER original (Piper)", f"{100 * res['wer_original']:.1f}%"),
                  ("WER round trip", f"{100 * res['wer_round_trip']:.1f}%")]
