@@ -411,6 +411,7 @@ def test_codec_eval_draws_a_new_noise_for_each_clip(tmp_path, monkeypatch):
     assert seeds == [40, 41, 42] and res["seed"] == 40
 
 
+@pytest.mark.skipif(not (SHIPPED / "config.json").exists(), reason="no shipped model")
 def test_codec_eval_splits_the_error_between_vocoder_and_codes(tmp_path):
     """``codec eval --vocoder-wer`` also scores the vocoder on each clip's own mel: on the
     shipped codec that is near the original's WER, while a vocoder of random weights is not."""
