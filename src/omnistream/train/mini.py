@@ -87,6 +87,7 @@ HEARING_CLIPS = 4000
 # ``image-paraphrase`` ask sums with digits and symbols and the image questions in other words,
 # as users type them (nineteenth session).
 AUX = "aux"
+BASE_CASES = 800  # cases per family; the other counts here are for this many
 AUX_CASES = 3000
 # Fresh cases for a last Thinker round (``stage2c_fresh``): the omni-mini Thinker kept gaining
 # from rounds on cases it had not seen (fifteenth and sixteenth sessions: 88.9% -> 93.5% ->
@@ -333,7 +334,7 @@ def last_seed() -> int:
     return EVAL_SEED_BASE - max(FRESH_SEEDS) - 1
 
 
-def run(out: str | Path, codec: str | Path | None, n_per_family: int = 800, seed: int = 0,
+def run(out: str | Path, codec: str | Path | None, n_per_family: int = BASE_CASES, seed: int = 0,
         ship_dir: str | Path | None = None, eval_n: int = 10, dpo_prompts: int = 22,
         dpo_samples: int = 4, max_steps_scale: float = 1.0, talker_repeat_n: int = 10000) -> Path:
     """Run every step not yet done (see the module docstring); returns the shipped directory."""
@@ -348,6 +349,9 @@ def run(out: str | Path, codec: str | Path | None, n_per_family: int = 800, seed
     t_start = time.time()
     timings_path = out / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+
+    def scaled(n: int, least: int = 1) -> int:  # a count written for BASE_CASES per family
+        return max(n * n_per_family // BASE_CASES, least)
 
     def timed(name: str, fn) -> None:
         t = time.time()
@@ -375,15 +379,15 @@ def run(out: str | Path, codec: str | Path | None, n_per_family: int = 800, seed
     if not _done(data_dir / AUX / "data.jsonl", "auxiliary cases"):
         from omnistream.train.tasks import AUX_FAMILIES, make_dataset
 
-        n_aux = max(AUX_CASES * n_per_family // 800, 1)
+        n_aux = scaled(AUX_CASES)
         timed("aux", lambda: make_dataset(data_dir / AUX, n_aux, seed, families=AUX_FAMILIES))
     if not _done(data_dir / FRESH_REST / "data.jsonl", "fresh cases"):
         from omnistream.train.tasks import FAMILIES, make_dataset
 
         def fresh() -> None:
-            make_dataset(data_dir / FRESH, max(FRESH_CASES * n_per_family // 800, 1),
+            make_dataset(data_dir / FRESH, scaled(FRESH_CASES),
                          seed + FRESH_SEEDS[0], families=FRESH_FAMILIES)
-            make_dataset(data_dir / FRESH_REST, max(FRESH_REST_CASES * n_per_family // 800, 1),
+            make_dataset(data_dir / FRESH_REST, scaled(FRESH_REST_CASES),
                          seed + FRESH_SEEDS[1],
                          families=[f for f in FAMILIES if f not in FRESH_FAMILIES])
 
@@ -392,24 +396,24 @@ def run(out: str | Path, codec: str | Path | None, n_per_family: int = 800, seed
         from omnistream.train.tasks import make_dataset
 
         timed("levels", lambda: make_dataset(
-            data_dir / LEVELS, max(LEVEL_CASES * n_per_family // 800, 1), seed + FRESH_SEEDS[2],
+            data_dir / LEVELS, scaled(LEVEL_CASES), seed + FRESH_SEEDS[2],
             families=LEVEL_FAMILIES, levels=True))
     if not _done(data_dir / COUNT / "data.jsonl", "counting cases"):
         from omnistream.train.tasks import make_dataset
 
         timed("count", lambda: make_dataset(
-            data_dir / COUNT, {f: max(n * n_per_family // 800, 1) for f, n in COUNT_CASES.items()},
+            data_dir / COUNT, {f: scaled(n) for f, n in COUNT_CASES.items()},
             seed + FRESH_SEEDS[3]))
     if not _done(data_dir / VISION / "vision.jsonl", "vision images"):
         from omnistream.train.dense import make_vision_data
 
         timed("vision_images", lambda: make_vision_data(
-            data_dir / VISION, max(VISION_IMAGES * n_per_family // 800, 8), seed))
+            data_dir / VISION, scaled(VISION_IMAGES, 8), seed))
     if not _done(data_dir / HEARING / "hearing.jsonl", "hearing clips"):
         from omnistream.train.dense import make_hearing_data
 
         timed("hearing_clips", lambda: make_hearing_data(
-            data_dir / HEARING, max(HEARING_CLIPS * n_per_family // 800, 8), seed))
+            data_dir / HEARING, scaled(HEARING_CLIPS, 8), seed))
     if not _done(data_dir / "talker.jsonl", "speech"):
         timed("speech", lambda: log(
             f"speech: {add_speech(data, data_dir / 'talker.jsonl', encode=encoder())} replies "
@@ -519,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="artifacts/mini", help="work folder (data, stages, logs)")
     ap.add_argument("--codec", default=None, help="the trained speech codec's directory")
-    ap.add_argument("--n-per-family", type=int, default=800)
+    ap.add_argument("--n-per-family", type=int, default=BASE_CASES)
     ap.add_argument("--seed", type=int, default=0,
                     help=f"training data seed (0 .. {last_seed():,})")
     ap.add_argument("--ship", default=None, help="shipped model folder (default models/omni-mini)")
