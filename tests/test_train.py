@@ -600,6 +600,40 @@ def test_resume_continues_the_same_curve(full_run):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+class _Killed(BaseException):
+    """The process dying (a session's end): nothing after it runs."""
+
+
+def test_a_run_killed_while_saving_resumes_from_the_state_before(full_run, tiny_dir, data,
+                                                                 monkeypatch):
+    """A process killed in the middle of writing its resume state leaves the state before it
+    whole: the run resumes from there and ends exactly as the uninterrupted run."""
+    whole, _, _, base = full_run
+    st = stage("full", lr=1e-2, max_steps=8, frozen=["thinker.model.embed_tokens.*"],
+               save_every=2)
+    out = base / "killed"
+    real_save, saves = torch.save, []
+
+    def torn_save(obj, f, *a, **k):
+        if str(f).endswith("state.pt"):
+            saves.append(f)
+            if len(saves) == 2:  # the save at step 4: half a file, then the process dies
+                Path(f).write_bytes(b"PK\x03\x04 half a state")
+                raise _Killed
+        return real_save(obj, f, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", torn_save)
+        with pytest.raises(_Killed):
+            train(st, data, tiny_dir, out, verbose=False)
+    second = train(st, data, tiny_dir, out, verbose=False)
+    assert '"event": "resume", "step": 2' in (out / "train_log.jsonl").read_text()
+    assert second["losses"] == whole["losses"][2:]
+    a, b = read_tensors(base / "whole"), read_tensors(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not [d for d in out.iterdir() if d.name.startswith("resume")]
+
+
 def test_saved_checkpoint_generates(full_run):
     from omnistream.checkpoint import load_component
     from omnistream.engine.offline import generate_text

@@ -50,6 +50,7 @@ from omnistream.media.audio import OUTPUT_SAMPLE_RATE
 from omnistream.nn.bigvgan import HOP
 from omnistream.nn.token2wav import Token2Wav
 from omnistream.train.loop import LOG_FILE, lr_at
+from omnistream.train.model import save_whole
 from omnistream.train.speech_corpus import load_corpus
 from omnistream.train.stages import Stage
 
@@ -89,7 +90,7 @@ class SpeechSet:
                 self.wavs.append(w)
                 new.append(mels[i] if mels is not None else speech_mel(w))
             if mels is None:
-                torch.save(new, cache)
+                save_whole(new, cache)
             self.mels += new
         if not self.wavs:
             raise ValueError("the speech corpus is empty")
@@ -277,9 +278,7 @@ def decoded_mels(enc: SpeechEncoder, t2w: Token2Wav, cfg: OmniConfig, voice: dic
                          generator=g)[0]  # [80, 2N]
         n = data.mels[i].shape[1]
         mels.append(F.pad(mel[:, :n], (0, max(0, n - mel.shape[1])), value=math.log(MEL_FLOOR)))
-    tmp = cache.with_suffix(".tmp")
-    torch.save(mels, tmp)
-    tmp.replace(cache)
+    save_whole(mels, cache)
     return mels
 
 
@@ -419,8 +418,7 @@ def train_codec(stage: Stage, data: list[str | Path], model_dir: str | Path, out
             state["codec_encoder"], state["head"] = enc.state_dict(), head.state_dict()
         if ctc_head is not None:
             state["ctc_head"] = ctc_head.state_dict()
-        torch.save(state, rpath.with_suffix(".tmp"))
-        rpath.with_suffix(".tmp").replace(rpath)
+        save_whole(state, rpath)
 
     last_save = time.monotonic()
     end = s.max_steps if stop_at is None else min(s.max_steps, stop_at)

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from omnistream.train.loop import LOG_FILE, lr_at
+from omnistream.train.model import save_whole
 from omnistream.train.stages import Stage
 
 RESUME_FILE = "resume.pt"
@@ -401,8 +402,7 @@ def train_dense(stage: Stage, data: list[str | Path], model_dir: str | Path,
         state = {"encoder": encoder.state_dict(), "heads": heads.state_dict(),
                  "optimizer": opt.state_dict(), "step": step, "rng": rng, "order": order,
                  "task": s.task, "stage": s.to_dict()}
-        torch.save(state, rpath.with_suffix(".tmp"))
-        rpath.with_suffix(".tmp").replace(rpath)
+        save_whole(state, rpath)
 
     last_save = time.monotonic()
     end = s.max_steps if stop_at is None else min(s.max_steps, stop_at)

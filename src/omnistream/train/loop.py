@@ -8,10 +8,10 @@ Loss normalisation: every objective returns a *sum* and a count; the step's loss
 all micro-batches and processes divided by the global count (all-reduced before the backward), so
 1 process with accumulation and N processes give the same loss and gradients for one global batch.
 
-Resume state (``out_dir/resume/``): trained parameters, optimizer, step, data position and RNG
-states; a resumed run continues the exact same loss curve. Distributed runs are started by
-``torchrun`` (env ``WORLD_SIZE``/``RANK``; gloo on CPU, nccl on CUDA) or by calling ``train`` in
-spawned processes that set those variables.
+Resume state (``out_dir/resume/``, swapped in whole at each save): trained parameters,
+optimizer, step, data position and RNG states; a resumed run continues the exact same loss
+curve. Distributed runs are started by ``torchrun`` (env ``WORLD_SIZE``/``RANK``; gloo on CPU,
+nccl on CUDA) or by calling ``train`` in spawned processes that set those variables.
 """
 
 from __future__ import annotations
@@ -251,8 +251,9 @@ def train(
     # -- resume --------------------------------------------------------------------------------
     step = 0
     rdir = out / RESUME_DIR
-    if resume and (rdir / "meta.json").is_file():
-        step = _load_resume(rdir, model, optimizer, batches, rank, s.dist == "fsdp" and world > 1)
+    src = _resume_source(rdir) if resume else None
+    if src is not None:
+        step = _load_resume(src, model, optimizer, batches, rank, s.dist == "fsdp" and world > 1)
         log({"event": "resume", "step": step})
 
     # -- loop ----------------------------------------------------------------------------------
@@ -334,7 +335,8 @@ def train(
             save_released(out, model_dir, full)
             (out / "train_stage.json").write_text(json.dumps(s.to_dict(), indent=2) + "\n")
             log({"event": "saved", "dir": str(out), "step": step})
-            shutil.rmtree(rdir, ignore_errors=True)  # the stage is complete
+            for d in _resume_dirs(rdir):  # the stage is complete
+                shutil.rmtree(d, ignore_errors=True)
     if world > 1:
         dist.barrier()
     if log_f:
@@ -378,8 +380,34 @@ def _trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _resume_dirs(rdir: Path) -> tuple[Path, Path, Path]:
+    """The resume directory, the one a save is writing, and the one it replaces."""
+    return rdir, rdir.with_name(rdir.name + ".tmp"), rdir.with_name(rdir.name + ".old")
+
+
+def _resume_source(rdir: Path) -> Path | None:
+    """The newest complete resume state among ``_resume_dirs`` (complete: its meta.json, written
+    last, parses), or None. A run killed while saving leaves the previous state usable."""
+    best, best_step = None, -1
+    for d in _resume_dirs(rdir):
+        try:
+            step = int(json.loads((d / "meta.json").read_text())["step"])
+        except (OSError, ValueError, KeyError):
+            continue
+        if step > best_step:
+            best, best_step = d, step
+    return best
+
+
 def _save_resume(rdir: Path, model, optimizer, batches, step, s, rank, world, fsdp: bool) -> None:
-    rdir.mkdir(parents=True, exist_ok=True)
+    """Write the resume state into ``resume.tmp``, then swap it for ``resume``: a process killed
+    at any point leaves one complete state (``_resume_source``), never a torn file."""
+    _, tmp, old = _resume_dirs(rdir)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if world > 1:
+        dist.barrier()
     if fsdp:  # sharded: every process writes its shards (torch.distributed.checkpoint)
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
@@ -387,21 +415,29 @@ def _save_resume(rdir: Path, model, optimizer, batches, step, s, rank, world, fs
         msd, osd = get_state_dict(
             model, optimizer, options=StateDictOptions(ignore_frozen_params=True)
         )
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(rdir / "dcp"))
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
     elif rank == 0:
         torch.save(
             {
                 "model": {k: v.cpu() for k, v in _trained_state(model).items()},
                 "optim": optimizer.state_dict(),
             },
-            rdir / "state.pt",
+            tmp / "state.pt",
         )
-    torch.save(_rng_state(), rdir / f"rng_{rank}.pt")
+    torch.save(_rng_state(), tmp / f"rng_{rank}.pt")
     if world > 1:
         dist.barrier()
     if rank == 0:
         meta = {"step": step, "data": batches.state(), "stage": s.to_dict(), "world": world}
-        (rdir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / "meta.part").write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / "meta.part").replace(tmp / "meta.json")
+        shutil.rmtree(old, ignore_errors=True)
+        if rdir.exists():
+            rdir.replace(old)
+        tmp.replace(rdir)
+        shutil.rmtree(old, ignore_errors=True)
+    if world > 1:
+        dist.barrier()
 
 
 def _load_resume(rdir: Path, model, optimizer, batches, rank, fsdp: bool) -> int:

@@ -110,5 +110,15 @@ def save_released(out_dir: str | Path, src_dir: str | Path, trained: dict[str, T
                 continue  # a tied alias of a stored tensor (stored once, as in the source)
             raise KeyError(f"trained tensor {k} is not in the source checkpoint")
         tensors[k] = v.detach().to("cpu", tensors[k].dtype).contiguous()
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    tmp = out / "model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    tmp.replace(out / "model.safetensors")
     return out
+
+
+def save_whole(obj: object, path: Path) -> None:
+    """``torch.save`` through a temporary file: a process killed while writing leaves the
+    previous file (or none), never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
