@@ -341,8 +341,9 @@ class PackedPixels:
 
     def unpack(self) -> Tensor:
         """The float32 patches, bit for bit as the processor gave them."""
-        channel = torch.arange(3)[None, :, None]  # each channel reads its own levels
-        return _pixel_levels()[channel, self.index.long()].reshape(self.index.shape[0], -1)
+        offset = torch.arange(0, 768, 256)[None, :, None]  # each channel reads its own levels
+        flat = torch.take(_pixel_levels(), self.index.long() + offset)  # [N, 3, k]
+        return flat.reshape(self.index.shape[0], -1)
 
 
 def pack_pixels(x: Tensor) -> PackedPixels | Tensor:
@@ -354,15 +355,21 @@ def pack_pixels(x: Tensor) -> PackedPixels | Tensor:
     if x.dtype != torch.float32 or x.ndim != 2 or x.shape[1] % 3:
         return x
     x = x.contiguous()
-    levels = _pixel_levels()
+    levels = _pixel_levels()  # [3, 256]: affine in the uint8 value, so inverted directly
     channels = x.reshape(x.shape[0], 3, -1)
-    index = torch.stack([torch.searchsorted(levels[j], channels[:, j].contiguous())
-                         for j in range(3)], 1).clamp_(max=255).to(torch.uint8)
-    packed = PackedPixels(index)
-    # every bit must come back: a value that is not one of the levels keeps the float tensor
-    if torch.equal(packed.unpack().view(torch.int32), x.view(torch.int32)):
-        return packed
-    return x
+    lo, step = levels[:, :1], (levels[:, 255:] - levels[:, :1]) / 255  # [3, 1]
+    index = ((channels - lo) / step).round_().clamp_(0, 255).to(torch.uint8)
+    if not _packs_exactly(index, x):  # float rounding may miss a level: the exact search (slow)
+        index = torch.stack([torch.searchsorted(levels[j], channels[:, j].contiguous())
+                             for j in range(3)], 1).clamp_(max=255).to(torch.uint8)
+        if not _packs_exactly(index, x):  # a value that is not one of the levels: keep floats
+            return x
+    return PackedPixels(index)
+
+
+def _packs_exactly(index: Tensor, x: Tensor) -> bool:
+    """Whether ``index`` [N, 3, k] gives back every bit of the patches ``x`` [N, 3k]."""
+    return torch.equal(PackedPixels(index).unpack().view(torch.int32), x.view(torch.int32))
 
 
 @functools.cache
@@ -371,7 +378,8 @@ def _pixel_levels() -> Tensor:
     them (ascending)."""
     from omnistream.media.image import normalize
 
-    return normalize(torch.arange(256, dtype=torch.uint8).expand(1, 3, 1, 256))[0, :, 0]
+    pixels = torch.arange(256, dtype=torch.uint8).expand(1, 3, 1, 256)
+    return normalize(pixels)[0, :, 0].contiguous()
 
 
 def pack_media(item: Any) -> Any:
