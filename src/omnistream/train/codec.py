@@ -49,7 +49,7 @@ from omnistream.config import OmniConfig
 from omnistream.media.audio import OUTPUT_SAMPLE_RATE
 from omnistream.nn.bigvgan import HOP
 from omnistream.nn.token2wav import Token2Wav
-from omnistream.train.loop import LOG_FILE, lr_at
+from omnistream.train.loop import LOG_FILE, adamw, lr_at
 from omnistream.train.model import save_whole
 from omnistream.train.speech_corpus import load_corpus
 from omnistream.train.stages import Stage
@@ -384,7 +384,7 @@ def train_codec(stage: Stage, data: list[str | Path], model_dir: str | Path, out
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
+    opt = adamw(params, s, weight_decay=s.weight_decay)
 
     step, losses = 0, []
     rng = random.Random(s.seed)

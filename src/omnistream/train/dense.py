@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from omnistream.train.loop import LOG_FILE, lr_at
+from omnistream.train.loop import LOG_FILE, adamw, lr_at
 from omnistream.train.model import save_whole
 from omnistream.train.stages import Stage
 
@@ -377,7 +377,7 @@ def train_dense(stage: Stage, data: list[str | Path], model_dir: str | Path,
     encoder.train()
     dataset = DenseSet(s.task, data, model_dir)
     params = [*encoder.parameters(), *heads.parameters()]
-    opt = torch.optim.AdamW(params, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
+    opt = adamw(params, s, weight_decay=s.weight_decay)
     step, rng = 0, random.Random(s.seed)
     order: list[int] = []
     rpath = out / RESUME_FILE
