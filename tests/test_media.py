@@ -14,6 +14,7 @@ from omnistream.media import MediaError
 from omnistream.media.audio import (
     N_FRAMES,
     StreamingLogMel,
+    decode_audio,
     load_audio,
     log_mel_spectrogram,
     normalize_log_mel,
@@ -100,6 +101,27 @@ def test_audio_formats(tmp_path, ext):
     x = load_audio(str(path))
     assert x.dtype == np.float32 and abs(x.size - 16000) < 800  # codec padding
     assert 0.05 < np.abs(x).max() <= 1.5
+
+
+@pytest.mark.parametrize("codec,channels,sr", [("pcm_s16le", 1, 24000), ("pcm_s16le", 2, 44100),
+                                               ("pcm_s24le", 1, 16000), ("pcm_f32le", 2, 48000)])
+def test_wav_opens_without_probing_and_decodes_the_same(tmp_path, monkeypatch, codec, channels,
+                                                        sr):
+    """A WAV header states every stream parameter, so WAV files skip ffmpeg's probing of their
+    data: the samples and rate are those of a probed open, from a path or from bytes."""
+    from omnistream.media import _io
+
+    path = write_audio(tmp_path / "a.wav", tone(0.5, sr, channels=channels), sr, codec=codec)
+    assert _io._is_wav(str(path)) and _io._is_wav(_io.read_source(path.read_bytes()))
+    fast = decode_audio(str(path)), decode_audio(path.read_bytes())
+    monkeypatch.setattr(_io, "_is_wav", lambda src: False)
+    probed = decode_audio(str(path))
+    for x, rate in fast:
+        assert rate == probed[1] == sr and np.array_equal(x, probed[0]) and x.size == sr // 2
+    monkeypatch.undo()
+    torn = tmp_path / "torn.wav"  # a WAV header and a few bytes of its data chunk
+    torn.write_bytes(path.read_bytes()[:50])
+    _raises(lambda: load_audio(str(torn)), "torn.wav")
 
 
 def test_audio_sources_and_trim(tmp_path):
