@@ -634,6 +634,33 @@ def test_a_run_killed_while_saving_resumes_from_the_state_before(full_run, tiny_
     assert not [d for d in out.iterdir() if d.name.startswith("resume")]
 
 
+def test_resume_source_is_the_newest_whole_state(tmp_path):
+    """Wherever a kill falls in a save (``_save_resume``: write resume.tmp, meta.json last, move
+    resume to resume.old, resume.tmp to resume), one whole state is found, the newest."""
+    from omnistream.train.loop import _resume_source
+
+    rdir = tmp_path / "resume"
+
+    def state(name: str, step: int | None) -> None:
+        d = tmp_path / name
+        d.mkdir()
+        if step is not None:
+            (d / "meta.json").write_text(json.dumps({"step": step}))
+
+    assert _resume_source(rdir) is None
+    state("resume", 4)
+    state("resume.tmp", None)  # killed while writing the next state
+    assert _resume_source(rdir) == rdir
+    (tmp_path / "resume.tmp" / "meta.json").write_text('{"st')  # killed while writing its meta
+    assert _resume_source(rdir) == rdir
+    (tmp_path / "resume.tmp" / "meta.json").write_text('{"step": 6}')  # whole, not swapped in
+    assert _resume_source(rdir) == tmp_path / "resume.tmp"
+    rdir.rename(tmp_path / "resume.old")  # killed between the two moves
+    assert _resume_source(rdir) == tmp_path / "resume.tmp"
+    shutil.rmtree(tmp_path / "resume.tmp")
+    assert _resume_source(rdir) == tmp_path / "resume.old"
+
+
 def test_saved_checkpoint_generates(full_run):
     from omnistream.checkpoint import load_component
     from omnistream.engine.offline import generate_text
