@@ -180,12 +180,14 @@ def test_mini_checkpoint_fits_the_budget(tmp_path):
     b = budget(d)
     assert b["total"]["bytes"] <= BUDGET_BYTES, format_budget(b)
     (d / "resume.pt").write_bytes(b"a dense stage's heads")  # carried along by the stages
+    (d / "resume.pt.tmp").write_bytes(b"half a state")  # a save that a kill cut short
     from omnistream.maketiny import GENERATION_CONFIG
 
     # an older run's file without the mini's decoding defaults: ship writes them
     (d / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG))
     shipped = ship(d, tmp_path / "ship")
     assert not (shipped / "resume.pt").exists()  # a training record, not part of the model
+    assert not (shipped / "resume.pt.tmp").exists()
     sb = budget(shipped, {})
     assert sb["total"]["bytes"] == b["total"]["bytes"]
     from omnistream.checkpoint import read_tensors

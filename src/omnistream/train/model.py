@@ -86,9 +86,11 @@ TRAINING_RECORDS = ("train_log.jsonl", "train_stage.json", "resume.pt")
 
 def side_files(src_dir: str | Path) -> list[Path]:
     """A checkpoint's files to carry into one made from it: config, tokenizer, processor,
-    spk_dict ...; not its weights, its random-weights marker or training records."""
+    spk_dict ...; not its weights, its random-weights marker, training records or a write that
+    a kill left unfinished (``*.tmp``)."""
     return [f for f in Path(src_dir).iterdir()
-            if f.is_file() and not f.name.endswith((".safetensors", ".index.json", ".jsonl"))
+            if f.is_file()
+            and not f.name.endswith((".safetensors", ".index.json", ".jsonl", ".tmp"))
             and f.name not in (RANDOM_WEIGHTS_MARKER, *TRAINING_RECORDS)]
 
 
