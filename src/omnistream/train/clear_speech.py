@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from omnistream.train.mini import SPEECH_LENGTH_SCALE, _write_lines, codec_encoder, reply_text
+from omnistream.train.model import write_whole
 
 # families whose replies come from a few templates (the rest: one reply per record)
 TEMPLATE_FAMILIES = ("chat", "beeps", "image-count", "image-count-color", "image-color",
@@ -90,9 +91,7 @@ def score(texts: list[str], codec_dir: str | Path, folder: Path, cache: Path,
                 recognizer.edit_distance(ref_words[text], recognizer.normalize(
                     recognizer.transcribe(codec.decode(codes, seed=k), OUTPUT_SAMPLE_RATE)))
                 for k in seeds)
-        tmp = cache.with_suffix(".tmp")
-        tmp.write_text(json.dumps(done, indent=1))
-        tmp.replace(cache)
+        write_whole(cache, lambda p: p.write_text(json.dumps(done, indent=1)))
     return {t: {float(s): e for s, e in table[t].items()} for t in texts}
 
 

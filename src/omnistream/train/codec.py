@@ -50,7 +50,7 @@ from omnistream.media.audio import OUTPUT_SAMPLE_RATE
 from omnistream.nn.bigvgan import HOP
 from omnistream.nn.token2wav import Token2Wav
 from omnistream.train.loop import LOG_FILE, adamw, lr_at
-from omnistream.train.model import save_whole
+from omnistream.train.model import save_whole, write_whole
 from omnistream.train.speech_corpus import load_corpus
 from omnistream.train.stages import Stage
 
@@ -484,9 +484,8 @@ def _save_model(out: Path, src: Path, cfg: OmniConfig, t2w: Token2Wav,
     if enc is not None:
         tensors.update({f"codec_encoder.{k}": v.detach().contiguous()
                         for k, v in enc.state_dict().items()})
-    tmp = out / "model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tmp.replace(out / "model.safetensors")
+    write_whole(out / "model.safetensors",
+                lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     torch.save(speakers, out / "spk_dict.pt")
 
@@ -508,7 +507,8 @@ def merge_vocoder(codec_dir: str | Path, vocoder_dir: str | Path, out: str | Pat
         raise ValueError(f"{vocoder_dir}'s vocoder does not match {codec_dir}'s config")
     tensors.update(new)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    write_whole(out / "model.safetensors",
+                lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     for name in ("config.json", "spk_dict.pt"):
         if (codec_dir / name).resolve() != (out / name).resolve():
             shutil.copy(codec_dir / name, out / name)

@@ -121,6 +121,7 @@ def make_pairs(model: str | Path, data: str | Path, out: str | Path, prompts: in
     from omnistream.eval.tasks import SPEECH_SECONDS, record_messages, respond
     from omnistream.media.audio import decode_audio
     from omnistream.train.mini import speech_file
+    from omnistream.train.model import write_whole
 
     data, out = Path(data), Path(out)
     if out.parent.resolve() != data.parent.resolve():
@@ -194,10 +195,8 @@ def make_pairs(model: str | Path, data: str | Path, out: str | Path, prompts: in
                             "scores": [round(s, 3) for s in scores],
                             "pair": pick is not None}))
     pairs = [r for r in rows if "chosen_codec_ids" in r]
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pairs),
-                   encoding="utf-8")
-    tmp.replace(out)
+    write_whole(out, lambda p: p.write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pairs), encoding="utf-8"))
     return len(pairs)
 
 

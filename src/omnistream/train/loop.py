@@ -436,8 +436,8 @@ def _save_resume(rdir: Path, model, optimizer, batches, step, s, rank, world, fs
         dist.barrier()
     if rank == 0:
         meta = {"step": step, "data": batches.state(), "stage": s.to_dict(), "world": world}
-        (tmp / "meta.part").write_text(json.dumps(meta, indent=2) + "\n")
-        (tmp / "meta.part").replace(tmp / "meta.json")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")  # last: a torn one
+        # does not parse, so ``_resume_source`` passes this directory over
         shutil.rmtree(old, ignore_errors=True)
         if rdir.exists():
             rdir.replace(old)

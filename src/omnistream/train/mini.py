@@ -184,9 +184,10 @@ def reply_text(rec: dict) -> str:
 
 
 def _write_lines(path: Path, lines: list[str]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    tmp.replace(path)
+    from omnistream.train.model import write_whole
+
+    write_whole(path, lambda p: p.write_text("".join(line + "\n" for line in lines),
+                                             encoding="utf-8"))
 
 
 def _count(path: Path) -> int:
@@ -196,6 +197,7 @@ def _count(path: Path) -> int:
 def speech_file(text: str, folder: Path, length_scale: float = SPEECH_LENGTH_SCALE) -> Path:
     """``text`` spoken whole in the Piper voice (``voices.piper_sentence``; cached by text: the
     same reply is spoken once)."""
+    from omnistream.train.model import write_whole
     from omnistream.train.voices import piper_sentence, write_wav
 
     h = hashlib.sha1(f"sentence|{length_scale}|{text}".encode()).hexdigest()[:16]
@@ -205,9 +207,7 @@ def speech_file(text: str, folder: Path, length_scale: float = SPEECH_LENGTH_SCA
         pcm, sr, _ = piper_sentence(text, length_scale)
         if pcm.size == 0:
             raise ValueError(f"the Piper voice speaks nothing for {text!r}")
-        tmp = path.with_suffix(".tmp.wav")
-        write_wav(tmp, pcm, sr)
-        tmp.replace(path)
+        write_whole(path, lambda p: write_wav(p, pcm, sr))
     return path
 
 

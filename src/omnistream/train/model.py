@@ -9,6 +9,7 @@ copied from the source checkpoint, so the output directory is a complete release
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -112,15 +113,19 @@ def save_released(out_dir: str | Path, src_dir: str | Path, trained: dict[str, T
                 continue  # a tied alias of a stored tensor (stored once, as in the source)
             raise KeyError(f"trained tensor {k} is not in the source checkpoint")
         tensors[k] = v.detach().to("cpu", tensors[k].dtype).contiguous()
-    tmp = out / "model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tmp.replace(out / "model.safetensors")
+    write_whole(out / "model.safetensors",
+                lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     return out
 
 
-def save_whole(obj: object, path: Path) -> None:
-    """``torch.save`` through a temporary file: a process killed while writing leaves the
-    previous file (or none), never half of one."""
+def write_whole(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(tmp)`` then rename ``tmp`` to ``path``: a process killed while writing leaves the
+    previous file (or none), never half of one. (``side_files`` never carries a ``*.tmp``.)"""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    write(tmp)
     tmp.replace(path)
+
+
+def save_whole(obj: object, path: Path) -> None:
+    """``torch.save`` whole or not at all (``write_whole``)."""
+    write_whole(path, lambda p: torch.save(obj, p))
