@@ -228,6 +228,9 @@ def test_pixels_pack_only_when_every_bit_comes_back():
     packed = pack_pixels(x)
     assert isinstance(packed, PackedPixels) and packed.index.dtype == torch.uint8
     assert torch.equal(packed.unpack().view(torch.int32), x.view(torch.int32))
+    every = (torch.arange(2 * 28 * 56) % 256).to(torch.uint8).reshape(2, 1, 28, 56)  # each level
+    every = every.expand(2, 3, 28, 56)
+    assert isinstance(pack_pixels(patchify(normalize(every))[0]), PackedPixels)
     lo, hi = normalize(torch.tensor([0, 1], dtype=torch.uint8).view(1, 1, 1, 2).expand(
         1, 3, 1, 2))[0, 0, 0]  # channel 0's two lowest levels
     top = normalize(torch.full((1, 3, 1, 1), 255, dtype=torch.uint8))[0, 0, 0, 0]
