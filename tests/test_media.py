@@ -109,11 +109,15 @@ def test_wav_opens_without_probing_and_decodes_the_same(tmp_path, monkeypatch, c
                                                         sr):
     """A WAV header states every stream parameter, so WAV files skip ffmpeg's probing of their
     data: the samples and rate are those of a probed open, from a path or from bytes."""
+    import av
+
     from omnistream.media import _io
 
     path = write_audio(tmp_path / "a.wav", tone(0.5, sr, channels=channels), sr, codec=codec)
-    assert _io._is_wav(str(path)) and _io._is_wav(_io.read_source(path.read_bytes()))
+    real_open, opened = av.open, []
+    monkeypatch.setattr(av, "open", lambda *a, **k: opened.append(k) or real_open(*a, **k))
     fast = decode_audio(str(path)), decode_audio(path.read_bytes())
+    assert [k.get("format") for k in opened] == ["wav", "wav"]  # both took the fast open
     monkeypatch.setattr(_io, "_is_wav", lambda src: False)
     probed = decode_audio(str(path))
     for x, rate in fast:
