@@ -526,6 +526,36 @@ def test_lr_scale_sets_each_groups_rate(tiny_dir, data, tmp_path):
     assert any(v for k, v in diff.items() if k.startswith("thinker.audio_tower."))
 
 
+def test_tied_embedding_trains_the_same_with_sparse_lookup_gradients(tiny_dir, data, tmp_path,
+                                                                    monkeypatch):
+    """A trained embedding tied to the head (omni-mini's) sends its lookup gradient sparse
+    (``loop.sparse_tied_embedding``); the weights after three steps equal a run with dense
+    lookup gradients up to float rounding."""
+    from omnistream.maketiny import make_tiny
+    from omnistream.train import loop
+    from omnistream.train.model import load_model
+
+    tied = make_tiny(tmp_path / "tied", seed=0,
+                     config=tiny_config(**{"thinker_config.text_config.tie_word_embeddings": True}))
+    st = stage("mini_2_all", lr=1e-3, max_steps=3)
+    real, used = loop.sparse_tied_embedding, []
+    monkeypatch.setattr(loop, "sparse_tied_embedding", lambda m: used.append(real(m)) or used[-1])
+    sparse = train(st, data, tied, tmp_path / "sparse", verbose=False)["losses"]
+    assert used == [True]
+    monkeypatch.setattr(loop, "sparse_tied_embedding", lambda m: False)
+    dense = train(st, data, tied, tmp_path / "dense", verbose=False)["losses"]
+    assert sparse == pytest.approx(dense, rel=1e-6) and len(sparse) == 3
+    a, b = read_tensors(tmp_path / "sparse"), read_tensors(tmp_path / "dense")
+    assert changed(tied, tmp_path / "sparse")["thinker.model.embed_tokens.weight"]
+    assert "thinker.lm_head.weight" not in a
+    for k in a:  # saved in bf16: one rounding step apart at most (a step of the run is ~1e-3)
+        assert torch.allclose(a[k].float(), b[k].float(), rtol=2**-7, atol=1e-6), k
+    # an untied embedding (the tiny default's) or a frozen one keeps dense gradients
+    assert not real(load_model(tiny_dir, with_talker=False))
+    frozen = load_model(tied, with_talker=False).requires_grad_(False)
+    assert not real(frozen) and not frozen.thinker.model.embed_tokens.sparse
+
+
 def _media_stats(model_dir: Path, data: Path) -> tuple[float, float]:
     """The encoders' outputs over the whole set: mean row RMS^2, mean per-dimension std."""
     from omnistream.train.losses import encode_media
