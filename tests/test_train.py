@@ -187,6 +187,47 @@ def test_media_records_expand_placeholders(tiny_dir, data):
     assert a.media[0][1] is b.media[0][1] and a.input_ids == b.input_ids
 
 
+def test_padded_batches_train_only_their_real_tokens(tiny_dir, data, monkeypatch):
+    """A right-padded batch's ``lengths`` send only the real tokens through the LLM's
+    projections and MLPs (``TextModel.forward(lengths=...)``): the loss and every gradient
+    equal the padded computation's, and the padded outputs are zeros."""
+    from omnistream.nn.text import DecoderLayer
+    from omnistream.train.losses import thinker_loss, thinker_states
+    from omnistream.train.model import load_model
+
+    m = load_model(tiny_dir, with_talker=False)
+    tok = Tokenizer.from_dir(tiny_dir)
+    ds = Dataset(data, tok, m.cfg.thinker_config, log=lambda _: None)
+    batch = collate(ds.examples[:6], tok.special.pad)
+    lengths = batch["lengths"]
+    assert lengths.tolist() == [len(e.input_ids) for e in ds.examples[:6]]
+    assert lengths.min() < lengths.max()  # the batch has padding to skip
+    calls = []
+    real_fwd = DecoderLayer.forward_tokens
+    monkeypatch.setattr(DecoderLayer, "forward_tokens",
+                        lambda self, *a: calls.append(1) or real_fwd(self, *a))
+
+    def run(b):
+        m.zero_grad(set_to_none=True)
+        loss, n = thinker_loss(m.thinker, b, media_rms_limit=0.3, media_std_floor=0.15)
+        loss.backward()
+        return float(loss), n, {k: p.grad.clone() for k, p in m.named_parameters()
+                                if p.grad is not None}
+
+    l1, n1, g1 = run(batch)
+    assert len(calls) == len(m.thinker.model.layers)
+    l0, n0, g0 = run({k: v for k, v in batch.items() if k != "lengths"})
+    assert len(calls) == len(m.thinker.model.layers)  # no lengths: the padded path
+    assert n1 == n0 and l1 == pytest.approx(l0, rel=1e-6)
+    assert g1.keys() == g0.keys() and any(k.startswith("thinker.visual.") for k in g1)
+    for k in g1:
+        assert torch.allclose(g1[k], g0[k], rtol=1e-5, atol=1e-7), k
+    with torch.no_grad():
+        hidden, _ = thinker_states(m.thinker, batch)
+    pad = torch.arange(hidden.shape[1])[None] >= lengths[:, None]
+    assert pad.any() and hidden[pad].abs().max() == 0
+
+
 def test_stored_media_come_back_with_the_same_bits(tiny_dir, data):
     """Images are kept packed (uint8 indices per colour channel) and a batch gets exactly the
     processor's float32 patches back."""

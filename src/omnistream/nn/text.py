@@ -99,14 +99,17 @@ class Attention(nn.Module):
         object.__setattr__(self, "_qkv", fused or self._qkv)
         return fused is not None
 
+    def project_rows(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [..., hidden] -> q [..., H * D], k and v [..., H_kv * D] (no rotary)."""
+        if self._qkv is not None:
+            nq, nk = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            return self._qkv(x).split([nq, nk, nk], -1)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x [B, T, hidden] -> q [B, H, T, D], k and v [B, H_kv, T, D]."""
         B, T, _ = x.shape
-        if self._qkv is not None:
-            nq, nk = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-            q, k, v = self._qkv(x).split([nq, nk, nk], -1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.project_rows(x)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         return q, k, v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -134,6 +137,25 @@ class Attention(nn.Module):
                 q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa
             )  # [B, H, T, D]
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+
+    def forward_tokens(self, x: Tensor, rows: Tensor, shape: tuple[int, int], cos: Tensor,
+                       sin: Tensor) -> Tensor:
+        """Causal attention over right-padded rows given only their real tokens: x [N, hidden]
+        at flat positions ``rows`` [N] of a [B, T] batch; returns [N, hidden]. The projections
+        see the N tokens only; attention sees the padded [B, T] layout, padding as zeros that
+        no real token attends (they come after it)."""
+        B, T = shape
+        q, k, v = self.project_rows(x)  # [N, H * D], [N, H_kv * D] x 2
+        qkv = torch.cat([q, k, v], -1)
+        qkv = qkv.new_zeros(B * T, qkv.shape[-1]).index_copy(0, rows, qkv).view(B, T, -1)
+        q, k, v = qkv.split([q.shape[-1], k.shape[-1], v.shape[-1]], -1)
+        q = q.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = k.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           enable_gqa=self.n_heads != self.n_kv_heads)
+        return self.o_proj(o.transpose(1, 2).reshape(B * T, -1)[rows])  # [N, hidden]
 
 
 class MLP(nn.Module):
@@ -170,6 +192,11 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, mask, is_causal, cache, layer) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_tokens(self, x, rows, shape, cos, sin) -> Tensor:
+        """``forward`` for the real tokens of right-padded rows (``Attention.forward_tokens``)."""
+        x = x + self.self_attn.forward_tokens(self.input_layernorm(x), rows, shape, cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -249,11 +276,22 @@ class TextModel(nn.Module):
         position_ids: Tensor,  # [3, B, T] (or [B, T] for text-only)
         cache: KVCache | CacheRows | None = None,
         attention_mask: Tensor | None = None,  # [B, T] 1 = token, 0 = left padding
+        lengths: Tensor | None = None,  # [B] real tokens of right-padded rows, without a cache
     ) -> Tensor:  # [B, T, hidden] after the final norm
         """With a ``CacheRows`` (T == 1) every row extends its own cache; the rows' masks live
-        in ``CacheRows.attend``."""
-        T = x.shape[1]
+        in ``CacheRows.attend``. With ``lengths`` (training's right-padded batches) only each
+        row's first ``lengths[b]`` tokens go through the projections and MLPs (a batch of
+        mixed lengths is a third padding), and the padded outputs are zeros."""
+        B, T = x.shape[:2]
         cos, sin = self.rotary(position_ids, x.dtype)
+        if lengths is not None and cache is None and attention_mask is None:
+            real = torch.arange(T, device=x.device)[None] < lengths.to(x.device)[:, None]
+            rows = real.reshape(-1).nonzero().squeeze(1)  # [N] flat positions of real tokens
+            h = x.reshape(B * T, -1)[rows]  # [N, hidden]
+            for layer in self.layers:
+                h = layer.forward_tokens(h, rows, (B, T), cos, sin)
+            h = self.norm(h)
+            return h.new_zeros(B * T, h.shape[-1]).index_copy(0, rows, h).view(B, T, -1)
         if isinstance(cache, CacheRows):
             if T != 1 or attention_mask is not None:
                 raise ValueError("CacheRows takes one unpadded token per row")

@@ -555,6 +555,7 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, Any]:
         "input_ids": ids,
         "labels": labels,
         "position_ids": pos,
+        "lengths": torch.tensor([len(e.input_ids) for e in examples]),  # [B]
         "media": collate_media(media) if media else None,
         "examples": examples,
     }

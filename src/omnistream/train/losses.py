@@ -58,7 +58,8 @@ def thinker_states(thinker: nn.Module, batch: dict[str, Any],
     if media is None:
         media = encode_media(thinker, batch["media"])
     embeds = thinker.embed(batch["input_ids"], media)  # [B, T, D]
-    hidden = thinker.model(embeds, batch["position_ids"])  # [B, T, D] (causal, right padding)
+    hidden = thinker.model(embeds, batch["position_ids"],  # [B, T, D] (causal, right padding)
+                           lengths=batch.get("lengths"))
     return hidden, embeds
 
 
