@@ -191,7 +191,7 @@ def test_padded_batches_train_only_their_real_tokens(tiny_dir, data, monkeypatch
     """A right-padded batch's ``lengths`` send only the real tokens through the LLM's
     projections and MLPs (``TextModel.forward(lengths=...)``): the loss and every gradient
     equal the padded computation's, and the padded outputs are zeros."""
-    from omnistream.nn.text import DecoderLayer
+    from omnistream.nn.text import Attention
     from omnistream.train.losses import thinker_loss, thinker_states
     from omnistream.train.model import load_model
 
@@ -203,8 +203,8 @@ def test_padded_batches_train_only_their_real_tokens(tiny_dir, data, monkeypatch
     assert lengths.tolist() == [len(e.input_ids) for e in ds.examples[:6]]
     assert lengths.min() < lengths.max()  # the batch has padding to skip
     calls = []
-    real_fwd = DecoderLayer.forward_tokens
-    monkeypatch.setattr(DecoderLayer, "forward_tokens",
+    real_fwd = Attention.forward_tokens
+    monkeypatch.setattr(Attention, "forward_tokens",
                         lambda self, *a: calls.append(1) or real_fwd(self, *a))
 
     def run(b):

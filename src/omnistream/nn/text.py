@@ -190,13 +190,15 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, is_causal, cache, layer) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, cache, layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-    def forward_tokens(self, x, rows, shape, cos, sin) -> Tensor:
-        """``forward`` for the real tokens of right-padded rows (``Attention.forward_tokens``)."""
-        x = x + self.self_attn.forward_tokens(self.input_layernorm(x), rows, shape, cos, sin)
+    def forward(self, x, cos, sin, mask, is_causal, cache, layer, tokens=None) -> Tensor:
+        """``tokens`` = (rows, (B, T)): x [N, hidden] holds only the real tokens of right-padded
+        rows (``Attention.forward_tokens``). One entry point, so that hooks on the layer (FSDP's
+        unsharding) run on both paths."""
+        h = self.input_layernorm(x)
+        if tokens is not None:
+            x = x + self.self_attn.forward_tokens(h, *tokens, cos, sin)
+        else:
+            x = x + self.self_attn(h, cos, sin, mask, is_causal, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -288,8 +290,8 @@ class TextModel(nn.Module):
             real = torch.arange(T, device=x.device)[None] < lengths.to(x.device)[:, None]
             rows = real.reshape(-1).nonzero().squeeze(1)  # [N] flat positions of real tokens
             h = x.reshape(B * T, -1)[rows]  # [N, hidden]
-            for layer in self.layers:
-                h = layer.forward_tokens(h, rows, (B, T), cos, sin)
+            for i, layer in enumerate(self.layers):
+                h = layer(h, cos, sin, None, True, None, i, tokens=(rows, (B, T)))
             h = self.norm(h)
             return h.new_zeros(B * T, h.shape[-1]).index_copy(0, rows, h).view(B, T, -1)
         if isinstance(cache, CacheRows):

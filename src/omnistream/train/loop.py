@@ -243,7 +243,7 @@ def train(
         for name in s.lora.modules:
             apply_lora(model.get_submodule(name), s.lora.r, s.lora.alpha, tuple(s.lora.targets))
     trained = select_trainable(model, s)
-    if not (world > 1 and s.dist == "fsdp"):  # sharded parameters take dense gradients only
+    if world == 1:  # DDP would expect a sparse gradient of a sparse embedding, FSDP a dense one
         sparse_tied_embedding(model)
     model.to(device)
     objective = Objective(model, s, ref_talker)
