@@ -593,6 +593,10 @@ def test_tied_embedding_trains_the_same_with_sparse_lookup_gradients(tiny_dir, d
         assert torch.allclose(a[k].float(), b[k].float(), rtol=2**-7, atol=1e-6), k
     # an untied embedding (the tiny default's) or a frozen one keeps dense gradients
     assert not real(load_model(tiny_dir, with_talker=False))
+    m = load_model(tied, with_talker=False)  # the flag is what makes the lookup's gradient sparse
+    assert real(m) and m.thinker.model.embed_tokens.sparse
+    m.thinker.model.embed_tokens(torch.tensor([[1, 2]])).sum().backward()
+    assert m.thinker.model.embed_tokens.weight.grad.is_sparse
     frozen = load_model(tied, with_talker=False).requires_grad_(False)
     assert not real(frozen) and not frozen.thinker.model.embed_tokens.sparse
 

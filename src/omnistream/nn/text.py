@@ -70,6 +70,11 @@ def fuse_linears(linears: list[nn.Linear], max_numel: int | None = None) -> nn.L
     return fused
 
 
+def scatter_rows(x: Tensor, rows: Tensor, B: int, T: int) -> Tensor:
+    """x [N, C] at flat positions ``rows`` [N] of a [B, T] layout -> [B, T, C], zeros elsewhere."""
+    return x.new_zeros(B * T, x.shape[-1]).index_copy(0, rows, x).view(B, T, -1)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -108,11 +113,14 @@ class Attention(nn.Module):
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x [B, T, hidden] -> q [B, H, T, D], k and v [B, H_kv, T, D]."""
-        B, T, _ = x.shape
-        q, k, v = self.project_rows(x)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        return q, k, v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return self._heads(*self.project_rows(x))
+
+    def _heads(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q [B, T, H * D], k and v [B, T, H_kv * D] -> [B, H|H_kv, T, D]."""
+        B, T = q.shape[:2]
+        q = q.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return q, k, v.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
 
     def forward(
         self,
@@ -146,12 +154,8 @@ class Attention(nn.Module):
         no real token attends (they come after it)."""
         B, T = shape
         q, k, v = self.project_rows(x)  # [N, H * D], [N, H_kv * D] x 2
-        qkv = torch.cat([q, k, v], -1)
-        qkv = qkv.new_zeros(B * T, qkv.shape[-1]).index_copy(0, rows, qkv).view(B, T, -1)
-        q, k, v = qkv.split([q.shape[-1], k.shape[-1], v.shape[-1]], -1)
-        q = q.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = k.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        qkv = scatter_rows(torch.cat([q, k, v], -1), rows, B, T)  # [B, T, (H + 2 H_kv) D]
+        q, k, v = self._heads(*qkv.split([q.shape[-1], k.shape[-1], v.shape[-1]], -1))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            enable_gqa=self.n_heads != self.n_kv_heads)
@@ -292,8 +296,7 @@ class TextModel(nn.Module):
             h = x.reshape(B * T, -1)[rows]  # [N, hidden]
             for i, layer in enumerate(self.layers):
                 h = layer(h, cos, sin, None, True, None, i, tokens=(rows, (B, T)))
-            h = self.norm(h)
-            return h.new_zeros(B * T, h.shape[-1]).index_copy(0, rows, h).view(B, T, -1)
+            return scatter_rows(self.norm(h), rows, B, T)
         if isinstance(cache, CacheRows):
             if T != 1 or attention_mask is not None:
                 raise ValueError("CacheRows takes one unpadded token per row")
