@@ -126,7 +126,8 @@ def evaluate(model: str | Path, n: int = 50, seed: int | None = None,
              solver: str | None = None, dtype: str = "float32", levels: bool = False,
              progress: Callable[[CaseResult], None] | None = None) -> dict[str, Any]:
     """Evaluate ``model`` on ``n`` fresh cases per family; returns ``{"cases": [...],
-    "recognizer": bool, "model", "seed", "levels"}`` (``format_table`` prints it).
+    "recognizer": bool, "recognizer_off": bool (not asked for), "model", "seed", "levels"}``
+    (``format_table`` prints it).
 
     ``recognize``: None = when the recognizer is installed. ``seed`` (default
     ``EVAL_SEED_BASE``) must be at least ``EVAL_SEED_BASE``. ``levels``: the same cases with
@@ -188,7 +189,8 @@ def evaluate(model: str | Path, n: int = 50, seed: int | None = None,
                 if progress is not None:
                     progress(res)
     return {"model": str(model), "seed": seed, "n": n, "recognizer": rec_mod is not None,
-            "levels": levels, "cases": [asdict(r) for r in results]}
+            "recognizer_off": recognize is False, "levels": levels,
+            "cases": [asdict(r) for r in results]}
 
 
 def _voice_floor(rec_mod) -> Callable[[str], tuple[int, int]] | None:
@@ -256,6 +258,8 @@ def format_table(res: dict[str, Any]) -> str:
     note = f"model {res['model']}, seed {res['seed']}, {res['n']} fresh cases per family"
     if res.get("levels"):
         note += ", audio at random microphone levels"
-    if not res["recognizer"]:
+    if res.get("recognizer_off"):
+        note += "; WER not measured (--no-recognizer)"
+    elif not res["recognizer"]:
         note += "; WER needs the recognizer: pip install 'omnistream[eval]'"
     return "\n".join(rows + [note])
