@@ -75,8 +75,6 @@ class Example:
     rejected: list[int] | None = None  # DPO rejected
     # per spoken unit (``speech_units``): (first code, end code, first reply token, end token)
     units: list[tuple[int, int, int, int]] | None = None
-    # per image item of ``media``: its count densities [tokens, colours] (``image_truth``)
-    density: list[Tensor | None] | None = None
     where: str = ""  # file:line
 
     def __len__(self) -> int:
@@ -276,8 +274,6 @@ def encode(
     else:
         pos = torch.arange(len(ids)).expand(3, -1)
     ex = Example(ids, labels, pos, media, reply_start, reply_len)
-    if task == "thinker" and "image_truth" in rec:
-        ex.density = _densities(rec["image_truth"], media, cfg)
     if task == "talker":
         ex.codes = _check_codes(rec, "codec_ids")
         if ex.codes is None and "speech" in rec and speech_codes is not None:
@@ -300,21 +296,6 @@ def encode(
         if ex.codes is None or ex.rejected is None:
             raise RecordError("DPO needs 'chosen_codec_ids' and 'rejected_codec_ids'")
     return ex
-
-
-def _densities(truth: Any, media: list[tuple[str, Any]], cfg: ThinkerConfig) -> list:
-    """``image_truth`` (the shapes of the record's one image) -> ``Example.density``."""
-    from omnistream.train.dense import count_density
-
-    images = [item for kind, item in media if kind == "image"]
-    if len(images) != 1:
-        raise RecordError("'image_truth' needs a record with exactly one image")
-    try:
-        _, gh, gw = (int(v) for v in images[0].grid_thw)
-        return [count_density(truth, gh, gw, cfg.vision_config.spatial_merge_size)]
-    except (KeyError, TypeError, ValueError) as e:
-        raise RecordError(f"'image_truth' must be {{'size': [w, h], 'shapes': [{{'kind', "
-                          f"'color', 'x', 'y', 'size'}}]}}: {e}") from None
 
 
 def unit_alignment(units: list[list[float]], text: str, body: list[int],
@@ -570,22 +551,11 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, Any]:
         if n < T:  # padding continues the positions (never attended by real tokens)
             pos[:, b, n:] = e.position_ids.max() + 1 + torch.arange(T - n)
     media = [(k, unpack_media(m)) for e in examples for k, m in e.media]  # stored packed
-    density = None  # [image tokens, colours], NaN rows where an image has no ground truth
-    if any(e.density for e in examples):
-        width = next(d for e in examples for d in e.density or [] if d is not None).shape[1]
-        rows = []
-        for e in examples:
-            images = [m for k, m in e.media if k == "image"]
-            for i, m in enumerate(images):
-                d = e.density[i] if e.density else None
-                rows.append(d if d is not None else torch.full((int(m.n_tokens), width), math.nan))
-        density = torch.cat(rows)
     return {
         "input_ids": ids,
         "labels": labels,
         "position_ids": pos,
         "lengths": torch.tensor([len(e.input_ids) for e in examples]),  # [B]
         "media": collate_media(media) if media else None,
-        "image_density": density,
         "examples": examples,
     }

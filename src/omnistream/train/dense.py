@@ -122,31 +122,6 @@ def token_targets(meta: dict, grid_h: int, grid_w: int, merge: int = 2,
     return out
 
 
-def count_density(truth: dict, grid_h: int, grid_w: int, merge: int = 2,
-                  patch: int = 14) -> Tensor:
-    """Per merged token of an image (raster order) and colour (COLORS) the share of each shape
-    of that colour that the token shows, summed over the shapes [N, len(COLORS)]: the sum over
-    an image's tokens is its count of each colour, whatever the shapes' sizes (crowd counting's
-    density map). ``truth``: the record's ``image_truth`` (``render_image``'s original ``size``
-    and ``shapes``); the encoder saw the image resized to ``grid_w * patch`` x
-    ``grid_h * patch``."""
-    from PIL import Image, ImageDraw
-
-    from omnistream.train.tasks_media import Shape, draw_shape
-
-    w, h = truth["size"]
-    W, H, cell = grid_w * patch, grid_h * patch, merge * patch
-    gy, gx = grid_h // merge, grid_w // merge
-    out = torch.zeros(gy * gx, len(COLORS))
-    for s in truth["shapes"]:  # one mask each: shapes never overlap, but resizing may merge them
-        lab = Image.new("L", (w, h), 0)
-        draw_shape(ImageDraw.Draw(lab), Shape(s["kind"], s["color"], 1, s["x"], s["y"], s["size"]))
-        m = np.asarray(lab.resize((W, H), Image.NEAREST), dtype=np.float64)
-        share = m.reshape(gy, cell, gx, cell).sum((1, 3)).reshape(-1)
-        out[:, COLORS.index(s["color"])] += torch.from_numpy(share / max(share.sum(), 1.0)).float()
-    return out
-
-
 def video_targets(px: Tensor, rec: dict, merge: int = 2, patch: int = 14) -> Tensor:
     """[N, 4] for a ``video-motion`` clip's pixel patches ``px`` [merge² N, C * 2 * patch²]
     (the processor's order: each merged token's patches together, each patch's frame pair):

@@ -50,20 +50,16 @@ LOG_FILE = "train_log.jsonl"
 class Objective(nn.Module):
     """The stage's loss as a module forward (so DDP / FSDP see the forward they wrap)."""
 
-    def __init__(self, model: nn.Module, stage: Stage, ref_talker: nn.Module | None = None,
-                 count_head: nn.Module | None = None):
+    def __init__(self, model: nn.Module, stage: Stage, ref_talker: nn.Module | None = None):
         super().__init__()
         self.model, self.stage = model, stage
         self.ref_talker = [ref_talker]  # a list: not a submodule (never wrapped, never saved)
-        self.count_head = count_head  # training-only (``count_weight``): in the resume state only
-        self.stats: dict[str, float] = {}  # the last forward's loss terms worth logging
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
         m, s = self.model, self.stage
         if s.task == "thinker":
             return losses.thinker_loss(m.thinker, batch, s.media_rms_limit,
-                                       s.media_std_floor, s.count_weight, self.count_head,
-                                       self.stats)
+                                       s.media_std_floor)
         if s.task == "talker":
             return losses.talker_loss(m.thinker, m.talker, batch, s.speaker_bos, s.code_noise,
                                       s.guided_attention, s.guided_layer, s.guided_head)
@@ -82,8 +78,7 @@ def n_targets(batch: dict[str, Any], task: str) -> int:
 
 
 def param_groups(model: nn.Module, s: Stage) -> list[dict]:
-    """The trainable parameters grouped by weight decay (matrices only) and ``s.lr_scale``
-    (``count_weight``'s readout is grouped apart, as ``count_head.*``)."""
+    """The trainable parameters grouped by weight decay (matrices only) and ``s.lr_scale``."""
     groups: dict[tuple[bool, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -251,8 +246,7 @@ def train(
     if world == 1:  # DDP would expect a sparse gradient of a sparse embedding, FSDP a dense one
         sparse_tied_embedding(model)
     model.to(device)
-    count_head = _count_head(model, s, world)
-    objective = Objective(model, s, ref_talker, count_head).to(device)
+    objective = Objective(model, s, ref_talker)
     if world > 1 and s.dist == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
@@ -266,11 +260,7 @@ def train(
     else:
         engine = objective
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = param_groups(model, s)
-    if count_head is not None:  # last: resume states of the model's groups keep their order
-        groups += param_groups(nn.ModuleDict({"count_head": count_head}), s)
-        params += list(count_head.parameters())
-    optimizer = adamw(groups, s, fused=not (world > 1 and s.dist == "fsdp"))
+    optimizer = adamw(param_groups(model, s), s, fused=not (world > 1 and s.dist == "fsdp"))
     log(
         {
             "event": "model",
@@ -288,8 +278,7 @@ def train(
     rdir = out / RESUME_DIR
     src = _resume_source(rdir) if resume else None
     if src is not None:
-        step = _load_resume(src, model, optimizer, batches, rank, s.dist == "fsdp" and world > 1,
-                            count_head)
+        step = _load_resume(src, model, optimizer, batches, rank, s.dist == "fsdp" and world > 1)
         log({"event": "resume", "step": step})
 
     # -- loop ----------------------------------------------------------------------------------
@@ -340,7 +329,6 @@ def train(
                     "grad_norm": gnorm,
                     "targets": int(n_global),
                     "elapsed_s": round(time.time() - t0, 3),
-                    **objective.stats,
                 }
             )
         if eval_ds is not None and s.eval_every and step % s.eval_every == 0:
@@ -348,13 +336,23 @@ def train(
             evals.append({"step": step, "eval_loss": ev})
             log({"step": step, "eval_loss": ev})
         if s.save_every and step % s.save_every == 0 and step < s.max_steps:
-            _save_resume(rdir, model, optimizer, batches, step, s, rank, world,
-                         s.dist == "fsdp" and world > 1, count_head)
+            _save_resume(
+                rdir,
+                model,
+                optimizer,
+                batches,
+                step,
+                s,
+                rank,
+                world,
+                s.dist == "fsdp" and world > 1,
+            )
 
     # -- the end: resume state if stopped early, otherwise the release-layout checkpoint ------
     if step < s.max_steps:
-        _save_resume(rdir, model, optimizer, batches, step, s, rank, world,
-                     s.dist == "fsdp" and world > 1, count_head)
+        _save_resume(
+            rdir, model, optimizer, batches, step, s, rank, world, s.dist == "fsdp" and world > 1
+        )
     else:
         scale = s.lora.alpha / s.lora.r if s.lora else 1.0
         full = _full_state(model, world, s.dist == "fsdp", scale)
@@ -403,25 +401,6 @@ def _to(batch: dict, device) -> dict:
 # -- checkpoints ----------------------------------------------------------------------------------
 
 
-def _count_head(model: nn.Module, s: Stage, world: int) -> nn.Module | None:
-    """The training-only readout of ``count_weight`` (each image token -> its count density per
-    colour; an MLP: a linear one cannot read v10's tokens, 3% of images counted right against
-    50-65%), or None."""
-    if s.count_weight <= 0:
-        return None
-    if s.task != "thinker" or (world > 1 and s.dist == "fsdp"):
-        raise ValueError(f"stage {s.name!r}: count_weight needs a thinker stage without FSDP")
-    from omnistream.train.dense import COLORS
-
-    dim = model.cfg.thinker_config.vision_config.out_hidden_size
-    head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(),
-                         nn.Linear(2 * dim, len(COLORS)))
-    # it starts at zero: no gradient reaches the encoder before the readout has learnt something
-    nn.init.zeros_(head[-1].weight)
-    nn.init.zeros_(head[-1].bias)
-    return head
-
-
 def _trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -445,8 +424,7 @@ def _resume_source(rdir: Path) -> Path | None:
     return best
 
 
-def _save_resume(rdir: Path, model, optimizer, batches, step, s, rank, world, fsdp: bool,
-                 aux: nn.Module | None = None) -> None:
+def _save_resume(rdir: Path, model, optimizer, batches, step, s, rank, world, fsdp: bool) -> None:
     """Write the resume state into ``resume.tmp``, then swap it for ``resume``: a process killed
     at any point leaves one complete state (``_resume_source``), never a torn file."""
     _, tmp, old = _resume_dirs(rdir)
@@ -468,7 +446,6 @@ def _save_resume(rdir: Path, model, optimizer, batches, step, s, rank, world, fs
             {
                 "model": {k: v.cpu() for k, v in _trained_state(model).items()},
                 "optim": optimizer.state_dict(),
-                "aux": None if aux is None else aux.state_dict(),
             },
             tmp / "state.pt",
         )
@@ -488,8 +465,7 @@ def _save_resume(rdir: Path, model, optimizer, batches, step, s, rank, world, fs
         dist.barrier()
 
 
-def _load_resume(rdir: Path, model, optimizer, batches, rank, fsdp: bool,
-                 aux: nn.Module | None = None) -> int:
+def _load_resume(rdir: Path, model, optimizer, batches, rank, fsdp: bool) -> int:
     meta = json.loads((rdir / "meta.json").read_text())
     if fsdp:
         import torch.distributed.checkpoint as dcp
@@ -520,8 +496,6 @@ def _load_resume(rdir: Path, model, optimizer, batches, rank, fsdp: bool,
         with torch.no_grad():
             for k, v in st["model"].items():
                 params[k].copy_(v)
-        if aux is not None:
-            aux.load_state_dict(st["aux"])
         optimizer.load_state_dict(st["optim"])
     rng = rdir / f"rng_{rank}.pt"
     if rng.is_file():

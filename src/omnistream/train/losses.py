@@ -84,38 +84,14 @@ def media_penalty(media: Media | None, rms_limit: float, std_floor: float) -> Te
     return out
 
 
-def count_loss(media: Media | None, density: Tensor | None, head: nn.Module,
-               merge: int) -> Tensor | None:
-    """How far a readout (``head``: each token -> colours) of the image tokens is from their
-    count densities (``data.collate``'s ``image_density`` [N, C], ``train.dense.count_density``;
-    NaN rows: no ground truth): per image, the squared error of the summed readout against the
-    image's count of each colour plus the summed squared error per token, averaged over the
-    images (``merge``: the vision encoder's spatial merge). The LLM answers "how many" from
-    these tokens; a token that says which share of a shape it shows lets a large shape count
-    once however many tokens it covers (v9's miscounts were one too many, in small images,
-    whose shapes cover more tokens). None without images that have ground truth."""
-    if media is None or media.image_embeds is None or density is None:
-        return None
-    n = (media.image_grid_thw.prod(-1) // merge**2).tolist()  # tokens per image
-    pred = head(media.image_embeds.float())  # [N, C]
-    terms = []
-    for p, d in zip(pred.split(n), density.to(pred.device).split(n), strict=True):
-        if not torch.isnan(d).any():
-            terms.append((p.sum(0) - d.sum(0)).pow(2).sum() + (p - d).pow(2).sum())
-    return torch.stack(terms).mean() if terms else None
-
-
 def thinker_loss(thinker: nn.Module, batch: dict[str, Any], media_rms_limit: float = 0.0,
-                 media_std_floor: float = 0.0, count_weight: float = 0.0,
-                 count_head: nn.Module | None = None,
-                 stats: dict[str, float] | None = None) -> tuple[Tensor, int]:
+                 media_std_floor: float = 0.0) -> tuple[Tensor, int]:
     """Summed cross entropy over the assistant-text targets, and their number.
 
     With ``media_rms_limit`` or ``media_std_floor`` > 0 it adds ``media_penalty`` (weight 1 per
     target token). Encoders trained from scratch otherwise collapse to one constant output
     vector (huge, or small with the limit alone): every media token then looks the same to the
-    LLM, and the media carry no information. With ``count_weight`` > 0 it adds ``count_loss``
-    through ``count_head`` (that weight per target token) and puts its value in ``stats``."""
+    LLM, and the media carry no information."""
     media = encode_media(thinker, batch["media"])
     hidden, _ = thinker_states(thinker, batch, media)
     labels = batch["labels"]  # [B, T], labels[t] = target of position t
@@ -126,13 +102,6 @@ def thinker_loss(thinker: nn.Module, batch: dict[str, Any], media_rms_limit: flo
     penalty = media_penalty(media, media_rms_limit, media_std_floor)  # 0 with both off
     if penalty is not None:
         loss = loss + penalty * n
-    if count_weight > 0:
-        counted = count_loss(media, batch.get("image_density"), count_head,
-                             thinker.visual.cfg.spatial_merge_size)
-        if counted is not None:
-            loss = loss + count_weight * counted * n
-            if stats is not None:
-                stats["count_loss"] = float(counted.detach())
     return loss, n
 
 

@@ -73,9 +73,6 @@ class Stage:
     # spread over the batch's tokens of each kind up to the floor
     media_rms_limit: float = 0.0
     media_std_floor: float = 0.0
-    # thinker: weight of the count-density loss (``losses.count_loss``; 0 = off) on the image
-    # tokens of records with ``image_truth``, read by a training-only linear head
-    count_weight: float = 0.0
     # talker
     speaker_bos: int = 151872  # thinker-vocab token of the voice (Chelsie)
     dpo_beta: float = 0.1

@@ -104,10 +104,6 @@ class Case:
                "family": self.family}
         if self.use_audio_in_video:
             rec["use_audio_in_video"] = True
-        if "shapes" in self.meta:  # the image's ground truth: training's count densities
-            rec["image_truth"] = {"size": self.meta["size"], "shapes": [
-                {k: s[k] for k in ("kind", "color", "x", "y", "size")}
-                for s in self.meta["shapes"]]}
         return rec
 
 
