@@ -253,6 +253,23 @@ def test_eval_prints_the_table_on_the_tiny_model(tiny_dir, capsys):
     assert rows["all"][1] == str(len(FAMILIES))
 
 
+def test_eval_table_gives_each_accuracy_its_wilson_interval():
+    """Fifty cases at 98% say little more than "90-100%" (twenty-ninth session: image-count 98%
+    on 50 cases, 90.5% on 200), so the table prints each accuracy's 95% interval."""
+    from omnistream.eval.tasks import format_table, wilson
+
+    assert tuple(round(v, 3) for v in wilson(49, 50)) == (0.895, 0.996)
+    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0 and wilson(0, 0) == (0.0, 1.0)
+    case = {"wer_edits": None, "wer_words": None, "voice_edits": None, "voice_words": None,
+            "ttfa_s": 0.2, "gapless_s": 0.4, "rtf": 0.5}
+    cases = [case | {"family": "chat", "correct": i < 49} for i in range(50)]
+    table = format_table({"model": "m", "seed": 1_000_000, "n": 50, "recognizer": False,
+                          "recognizer_off": True, "levels": False, "cases": cases})
+    rows = {line.split()[0]: line.split() for line in table.splitlines()}
+    assert rows["family"][3:5] == ["95%", "CI"] and rows["chat"][2:4] == ["98.0%", "90-100"]
+    assert table.endswith("WER not measured (--no-recognizer)")
+
+
 def test_eval_levels_hear_the_training_generators_levels(tiny_dir, tmp_path, monkeypatch):
     """``evaluate(levels=True)`` gives the engine each case's audio exactly as
     ``make_dataset(levels=True)`` writes it for the same seed (and the plain audio without)."""

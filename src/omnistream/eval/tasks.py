@@ -19,6 +19,7 @@ Cases come from the task generator (``train/tasks.py``) with seeds from ``EVAL_S
 
 from __future__ import annotations
 
+import math
 import re
 import statistics
 import tempfile
@@ -236,13 +237,23 @@ def summarize(cases: list[dict]) -> dict[str, float | None]:
             "ttfa_s": median("ttfa_s"), "gapless_s": median("gapless_s"), "rtf": median("rtf")}
 
 
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (95% with the default ``z``) of ``k`` right in ``n``: what an
+    accuracy on n cases says about the next ones (50 cases at 98% allow 90-100%)."""
+    if n == 0:
+        return 0.0, 1.0
+    p, q = k / n, z * z / n
+    mid, half = (p + q / 2) / (1 + q), z * math.sqrt(p * (1 - p) / n + q / (4 * n)) / (1 + q)
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
 def format_table(res: dict[str, Any]) -> str:
     """The per-family table (and the overall row) of ``evaluate``'s result."""
     fams: dict[str, list[dict]] = {}
     for c in res["cases"]:
         fams.setdefault(c["family"], []).append(c)
-    head = (f"{'family':<18}{'n':>4}{'acc':>8}{'WER':>8}{'voice WER':>11}{'TTFA s':>9}"
-            f"{'gapless s':>11}{'RTF':>7}")
+    head = (f"{'family':<18}{'n':>4}{'acc':>8}{'95% CI':>9}{'WER':>8}{'voice WER':>11}"
+            f"{'TTFA s':>9}{'gapless s':>11}{'RTF':>7}")
     rows = [head, "-" * len(head)]
 
     def row(name: str, cases: list[dict]) -> str:
@@ -250,7 +261,9 @@ def format_table(res: dict[str, Any]) -> str:
         wer, vw = (f"{100 * s[k]:.1f}%" if s[k] is not None else "-" for k in ("wer", "voice_wer"))
         ttfa, gapless, rtf = (f"{s[k]:.2f}" if s[k] is not None else "-"
                               for k in ("ttfa_s", "gapless_s", "rtf"))
-        return (f"{name:<18}{s['n']:>4}{100 * s['acc']:>7.1f}%{wer:>8}{vw:>11}{ttfa:>9}"
+        lo, hi = wilson(sum(c["correct"] for c in cases), len(cases))
+        ci = f"{100 * lo:.0f}-{100 * hi:.0f}"
+        return (f"{name:<18}{s['n']:>4}{100 * s['acc']:>7.1f}%{ci:>9}{wer:>8}{vw:>11}{ttfa:>9}"
                 f"{gapless:>11}{rtf:>7}")
 
     rows += [row(f, cs) for f, cs in fams.items()]
