@@ -224,19 +224,6 @@ def _rate(cases: list[dict], edits: str, words: str) -> float | None:
     return sum(e) / w if e and w else None
 
 
-def summarize(cases: list[dict]) -> dict[str, float | None]:
-    """Accuracy, WER (and the voice's reference WER), median TTFA, gapless start and RTF of
-    some cases."""
-    def median(key: str) -> float | None:
-        v = [c[key] for c in cases if c.get(key) is not None]
-        return statistics.median(v) if v else None
-
-    return {"n": len(cases), "acc": sum(c["correct"] for c in cases) / max(len(cases), 1),
-            "wer": _rate(cases, "wer_edits", "wer_words"),
-            "voice_wer": _rate(cases, "voice_edits", "voice_words"),
-            "ttfa_s": median("ttfa_s"), "gapless_s": median("gapless_s"), "rtf": median("rtf")}
-
-
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """The Wilson score interval (95% with the default ``z``) of ``k`` right in ``n``: what an
     accuracy on n cases says about the next ones (50 cases at 98% allow 90-100%)."""
@@ -245,6 +232,21 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     p, q = k / n, z * z / n
     mid, half = (p + q / 2) / (1 + q), z * math.sqrt(p * (1 - p) / n + q / (4 * n)) / (1 + q)
     return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def summarize(cases: list[dict]) -> dict[str, Any]:
+    """Accuracy (and its 95% interval, ``wilson``), WER (and the voice's reference WER), median
+    TTFA, gapless start and RTF of some cases."""
+    def median(key: str) -> float | None:
+        v = [c[key] for c in cases if c.get(key) is not None]
+        return statistics.median(v) if v else None
+
+    right = sum(c["correct"] for c in cases)
+    return {"n": len(cases), "acc": right / max(len(cases), 1),
+            "acc_ci": wilson(right, len(cases)),
+            "wer": _rate(cases, "wer_edits", "wer_words"),
+            "voice_wer": _rate(cases, "voice_edits", "voice_words"),
+            "ttfa_s": median("ttfa_s"), "gapless_s": median("gapless_s"), "rtf": median("rtf")}
 
 
 def format_table(res: dict[str, Any]) -> str:
@@ -261,8 +263,7 @@ def format_table(res: dict[str, Any]) -> str:
         wer, vw = (f"{100 * s[k]:.1f}%" if s[k] is not None else "-" for k in ("wer", "voice_wer"))
         ttfa, gapless, rtf = (f"{s[k]:.2f}" if s[k] is not None else "-"
                               for k in ("ttfa_s", "gapless_s", "rtf"))
-        lo, hi = wilson(sum(c["correct"] for c in cases), len(cases))
-        ci = f"{100 * lo:.0f}-{100 * hi:.0f}"
+        ci = "-".join(f"{100 * v:.0f}" for v in s["acc_ci"])
         return (f"{name:<18}{s['n']:>4}{100 * s['acc']:>7.1f}%{ci:>9}{wer:>8}{vw:>11}{ttfa:>9}"
                 f"{gapless:>11}{rtf:>7}")
 
