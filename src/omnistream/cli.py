@@ -147,7 +147,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--levels", action="store_true",
                    help="audio at random microphone levels (robustness; not TASKS.md's)")
-    p.add_argument("--json-out", default=None, help="every case's result as JSON")
+    p.add_argument("--json-out", default=None,
+                   help="every case's result, with its rendering's ground truth, as JSON")
     p.add_argument("--quiet", action="store_true", help="no per-case lines")
 
     sub.add_parser("bench", help="benchmarks against the transformers reference "

@@ -25,7 +25,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +119,9 @@ class CaseResult:
     voice_edits: int | None = None  # the recognizer on the Piper voice reading the answer
     voice_words: int | None = None
     gapless_s: float | None = None  # ``gapless_start``: audio from then on never runs dry
+    # the rendering's ground truth (``Case.meta``: an image's size and shapes, a voice and its
+    # speed ...), so misses can be studied from ``--json-out`` alone
+    truth: dict = field(default_factory=dict)
 
 
 def evaluate(model: str | Path, n: int = 50, seed: int | None = None,
@@ -162,7 +165,7 @@ def evaluate(model: str | Path, n: int = 50, seed: int | None = None,
     with tempfile.TemporaryDirectory(prefix="omnistream-eval-") as tmp:
         for f in families:
             for i in range(n):
-                case, _ = render_case(seed, f, i, levels)
+                case, lv = render_case(seed, f, i, levels)
                 paths = []
                 for k, m in enumerate(case.media):
                     p = Path(tmp) / f"{f}_{i}_{k}.{m.ext}"
@@ -177,7 +180,8 @@ def evaluate(model: str | Path, n: int = 50, seed: int | None = None,
                     normalize_answer(r.text) == normalize_answer(case.answer),
                     r.timings.get("ttfa_s"),
                     r.timings["wall_s"] / audio_s if audio_s > 0 else None, audio_s,
-                    gapless_s=r.timings.get("gapless_s"))
+                    gapless_s=r.timings.get("gapless_s"),
+                    truth=case.meta if lv is None else {**case.meta, "levels": lv})
                 if rec_mod is not None:
                     ref = rec_mod.normalize(r.text)
                     heard = rec_mod.transcribe(r.pcm, SAMPLE_RATE) if r.pcm.size else ""
