@@ -275,6 +275,7 @@ def test_eval_levels_hear_the_training_generators_levels(tiny_dir, tmp_path, mon
     ``make_dataset(levels=True)`` writes it for the same seed (and the plain audio without),
     and each case's result carries the rendering's ground truth."""
     from omnistream.eval import tasks as ev
+    from omnistream.train.sentences import NUMBERS
     from omnistream.train.tasks import EVAL_SEED_BASE, make_dataset
 
     heard: list[bytes] = []
@@ -296,8 +297,7 @@ def test_eval_levels_hear_the_training_generators_levels(tiny_dir, tmp_path, mon
                 for x in data.read_text().splitlines()]
         assert heard == want
         for c in res["cases"]:  # each case's ground truth rides along, with its levels
-            assert len(c["truth"]["beeps_s"]) == ["one", "two", "three", "four", "five"].index(
-                c["answer"].split()[2]) + 1, c
+            assert NUMBERS[len(c["truth"]["beeps_s"])] == c["answer"].split()[2], c
             assert ("levels" in c["truth"]) is levels
     assert heard[0] != (tmp_path / "False" / "media/beeps/000000_0.wav").read_bytes()
 
