@@ -293,12 +293,12 @@ def test_eval_levels_hear_the_training_generators_levels(tiny_dir, tmp_path, mon
         assert res["levels"] is levels
         assert ("random microphone levels" in ev.format_table(res)) is levels
         data = make_dataset(tmp_path / str(levels), 3, EVAL_SEED_BASE, ["beeps"], False, levels)
-        want = [(data.parent / json.loads(x)["messages"][1]["content"][0]["audio"]).read_bytes()
-                for x in data.read_text().splitlines()]
+        recs = [json.loads(x) for x in data.read_text().splitlines()]
+        want = [(data.parent / r["messages"][1]["content"][0]["audio"]).read_bytes() for r in recs]
         assert heard == want
-        for c in res["cases"]:  # each case's ground truth rides along, with its levels
+        for c, r in zip(res["cases"], recs, strict=True):  # ground truth and levels ride along
             assert NUMBERS[len(c["truth"]["beeps_s"])] == c["answer"].split()[2], c
-            assert ("levels" in c["truth"]) is levels
+            assert c["levels"] == r.get("levels") and (c["levels"] is not None) is levels
     assert heard[0] != (tmp_path / "False" / "media/beeps/000000_0.wav").read_bytes()
 
 

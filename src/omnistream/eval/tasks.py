@@ -122,6 +122,7 @@ class CaseResult:
     # the rendering's ground truth (``Case.meta``: an image's size and shapes, a voice and its
     # speed ...), so misses can be studied from ``--json-out`` alone
     truth: dict = field(default_factory=dict)
+    levels: list[dict] | None = None  # with ``levels``: each WAV's level, as the dataset records it
 
 
 def evaluate(model: str | Path, n: int = 50, seed: int | None = None,
@@ -180,8 +181,7 @@ def evaluate(model: str | Path, n: int = 50, seed: int | None = None,
                     normalize_answer(r.text) == normalize_answer(case.answer),
                     r.timings.get("ttfa_s"),
                     r.timings["wall_s"] / audio_s if audio_s > 0 else None, audio_s,
-                    gapless_s=r.timings.get("gapless_s"),
-                    truth=case.meta if lv is None else {**case.meta, "levels": lv})
+                    gapless_s=r.timings.get("gapless_s"), truth=case.meta, levels=lv)
                 if rec_mod is not None:
                     ref = rec_mod.normalize(r.text)
                     heard = rec_mod.transcribe(r.pcm, SAMPLE_RATE) if r.pcm.size else ""
