@@ -111,7 +111,10 @@ def test_vision_stage_resumes_where_it_stopped(tiny_dir, vision_data, tmp_path):
 
     s = _stage(max_steps=6)
     train_dense(s, [vision_data], tiny_dir, tmp_path / "a", stop_at=3, verbose=False)
+    # an unfinished stage has no train_stage.json: `make mini` would skip it as done
+    assert not (tmp_path / "a" / "train_stage.json").exists()
     train_dense(s, [vision_data], tiny_dir, tmp_path / "a", verbose=False)
+    assert (tmp_path / "a" / "train_stage.json").exists()
     train_dense(s, [vision_data], tiny_dir, tmp_path / "b", verbose=False)
     a, b = dict(read_tensors(tmp_path / "a")), dict(read_tensors(tmp_path / "b"))
     for k in a:

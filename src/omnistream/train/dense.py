@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from omnistream.train.loop import LOG_FILE, adamw, lr_at
-from omnistream.train.model import save_whole
+from omnistream.train.model import save_whole, write_whole
 from omnistream.train.stages import Stage
 
 RESUME_FILE = "resume.pt"
@@ -199,8 +199,8 @@ def _write_data(out: Path, task: str, n: int, one: Callable[[int], tuple[str, by
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         (out / rel).write_bytes(data)
         lines.append(json.dumps({"media": rel, **rec}))
-    path = out / DATA_FILES[task]
-    path.write_text("\n".join(lines) + "\n")
+    path = out / DATA_FILES[task]  # whole or not at all: `make mini` takes it as the step's mark
+    write_whole(path, lambda p: p.write_text("\n".join(lines) + "\n"))
     return path
 
 
@@ -389,7 +389,6 @@ def train_dense(stage: Stage, data: list[str | Path], model_dir: str | Path,
         step, rng, order = st["step"], st["rng"], st["order"]
         if verbose:
             print(f"resumed {s.name} at step {step}")
-    (out / "train_stage.json").write_text(json.dumps(s.to_dict(), indent=2) + "\n")
     log_f = (out / LOG_FILE).open("a")
     bar = None
     if verbose:
@@ -445,6 +444,8 @@ def train_dense(stage: Stage, data: list[str | Path], model_dir: str | Path,
     log_f.close()
     if step >= end and not rpath.exists():
         save()
+    if step >= s.max_steps:  # written last: `make mini` takes it as the stage's "done" mark
+        (out / "train_stage.json").write_text(json.dumps(s.to_dict(), indent=2) + "\n")
     return result
 
 
