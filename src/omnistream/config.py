@@ -44,8 +44,25 @@ def _rope(theta: float | None, scaling: dict | None, params: dict | None, defaul
     return float(t), (list(sec) if sec is not None else None)
 
 
+class _MRope:
+    """The multimodal rotary settings of the Thinker's and the Talker's decoders."""
+
+    rope_theta: float | None
+    rope_scaling: dict | None
+    rope_parameters: dict | None
+
+    @property
+    def theta(self) -> float:
+        return _rope(self.rope_theta, self.rope_scaling, self.rope_parameters, 1e6)[0]
+
+    @property
+    def mrope_section(self) -> list[int]:
+        sec = _rope(self.rope_theta, self.rope_scaling, self.rope_parameters, 1e6)[1]
+        return sec if sec is not None else [16, 24, 24]
+
+
 @dataclass
-class TextConfig(_Config):
+class TextConfig(_MRope, _Config):
     """Thinker text decoder (Qwen2.5)."""
 
     vocab_size: int = 152064
@@ -65,15 +82,6 @@ class TextConfig(_Config):
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
-
-    @property
-    def theta(self) -> float:
-        return _rope(self.rope_theta, self.rope_scaling, self.rope_parameters, 1e6)[0]
-
-    @property
-    def mrope_section(self) -> list[int]:
-        sec = _rope(self.rope_theta, self.rope_scaling, self.rope_parameters, 1e6)[1]
-        return sec if sec is not None else [16, 24, 24]
 
 
 @dataclass
@@ -135,7 +143,7 @@ class ThinkerConfig(_Config):
 
 
 @dataclass
-class TalkerConfig(_Config):
+class TalkerConfig(_MRope, _Config):
     """The Talker: a Qwen2 decoder over codec tokens, input in thinker-hidden space."""
 
     vocab_size: int = 8448
@@ -169,15 +177,6 @@ class TalkerConfig(_Config):
     position_id_per_seconds: int = 25
     seconds_per_chunk: int = 2
     spatial_merge_size: int = 2
-
-    @property
-    def theta(self) -> float:
-        return _rope(self.rope_theta, self.rope_scaling, self.rope_parameters, 1e6)[0]
-
-    @property
-    def mrope_section(self) -> list[int]:
-        sec = _rope(self.rope_theta, self.rope_scaling, self.rope_parameters, 1e6)[1]
-        return sec if sec is not None else [16, 24, 24]
 
 
 @dataclass
