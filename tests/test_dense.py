@@ -106,17 +106,25 @@ def test_vision_stage_learns_the_tokens_and_saves_only_the_encoder(tiny_dir, vis
 
 
 def test_vision_stage_resumes_where_it_stopped(tiny_dir, vision_data, tmp_path):
-    """3 steps, stop, 3 more (from resume.pt) equal 6 steps in one go."""
+    """3 steps, stop, 3 more (from resume.pt) equal 6 steps in one go. Only the finished stage
+    leaves the mark `make mini` skips it for; `make mini --status` tells the two apart."""
     from omnistream.checkpoint import read_tensors
+    from omnistream.train.mini import status
 
     s = _stage(max_steps=6)
-    train_dense(s, [vision_data], tiny_dir, tmp_path / "a", stop_at=3, verbose=False)
-    # an unfinished stage has no train_stage.json: `make mini` would skip it as done
-    assert not (tmp_path / "a" / "train_stage.json").exists()
-    train_dense(s, [vision_data], tiny_dir, tmp_path / "a", verbose=False)
-    assert (tmp_path / "a" / "train_stage.json").exists()
+    a_dir = tmp_path / "run" / "stage0_vision"  # where `make mini` trains it
+    train_dense(s, [vision_data], tiny_dir, a_dir, stop_at=3, verbose=False)
+    assert not (a_dir / "train_stage.json").exists()
+    said = status(tmp_path / "run").splitlines()
+    assert [x.split() for x in said if "stage0_vision" in x][0][:5] == [
+        "stage0_vision", "step", "3", "of", "6"]
+    assert any(x.split() == ["stage0_hearing", "not", "started"] for x in said)
+    train_dense(s, [vision_data], tiny_dir, a_dir, verbose=False)
+    assert (a_dir / "train_stage.json").exists()
+    said = status(tmp_path / "run").splitlines()
+    assert any(x.split() == ["stage0_vision", "done"] for x in said)
     train_dense(s, [vision_data], tiny_dir, tmp_path / "b", verbose=False)
-    a, b = dict(read_tensors(tmp_path / "a")), dict(read_tensors(tmp_path / "b"))
+    a, b = dict(read_tensors(a_dir)), dict(read_tensors(tmp_path / "b"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
 

@@ -543,6 +543,41 @@ def run(out: str | Path, codec: str | Path | None, n_per_family: int = BASE_CASE
     return ship_dir
 
 
+def status(out: str | Path) -> str:
+    """Where a run in ``out`` stands, from its marks and logs (it may be running now): the steps
+    done with their wall time, each training stage done, part-way (its last logged step) or not
+    started, and the evaluation when there is one."""
+    out = Path(out)
+    tpath = out / "timings.json"
+    timings = json.loads(tpath.read_text()) if tpath.exists() else {}
+    lines = [f"{out}:"]
+    for name, secs in timings.items():
+        if name not in {s[0] for s in STAGES}:
+            lines.append(f"  {name:<16} done   {secs / 60:6.1f} min")
+    for name, cfg, _, _ in STAGES:
+        d = out / name
+        if (d / "train_stage.json").exists():
+            took = timings.get(name)
+            lines.append(f"  {name:<16} done   " + (f"{took / 60:6.1f} min" if took else ""))
+            continue
+        last = None
+        if (d / "train_log.jsonl").exists():
+            for line in (d / "train_log.jsonl").read_text().splitlines():
+                rec = json.loads(line) if line.strip() else {}
+                if "step" in rec:
+                    last = rec
+        if last is None:
+            lines.append(f"  {name:<16} not started")
+            continue
+        of = last.get("of") or json.loads((STAGE_DIR / cfg).read_text())["max_steps"]
+        when = time.strftime("%H:%M", time.localtime((d / "train_log.jsonl").stat().st_mtime))
+        lines.append(f"  {name:<16} step {last['step']:,} of {of:,} (logged at {when}; loss "
+                     f"{last.get('loss', float('nan')):.3f})")
+    if (out / "eval.txt").exists():
+        lines.append((out / "eval.txt").read_text().rstrip())
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m omnistream.train.mini", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -559,7 +594,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dpo-samples", type=int, default=4)
     ap.add_argument("--max-steps-scale", type=float, default=1.0,
                     help="scale every stage's max_steps (a quick trial run)")
+    ap.add_argument("--status", action="store_true",
+                    help="say where the run in --out stands (steps done, the stage's step) and "
+                         "exit; safe while it runs")
     a = ap.parse_args(argv)
+    if a.status:
+        print(status(a.out))
+        return 0
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     run(a.out, a.codec, a.n_per_family, a.seed, a.ship, a.eval_n, a.dpo_prompts, a.dpo_samples,
         a.max_steps_scale, a.talker_repeat)
