@@ -563,8 +563,11 @@ def status(out: str | Path) -> str:
         last = None
         if (d / "train_log.jsonl").exists():
             for line in (d / "train_log.jsonl").read_text().splitlines():
-                rec = json.loads(line) if line.strip() else {}
-                if "step" in rec:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # a line being written now
+                    continue
+                if "step" in rec and "loss" in rec:  # a training step, not an event
                     last = rec
         if last is None:
             lines.append(f"  {name:<16} not started")
@@ -572,7 +575,7 @@ def status(out: str | Path) -> str:
         of = last.get("of") or json.loads((STAGE_DIR / cfg).read_text())["max_steps"]
         when = time.strftime("%H:%M", time.localtime((d / "train_log.jsonl").stat().st_mtime))
         lines.append(f"  {name:<16} step {last['step']:,} of {of:,} (logged at {when}; loss "
-                     f"{last.get('loss', float('nan')):.3f})")
+                     f"{last['loss']:.3f})")
     if (out / "eval.txt").exists():
         lines.append((out / "eval.txt").read_text().rstrip())
     return "\n".join(lines)
