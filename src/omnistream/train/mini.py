@@ -550,9 +550,9 @@ def status(out: str | Path) -> str:
     out = Path(out)
     tpath = out / "timings.json"
     timings = json.loads(tpath.read_text()) if tpath.exists() else {}
-    lines = [f"{out}:"]
+    lines, stages = [f"{out}:"], {s[0] for s in STAGES}
     for name, secs in timings.items():
-        if name not in {s[0] for s in STAGES}:
+        if name not in stages:
             lines.append(f"  {name:<16} done   {secs / 60:6.1f} min")
     for name, cfg, _, _ in STAGES:
         d = out / name
