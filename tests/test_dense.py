@@ -114,11 +114,15 @@ def test_vision_stage_resumes_where_it_stopped(tiny_dir, vision_data, tmp_path):
     s = _stage(max_steps=6)
     a_dir = tmp_path / "run" / "stage0_vision"  # where `make mini` trains it
     train_dense(s, [vision_data], tiny_dir, a_dir, stop_at=3, verbose=False)
+    (tmp_path / "run" / "timings.json").write_text('{"data": 90.0, "stage0_text": 30.0}')
     assert not (a_dir / "train_stage.json").exists()
     said = status(tmp_path / "run").splitlines()
     assert [x.split() for x in said if "stage0_vision" in x][0][:5] == [
         "stage0_vision", "step", "3", "of", "6"]
     assert any(x.split() == ["stage0_hearing", "not", "started"] for x in said)
+    assert ["data", "done", "1.5", "min"] in [x.split() for x in said]  # from timings.json
+    # a stage is done by its mark, not by a timing
+    assert ["stage0_text", "not", "started"] in [x.split() for x in said]
     train_dense(s, [vision_data], tiny_dir, a_dir, verbose=False)
     assert (a_dir / "train_stage.json").exists()
     said = status(tmp_path / "run").splitlines()

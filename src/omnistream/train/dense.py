@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from omnistream.train.loop import LOG_FILE, adamw, lr_at
+from omnistream.train.loop import LOG_FILE, adamw, lr_at, mark_done
 from omnistream.train.model import save_whole, write_whole
 from omnistream.train.stages import Stage
 
@@ -444,8 +444,8 @@ def train_dense(stage: Stage, data: list[str | Path], model_dir: str | Path,
     log_f.close()
     if step >= end and not rpath.exists():
         save()
-    if step >= s.max_steps:  # written last: `make mini` takes it as the stage's "done" mark
-        (out / "train_stage.json").write_text(json.dumps(s.to_dict(), indent=2) + "\n")
+    if step >= s.max_steps:
+        mark_done(out, s)
     return result
 
 

@@ -45,6 +45,12 @@ from omnistream.train.stages import Stage, select_trainable
 
 RESUME_DIR = "resume"
 LOG_FILE = "train_log.jsonl"
+STAGE_FILE = "train_stage.json"  # the finished stage's settings, written last: its "done" mark
+
+
+def mark_done(out: Path, s: Stage) -> None:
+    """Write ``STAGE_FILE``: only after a stage's last step (``make mini`` skips a marked stage)."""
+    (out / STAGE_FILE).write_text(json.dumps(s.to_dict(), indent=2) + "\n")
 
 
 class Objective(nn.Module):
@@ -358,7 +364,7 @@ def train(
         full = _full_state(model, world, s.dist == "fsdp", scale)
         if master:
             save_released(out, model_dir, full)
-            (out / "train_stage.json").write_text(json.dumps(s.to_dict(), indent=2) + "\n")
+            mark_done(out, s)
             log({"event": "saved", "dir": str(out), "step": step})
             for d in _resume_dirs(rdir):  # the stage is complete
                 shutil.rmtree(d, ignore_errors=True)

@@ -64,6 +64,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from omnistream.models import REPO_ROOT
+from omnistream.train.loop import LOG_FILE, STAGE_FILE
 
 _ROOT = REPO_ROOT or Path.cwd()
 STAGE_DIR = _ROOT / "configs" / "train"
@@ -484,7 +485,7 @@ def run(out: str | Path, codec: str | Path | None, n_per_family: int = BASE_CASE
     final = out / STAGES[-1][0]
     for name, cfg, train_data, src in STAGES:
         stage_out = out / name
-        if _done(stage_out / "train_stage.json", name):
+        if _done(stage_out / STAGE_FILE, name):
             continue  # its source (DPO pairs, fresh rows, balanced Thinker) is not needed again
         if name == "stage4_dpo" and not _done(data_dir / "dpo.jsonl", "dpo pairs"):
             timed("dpo_pairs", lambda src=src: _run(py + [
@@ -554,28 +555,27 @@ def status(out: str | Path) -> str:
     for name, secs in timings.items():
         if name not in stages:
             lines.append(f"  {name:<16} done   {secs / 60:6.1f} min")
-    for name, cfg, _, _ in STAGES:
+    for name, *_ in STAGES:
         d = out / name
-        if (d / "train_stage.json").exists():
+        if (d / STAGE_FILE).exists():
             took = timings.get(name)
             lines.append(f"  {name:<16} done   " + (f"{took / 60:6.1f} min" if took else ""))
             continue
         last = None
-        if (d / "train_log.jsonl").exists():
-            for line in (d / "train_log.jsonl").read_text().splitlines():
+        if (d / LOG_FILE).exists():
+            for line in (d / LOG_FILE).read_text().splitlines():
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError:  # a line being written now
                     continue
-                if "step" in rec and "loss" in rec:  # a training step, not an event
+                if {"step", "of", "loss"} <= rec.keys():  # a training step, not an event
                     last = rec
         if last is None:
             lines.append(f"  {name:<16} not started")
             continue
-        of = last.get("of") or json.loads((STAGE_DIR / cfg).read_text())["max_steps"]
-        when = time.strftime("%H:%M", time.localtime((d / "train_log.jsonl").stat().st_mtime))
-        lines.append(f"  {name:<16} step {last['step']:,} of {of:,} (logged at {when}; loss "
-                     f"{last['loss']:.3f})")
+        when = time.strftime("%H:%M", time.localtime((d / LOG_FILE).stat().st_mtime))
+        lines.append(f"  {name:<16} step {last['step']:,} of {last['of']:,} (logged at {when}; "
+                     f"loss {last['loss']:.3f})")
     if (out / "eval.txt").exists():
         lines.append((out / "eval.txt").read_text().rstrip())
     return "\n".join(lines)
