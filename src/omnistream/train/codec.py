@@ -49,12 +49,11 @@ from omnistream.config import OmniConfig
 from omnistream.media.audio import OUTPUT_SAMPLE_RATE
 from omnistream.nn.bigvgan import HOP
 from omnistream.nn.token2wav import Token2Wav
-from omnistream.train.loop import LOG_FILE, adamw, lr_at
+from omnistream.train.loop import RESUME_FILE, StepBook, adamw, lr_at
 from omnistream.train.model import save_whole, write_whole
 from omnistream.train.speech_corpus import load_corpus
 from omnistream.train.stages import Stage
 
-RESUME_FILE = "resume.pt"
 REF_FRAMES = 300  # reference mel frames stored with the voice (3 s)
 CFG_DROP = 0.15  # probability of training a row unconditionally (classifier-free guidance)
 SOFT_TAU = 0.5  # temperature of the soft assignment over the FSQ grid
@@ -403,13 +402,6 @@ def train_codec(stage: Stage, data: list[str | Path], model_dir: str | Path, out
         gen.set_state(st["gen"])
         if verbose:
             print(f"resumed {s.name} at step {step}")
-    log_f = (out / LOG_FILE).open("a")
-    bar = None
-    if verbose:
-        from tqdm import tqdm
-
-        bar = tqdm(total=s.max_steps, initial=step, desc=s.name, unit="step")
-
     def save() -> None:
         _save_model(out, model_dir, cfg, t2w, enc, speakers)
         state = {"token2wav": t2w.state_dict(), "optimizer": opt.state_dict(), "step": step,
@@ -420,8 +412,8 @@ def train_codec(stage: Stage, data: list[str | Path], model_dir: str | Path, out
             state["ctc_head"] = ctc_head.state_dict()
         save_whole(state, rpath)
 
-    last_save = time.monotonic()
     end = s.max_steps if stop_at is None else min(s.max_steps, stop_at)
+    book = StepBook(out, s, step, end, save, verbose)
     while step < end:
         t0 = time.perf_counter()
         lr = lr_at(step, s)
@@ -446,21 +438,9 @@ def train_codec(stage: Stage, data: list[str | Path], model_dir: str | Path, out
         opt.step()
         step += 1
         losses.append(loss.item())
-        rec = {"step": step, "loss": losses[-1], "lr": lr, **parts,
-               "step_s": time.perf_counter() - t0}
-        if step % max(1, s.log_every) == 0:
-            log_f.write(json.dumps(rec) + "\n")
-            log_f.flush()
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        due = s.save_every and step % s.save_every == 0
-        if due or time.monotonic() - last_save > s.save_every_s or step == end:
-            save()
-            last_save = time.monotonic()
-    if bar is not None:
-        bar.close()
-    log_f.close()
+        book.stepped({"step": step, "of": s.max_steps, "loss": losses[-1], "lr": lr, **parts,
+                      "step_s": time.perf_counter() - t0})
+    book.close()
     if step >= end and not rpath.exists():
         save()
     return {"losses": losses, "out": str(out)}

@@ -48,11 +48,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from omnistream.train.loop import LOG_FILE, adamw, lr_at, mark_done
+from omnistream.train.loop import RESUME_FILE, StepBook, adamw, lr_at, mark_done
 from omnistream.train.model import save_whole, write_whole
 from omnistream.train.stages import Stage
 
-RESUME_FILE = "resume.pt"
 KINDS = ("circle", "square", "triangle")  # label 0: no shape
 COLORS = ("red", "green", "blue", "yellow")
 MIN_COVER = 0.15  # a token shows a shape when the shape covers this much of its pixels
@@ -389,13 +388,6 @@ def train_dense(stage: Stage, data: list[str | Path], model_dir: str | Path,
         step, rng, order = st["step"], st["rng"], st["order"]
         if verbose:
             print(f"resumed {s.name} at step {step}")
-    log_f = (out / LOG_FILE).open("a")
-    bar = None
-    if verbose:
-        from tqdm import tqdm
-
-        bar = tqdm(total=s.max_steps, initial=step, desc=s.name, unit="step")
-
     def save() -> None:
         save_released(out, model_dir, {prefix + k: v for k, v in encoder.state_dict().items()})
         state = {"encoder": encoder.state_dict(), "heads": heads.state_dict(),
@@ -403,8 +395,8 @@ def train_dense(stage: Stage, data: list[str | Path], model_dir: str | Path,
                  "task": s.task, "stage": s.to_dict()}
         save_whole(state, rpath)
 
-    last_save = time.monotonic()
     end = s.max_steps if stop_at is None else min(s.max_steps, stop_at)
+    book = StepBook(out, s, step, end, save, verbose)
     while step < end:
         t0 = time.perf_counter()
         lr = lr_at(step, s)
@@ -422,26 +414,14 @@ def train_dense(stage: Stage, data: list[str | Path], model_dir: str | Path,
             torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
         opt.step()
         step += 1
-        if step % max(1, s.log_every) == 0:
-            rec = {"step": step, "of": s.max_steps, "loss": loss.item(), "lr": lr, **parts,
-                   "step_s": time.perf_counter() - t0}
-            log_f.write(json.dumps(rec) + "\n")
-            log_f.flush()
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        due = s.save_every and step % s.save_every == 0
-        if due or time.monotonic() - last_save > s.save_every_s or step == end:
-            save()
-            last_save = time.monotonic()
-    if bar is not None:
-        bar.close()
+        book.stepped({"step": step, "of": s.max_steps, "loss": loss.item(), "lr": lr, **parts,
+                      "step_s": time.perf_counter() - t0})
     result: dict[str, Any] = {"out": str(out), "step": step}
     if eval_data and step >= s.max_steps:
         held = DenseSet(s.task, eval_data, model_dir)
         result["held_out"] = evaluate_heads(s.task, encoder, heads, held, merge)
-        log_f.write(json.dumps({"event": "held_out", "step": step, **result["held_out"]}) + "\n")
-    log_f.close()
+        book.log({"event": "held_out", "step": step, **result["held_out"]})
+    book.close()
     if step >= end and not rpath.exists():
         save()
     if step >= s.max_steps:

@@ -26,6 +26,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +46,52 @@ from omnistream.train.stages import Stage, select_trainable
 
 RESUME_DIR = "resume"
 LOG_FILE = "train_log.jsonl"
+RESUME_FILE = "resume.pt"  # a single-process stage's resume state (dense, codec)
 STAGE_FILE = "train_stage.json"  # the finished stage's settings, written last: its "done" mark
 
 
 def mark_done(out: Path, s: Stage) -> None:
     """Write ``STAGE_FILE``: only after a stage's last step (``make mini`` skips a marked stage)."""
     (out / STAGE_FILE).write_text(json.dumps(s.to_dict(), indent=2) + "\n")
+
+
+class StepBook:
+    """What a single-process stage (``train.dense``, ``train.codec``) does after each step: a
+    JSON line in ``LOG_FILE`` every ``log_every`` steps, the progress bar (``verbose``), and
+    ``save()`` every ``save_every`` steps, every ``save_every_s`` seconds and at step ``end``."""
+
+    def __init__(self, out: Path, s: Stage, step: int, end: int, save: Callable[[], None],
+                 verbose: bool) -> None:
+        self.s, self.end, self.save = s, end, save
+        self.log_f = (out / LOG_FILE).open("a")
+        self.bar = None
+        if verbose:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=s.max_steps, initial=step, desc=s.name, unit="step")
+        self.last_save = time.monotonic()
+
+    def log(self, rec: dict) -> None:
+        self.log_f.write(json.dumps(rec) + "\n")
+        self.log_f.flush()
+
+    def stepped(self, rec: dict) -> None:
+        """After step ``rec["step"]``, whose ``rec["loss"]`` the bar shows."""
+        step = rec["step"]
+        if step % max(1, self.s.log_every) == 0:
+            self.log(rec)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{rec['loss']:.3f}")
+        due = self.s.save_every and step % self.s.save_every == 0
+        if due or time.monotonic() - self.last_save > self.s.save_every_s or step == self.end:
+            self.save()
+            self.last_save = time.monotonic()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.log_f.close()
 
 
 class Objective(nn.Module):
