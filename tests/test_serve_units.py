@@ -51,6 +51,13 @@ def test_scheduler_round_robin_and_cancel():
             job.cancel()
             evs = [ev async for ev in job]
             assert [type(e) for e in evs] == [Done] and "e" not in log
+            # an engine that ignores its cancel is closed after cancel_drain_steps more steps
+            job = s.stream(lambda: _gen("f", 1000, log, {}), lambda: None)
+            await job.__anext__()
+            job.cancel()
+            rest = [ev async for ev in job]
+            assert rest[-1].finish_reason == "cancelled" and rest[-1].text == ""
+            assert log.count("f") <= 1 + s.max_buffered + s.cancel_drain_steps + 1
             # an exception reaches the consumer; the model thread survives
             job = s.stream(lambda: (_ for _ in ()).throw(ValueError("bad media")), None)
             try:

@@ -216,24 +216,24 @@ class Scheduler:
     def _runnable(self) -> bool:
         return any(self._ready(j) for j in self._jobs)
 
+    def _drop(self, job: Job) -> None:
+        """End a cancelled job without its engine's last word: close it, answer "cancelled"."""
+        try:
+            job.gen.close()
+        finally:
+            job._push(Done(text="", finish_reason="cancelled", usage=Usage()))
+            self._finish(job, None)
+
     def _step(self, job: Job) -> None:
         if job.cancel_requested and job.steps == 0:  # never started: nothing to wind down
-            try:
-                job.gen.close()
-            finally:
-                job._push(Done(text="", finish_reason="cancelled", usage=Usage()))
-                self._finish(job, None)
+            self._drop(job)
             return
         if job.cancel_requested:
             self._send_cancel(job)
         if job.cancel_sent:
             job.steps_after_cancel += 1
             if job.steps_after_cancel > self.cancel_drain_steps:  # engine ignored the cancel
-                try:
-                    job.gen.close()
-                finally:
-                    job._push(Done(text="", finish_reason="cancelled", usage=Usage()))
-                    self._finish(job, None)
+                self._drop(job)
                 return
         elif job.pushed - job.consumed >= self.max_buffered:
             return  # slow consumer: let it catch up
