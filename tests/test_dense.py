@@ -117,8 +117,9 @@ def test_vision_stage_resumes_where_it_stopped(tiny_dir, vision_data, tmp_path):
     (tmp_path / "run" / "timings.json").write_text('{"data": 90.0, "stage0_text": 30.0}')
     assert not (a_dir / "train_stage.json").exists()
     said = status(tmp_path / "run").splitlines()
-    assert [x.split() for x in said if "stage0_vision" in x][0][:5] == [
-        "stage0_vision", "step", "3", "of", "6"]
+    part_way = [x for x in said if "stage0_vision" in x][0]
+    assert part_way.split()[:5] == ["stage0_vision", "step", "3", "of", "6"]
+    assert " s a step, about " in part_way and part_way.endswith(" min left)")  # its pace
     assert any(x.split() == ["stage0_hearing", "not", "started"] for x in said)
     assert ["data", "done", "1.5", "min"] in [x.split() for x in said]  # from timings.json
     # a stage is done by its mark, not by a timing

@@ -603,3 +603,16 @@ def test_clear_speech_retargets_the_chosen_replies_only(tmp_path):
         assert len(n["codec_ids"]) > len(o["codec_ids"]) + 5
         assert [u[:2] for u in n["speech_units"]] == [u[:2] for u in o["speech_units"]]
         assert n["speech_units"][-1][3] > o["speech_units"][-1][3]
+
+
+def test_pace_reads_the_stages_last_run():
+    """``make mini --status``'s pace: seconds per step from the logged ``elapsed_s`` of the
+    stage's last run only (the clock starts again on resume), none before two of its steps."""
+    from omnistream.train.mini import _pace
+
+    log = [{"step": 10, "elapsed_s": 10.0}, {"step": 20, "elapsed_s": 20.0},
+           {"step": 30, "elapsed_s": 4.0}, {"step": 40, "elapsed_s": 6.0}]  # resumed at 20
+    assert _pace(log) == 0.2
+    assert _pace(log[:2]) == 1.0
+    assert _pace(log[:3]) is None and _pace(log[:1]) is None
+    assert _pace([{"step": 5, "step_s": 0.1}, {"step": 6, "step_s": 0.1}]) is None  # no clock

@@ -57,7 +57,8 @@ def mark_done(out: Path, s: Stage) -> None:
 
 class StepBook:
     """What a single-process stage (``train.dense``, ``train.codec``) does after each step: a
-    JSON line in ``LOG_FILE`` every ``log_every`` steps, the progress bar (``verbose``), and
+    JSON line in ``LOG_FILE`` every ``log_every`` steps (with ``elapsed_s``, the seconds since
+    this run of the stage began, as ``train`` logs them), the progress bar (``verbose``), and
     ``save()`` every ``save_every`` steps, every ``save_every_s`` seconds and at step ``end``."""
 
     def __init__(self, out: Path, s: Stage, step: int, end: int, save: Callable[[], None],
@@ -69,7 +70,7 @@ class StepBook:
             from tqdm import tqdm
 
             self.bar = tqdm(total=s.max_steps, initial=step, desc=s.name, unit="step")
-        self.last_save = time.monotonic()
+        self.last_save = self.t0 = time.monotonic()
 
     def log(self, rec: dict) -> None:
         self.log_f.write(json.dumps(rec) + "\n")
@@ -79,7 +80,7 @@ class StepBook:
         """After step ``rec["step"]``, whose ``rec["loss"]`` the bar shows."""
         step = rec["step"]
         if step % max(1, self.s.log_every) == 0:
-            self.log(rec)
+            self.log({**rec, "elapsed_s": round(time.monotonic() - self.t0, 3)})
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{rec['loss']:.3f}")

@@ -544,10 +544,24 @@ def run(out: str | Path, codec: str | Path | None, n_per_family: int = BASE_CASE
     return ship_dir
 
 
+def _pace(steps: list[dict], window: int = 50) -> float | None:
+    """Seconds per step of a stage, from the ``elapsed_s`` of its last ``window`` logged steps
+    since it last started (the clock starts again when a run resumes); None before two."""
+    run = steps[-window:]
+    for i in range(len(run) - 1, 0, -1):
+        if "elapsed_s" not in run[i - 1] or run[i - 1]["elapsed_s"] > run[i]["elapsed_s"]:
+            run = run[i:]  # an earlier run of the stage
+            break
+    if len(run) < 2 or "elapsed_s" not in run[0] or run[-1]["step"] <= run[0]["step"]:
+        return None
+    return (run[-1]["elapsed_s"] - run[0]["elapsed_s"]) / (run[-1]["step"] - run[0]["step"])
+
+
 def status(out: str | Path) -> str:
     """Where a run in ``out`` stands, from its marks and logs (it may be running now): the steps
-    done with their wall time, each training stage done, part-way (its last logged step) or not
-    started, and the evaluation when there is one."""
+    done with their wall time, each training stage done, part-way (its last logged step, its
+    pace and the minutes it has left at that pace) or not started, and the evaluation when
+    there is one."""
     out = Path(out)
     tpath = out / "timings.json"
     timings = json.loads(tpath.read_text()) if tpath.exists() else {}
@@ -561,7 +575,7 @@ def status(out: str | Path) -> str:
             took = timings.get(name)
             lines.append(f"  {name:<16} done   " + (f"{took / 60:6.1f} min" if took else ""))
             continue
-        last = None
+        steps = []
         if (d / LOG_FILE).exists():
             for line in (d / LOG_FILE).read_text().splitlines():
                 try:
@@ -569,13 +583,16 @@ def status(out: str | Path) -> str:
                 except json.JSONDecodeError:  # a line being written now
                     continue
                 if {"step", "of", "loss"} <= rec.keys():  # a training step, not an event
-                    last = rec
-        if last is None:
+                    steps.append(rec)
+        if not steps:
             lines.append(f"  {name:<16} not started")
             continue
+        last, pace = steps[-1], _pace(steps)
         when = time.strftime("%H:%M", time.localtime((d / LOG_FILE).stat().st_mtime))
+        left = "" if pace is None else (
+            f"; {pace:.2f} s a step, about {(last['of'] - last['step']) * pace / 60:.0f} min left")
         lines.append(f"  {name:<16} step {last['step']:,} of {last['of']:,} (logged at {when}; "
-                     f"loss {last['loss']:.3f})")
+                     f"loss {last['loss']:.3f}{left})")
     if (out / "eval.txt").exists():
         lines.append((out / "eval.txt").read_text().rstrip())
     return "\n".join(lines)
@@ -598,8 +615,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-steps-scale", type=float, default=1.0,
                     help="scale every stage's max_steps (a quick trial run)")
     ap.add_argument("--status", action="store_true",
-                    help="say where the run in --out stands (steps done, the stage's step) and "
-                         "exit; safe while it runs")
+                    help="say where the run in --out stands (steps done, the stage's step and "
+                         "pace) and exit; safe while it runs")
     a = ap.parse_args(argv)
     if a.status:
         print(status(a.out))
