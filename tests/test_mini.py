@@ -615,4 +615,6 @@ def test_pace_reads_the_stages_last_run():
     assert _pace(log) == 0.2
     assert _pace(log[:2]) == 1.0
     assert _pace(log[:3]) is None and _pace(log[:1]) is None
+    paused = log + [{"step": 50, "elapsed_s": 608.0}, {"step": 60, "elapsed_s": 610.0}]
+    assert _pace(paused) == 0.2  # ten minutes stopped between steps 40 and 50 count once
     assert _pace([{"step": 5, "step_s": 0.1}, {"step": 6, "step_s": 0.1}]) is None  # no clock

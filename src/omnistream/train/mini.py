@@ -57,6 +57,7 @@ import hashlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -544,17 +545,18 @@ def run(out: str | Path, codec: str | Path | None, n_per_family: int = BASE_CASE
     return ship_dir
 
 
-def _pace(steps: list[dict], window: int = 50) -> float | None:
-    """Seconds per step of a stage, from the ``elapsed_s`` of its last ``window`` logged steps
-    since it last started (the clock starts again when a run resumes); None before two."""
-    run = steps[-window:]
-    for i in range(len(run) - 1, 0, -1):
-        if "elapsed_s" not in run[i - 1] or run[i - 1]["elapsed_s"] > run[i]["elapsed_s"]:
-            run = run[i:]  # an earlier run of the stage
-            break
-    if len(run) < 2 or "elapsed_s" not in run[0] or run[-1]["step"] <= run[0]["step"]:
-        return None
-    return (run[-1]["elapsed_s"] - run[0]["elapsed_s"]) / (run[-1]["step"] - run[0]["step"])
+def _pace(steps: list[dict], window: int = 20) -> float | None:
+    """Seconds per step of a stage: the median over its last ``window`` logged steps of the
+    ``elapsed_s`` between two of them (a pause or a slow moment counts once, not in the
+    average), within its last run (the clock starts again when a run resumes); None before two
+    logged steps of that run."""
+    rates, recent = [], steps[-window:]
+    for a, b in zip(recent, recent[1:], strict=False):
+        if "elapsed_s" not in a or "elapsed_s" not in b or b["elapsed_s"] < a["elapsed_s"]:
+            rates = []  # an earlier run of the stage, or a log without a clock
+        elif b["step"] > a["step"]:
+            rates.append((b["elapsed_s"] - a["elapsed_s"]) / (b["step"] - a["step"]))
+    return statistics.median(rates) if rates else None
 
 
 def status(out: str | Path) -> str:
