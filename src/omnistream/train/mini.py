@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -550,8 +551,8 @@ def _pace(steps: list[dict], window: int = 20) -> float | None:
     ``elapsed_s`` between two of them (a pause or a slow moment counts once, not in the
     average), within its last run (the clock starts again when a run resumes); None before two
     logged steps of that run."""
-    rates, recent = [], steps[-window:]
-    for a, b in zip(recent, recent[1:], strict=False):
+    rates = []
+    for a, b in itertools.pairwise(steps[-window:]):
         if "elapsed_s" not in a or "elapsed_s" not in b or b["elapsed_s"] < a["elapsed_s"]:
             rates = []  # an earlier run of the stage, or a log without a clock
         elif b["step"] > a["step"]:
