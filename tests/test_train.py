@@ -1,7 +1,8 @@
-"""Training: the stages (loss falls, frozen parts stay put), the Talker's losses, exact resume, LoRA merge, and the saved checkpoint loading in omnistream and transformers.
+"""Training: the stages (loss falls, frozen parts stay put), the Talker's losses, exact resume,
+LoRA merge, and the saved checkpoint loading in omnistream and transformers.
 
 All on the tiny random checkpoint with a synthetic set of spoken / written questions about
-generated images (``train_data.py``). Each training run is a handful of steps."""
+generated images (``train.synth.make_dataset``). Each training run is a handful of steps."""
 
 from __future__ import annotations
 
