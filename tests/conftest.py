@@ -24,3 +24,12 @@ def tiny_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("tiny")
     make_tiny(d, seed=0)
     return d
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """The training tests' synthetic set (``train.synth.make_dataset``: spoken and written
+    questions about generated images, with speech codes and DPO pairs), one per test module."""
+    from omnistream.train.synth import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("train_data"), n=16, media=True, dpo=True)

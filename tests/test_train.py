@@ -20,16 +20,10 @@ from omnistream.train.loop import train
 from omnistream.train.lora import LoRALinear, apply_lora, merge_lora
 from omnistream.train.model import OmniTrain, read_tensors
 from omnistream.train.stages import Stage, select_trainable
-from omnistream.train.synth import make_dataset
 
 CONFIGS = Path(__file__).parent.parent / "configs" / "train"
 LLM = ("thinker.model.", "thinker.lm_head.")
 ENCODERS = ("thinker.audio_tower.", "thinker.visual.")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("train_data"), n=16, media=True, dpo=True)
 
 
 def stage(name: str, **kw) -> Stage:

@@ -7,20 +7,13 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
 from omnistream.tokenizer import Tokenizer
 from omnistream.train.data import IGNORE, Dataset, collate
-from omnistream.train.synth import codes_for, make_dataset
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("train_data"), n=16, media=True, dpo=True)
-
+from omnistream.train.synth import codes_for
 
 # -- data ----------------------------------------------------------------------------------------
 
