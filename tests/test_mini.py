@@ -209,6 +209,11 @@ def test_mini_checkpoint_fits_the_budget(tmp_path):
     assert eng.talker.cfg.tts_codec_end_token_id == 8294  # the release's special codec ids
     std = float(eng.thinker.model.layers[0].mlp.up_proj.weight.detach().std())
     assert 0.015 < std < 0.025  # make-tiny's scale (N(0, 0.02))
+    from omnistream.train.mini_model import EMBED_STD
+
+    emb = eng.thinker.model.embed_tokens.weight.detach().float()  # the tied head too
+    assert abs(float(emb.std()) - EMBED_STD) < 0.01 and abs(float(emb.mean())) < 0.01
+    assert EMBED_STD >= 0.1  # a head whose logits can stand apart at width 128
 
 
 # -- DPO ranking ----------------------------------------------------------------------------------
@@ -437,7 +442,32 @@ def test_recipe_refuses_seeds_that_reach_the_evaluation_cases(tmp_path):
 
     with pytest.raises(ValueError, match="evaluation seeds start at"):
         run(tmp_path / "mini", None, seed=EVAL_SEED_BASE - max(FRESH_SEEDS))  # fresh: 1,000,000
+    with pytest.raises(ValueError, match="no stage 'stage9'.*stage0_copy, stage0_text"):
+        run(tmp_path / "mini", None, until="stage9")
     assert not (tmp_path / "mini").exists()  # refused before anything was written
+
+
+def test_copy_lists_have_an_empty_system_prompt(tmp_path):
+    """The first stage's lists: the records as they are but for the system prompt, which
+    renders as an empty system block."""
+    from omnistream import chat
+    from omnistream.train.mini import copy_lists
+    from omnistream.train.tasks import make_dataset
+
+    lists = make_dataset(tmp_path / "rep", 3, 0, families=["repeat"])
+    assert copy_lists(lists, tmp_path / "copy.jsonl") == 3
+    before = [json.loads(x) for x in lists.read_text().splitlines()]
+    after = [json.loads(x) for x in (tmp_path / "copy.jsonl").read_text().splitlines()]
+    assert all(b["messages"][0]["content"] for b in before)  # the speech system prompt
+    for b, a in zip(before, after, strict=True):
+        assert a["messages"][0] == {"role": "system", "content": ""}
+        assert a["messages"][1:] == b["messages"][1:] and a["family"] == b["family"] == "repeat"
+        assert chat.render_chat(a["messages"], add_generation_prompt=False).startswith(
+            "<|im_start|>system\n<|im_end|>\n<|im_start|>user\n")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": before[0]["messages"][1:]}) + "\n")
+    with pytest.raises(ValueError, match="without a system turn"):
+        copy_lists(bad, tmp_path / "out.jsonl")
 
 
 def test_records_split_by_media(tmp_path):
@@ -456,9 +486,21 @@ def test_recipe_follows_the_papers_order():
     """Each stage starts from an earlier one, its config exists, and the tasks come in the
     paper's order: Thinker stages (text, the encoders' dense pretraining, encoder alignment,
     everything), Talker, Talker DPO."""
-    from omnistream.train.mini import BALANCED, REFRESHED, STAGE_DIR, STAGES, THINKER
+    from omnistream.train.mini import (
+        BALANCED,
+        COPY,
+        REFRESHED,
+        STAGE_DIR,
+        STAGES,
+        TALKER_REPEAT,
+        THINKER,
+    )
     from omnistream.train.stages import Stage
 
+    assert STAGES[0][:3] == ("stage0_copy", "mini_0_copy.json", (COPY,))  # copying comes first
+    assert f"{TALKER_REPEAT}/data.jsonl" in STAGES[1][2]  # then the lists with the system prompt
+    for _, cfg, _, _ in STAGES[:2]:  # a rate at which a toy of the LLM's shape learnt to copy
+        assert Stage.from_file(STAGE_DIR / cfg).lr <= 1e-3, cfg
     done, tasks = {"init"}, []
     for i, (name, cfg, data, src) in enumerate(STAGES):
         if src == REFRESHED:  # fresh rows for the tokens new to the LLM, before the alignment
@@ -481,10 +523,11 @@ def test_recipe_follows_the_papers_order():
         if stage.task == "thinker":  # batches sorted by length would hold one family each
             assert stage.length_group == 1, f"{cfg}: batches should mix the families"
         done.add(name)
-    assert tasks == ["thinker", "vision", "hearing"] + ["thinker"] * 6 + ["talker", "talker_dpo"]
+    assert tasks == (["thinker"] * 2 + ["vision", "hearing"] + ["thinker"] * 6
+                     + ["talker", "talker_dpo"])
     # the training-only families (colour-kind binding, spoken words) are in the Thinker's stages
     assert all("aux/data.jsonl" in data for name, _, data, _ in STAGES if name.startswith("stage2"))
-    stage1 = Stage.from_file(STAGE_DIR / STAGES[3][1])
+    stage1 = Stage.from_file(STAGE_DIR / dict((n, c) for n, c, _, _ in STAGES)["stage1_align"])
     assert stage1.trainable == ["thinker.audio_tower.*", "thinker.visual.*"]  # LLM frozen
 
 
@@ -521,13 +564,22 @@ def test_refresh_draws_again_only_the_rows_of_new_tokens(tiny_dir, tmp_path):
 
 
 def test_recipe_refreshes_the_rows_that_stage_0_never_saw(tiny_dir, tmp_path):
-    """The recipe's refresh step reads stage 0's records as seen and the later Thinker stages'
-    as new: a colour that only the media records or the last Thinker stage's say gets a fresh
-    row; a word of stage 0's records, or one that only the Talker's records say, does not."""
+    """The recipe's refresh step reads stage 0's records (the lists and the text) as seen and the
+    later Thinker stages' as new: a colour that only the media records or the last Thinker
+    stage's say gets a fresh row; a word of stage 0's records, or one that only the Talker's
+    records say, does not."""
     import shutil
 
     from omnistream.checkpoint import read_tensors
-    from omnistream.train.mini import FRESH, REFRESHED, STAGES, TALKER_CLEAR, refresh_step
+    from omnistream.train.mini import (
+        COPY,
+        FRESH,
+        REFRESHED,
+        ROUND,
+        STAGES,
+        TALKER_CLEAR,
+        refresh_step,
+    )
     from omnistream.train.mini_model import EMBED
 
     def rec(user: str, reply: str) -> str:
@@ -541,6 +593,8 @@ def test_recipe_refreshes_the_rows_that_stage_0_never_saw(tiny_dir, tmp_path):
     (tmp_path / "data" / FRESH / "data.jsonl").write_text(rec("Say hello.", "Turquoise.") + "\n")
     # the Talker's records: the Thinker is frozen there, its words need no fresh rows
     (tmp_path / "data" / TALKER_CLEAR).write_text(rec("Say hello.", "Crimson.") + "\n")
+    (tmp_path / "data" / COPY).write_text(rec("Say hello.", "Olive.") + "\n")  # stage 0's
+    (tmp_path / "data" / ROUND / "data.jsonl").write_text(rec("Say hello.", "Olive.") + "\n")
     shutil.copytree(tiny_dir, tmp_path / "stage0_hearing")
     assert refresh_step(tmp_path, seed=0) > 0
     before = dict(read_tensors(tiny_dir))[EMBED]

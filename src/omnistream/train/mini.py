@@ -7,13 +7,16 @@ run again; a stage that was interrupted resumes from its last checkpoint (``save
 config). Steps, in order (``OUT/...``):
 
 1. ``data/``: ``--n-per-family`` cases of every task family (``train.tasks``, seed 0), split into
-   ``text.jsonl`` (no media), ``media.jsonl`` (with media) and ``data.jsonl`` (all), and
-   ``talker.jsonl``: the records with ``speech``, the reply spoken whole in the Piper voice at
-   length_scale 1.0 (``train.voices.piper_sentence``), ``speech_units`` (where each word is,
-   from Piper's phoneme durations, for the Talker's guided attention) and ``codec_ids``, the
-   Talker's targets: the codec's codes of that recording.
-   ``talker_repeat/talker.jsonl``: ``--talker-repeat`` more
-   ``repeat`` cases, spoken the same way (the Talker's many distinct replies).
+   ``text.jsonl`` (no media), ``media.jsonl`` (with media) and ``data.jsonl`` (all);
+   ``talker_repeat/data.jsonl``: ``--talker-repeat`` more ``repeat`` cases (word lists to copy),
+   and ``copy.jsonl``, the same with an empty system prompt; the later stages' cases (below).
+   When the Talker's stage comes, its targets: ``talker.jsonl``: the records with ``speech``,
+   the reply spoken whole in the Piper voice at length_scale 1.0
+   (``train.voices.piper_sentence``), ``speech_units`` (where each word is, from Piper's
+   phoneme durations, for the Talker's guided attention) and ``codec_ids``, the codec's codes
+   of that recording.
+   ``talker_repeat/talker.jsonl``: the word lists spoken the same way (the Talker's many
+   distinct replies).
    ``talker_counter.jsonl``: the task records again with the reply's content word changed
    (``add_counterfactuals``), so the Talker learns to say the tokens it is given.
    ``talker_c.jsonl`` and ``talker_counter_c.jsonl``: the same, each templated reply spoken at
@@ -22,8 +25,9 @@ config). Steps, in order (``OUT/...``):
    the codec's Token2Wav, speech encoder and voice; that Token2Wav was trained on this voice's
    sentences and renders the Talker's codes as it is).
 3. Stages through ``omnistream train`` (``configs/train/mini_*.json``), each from the previous
-   one's output: ``stage0_text`` (the LLM on the text families: it stands in for the pretrained
-   Qwen2.5 LLM the paper starts from), ``stage0_vision`` and ``stage0_hearing`` (the
+   one's output: ``stage0_copy`` (the LLM learns to copy: ``copy.jsonl``), ``stage0_text`` (the
+   LLM on the text families and the lists: it stands in for the pretrained Qwen2.5 LLM the paper
+   starts from), ``stage0_vision`` and ``stage0_hearing`` (the
    encoders told what each image token shows and which words a clip says: ``train/dense.py``,
    on ``data/vision/`` and ``data/hearing/``), ``stage0_refreshed`` (its token-embedding rows
    drawn again for the tokens that stage 0 never saw: ``mini_model.refresh``),
@@ -46,7 +50,8 @@ config). Steps, in order (``OUT/...``):
    ``mini_model.ship``) and its evaluation on fresh cases (``omnistream eval``), kept in
    ``OUT/eval.txt``.
 
-Time on the 2-core CPU this was sized on: see ``docs/MINI.md``.
+``--until STAGE`` stops after that stage (``--until stage2d_count``: the Thinker alone). Time on
+the 2-core CPU this was sized on: see ``docs/MINI.md``.
 """
 
 from __future__ import annotations
@@ -75,6 +80,11 @@ STAGE_DIR = _ROOT / "configs" / "train"
 # text only and cheap to speak: thousands of random word lists over the tasks' vocabulary teach it
 # the words instead of the sentences.
 TALKER_REPEAT = "talker_repeat"
+# The same lists, the Thinker's first lesson (``stage0_copy``): written with an empty system
+# prompt. A constant prefix as long as the speech system prompt kept a toy of the LLM's shape from
+# learning to copy in 1,000 steps, and lists shown without it first carried over to the prefixed
+# ones in 100 steps (docs/MINI.md, thirty-fourth session); ``stage0_text`` then shows them with it.
+COPY = "copy.jsonl"
 # Replies that contradict their media (``add_counterfactuals``): trained on true replies only, the
 # Talker says what the Thinker's hidden states expect rather than the token it is given.
 TALKER_COUNTER = "talker_counter.jsonl"
@@ -140,12 +150,16 @@ REFRESHED = "stage0_refreshed"
 # answers of most families need (operands, repeated words, the asked color or shape). Stage 2b
 # goes on from it with a warm restart of the learning rate: at the end of stage 2's schedule the
 # Thinker was still learning (docs/MINI.md).
+# Stage 0 starts with the copy (``COPY``) and keeps the lists beside the text records: the LLM
+# that had never learnt to copy answered no unseen list in the end (the second run, repeat 0%).
 # Stages 0v and 0h teach the encoders what every token shows or says (``train/dense.py``): from
 # the answers alone the vision encoder learns the shapes' colours but hardly their kinds, and the
 # audio encoder a question's template but hardly its words. Later stages train the encoders at a
 # tenth of the rate (``lr_scale``), which keeps what these stages taught.
 STAGES = (
-    ("stage0_text", "mini_0_text.json", ("text.jsonl",), "init"),
+    ("stage0_copy", "mini_0_copy.json", (COPY,), "init"),
+    ("stage0_text", "mini_0_text.json", ("text.jsonl", f"{TALKER_REPEAT}/data.jsonl"),
+     "stage0_copy"),
     ("stage0_vision", "mini_vision.json", (f"{VISION}/vision.jsonl",), "stage0_text"),
     ("stage0_hearing", "mini_hearing.json", (f"{HEARING}/hearing.jsonl",), "stage0_vision"),
     ("stage1_align", "mini_1_align.json", ("media.jsonl",), REFRESHED),
@@ -333,15 +347,34 @@ def refresh_step(out: Path, seed: int) -> int:
     for the tokens of the later Thinker stages' records that stage 0's never held
     (``mini_model.refresh``); returns how many rows were drawn."""
     from omnistream.train.mini_model import refresh
+    from omnistream.train.stages import Stage
 
     names = [n for n, *_ in STAGES]
     first = next(i for i, (*_, src) in enumerate(STAGES) if src == REFRESHED)
-    # new: the Thinker stages from the first on fresh rows; seen: stage 0's text records (the
-    # dense stages' records hold no messages)
+    # new: the Thinker stages from the first on fresh rows; seen: the records of stage 0's
+    # Thinker stages (the copy and the text; the dense stages' records hold no messages)
     later = sorted({f for *_, d, _ in STAGES[first:names.index(THINKER) + 1] for f in d})
+    seen = sorted({f for _, cfg, d, _ in STAGES[:first] for f in d
+                   if Stage.from_file(STAGE_DIR / cfg).task == "thinker"})
     _, k = refresh(out / names[first - 1], out / REFRESHED, [out / "data" / f for f in later],
-                   [out / "data" / f for f in STAGES[0][2]], seed)
+                   [out / "data" / f for f in seen], seed)
     return k
+
+
+def copy_lists(lists: Path, out: Path) -> int:
+    """``out``: the records of ``lists`` with an empty system prompt (``COPY``); returns the
+    record count."""
+    lines = []
+    for line in lists.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        if rec["messages"][0]["role"] != "system":
+            raise ValueError(f"{lists}: a record without a system turn")
+        rec["messages"][0]["content"] = ""
+        lines.append(json.dumps(rec, ensure_ascii=False))
+    _write_lines(out, lines)
+    return len(lines)
 
 
 def last_seed() -> int:
@@ -354,13 +387,17 @@ def last_seed() -> int:
 
 def run(out: str | Path, codec: str | Path | None, n_per_family: int = BASE_CASES, seed: int = 0,
         ship_dir: str | Path | None = None, eval_n: int = 10, dpo_prompts: int = 22,
-        dpo_samples: int = 4, max_steps_scale: float = 1.0, talker_repeat_n: int = 10000) -> Path:
-    """Run every step not yet done (see the module docstring); returns the shipped directory."""
+        dpo_samples: int = 4, max_steps_scale: float = 1.0, talker_repeat_n: int = 10000,
+        until: str | None = None) -> Path:
+    """Run every step not yet done (see the module docstring); returns the shipped directory,
+    or with ``until`` (a stage's name) that stage's, the run stopped after it."""
     from omnistream.train.tasks import EVAL_SEED_BASE
 
     if not 0 <= seed <= last_seed():  # never train on evaluation cases
         raise ValueError(f"training seed {seed}: use 0 .. {last_seed()}"
                          f" (evaluation seeds start at {EVAL_SEED_BASE})")
+    if until is not None and until not in {n for n, *_ in STAGES}:
+        raise ValueError(f"no stage {until!r}: the stages are {', '.join(n for n, *_ in STAGES)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     py = [sys.executable, "-m"]
@@ -394,6 +431,14 @@ def run(out: str | Path, codec: str | Path | None, n_per_family: int = BASE_CASE
         timed("data", lambda: make_dataset(data_dir, n_per_family, seed))
     if not _done(data_dir / "media.jsonl", "split"):
         log(f"split: {split_records(data)}")
+    repeat_dir = data_dir / TALKER_REPEAT
+    if not _done(repeat_dir / "data.jsonl", "copying lists"):
+        from omnistream.train.tasks import make_dataset
+
+        timed("copy_lists", lambda: make_dataset(repeat_dir, talker_repeat_n, seed,
+                                                 families=["repeat"]))
+    if not _done(data_dir / COPY, "lists without the system prompt"):
+        log(f"{COPY}: {copy_lists(repeat_dir / 'data.jsonl', data_dir / COPY)} records")
     if not _done(data_dir / AUX / "data.jsonl", "auxiliary cases"):
         from omnistream.train.tasks import AUX_FAMILIES, make_dataset
 
@@ -442,33 +487,26 @@ def run(out: str | Path, codec: str | Path | None, n_per_family: int = BASE_CASE
 
         timed("hearing_clips", lambda: make_hearing_data(
             data_dir / HEARING, scaled(HEARING_CLIPS, 8), seed))
-    if not _done(data_dir / "talker.jsonl", "speech"):
-        timed("speech", lambda: log(
-            f"speech: {add_speech(data, data_dir / 'talker.jsonl', encode=encoder())} replies "
-            "spoken"))
-    repeat_dir = data_dir / TALKER_REPEAT
-    if not _done(repeat_dir / "talker.jsonl", "talker repeat"):
-        def talker_repeat() -> None:
-            from omnistream.train.tasks import make_dataset
 
-            rep = make_dataset(repeat_dir, talker_repeat_n, seed, families=["repeat"])
-            n = add_speech(rep, repeat_dir / "talker.jsonl", encode=encoder())
-            log(f"talker repeat: {n} replies spoken")
-
-        timed("talker_repeat", talker_repeat)
-    counter = data_dir / TALKER_COUNTER
-    if not _done(counter, "counterfactual replies"):
-        def talker_counter() -> None:
-            n = add_counterfactuals(data_dir / "talker.jsonl", counter, seed,
-                                    encode=encoder())
-            log(f"counterfactual replies: {n} records")
-
-        timed("talker_counter", talker_counter)
-    if not _done(data_dir / TALKER_COUNTER_CLEAR, "clearest renderings"):
-        timed("clear_speech", lambda: _run(py + [
-            "omnistream.train.clear_speech", str(data_dir), "--codec",
-            str(codec if codec is not None else init), "--files", "talker.jsonl",
-            TALKER_COUNTER, "--suffix", "_c"]))
+    def spoken_data() -> None:  # the Talker's targets: made when its stage comes
+        if not _done(data_dir / "talker.jsonl", "speech"):
+            timed("speech", lambda: log(
+                f"speech: {add_speech(data, data_dir / 'talker.jsonl', encode=encoder())} "
+                "replies spoken"))
+        if not _done(repeat_dir / "talker.jsonl", "talker repeat"):
+            timed("talker_repeat", lambda: log("talker repeat: " + str(add_speech(
+                repeat_dir / "data.jsonl", repeat_dir / "talker.jsonl", encode=encoder()))
+                + " replies spoken"))
+        counter = data_dir / TALKER_COUNTER
+        if not _done(counter, "counterfactual replies"):
+            timed("talker_counter", lambda: log("counterfactual replies: " + str(
+                add_counterfactuals(data_dir / "talker.jsonl", counter, seed, encode=encoder()))
+                + " records"))
+        if not _done(data_dir / TALKER_COUNTER_CLEAR, "clearest renderings"):
+            timed("clear_speech", lambda: _run(py + [
+                "omnistream.train.clear_speech", str(data_dir), "--codec",
+                str(codec if codec is not None else init), "--files", "talker.jsonl",
+                TALKER_COUNTER, "--suffix", "_c"]))
 
     # 2. the from-scratch checkpoint, with the codec's Token2Wav and voice
     if not _done(init / "config.json", "init"):
@@ -488,7 +526,11 @@ def run(out: str | Path, codec: str | Path | None, n_per_family: int = BASE_CASE
     for name, cfg, train_data, src in STAGES:
         stage_out = out / name
         if _done(stage_out / STAGE_FILE, name):
+            if name == until:
+                return stage_out
             continue  # its source (DPO pairs, fresh rows, balanced Thinker) is not needed again
+        if src == BALANCED:
+            spoken_data()
         if name == "stage4_dpo" and not _done(data_dir / "dpo.jsonl", "dpo pairs"):
             timed("dpo_pairs", lambda src=src: _run(py + [
                 "omnistream.train.dpo_pairs", "--model", str(out / src),
@@ -517,6 +559,9 @@ def run(out: str | Path, codec: str | Path | None, n_per_family: int = BASE_CASE
         if max_steps_scale != 1.0:
             cmd += ["--max-steps", str(max(1, round(stage["max_steps"] * max_steps_scale)))]
         timed(name, lambda cmd=cmd: _run(cmd))
+        if name == until:
+            log(f"stopped after {name} (--until)")
+            return stage_out
 
     # 5. ship and evaluate
     from omnistream.train.mini_model import budget, format_budget, ship
@@ -617,6 +662,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dpo-samples", type=int, default=4)
     ap.add_argument("--max-steps-scale", type=float, default=1.0,
                     help="scale every stage's max_steps (a quick trial run)")
+    ap.add_argument("--until", default=None, metavar="STAGE",
+                    help="stop after this stage (e.g. stage2d_count: the Thinker alone)")
     ap.add_argument("--status", action="store_true",
                     help="say where the run in --out stands (steps done, the stage's step and "
                          "pace) and exit; safe while it runs")
@@ -626,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     run(a.out, a.codec, a.n_per_family, a.seed, a.ship, a.eval_n, a.dpo_prompts, a.dpo_samples,
-        a.max_steps_scale, a.talker_repeat)
+        a.max_steps_scale, a.talker_repeat, a.until)
     return 0
 
 

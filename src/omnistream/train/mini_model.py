@@ -6,7 +6,8 @@ The config is ``configs/mini/config.json`` (Thinker: Qwen2.5 decoder with the Qw
 codec vocabulary and special ids) plus the speech codec's ``token2wav_config`` and
 ``codec_encoder_config``, taken from the trained codec's directory (else
 ``configs/codec/config.json``). ``init_mini`` writes a released-layout checkpoint: Thinker and
-Talker at random (N(0, 0.02) weights, zero biases, unit norms, as ``make-tiny``), the codec's
+Talker at random (N(0, 0.02) weights, zero biases, unit norms, as ``make-tiny``; the Thinker's
+token embedding, its head too, N(0, ``EMBED_STD``)), the codec's
 trained ``token2wav.*`` / ``codec_encoder.*`` tensors and its ``spk_dict.pt`` (one voice, Joe),
 the tokenizer files. Training checkpoints keep every tensor in float32; ``ship`` writes the
 shipped copy (Thinker and Talker bfloat16, the codec float32) and checks the budget::
@@ -69,6 +70,15 @@ def ship_dtype(name: str, dtype: torch.dtype,
     """The stored dtype of tensor ``name`` (now ``dtype``) under ``dtypes``."""
     best = max((k for k in dtypes if name.startswith(k)), key=len, default=None)
     return dtype if best is None else dtypes[best]
+
+
+EMBED = "thinker.model.embed_tokens.weight"
+# The Thinker's token embedding is its head too. At width 128 a row of N(0, 0.02) has norm 0.23:
+# no logit can stand more than about 2.6 above the 151,935 others, and the LLM failed to learn to
+# copy a word list until the rows had grown (a toy of its shape did not copy in 600 steps, and with
+# rows of N(0, 0.2) it copied by step 300; on the LLM itself, repeat 0% -> 100% after 800 steps:
+# docs/MINI.md, thirty-fourth session). 0.02 is an initializer range for widths in the thousands.
+EMBED_STD = 0.2
 VOICE, VOICE_BOS = "Joe", 151872  # the codec's voice (the Piper voice it was trained on)
 # The tasks' shapes stay recognisable far below the release's pixel budgets, and media tokens
 # are most of a step's time and of a stage's memory: images at most 224x224 (64 tokens), video
@@ -117,7 +127,8 @@ def _fresh_codec(cfg: OmniConfig, seed: int) -> dict[str, Tensor]:
 
 
 def init_tensors(cfg: OmniConfig, seed: int = 0) -> dict[str, Tensor]:
-    """Random Thinker and Talker tensors (float32, checkpoint names; a tied head stored once)."""
+    """Random Thinker and Talker tensors (float32, checkpoint names; a tied head stored once):
+    N(0, INIT_STD), zero biases, unit norms, the Thinker's token embedding N(0, EMBED_STD)."""
     out: dict[str, Tensor] = {}
     for i, part in enumerate(("thinker", "talker")):
         module = build_component(part, cfg)
@@ -128,6 +139,8 @@ def init_tensors(cfg: OmniConfig, seed: int = 0) -> dict[str, Tensor]:
             if k.endswith(".bias"):
                 v = torch.zeros_like(v)
             out[f"{part}.{k}"] = v
+    g = torch.Generator().manual_seed(seed * 31 + 2)
+    out[EMBED] = torch.randn(out[EMBED].shape, generator=g) * EMBED_STD
     return out
 
 
@@ -309,8 +322,6 @@ def balance(src_dir: str | Path, out_dir: str | Path, alpha: float = 4.0) -> Pat
     return _write_checkpoint(src, out, balance_tensors(dict(read_tensors(src)), alpha), cfg)
 
 
-EMBED = "thinker.model.embed_tokens.weight"
-
 
 def record_token_ids(files: list[str | Path], roles: tuple[str, ...] = ("system", "user",
                                                                         "assistant")) -> set[int]:
@@ -350,7 +361,7 @@ def refresh_rows(tensors: dict[str, Tensor], ids: set[int] | list[int], like: se
     if not ids:
         return dict(tensors)
     w = tensors[EMBED]
-    std = float(w[like].float().std()) if like else INIT_STD
+    std = float(w[like].float().std()) if like else EMBED_STD
     g = torch.Generator().manual_seed(seed)
     fresh = torch.randn(len(ids), w.shape[1], generator=g) * std
     out = dict(tensors)
