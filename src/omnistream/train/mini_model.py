@@ -139,8 +139,7 @@ def init_tensors(cfg: OmniConfig, seed: int = 0) -> dict[str, Tensor]:
             if k.endswith(".bias"):
                 v = torch.zeros_like(v)
             out[f"{part}.{k}"] = v
-    g = torch.Generator().manual_seed(seed * 31 + 2)
-    out[EMBED] = torch.randn(out[EMBED].shape, generator=g) * EMBED_STD
+    out[EMBED] = out[EMBED] * (EMBED_STD / INIT_STD)  # drawn N(0, INIT_STD): now N(0, EMBED_STD)
     return out
 
 
