@@ -580,6 +580,25 @@ def test_lora_stage_saves_merged_weights(tiny_dir, data, tmp_path):
     torch.testing.assert_close(stored[k].float(), merged[k].to(torch.bfloat16).float())
 
 
+def test_balance_alpha_is_sized_from_the_thinkers_norms(tiny_dir, data):
+    """``text_track_norms`` measures what ``balance_tensors`` scales (hidden / alpha, embedding
+    * alpha), and ``balance_alpha`` picks the power of two that brings the ratio nearest to the
+    target: v10's norms (21.9, 1.07) give its alpha 8, the third run's (11.2, 2.18) give 4."""
+    from omnistream.train.mini_model import balance, balance_alpha, text_track_norms
+
+    assert balance_alpha(21.9, 1.07, 0.32) == 8.0
+    assert balance_alpha(11.24, 2.18, 0.32) == 4.0
+    assert balance_alpha(0.1, 1.0, 0.32) == 1.0  # never weaker tokens than the Thinker's own
+    with pytest.raises(ValueError, match="positive"):
+        balance_alpha(1.0, 0.0, 0.32)
+    h, e = text_track_norms(tiny_dir, data, n=6)
+    assert h > 0 and e > 0
+    bal = balance(tiny_dir, data.parent / "balanced", 4.0)
+    hb, eb = text_track_norms(bal, data, n=6)
+    assert hb == pytest.approx(h / 4, rel=1e-4) and eb == pytest.approx(e * 4, rel=1e-4)
+    assert balance_alpha(hb, eb, h / e / 16) == 1.0
+
+
 @torch.no_grad()
 def test_balance_keeps_the_thinker_and_strengthens_the_tokens(tiny_dir, data):
     """``mini_model.balance_tensors``: the Thinker's logits are unchanged (media in the prompt),

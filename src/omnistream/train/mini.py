@@ -135,10 +135,13 @@ COUNT = "count"
 COUNT_CASES = {"image-count-color": 3000, "spoken-image": 2500, "image-count": 1500}
 THINKER = "stage2d_count"  # the finished Thinker, balanced for the Talker
 # The Thinker's hidden states drown its token embeddings in the Talker's text track (norms about
-# 21 and 1): ``mini_model.balance`` rescales the finished Thinker (outputs unchanged) so that the
-# Talker reads each token TEXT_TRACK_ALPHA**2 times louder (docs/MINI.md, fourteenth session).
+# 21 and 1 in v3-v10): ``mini_model.balance`` rescales the finished Thinker (outputs unchanged) so
+# that the Talker reads each token alpha**2 times louder (docs/MINI.md, fourteenth session: alpha 8
+# read better than 4). alpha is sized from the finished Thinker's own norms on the spoken lists,
+# to bring their ratio to TEXT_TRACK_RATIO, v10's (hidden 2.74 against embedding 8.55 after its
+# alpha 8): the thirty-fifth session's larger embedding init leaves a ratio near 5, not 21.
 BALANCED = "stage2b_balanced"
-TEXT_TRACK_ALPHA = 8.0
+TEXT_TRACK_RATIO = 0.32
 # The encoders' dense stages' checkpoint with fresh token-embedding rows for the tokens that the
 # later stages' records hold and stage 0's never did (the colours and shapes of the media
 # families' replies, the digits of typed sums): stage 0 pushed those rows, all alike, down its
@@ -541,10 +544,17 @@ def run(out: str | Path, codec: str | Path | None, n_per_family: int = BASE_CASE
             timed("refresh", lambda: log(f"refresh: {refresh_step(out, seed)} token rows drawn "
                                          "again"))
         if src == BALANCED and not _done(out / BALANCED / "config.json", "balance"):
-            from omnistream.train.mini_model import balance
+            from omnistream.train.mini_model import balance, balance_alpha, text_track_norms
 
-            timed("balance", lambda: balance(out / THINKER, out / BALANCED,
-                                             TEXT_TRACK_ALPHA))
+            def _balance() -> None:
+                hidden, embed = text_track_norms(out / THINKER,
+                                                 data_dir / TALKER_REPEAT / "data.jsonl")
+                alpha = balance_alpha(hidden, embed, TEXT_TRACK_RATIO)
+                log(f"balance: hidden norm {hidden:.2f}, embedding norm {embed:.2f}, alpha "
+                    f"{alpha:g}")
+                balance(out / THINKER, out / BALANCED, alpha)
+
+            timed("balance", _balance)
         n_records = sum(_count(data_dir / f) for f in train_data)
         if n_records == 0:  # only DPO can end up without data: all samples scored alike
             log(f"{name}: SKIPPED, no records in {train_data}; shipping {src}")

@@ -15,7 +15,7 @@ shipped copy (Thinker and Talker bfloat16, the codec float32) and checks the bud
     python -m omnistream.train.mini_model init OUT [--codec DIR] [--seed 0]
     python -m omnistream.train.mini_model budget DIR
     python -m omnistream.train.mini_model ship SRC OUT
-    python -m omnistream.train.mini_model balance SRC OUT [--alpha 4]
+    python -m omnistream.train.mini_model balance SRC OUT [--alpha 4 | --ratio R --records F]
     python -m omnistream.train.mini_model refresh SRC OUT --new A.jsonl.. --seen B.jsonl..
 """
 
@@ -25,6 +25,7 @@ import argparse
 import copy
 import filecmp
 import json
+import math
 import re
 import shutil
 from collections.abc import Callable
@@ -322,6 +323,43 @@ def balance(src_dir: str | Path, out_dir: str | Path, alpha: float = 4.0) -> Pat
 
 
 
+@torch.no_grad()
+def text_track_norms(model_dir: str | Path, records: str | Path, n: int = 100) -> tuple[float,
+                                                                                      float]:
+    """Mean norms of the two parts of the Talker's text track, the Thinker's final hidden state
+    and the token's embedding, at the reply tokens of the first ``n`` records of ``records``
+    (JSONL; text records load fastest)."""
+    from omnistream.tokenizer import Tokenizer
+    from omnistream.train.data import IGNORE, Dataset, collate
+    from omnistream.train.losses import thinker_states
+    from omnistream.train.model import load_model
+
+    model = load_model(model_dir, with_talker=False).eval()
+    tok = Tokenizer.from_dir(model_dir)
+    examples = Dataset(records, tok, model.cfg.thinker_config, log=lambda obj: None).examples[:n]
+    if not examples:
+        raise ValueError(f"text_track_norms: no records in {records}")
+    hidden, embed = [], []
+    for i in range(0, len(examples), 10):
+        batch = collate(examples[i:i + 10], tok.special.pad)
+        h, e = thinker_states(model.thinker, batch)  # [B, T, D] each
+        keep = batch["labels"] != IGNORE  # [B, T]
+        hidden.append(h[keep].norm(dim=-1))
+        embed.append(e[keep].norm(dim=-1))
+    return float(torch.cat(hidden).mean()), float(torch.cat(embed).mean())
+
+
+def balance_alpha(hidden_norm: float, embed_norm: float, ratio: float) -> float:
+    """The power of two ``alpha`` (at least 1) for which ``balance_tensors`` brings the text
+    track's hidden-to-embedding norm ratio nearest to ``ratio`` (it divides the ratio by
+    ``alpha**2``); a power of two keeps the balanced Thinker's logits exact."""
+    if min(hidden_norm, embed_norm, ratio) <= 0:
+        raise ValueError(f"balance_alpha: norms and ratio must be positive, got {hidden_norm}, "
+                         f"{embed_norm}, {ratio}")
+    exponent = round(math.log2(hidden_norm / (embed_norm * ratio)) / 2)
+    return float(2 ** max(0, exponent))
+
+
 def record_token_ids(files: list[str | Path], roles: tuple[str, ...] = ("system", "user",
                                                                         "assistant")) -> set[int]:
     """The Qwen token ids of the text that the messages of ``roles`` hold in the training
@@ -399,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("src")
     p.add_argument("out")
     p.add_argument("--alpha", type=float, default=4.0)
+    p.add_argument("--ratio", type=float, default=None,
+                   help="size alpha from SRC's norms on --records to this hidden/embedding ratio")
+    p.add_argument("--records", default=None, help="JSONL records for --ratio")
     p = sub.add_parser("refresh", help="fresh embedding rows for the tokens new to a checkpoint")
     p.add_argument("src")
     p.add_argument("out")
@@ -413,7 +454,14 @@ def main(argv: list[str] | None = None) -> int:
     elif a.cmd == "budget":
         print(format_budget(budget(a.dir)))
     elif a.cmd == "balance":
-        print(balance(a.src, a.out, a.alpha))
+        alpha = a.alpha
+        if a.ratio is not None:
+            if a.records is None:
+                ap.error("balance --ratio needs --records")
+            hidden, embed = text_track_norms(a.src, a.records)
+            alpha = balance_alpha(hidden, embed, a.ratio)
+            print(f"hidden norm {hidden:.2f}, embedding norm {embed:.2f}: alpha {alpha:g}")
+        print(balance(a.src, a.out, alpha))
     elif a.cmd == "refresh":
         d, n = refresh(a.src, a.out, a.new, a.seen, a.seed)
         print(f"{d}: {n} token rows drawn again")
