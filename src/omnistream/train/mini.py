@@ -138,7 +138,7 @@ THINKER = "stage2d_count"  # the finished Thinker, balanced for the Talker
 # 21 and 1 in v3-v10): ``mini_model.balance`` rescales the finished Thinker (outputs unchanged) so
 # that the Talker reads each token alpha**2 times louder (docs/MINI.md, fourteenth session: alpha 8
 # read better than 4). alpha is sized from the finished Thinker's own norms on the spoken lists,
-# to bring their ratio to TEXT_TRACK_RATIO, v10's (hidden 2.74 against embedding 8.55 after its
+# to bring their ratio to TEXT_TRACK_RATIO, v10's (hidden 2.74 against embedding 8.59 after its
 # alpha 8): the thirty-fifth session's larger embedding init leaves a ratio near 5, not 21.
 BALANCED = "stage2b_balanced"
 TEXT_TRACK_RATIO = 0.32

@@ -322,7 +322,6 @@ def balance(src_dir: str | Path, out_dir: str | Path, alpha: float = 4.0) -> Pat
     return _write_checkpoint(src, out, balance_tensors(dict(read_tensors(src)), alpha), cfg)
 
 
-
 @torch.no_grad()
 def text_track_norms(model_dir: str | Path, records: str | Path, n: int = 100) -> tuple[float,
                                                                                       float]:
