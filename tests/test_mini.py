@@ -234,6 +234,10 @@ def test_pause_errors_and_ranking():
     assert pause_errors(pause_profile(np.zeros(sr, np.float32), sr), p) >= 1  # silence
     assert rank([0.5, 0.1, 0.9]) == (1, 2)
     assert rank([0.30, 0.35]) is None
+    # the same codes scored apart by code2wav's noise are one candidate: no pair from them
+    assert rank([0.0, 0.25, 0.6], [[1, 2], [1, 2], [1, 2]]) is None
+    # equal codes count by their mean (0.3), against the other codes' 0.1
+    assert rank([0.0, 0.6, 0.1], [[1, 2], [1, 2], [1, 3]]) == (2, 0)
 
 
 # -- omnistream eval --------------------------------------------------------------------------

@@ -11,7 +11,9 @@ length_scale 1.0 (the Talker's training target): one per internal pause (silence
 ``MIN_PAUSE_S``) more or fewer than the reference has, plus each second of leading, trailing or
 internal silence beyond the reference's longest pause plus ``SLACK_S``, plus one when the speech
 is more than 1.5x longer or shorter than the reference. The best sample is ``chosen``, the worst
-``rejected``; prompts whose samples score within ``MIN_GAP`` of each other give no pair.
+``rejected``; prompts whose samples score within ``MIN_GAP`` of each other give no pair, nor do
+those whose samples all spoke the same codes (samples with equal codes count as one, by their
+mean score).
 
 Records (JSONL, ``omnistream.train.data``'s DPO format): the prompt, the reply the model wrote,
 ``chosen_codec_ids``, ``rejected_codec_ids`` and the scores. Progress is appended prompt by prompt
@@ -89,11 +91,21 @@ def pause_errors(sample: PauseProfile, ref: PauseProfile) -> float:
     return err
 
 
-def rank(scores: list[float]) -> tuple[int, int] | None:
-    """(best, worst) sample indices, or None when they are within ``MIN_GAP``."""
-    best = min(range(len(scores)), key=lambda i: scores[i])
-    worst = max(range(len(scores)), key=lambda i: scores[i])
-    return (best, worst) if scores[worst] - scores[best] >= MIN_GAP else None
+def rank(scores: list[float], codes: list[list[int]] | None = None) -> tuple[int, int] | None:
+    """(best, worst) sample indices, or None when they are within ``MIN_GAP``.
+
+    Samples that spoke the same ``codes`` are one candidate, scored by their mean: their scores
+    differ only by code2wav's noise, which the Talker cannot learn from (a pair of equal codes
+    has the DPO loss log 2 and no gradient). A trained Talker often samples the same codes
+    every time (the third run: 7 of 9 pairs)."""
+    groups: dict[tuple, list[int]] = {}
+    for i in range(len(scores)):
+        groups.setdefault(tuple(codes[i]) if codes is not None else (i,), []).append(i)
+    mean = {k: sum(scores[i] for i in v) / len(v) for k, v in groups.items()}
+    best, worst = min(mean, key=mean.__getitem__), max(mean, key=mean.__getitem__)
+    if best == worst or mean[worst] - mean[best] < MIN_GAP:
+        return None
+    return groups[best][0], groups[worst][0]
 
 
 def _pick(records: list[dict], n: int) -> list[int]:
@@ -175,7 +187,7 @@ def make_pairs(model: str | Path, data: str | Path, out: str | Path, prompts: in
                 p = pause_errors(pause_profile(r.pcm, SAMPLE_RATE), ref)
                 scores.append(w + PAUSE_WEIGHT * p)
                 parts.append({"wer": round(w, 3), "pause_errors": round(p, 2)})
-            pick = rank(scores)
+            pick = rank(scores, [r.codes for r in replies])
             row: dict = {"source": idx, "scores": parts}
             if pick is None:
                 row["skipped"] = "samples score alike"
