@@ -329,6 +329,25 @@ def test_voice_reference_wer():
     assert s["wer"] == 0.4 and s["voice_wer"] == 0.1
 
 
+def test_recognizer_falls_back_when_greedy_decoding_loops():
+    """v10's spoken "I hear four beeps." (the eval's beeps case 23, 1.5 s, stored as the
+    recognizer's 16 kHz float input): greedy Whisper alone heard it as "I'll give it a few
+    more." 22 times over (132 edits, a third of that eval's WER); a looping transcript is
+    decoded again with beam search, which hears a short sentence, the same way every time."""
+    from omnistream.eval import recognizer
+
+    if not recognizer.available():
+        pytest.skip("no recognizer (eval extra)")
+    assert recognizer.compression_ratio("I'll give it a few more. " * 22) > recognizer.LOOP_RATIO
+    assert recognizer.compression_ratio("I hear four beeps.") < recognizer.LOOP_RATIO
+    x = np.load(Path(__file__).parent / "data" / "whisper_loop_16k.npy")
+    heard = [recognizer.transcribe(x, 16000) for _ in range(2)]
+    assert heard[0] == heard[1]
+    # a sentence of about the reply's length (the beam hears "I care for beats."), not a loop
+    assert len(recognizer.normalize(heard[0])) <= 8, heard
+    assert recognizer.wer(["I hear four beeps."], heard[:1]) <= 1.0, heard
+
+
 def test_gapless_start_waits_for_the_chunk_that_comes_late():
     """A 40 ms first chunk at 0.1 s, the next at 0.5 s: playback started before 0.46 s would
     run dry; a chunk ahead of its playback time changes nothing."""

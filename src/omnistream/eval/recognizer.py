@@ -16,6 +16,7 @@ import re
 import struct
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 
@@ -162,16 +163,33 @@ def available() -> bool:
 
 
 def transcribe(pcm: np.ndarray, sample_rate: int) -> str:
-    """The recognizer's text for mono float32 PCM (greedy decoding, English), computed in a
-    separate worker process."""
+    """The recognizer's text for mono float32 PCM (greedy decoding, beam search where greedy
+    loops; English), computed in a separate worker process."""
     x = resample(np.asarray(pcm, np.float32).reshape(-1), int(sample_rate), SAMPLE_RATE)
     return _worker().transcribe(x)
 
 
+def compression_ratio(text: str) -> float:
+    """Whisper's measure of a looping transcript: its UTF-8 length over its zlib length."""
+    data = text.encode("utf-8")
+    return len(data) / max(len(zlib.compress(data)), 1)
+
+
+LOOP_RATIO = 2.4  # Whisper's compression_ratio_threshold: above it a transcript repeats itself
+
+
 def _recognize(model, x: np.ndarray) -> str:
-    segments, _ = model.transcribe(x, language="en", beam_size=1, temperature=0.0,
-                                   condition_on_previous_text=False, vad_filter=False)
-    return " ".join(s.text.strip() for s in segments).strip()
+    def decode(beam_size: int) -> str:
+        segments, _ = model.transcribe(x, language="en", beam_size=beam_size, temperature=0.0,
+                                       condition_on_previous_text=False, vad_filter=False)
+        return " ".join(s.text.strip() for s in segments).strip()
+
+    # Greedy decoding sometimes loops: v10's "I hear four beeps." (1.5 s) was heard as "I'll
+    # give it a few more." 22 times, 132 edits in one reply. Whisper then decodes again (at
+    # rising temperatures, which sample: not the same text twice); here a looping transcript is
+    # decoded again with faster-whisper's default beam of 5, which is deterministic.
+    text = decode(1)
+    return decode(5) if compression_ratio(text) > LOOP_RATIO else text
 
 
 def _serve() -> None:
