@@ -546,7 +546,7 @@ def test_recipe_follows_the_papers_order():
         if stage.task == "thinker":  # batches sorted by length would hold one family each
             assert stage.length_group == 1, f"{cfg}: batches should mix the families"
         done.add(name)
-    assert tasks == (["thinker"] * 2 + ["vision", "hearing"] + ["thinker"] * 6
+    assert tasks == (["thinker"] * 2 + ["vision", "hearing"] + ["thinker"] * 7
                      + ["talker", "talker_dpo"])
     # the training-only families (colour-kind binding, spoken words) are in the Thinker's stages
     assert all("aux/data.jsonl" in data for name, _, data, _ in STAGES if name.startswith("stage2"))
