@@ -165,6 +165,10 @@ REFRESHED = "stage0_refreshed"
 # the answers alone the vision encoder learns the shapes' colours but hardly their kinds, and the
 # audio encoder a question's template but hardly its words. Later stages train the encoders at a
 # tenth of the rate (``lr_scale``), which keeps what these stages taught.
+# The counting rounds' data besides their own counting cases (2c's, without its second copy of
+# the fresh cases).
+_COUNT_ROUND = ("data.jsonl", "text.jsonl", f"{AUX}/data.jsonl", f"{FRESH}/data.jsonl",
+                f"{FRESH_REST}/data.jsonl", f"{LEVELS}/data.jsonl")
 STAGES = (
     ("stage0_copy", "mini_0_copy.json", (COPY,), "init"),
     ("stage0_text", "mini_0_text.json", ("text.jsonl", f"{TALKER_REPEAT}/data.jsonl"),
@@ -183,14 +187,9 @@ STAGES = (
     ("stage2e_round", "mini_2e_round.json", (f"{ROUND}/data.jsonl", f"{ROUND}/text.jsonl",
                                              f"{AUX}/data.jsonl", f"{LEVELS}/data.jsonl"),
      "stage2c_fresh"),
-    ("stage2d_count", "mini_2d_count.json", ("data.jsonl", "text.jsonl", f"{AUX}/data.jsonl",
-                                             f"{FRESH}/data.jsonl", f"{FRESH_REST}/data.jsonl",
-                                             f"{LEVELS}/data.jsonl", f"{COUNT}/data.jsonl"),
+    ("stage2d_count", "mini_2d_count.json", (*_COUNT_ROUND, f"{COUNT}/data.jsonl"),
      "stage2e_round"),
-    (THINKER, "mini_2d_count.json", ("data.jsonl", "text.jsonl", f"{AUX}/data.jsonl",
-                                     f"{FRESH}/data.jsonl", f"{FRESH_REST}/data.jsonl",
-                                     f"{LEVELS}/data.jsonl", f"{COUNT2}/data.jsonl"),
-     "stage2d_count"),
+    (THINKER, "mini_2d_count.json", (*_COUNT_ROUND, f"{COUNT2}/data.jsonl"), "stage2d_count"),
     ("stage3_talker", "mini_3_talker.json",
      (TALKER_CLEAR, f"{TALKER_REPEAT}/talker.jsonl", TALKER_COUNTER_CLEAR), BALANCED),
     ("stage4_dpo", "mini_4_dpo.json", ("dpo.jsonl",), "stage3_talker"),
@@ -474,18 +473,12 @@ def run(out: str | Path, codec: str | Path | None, n_per_family: int = BASE_CASE
         timed("levels", lambda: make_dataset(
             data_dir / LEVELS, scaled(LEVEL_CASES), seed + FRESH_SEEDS[2],
             families=LEVEL_FAMILIES, levels=True))
-    if not _done(data_dir / COUNT / "data.jsonl", "counting cases"):
-        from omnistream.train.tasks import make_dataset
+    for name, fresh_seed in ((COUNT, FRESH_SEEDS[3]), (COUNT2, FRESH_SEEDS[5])):
+        if not _done(data_dir / name / "data.jsonl", f"counting cases ({name})"):
+            from omnistream.train.tasks import make_dataset
 
-        timed("count", lambda: make_dataset(
-            data_dir / COUNT, {f: scaled(n) for f, n in COUNT_CASES.items()},
-            seed + FRESH_SEEDS[3]))
-    if not _done(data_dir / COUNT2 / "data.jsonl", "second counting cases"):
-        from omnistream.train.tasks import make_dataset
-
-        timed("count2", lambda: make_dataset(
-            data_dir / COUNT2, {f: scaled(n) for f, n in COUNT_CASES.items()},
-            seed + FRESH_SEEDS[5]))
+            timed(name, lambda name=name, k=fresh_seed: make_dataset(
+                data_dir / name, {f: scaled(n) for f, n in COUNT_CASES.items()}, seed + k))
     if not _done(data_dir / ROUND / "text.jsonl", "round cases"):
         from omnistream.train.tasks import AUX_FAMILIES, FAMILIES, make_dataset
 
