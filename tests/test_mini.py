@@ -334,10 +334,27 @@ def test_recognizer_falls_back_when_greedy_decoding_loops():
     recognizer's 16 kHz float input): greedy Whisper alone heard it as "I'll give it a few
     more." 22 times over (132 edits, a third of that eval's WER); a looping transcript is
     decoded again with beam search, which hears a short sentence, the same way every time."""
+    from types import SimpleNamespace
+
     from omnistream.eval import recognizer
 
     assert recognizer.compression_ratio("I'll give it a few more. " * 22) > recognizer.LOOP_RATIO
     assert recognizer.compression_ratio("I hear four beeps.") < recognizer.LOOP_RATIO
+
+    class Model:  # greedy loops, the beam does not (whether the real clip loops greedily
+        # depends on the machine's thread count: it does on 2 threads, not on 1)
+        def __init__(self, greedy: str):
+            self.greedy, self.beams = greedy, []
+
+        def transcribe(self, x, beam_size, **kw):
+            self.beams.append(beam_size)
+            text = self.greedy if beam_size == 1 else "I care for beats."
+            return [SimpleNamespace(text=text)], None
+
+    looping = Model("I'll give it a few more. " * 22)
+    assert recognizer._recognize(looping, None) == "I care for beats." and looping.beams == [1, 5]
+    fine = Model("I hear four beeps.")
+    assert recognizer._recognize(fine, None) == "I hear four beeps." and fine.beams == [1]
     if not recognizer.available():
         pytest.skip("no recognizer (eval extra)")
     x = np.load(Path(__file__).parent / "data" / "whisper_loop_16k.npy")
