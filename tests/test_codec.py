@@ -140,6 +140,16 @@ def _corpus(tmp_path: Path, n: int = 3) -> Path:
     return d / "corpus.jsonl"
 
 
+def test_a_corpus_is_found_by_its_folder_and_a_missing_one_is_named(tmp_path):
+    from omnistream.train.speech_corpus import load_corpus
+
+    manifest = _corpus(tmp_path, 2)
+    assert load_corpus(manifest.parent) == load_corpus(manifest)
+    assert Path(load_corpus(manifest)[1]["audio"]) == (manifest.parent / "clips/1.wav").resolve()
+    with pytest.raises(FileNotFoundError, match="no speech corpus manifest at .*elsewhere"):
+        load_corpus(tmp_path / "elsewhere")
+
+
 def test_codec_stages_train_save_resume_and_load_in_the_engine_layout(tmp_path):
     from omnistream.nn.bigvgan import _aa_filter
     from omnistream.train.codec import train_codec
