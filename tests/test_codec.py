@@ -148,6 +148,11 @@ def test_a_corpus_is_found_by_its_folder_and_a_missing_one_is_named(tmp_path):
     assert Path(load_corpus(manifest)[1]["audio"]) == (manifest.parent / "clips/1.wav").resolve()
     with pytest.raises(FileNotFoundError, match="no speech corpus manifest at .*elsewhere"):
         load_corpus(tmp_path / "elsewhere")
+    from omnistream.train.codec import SpeechSet
+
+    by_folder = SpeechSet([manifest.parent], progress=False)  # its mel cache beside the manifest
+    assert (manifest.parent / "mel_cache.pt").is_file() and not (tmp_path / "mel_cache.pt").exists()
+    assert len(by_folder.mels) == 2 and by_folder.texts == ["clip one", "clip two"]
 
 
 def test_codec_stages_train_save_resume_and_load_in_the_engine_layout(tmp_path):

@@ -53,10 +53,10 @@ def mcd(ref: np.ndarray, test: np.ndarray) -> float:
 
 def held_out_clips(n: int, cache: str | Path | None = None) -> list[dict]:
     """The codec's held-out sentences read by the Piper voice (rendered once into ``cache``)."""
-    from omnistream.train.speech_corpus import load_corpus, make_corpus
+    from omnistream.train.speech_corpus import MANIFEST, load_corpus, make_corpus
 
     cache = Path(cache or Path.home() / ".cache" / "omnistream" / "codec_heldout")
-    manifest = cache / "corpus.jsonl"
+    manifest = cache / MANIFEST
     recs = load_corpus(manifest) if manifest.exists() else []
     if len(recs) < n:
         make_corpus(cache, n, held_out=True)

@@ -51,7 +51,7 @@ from omnistream.nn.bigvgan import HOP
 from omnistream.nn.token2wav import Token2Wav
 from omnistream.train.loop import RESUME_FILE, StepBook, adamw, lr_at
 from omnistream.train.model import save_whole, write_whole
-from omnistream.train.speech_corpus import load_corpus
+from omnistream.train.speech_corpus import corpus_manifest, load_corpus
 from omnistream.train.stages import Stage
 
 REF_FRAMES = 300  # reference mel frames stored with the voice (3 s)
@@ -71,10 +71,10 @@ class SpeechSet:
         self.wavs: list[Tensor] = []
         self.mels: list[Tensor] = []
         self.texts: list[str] = []
-        for m in manifests:
+        for m in map(corpus_manifest, manifests):  # the mel cache sits beside the manifest
             recs = load_corpus(m)
             self.texts += [r.get("text", "") for r in recs]
-            cache = Path(m).parent / "mel_cache.pt"
+            cache = m.parent / "mel_cache.pt"
             mels = torch.load(cache) if cache.exists() else None
             if mels is not None and len(mels) != len(recs):
                 mels = None
@@ -82,7 +82,7 @@ class SpeechSet:
             if progress and mels is None:
                 from tqdm import tqdm
 
-                it = tqdm(recs, desc=f"mel {Path(m).parent.name}", unit="clip")
+                it = tqdm(recs, desc=f"mel {m.parent.name}", unit="clip")
             new = []
             for i, r in enumerate(it):
                 w = read_wav(r["audio"])

@@ -64,15 +64,21 @@ def make_corpus(out: str | Path, n: int, seed: int = 0, held_out: bool = False,
     return manifest
 
 
-def load_corpus(manifest: str | Path) -> list[dict]:
-    """Records of a corpus manifest (or of the corpus folder that holds it) with ``audio`` made
-    absolute."""
-    manifest = Path(manifest)
+def corpus_manifest(path: str | Path) -> Path:
+    """A corpus's manifest, given it or the corpus folder that holds it."""
+    manifest = Path(path)
     if manifest.is_dir():
         manifest = manifest / MANIFEST
     if not manifest.is_file():
         raise FileNotFoundError(f"no speech corpus manifest at {manifest} (make one with "
                                 "python -m omnistream.train.speech_corpus DIR)")
+    return manifest
+
+
+def load_corpus(manifest: str | Path) -> list[dict]:
+    """Records of a corpus manifest (or of the corpus folder that holds it) with ``audio`` made
+    absolute."""
+    manifest = corpus_manifest(manifest)
     recs = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
     for r in recs:
         r["audio"] = str((manifest.parent / r["audio"]).resolve())
