@@ -5,6 +5,12 @@ chunks between the running replies' steps; the server's scheduler batches its re
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -12,6 +18,7 @@ import pytest
 import torch
 from helpers import DEVICE
 
+from omnistream.engine import allocator
 from omnistream.engine.batch import Batcher, Code2WavWork, TalkerWork, ThinkerWork
 from omnistream.engine.events import AudioChunk, Done, TextDelta
 from omnistream.engine.sampling import SamplingParams
@@ -410,3 +417,47 @@ def test_fused_projections_decode_as_the_separate_ones_and_keep_the_state_dict()
             f.register_forward_hook(count("fused"))
     torch.testing.assert_close(decode(), want, rtol=1e-5, atol=1e-5)
     assert calls == {"parts": 0, "fused": 2 * layers * 4}  # 2 groups x layers x 4 calls
+
+
+REUSE_PROBE = """
+import json, resource, sys, threading
+import torch
+from omnistream.engine.allocator import tune_malloc
+torch.set_num_threads(1)
+tuned = tune_malloc() if sys.argv[1] == "tune" else False
+w, faults = torch.randn(24, 24, 7) * 0.1, []
+def work():  # as the server's model thread runs a vocoder: 48 MiB signals made and freed per op
+    x0 = torch.randn(8, 24, 1 << 16)
+    for _ in range(4):
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        x = x0
+        for _ in range(3):
+            x = torch.sin(torch.nn.functional.conv1d(x, w, padding=3)) + x
+        del x
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+t = threading.Thread(target=work)
+t.start()
+t.join()
+print(json.dumps({"tuned": tuned, "faults": faults}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="glibc's malloc only")
+def test_tuned_malloc_reuses_freed_memory_in_a_thread():
+    """``Engine.load`` (CPU) tunes glibc's malloc so that large freed blocks are reused, not
+    mapped afresh (a page fault per 4 KiB) on their next use, as code2wav's vocoder makes and
+    frees them per layer; under glibc's defaults the same passes fault on every use. A user's
+    own malloc setting turns the tuning off."""
+    env = {k: v for k, v in os.environ.items() if k not in allocator.USER_SETTINGS}
+
+    def probe(mode: str, **extra) -> dict:
+        out = subprocess.run([sys.executable, "-c", REUSE_PROBE, mode], env={**env, **extra},
+                             capture_output=True, text=True, check=True)
+        return json.loads(out.stdout)
+
+    pages = (48 << 20) // resource.getpagesize()  # one signal's
+    default, tuned = probe("default"), probe("tune")
+    assert min(default["faults"]) > 3 * pages  # each op's output is mapped (and zeroed) afresh
+    assert tuned["tuned"] and max(tuned["faults"][2:]) < pages // 10  # reused once warm
+    assert probe("tune", MALLOC_ARENA_MAX="4")["tuned"] is False

@@ -167,6 +167,10 @@ class Engine:
                 head = m.lm_head if m is thinker else m.codec_head
                 if type(head) is torch.nn.Linear:
                     tune_head_layout_(head)
+        if torch.device(device).type == "cpu":
+            from omnistream.engine.allocator import tune_malloc
+
+            tune_malloc()  # after the weights (loading's peak stays as it was)
         return cls(d, cfg, None, thinker, talker, token2wav, speakers, device, dt,
                    model_id=str(model), random_weights=(d / RANDOM_WEIGHTS_MARKER).exists())
 
