@@ -265,3 +265,60 @@ def test_decode_options_default_to_the_checkpoint(engine, monkeypatch):
     calls.clear()
     _run(engine.session(**kw, ode_steps=3, solver="rk4", guidance_scale=0.5), "Hello")
     assert calls and set(calls) == {(3, "rk4", 0.5, 2)}
+
+
+def test_new_sessions_share_the_system_blocks_cache(engine, monkeypatch):
+    """engine/prefix.py: the first session opening with a system block stores its Thinker cache
+    rows; later ones copy them and prefill only the rest of the prompt, and answer as a session
+    that prefilled the whole prompt (text, codes; cache rows to float rounding). Another system
+    prompt gets its own entry; a continued turn prefills as before."""
+    from omnistream.engine.prefix import PrefixStore
+
+    kw = dict(seed=1, max_new_tokens=8, talker_max_new_tokens=30, ignore_eos=True)
+    prefilled = []
+    real = type(engine.thinker).prefill_chunks
+
+    def counting(self, input_ids, *a, **k):
+        prefilled.append(input_ids.shape[1])
+        return (yield from real(self, input_ids, *a, **k))
+
+    monkeypatch.setattr(type(engine.thinker), "prefill_chunks", counting)
+    store = engine.prefixes
+    try:
+        engine.prefixes = None
+        whole_sess = engine.session(**kw)
+        _, want = _run(whole_sess, "Tell me a story.")
+        whole = prefilled.pop()
+        engine.prefixes = PrefixStore()
+        _, first = _run(engine.session(**kw), "Tell me a story.")  # prefills and stores
+        n = prefilled[0]
+        assert len(prefilled) == 2 and 0 < n and prefilled[1] == whole - n
+        prefilled.clear()
+        sess = engine.session(**kw)
+        _, second = _run(sess, "Tell me a story.")  # copies
+        assert prefilled == [whole - n] and engine.prefixes.hits == 1
+        for d in (first, second):
+            assert (d.text_ids, d.codec_ids) == (want.text_ids, want.codec_ids)
+        assert len(want.codec_ids) == 30
+        for a, b in zip(sess.cache.k + sess.cache.v, whole_sess.cache.k + whole_sess.cache.v,
+                        strict=True):
+            torch.testing.assert_close(a[:, :, :n], b[:, :, :n], rtol=1e-5, atol=1e-5)
+        prefilled.clear()
+        _run(sess, "And another one.")  # a later turn: no system block, prefilled whole
+        assert len(prefilled) == 1 and engine.prefixes.hits == 1
+        _run(engine.session(system="Answer briefly.", **kw), "Tell me a story.")
+        assert len(engine.prefixes) == 2 and engine.prefixes.hits == 1
+    finally:
+        engine.prefixes = store
+
+
+def test_system_block_length():
+    from omnistream.engine.prefix import IDS, system_block_length
+
+    block = [IDS.im_start, IDS.system, IDS.newline, 40, 41, IDS.im_end]
+    turn = [IDS.newline, IDS.im_start, IDS.user, IDS.newline, 42]
+    assert system_block_length(block + turn) == len(block)
+    assert system_block_length(block) == 0  # nothing after it to prefill
+    assert system_block_length(turn + block) == 0  # not at the start
+    assert system_block_length(block[:3] + [IDS.image] + block[3:] + turn) == 0  # media
+    assert system_block_length([IDS.im_start, IDS.user, 40, IDS.im_end, 41]) == 0

@@ -40,6 +40,7 @@ from omnistream.checkpoint import resolve_dtype
 from omnistream.engine.batch import Reply, SlotPool, ThinkerWork, pausing
 from omnistream.engine.events import Done, TextDelta, Usage
 from omnistream.engine.options import SessionOptions
+from omnistream.engine.prefix import Prefix, PrefixStore, system_block_length
 from omnistream.engine.sampling import sample, seen_mask, talker_sampling_from
 from omnistream.engine.speech import Speech
 from omnistream.models import RANDOM_WEIGHTS_MARKER
@@ -103,6 +104,8 @@ class Engine:
         self.model_id = model_id or self.model_dir.name
         self.random_weights = random_weights
         self.slots: SlotPool | None = None  # cache slots for batched sessions (reserve_slots)
+        # system blocks' Thinker caches, shared by new sessions (engine/prefix.py); None: off
+        self.prefixes: PrefixStore | None = PrefixStore()
         gen = self.model_dir / "generation_config.json"
         # the Talker sampling of sessions that do not choose one
         self.talker_sampling = talker_sampling_from(
@@ -323,11 +326,37 @@ class Session:
         self._check_room(ids.shape[1])
         media = th.encode_media(inputs)
         cached = self.cache.length
+        rest = 0  # prompt tokens already in the cache: a shared system block's
+        if cached == 0:
+            rest = yield from self._system_prefix(ids[0].tolist())
         step = yield from pausing(th.prefill_chunks(
-            ids, self.cache, media=media, chunk_size=self.prefill_chunk,
-            position_offset=self.next_pos))
-        self.ctx.add(ids[0].tolist(), step.hidden[0], step.embeds[0], step.position_ids[:, 0])
+            ids[:, rest:], self.cache, media=media, chunk_size=self.prefill_chunk,
+            position_offset=self.next_pos + rest))
+        self.ctx.add(ids[0, rest:].tolist(), step.hidden[0], step.embeds[0],
+                     step.position_ids[:, 0])
         return step.logits, step.rope_deltas, ids[0].tolist(), cached
+
+    def _system_prefix(self, ids: list[int]):
+        """Put the system block that opens ``ids`` into the empty cache: copied from the
+        engine's ``prefixes``, or prefilled (one ``Pause``) and stored there. Returns its length
+        (0: no system block, or the store is off)."""
+        store = self.engine.prefixes
+        n = system_block_length(ids) if store is not None else 0
+        if not n:
+            return 0
+        prefix = store.get(ids[:n])
+        if prefix is None:
+            th = self.engine.thinker
+            step = yield from pausing(th.prefill_chunks(
+                torch.tensor([ids[:n]], device=self.engine.device), self.cache,
+                chunk_size=self.prefill_chunk))
+            prefix = Prefix.of(ids[:n], self.cache, step.hidden[0], step.embeds[0],
+                               step.position_ids[:, 0])
+            store.put(prefix)
+        else:
+            prefix.copy_to(self.cache)
+        self.ctx.add(list(prefix.ids), prefix.hidden, prefix.embeds, prefix.pos)
+        return n
 
     # -- live user turns (microphone / camera) ----------------------------------------------------
 
