@@ -299,6 +299,7 @@ def test_new_sessions_share_the_system_blocks_cache(engine, monkeypatch):
         assert prefilled == [whole - n] and engine.prefixes.hits == 1
         for d in (first, second):
             assert (d.text_ids, d.codec_ids) == (want.text_ids, want.codec_ids)
+        assert (first.usage.cached_tokens, second.usage.cached_tokens) == (0, n)  # as OpenAI's
         assert len(want.codec_ids) == 30
         for a, b in zip(sess.cache.k + sess.cache.v, whole_sess.cache.k + whole_sess.cache.v,
                         strict=True):

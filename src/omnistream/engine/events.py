@@ -29,7 +29,7 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0  # thinker reply tokens
     audio_codes: int = 0  # talker codec tokens
-    cached_tokens: int = 0  # prompt tokens served from the session's KV cache
+    cached_tokens: int = 0  # prompt tokens served from a KV cache (the session's, a system block's)
     # a live user turn's input (append_audio / append_video_frame); 0 for messages
     live_dropped_frames: int = 0  # camera frames dropped: their 2 s chunk was already closed
     live_gaps: int = 0  # forward jumps of the audio timestamps (lost packets), filled with silence

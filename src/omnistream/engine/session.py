@@ -326,24 +326,24 @@ class Session:
         self._check_room(ids.shape[1])
         media = th.encode_media(inputs)
         cached = self.cache.length
-        rest = 0  # prompt tokens already in the cache: a shared system block's
+        rest = copied = 0  # prompt tokens of a shared system block in the cache, copied ones
         if cached == 0:
-            rest = yield from self._system_prefix(ids[0].tolist())
+            rest, copied = yield from self._system_prefix(ids[0].tolist())
         step = yield from pausing(th.prefill_chunks(
             ids[:, rest:], self.cache, media=media, chunk_size=self.prefill_chunk,
             position_offset=self.next_pos + rest))
         self.ctx.add(ids[0, rest:].tolist(), step.hidden[0], step.embeds[0],
                      step.position_ids[:, 0])
-        return step.logits, step.rope_deltas, ids[0].tolist(), cached
+        return step.logits, step.rope_deltas, ids[0].tolist(), cached + copied
 
     def _system_prefix(self, ids: list[int]):
         """Put the system block that opens ``ids`` into the empty cache: copied from the
         engine's ``prefixes``, or prefilled (one ``Pause``) and stored there. Returns its length
-        (0: no system block, or the store is off)."""
+        (0: no system block, or the store is off) and how many of its tokens were copied."""
         store = self.engine.prefixes
         n = system_block_length(ids) if store is not None else 0
         if not n:
-            return 0
+            return 0, 0
         prefix = store.get(ids[:n])
         if prefix is None:
             th = self.engine.thinker
@@ -353,10 +353,12 @@ class Session:
             prefix = Prefix.of(ids[:n], self.cache, step.hidden[0], step.embeds[0],
                                step.position_ids[:, 0])
             store.put(prefix)
+            copied = 0
         else:
             prefix.copy_to(self.cache)
+            copied = n
         self.ctx.add(list(prefix.ids), prefix.hidden, prefix.embeds, prefix.pos)
-        return n
+        return n, copied
 
     # -- live user turns (microphone / camera) ----------------------------------------------------
 
