@@ -144,7 +144,10 @@ def test_cancel_keeps_the_session_usable(engine):
     assert d2.finish_reason == "length" and d2.usage.cached_tokens == cached
 
 
-def test_bad_input_is_named(engine, tmp_path):
+def test_bad_input_is_named(engine, tmp_path, monkeypatch):
+    from omnistream.engine.prefix import PrefixStore
+
+    monkeypatch.setattr(engine, "prefixes", PrefixStore())  # no system block shared yet
     with pytest.raises(ValueError, match="Chelsie"):
         engine.session(voice="nobody")
     sess = engine.session(audio_output=False, max_new_tokens=4, max_context=64)
@@ -157,7 +160,7 @@ def test_bad_input_is_named(engine, tmp_path):
     with pytest.raises(ValueError):
         _run(sess, [{"role": "user", "content": [{"type": "audio", "audio": str(bad)}]}])
     _, d = _run(sess, "Still there?")  # the session survives all of it
-    assert d.usage.cached_tokens == 0
+    assert d.usage.cached_tokens == 0 and len(engine.prefixes) == 1  # nothing kept before
 
 
 def test_text_only_load_skips_speech(tiny_dir):
