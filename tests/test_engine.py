@@ -210,6 +210,7 @@ def test_talker_cache_is_reused_across_turns(engine, monkeypatch):
         return real(self, cache, prompt, *a, **k)
 
     monkeypatch.setattr(type(engine.talker), "prefill", counting)
+    monkeypatch.setattr(engine, "prefixes", None)  # within one session (shared blocks: below)
     codes = []
     for reuse in (True, False):
         sess = engine.session(**kw)
@@ -272,20 +273,25 @@ def test_decode_options_default_to_the_checkpoint(engine, monkeypatch):
 
 def test_new_sessions_share_the_system_blocks_cache(engine, monkeypatch):
     """engine/prefix.py: the first session opening with a system block stores its Thinker cache
-    rows; later ones copy them and prefill only the rest of the prompt, and answer as a session
-    that prefilled the whole prompt (text, codes; cache rows to float rounding). Another system
-    prompt gets its own entry; a continued turn prefills as before."""
+    rows (and the Talker's); later ones copy them and prefill only the rest of the prompt, and
+    answer as a session that prefilled the whole prompt (text, codes; cache rows to float
+    rounding). Another system prompt gets its own entry; a continued turn prefills as before."""
     from omnistream.engine.prefix import PrefixStore
 
     kw = dict(seed=1, max_new_tokens=8, talker_max_new_tokens=30, ignore_eos=True)
-    prefilled = []
-    real = type(engine.thinker).prefill_chunks
+    prefilled, talker = [], []
+    real, real_talker = type(engine.thinker).prefill_chunks, type(engine.talker).prefill
 
     def counting(self, input_ids, *a, **k):
         prefilled.append(input_ids.shape[1])
         return (yield from real(self, input_ids, *a, **k))
 
+    def counting_talker(self, cache, prompt, *a, **k):
+        talker.append(prompt.shape[1])
+        return real_talker(self, cache, prompt, *a, **k)
+
     monkeypatch.setattr(type(engine.thinker), "prefill_chunks", counting)
+    monkeypatch.setattr(type(engine.talker), "prefill", counting_talker)
     store = engine.prefixes
     try:
         engine.prefixes = None
@@ -300,13 +306,15 @@ def test_new_sessions_share_the_system_blocks_cache(engine, monkeypatch):
         sess = engine.session(**kw)
         _, second = _run(sess, "Tell me a story.")  # copies
         assert prefilled == [whole - n] and engine.prefixes.hits == 1
+        assert talker == [whole, whole, whole - n]  # the Talker's rows of the block shared too
         for d in (first, second):
             assert (d.text_ids, d.codec_ids) == (want.text_ids, want.codec_ids)
         assert (first.usage.cached_tokens, second.usage.cached_tokens) == (0, n)  # as OpenAI's
         assert len(want.codec_ids) == 30
-        for a, b in zip(sess.cache.k + sess.cache.v, whole_sess.cache.k + whole_sess.cache.v,
-                        strict=True):
-            torch.testing.assert_close(a[:, :, :n], b[:, :, :n], rtol=1e-5, atol=1e-5)
+        for c, w in ((sess.cache, whole_sess.cache),
+                     (sess.ctx.talker_cache, whole_sess.ctx.talker_cache)):
+            for a, b in zip(c.k + c.v, w.k + w.v, strict=True):
+                torch.testing.assert_close(a[:, :, :n], b[:, :, :n], rtol=1e-5, atol=1e-5)
         prefilled.clear()
         _run(sess, "And another one.")  # a later turn: no system block, prefilled whole
         assert len(prefilled) == 1 and engine.prefixes.hits == 1

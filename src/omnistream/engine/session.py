@@ -61,6 +61,7 @@ class _Context:
     # track of these positions (a later turn prefills only what came after)
     talker_cache: KVCache | None = None
     talker_valid: int = 0
+    prefix: Prefix | None = None  # the shared system block these positions open with
 
     def add(self, ids: list[int], hidden: Tensor, embeds: Tensor, pos: Tensor) -> None:
         self.ids += ids
@@ -79,6 +80,8 @@ class _Context:
     def crop(self, n: int) -> None:
         """Keep the first ``n`` positions (a rolled-back cache)."""
         self.talker_valid = min(self.talker_valid, n)
+        if self.prefix is not None and n < len(self.prefix.ids):
+            self.prefix = None
         if n >= len(self.ids):
             return
         hidden, embeds, pos = self.tensors()
@@ -358,6 +361,7 @@ class Session:
             prefix.copy_to(self.cache)
             copied = n
         self.ctx.add(list(prefix.ids), prefix.hidden, prefix.embeds, prefix.pos)
+        self.ctx.prefix = prefix  # the Talker shares its rows too (engine/speech.py)
         return n, copied
 
     # -- live user turns (microphone / camera) ----------------------------------------------------
