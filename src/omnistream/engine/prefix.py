@@ -1,4 +1,4 @@
-"""Shared prompt prefixes: a system block's Thinker cache, computed once per engine.
+"""Shared prompt prefixes: a system block's Thinker and Talker cache rows, computed once per engine.
 
 Every conversation opens with a system block (``<|im_start|>system\\n...<|im_end|>``): the
 release's default prompt for spoken replies is 40-odd tokens of the 50-60 of a short question.
@@ -6,8 +6,10 @@ Its keys and values depend on those tokens alone (attention is causal, and a tex
 start has TMRoPE ids 0..P-1 whatever follows), so the first session that sends a system block
 stores its cache rows, the Thinker's hidden states and input embeddings there (the Talker reads
 them), and later sessions copy them into their cache and prefill only the rest of the prompt,
-at position offset P (as a later turn continues a conversation). With many sessions starting
-at once the server then prefills a question's own tokens, not the whole prompt, per session.
+at position offset P (as a later turn continues a conversation). The Talker's cache rows of
+those positions follow from the same states, so the first session with speech stores them too
+(``engine/speech.py``). With many sessions starting at once the server then prefills a
+question's own tokens, not the whole prompt, per session.
 
 The copy equals a prefill of the whole prompt up to float rounding (the prefix was computed as
 its own chunk, a matmul of other shapes: ~1e-6 relative; tests/test_engine.py).
