@@ -107,8 +107,8 @@ class Engine:
         self.model_id = model_id or self.model_dir.name
         self.random_weights = random_weights
         self.slots: SlotPool | None = None  # cache slots for batched sessions (reserve_slots)
-        # system blocks' Thinker caches, shared by new sessions (engine/prefix.py); None: off
-        self.prefixes: PrefixStore | None = PrefixStore()
+        # system blocks' Thinker and Talker cache rows, shared by new sessions (engine/prefix.py)
+        self.prefixes: PrefixStore | None = PrefixStore()  # None: off
         gen = self.model_dir / "generation_config.json"
         # the Talker sampling of sessions that do not choose one
         self.talker_sampling = talker_sampling_from(
