@@ -422,9 +422,12 @@ def test_fused_projections_decode_as_the_separate_ones_and_keep_the_state_dict()
 REUSE_PROBE = """
 import json, resource, sys, threading
 import torch
-from omnistream.engine.allocator import tune_malloc
+from omnistream.engine import allocator
 torch.set_num_threads(1)
-tuned = tune_malloc() if sys.argv[1] == "tune" else False
+if sys.argv[1] == "engine":  # Engine.load must tune it (a CPU engine), nothing else here does
+    from omnistream.engine.session import Engine
+    Engine.load(sys.argv[2], audio_output=False, quiet=True)
+tuned = allocator.tune_malloc() if sys.argv[1] == "tune" else bool(allocator._tuned)
 w, faults = torch.randn(24, 24, 7) * 0.1, []
 def work():  # as the server's model thread runs a vocoder: 48 MiB signals made and freed per op
     x0 = torch.randn(8, 24, 1 << 16)
@@ -444,20 +447,22 @@ print(json.dumps({"tuned": tuned, "faults": faults}))
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
                     reason="glibc's malloc only")
-def test_tuned_malloc_reuses_freed_memory_in_a_thread():
+def test_tuned_malloc_reuses_freed_memory_in_a_thread(tiny_dir):
     """``Engine.load`` (CPU) tunes glibc's malloc so that large freed blocks are reused, not
     mapped afresh (a page fault per 4 KiB) on their next use, as code2wav's vocoder makes and
-    frees them per layer; under glibc's defaults the same passes fault on every use. A user's
-    own malloc setting turns the tuning off."""
+    frees them per layer; under glibc's defaults the same passes fault on every use. A CPU
+    ``Engine.load`` applies it; a user's own malloc setting turns the tuning off."""
     env = {k: v for k, v in os.environ.items() if k not in allocator.USER_SETTINGS}
 
     def probe(mode: str, **extra) -> dict:
-        out = subprocess.run([sys.executable, "-c", REUSE_PROBE, mode], env={**env, **extra},
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-c", REUSE_PROBE, mode, str(tiny_dir)],
+                             env={**env, **extra}, capture_output=True, text=True, check=True)
         return json.loads(out.stdout)
 
     pages = (48 << 20) // resource.getpagesize()  # one signal's
     default, tuned = probe("default"), probe("tune")
     assert min(default["faults"]) > 3 * pages  # each op's output is mapped (and zeroed) afresh
     assert tuned["tuned"] and max(tuned["faults"][2:]) < pages // 10  # reused once warm
+    loaded = probe("engine")  # as the server: Engine.load, then the model thread
+    assert loaded["tuned"] and max(loaded["faults"][2:]) < pages // 10
     assert probe("tune", MALLOC_ARENA_MAX="4")["tuned"] is False

@@ -29,22 +29,6 @@ IDS = SpecialIds()
 MEDIA_IDS = frozenset((IDS.audio, IDS.image, IDS.video))
 
 
-def cache_rows(cache: KVCache, n: int) -> tuple[list[Tensor], list[Tensor]]:
-    """Copies of the first ``n`` rows of every layer of ``cache`` (keys, values [1, H_kv, n, D])."""
-    return [k[:, :, :n].clone() for k in cache.k], [v[:, :, :n].clone() for v in cache.v]
-
-
-def write_rows(cache: KVCache, k: list[Tensor], v: list[Tensor]) -> None:
-    """Write ``cache_rows`` at the start of the empty ``cache``."""
-    if cache.length:
-        raise ValueError("a prefix goes into an empty cache")
-    n = k[0].shape[2]
-    cache.mark(None, n)
-    for layer, (kl, vl) in enumerate(zip(k, v, strict=True)):
-        cache.update(layer, kl, vl)
-    cache.advance(n)
-
-
 @dataclass
 class Prefix:
     """A system block's Thinker state: cache rows ``k`` / ``v`` (per layer [1, H_kv, P, D]),
@@ -66,12 +50,8 @@ class Prefix:
            pos: Tensor) -> Prefix:
         """The first ``len(ids)`` rows of ``cache`` (copied) and their states."""
         n = len(ids)
-        return cls(tuple(ids), *cache_rows(cache, n), hidden[:n].clone(), embeds[:n].clone(),
+        return cls(tuple(ids), *cache.rows(n), hidden[:n].clone(), embeds[:n].clone(),
                    pos[:, :n].clone())
-
-    def copy_to(self, cache: KVCache) -> None:
-        """Write the Thinker's rows at the start of the empty ``cache``."""
-        write_rows(cache, self.k, self.v)
 
 
 def system_block_length(ids: list[int]) -> int:

@@ -358,7 +358,7 @@ class Session:
             store.put(prefix)
             copied = 0
         else:
-            prefix.copy_to(self.cache)
+            self.cache.put_rows(prefix.k, prefix.v)
             copied = n
         self.ctx.add(list(prefix.ids), prefix.hidden, prefix.embeds, prefix.pos)
         self.ctx.prefix = prefix  # the Talker shares its rows too (engine/speech.py)

@@ -23,7 +23,6 @@ from torch import Tensor
 
 from omnistream.engine.batch import Code2WavWork, Pause, TalkerWork
 from omnistream.engine.events import SAMPLE_RATE, AudioChunk, Event
-from omnistream.engine.prefix import cache_rows, write_rows
 from omnistream.engine.sampling import sample, seen_mask
 
 if TYPE_CHECKING:
@@ -118,8 +117,7 @@ class Speech:
         self.cache.crop(min(v, self.cache.length))  # earlier turns' prompt stays; the rest goes
         shared = ctx.prefix if sess.reuse_talker_cache and v == 0 else None
         if shared is not None and shared.talker_k is not None:  # a shared system block's rows
-            self.cache.crop(0)
-            write_rows(self.cache, shared.talker_k, shared.talker_v)
+            self.cache.put_rows(shared.talker_k, shared.talker_v)
             v, shared = len(shared.ids), None
         ctx.talker_valid = 0  # until this prefill has run
         ids = torch.tensor(ctx.ids[v:P], device=dev)
@@ -130,7 +128,7 @@ class Speech:
         logits = self.talker.prefill(self.cache, prompt, pos[:, None, v:P], self.deltas,
                                      self.track.bos, self._text(0))
         if shared is not None:  # the first session with speech keeps them for the others
-            shared.talker_k, shared.talker_v = cache_rows(self.cache, len(shared.ids))
+            shared.talker_k, shared.talker_v = self.cache.rows(len(shared.ids))
         ctx.talker_valid = P
         self.talker_s += time.perf_counter() - t
         yield Pause(P - v + 2)

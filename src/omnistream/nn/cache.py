@@ -85,6 +85,20 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.length += n
 
+    def rows(self, n: int) -> tuple[list[Tensor], list[Tensor]]:
+        """Copies of the first ``n`` filled slots of every layer (keys, values [B, H_kv, n, D])."""
+        return [k[:, :, :n].clone() for k in self.k], [v[:, :, :n].clone() for v in self.v]
+
+    def put_rows(self, k: list[Tensor], v: list[Tensor]) -> None:
+        """Fill the empty cache with ``rows`` taken from another (a shared prompt prefix)."""
+        if self.length:
+            raise ValueError("rows go into an empty cache")
+        n = k[0].shape[2]
+        self.mark(None, n)
+        for layer, (kl, vl) in enumerate(zip(k, v, strict=True)):
+            self.update(layer, kl, vl)
+        self.advance(n)
+
 
 class KVPool:
     """``slots`` one-row caches in one tensor per layer: k/v ``[slots, H_kv, max_len, D]``.
