@@ -19,7 +19,7 @@ import torch
 from helpers import DEVICE
 
 from omnistream.engine import allocator
-from omnistream.engine.batch import Batcher, Code2WavWork, TalkerWork, ThinkerWork
+from omnistream.engine.batch import Batcher, Code2WavWork, PrefillWork, TalkerWork, ThinkerWork
 from omnistream.engine.events import AudioChunk, Done, TextDelta
 from omnistream.engine.sampling import SamplingParams
 
@@ -92,6 +92,54 @@ def test_cache_rows_attend_each_row_to_its_own_slots(engine):
                                        atol=1e-5)
 
 
+def test_prompt_chunks_of_several_slots_run_as_one_right_padded_call(engine, monkeypatch):
+    """``PrefillWork`` of three sessions (chunks of 5, 12 and 1 tokens on caches of different
+    lengths, one with stale entries): one call, and each row's logits, hidden states, cache
+    length and cache rows equal its chunk run alone; the Talker's the same."""
+    from omnistream.engine.batch import PrefillWork, run_work
+
+    g = torch.Generator().manual_seed(1)
+    calls, real = [], PrefillWork._call
+    monkeypatch.setattr(PrefillWork, "_call", staticmethod(
+        lambda ws: calls.append(len(ws)) or real(ws)))
+    for model in (engine.thinker, engine.talker):
+        E = (model.model.embed_tokens.embedding_dim if model is engine.thinker
+             else model.thinker_to_talker_proj.in_features)
+        pool = model.model.new_pool(3, 64)
+        caches = [pool.view(i) for i in range(3)]
+        with torch.inference_mode():
+            for c, n in zip(caches, (7, 0, 20), strict=True):
+                if n:
+                    x = torch.randn(1, n, E, generator=g).to(DEVICE)
+                    model(x, torch.arange(n, device=DEVICE).expand(3, 1, n), c)
+            caches[2].crop(15)  # stale entries past its length
+            work = []
+            for c, n in zip(caches, (5, 12, 1), strict=True):
+                x = torch.randn(1, n, E, generator=g).to(DEVICE)
+                pos = (c.length + torch.arange(n, device=DEVICE)).expand(3, 1, n)
+                work.append(PrefillWork(model, c, x, pos))
+            lengths = [c.length for c in caches]
+            calls.clear()
+            batched = run_work(work)
+            assert calls == [3]
+            assert [c.length for c in caches] == [n + w.tokens for n, w in zip(lengths, work,
+                                                                                strict=True)]
+            rows = [(c.k[0][:, :, : c.length].clone(), c.v[-1][:, :, : c.length].clone())
+                    for c in caches]
+            for c, n in zip(caches, lengths, strict=True):
+                c.crop(n)
+            for w, (logits, hidden), (k, v) in zip(work, batched, rows, strict=True):
+                alone_logits, alone_hidden = run_work([w])[0]
+                torch.testing.assert_close(logits, alone_logits, rtol=1e-5, atol=1e-5)
+                if model is engine.thinker:
+                    assert hidden.shape == (1, w.tokens, E)
+                    torch.testing.assert_close(hidden, alone_hidden, rtol=1e-5, atol=1e-5)
+                else:
+                    assert hidden is None and alone_hidden is None
+                torch.testing.assert_close(k, w.cache.k[0][:, :, : w.cache.length])
+                torch.testing.assert_close(v, w.cache.v[-1][:, :, : w.cache.length])
+
+
 def test_batched_streams_equal_their_solo_runs(engine, solo):
     """N sessions decoded together (greedy and sampled text, sampled speech, one text-only):
     every stream's text ids and codec ids equal its solo run's; its audio within fp32 noise."""
@@ -100,6 +148,7 @@ def test_batched_streams_equal_their_solo_runs(engine, solo):
     b = Batcher()
     out = b.run([s.respond(p) for s, p in zip(sessions, PROMPTS, strict=True)])
     steps = sum(len(o[-1].text_ids) - 1 for o in solo)  # every fed reply token
+    assert b.calls[PrefillWork] < b.rows[PrefillWork]  # prompts of several sessions together
     assert b.rows[ThinkerWork] == steps
     assert b.calls[ThinkerWork] < steps / 2  # the Thinker steps ran several per call
     assert b.calls[TalkerWork] < b.rows[TalkerWork] / 2  # ... and so did the Talker steps

@@ -203,13 +203,13 @@ def test_talker_cache_is_reused_across_turns(engine, monkeypatch):
     kw = dict(seed=0, max_new_tokens=6, talker_max_new_tokens=12, ignore_eos=True,
               talker_sampling=SamplingParams(repetition_penalty=1.05))
     prefilled = []
-    real = type(engine.talker).prefill
+    real = type(engine.talker).prefill_inputs
 
     def counting(self, cache, prompt, *a, **k):
         prefilled.append(prompt.shape[1])
         return real(self, cache, prompt, *a, **k)
 
-    monkeypatch.setattr(type(engine.talker), "prefill", counting)
+    monkeypatch.setattr(type(engine.talker), "prefill_inputs", counting)
     monkeypatch.setattr(engine, "prefixes", None)  # within one session (shared blocks: below)
     codes = []
     for reuse in (True, False):
@@ -280,7 +280,7 @@ def test_new_sessions_share_the_system_blocks_cache(engine, monkeypatch):
 
     kw = dict(seed=1, max_new_tokens=8, talker_max_new_tokens=30, ignore_eos=True)
     prefilled, talker = [], []
-    real, real_talker = type(engine.thinker).prefill_chunks, type(engine.talker).prefill
+    real, real_talker = type(engine.thinker).prefill_chunks, type(engine.talker).prefill_inputs
 
     def counting(self, input_ids, *a, **k):
         prefilled.append(input_ids.shape[1])
@@ -291,7 +291,7 @@ def test_new_sessions_share_the_system_blocks_cache(engine, monkeypatch):
         return real_talker(self, cache, prompt, *a, **k)
 
     monkeypatch.setattr(type(engine.thinker), "prefill_chunks", counting)
-    monkeypatch.setattr(type(engine.talker), "prefill", counting_talker)
+    monkeypatch.setattr(type(engine.talker), "prefill_inputs", counting_talker)
     store = engine.prefixes
     try:
         engine.prefixes = None

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from omnistream import chat
 from omnistream.checkpoint import resolve_dtype
-from omnistream.engine.batch import Reply, SlotPool, ThinkerWork, pausing
+from omnistream.engine.batch import Reply, SlotPool, ThinkerWork, prefilling
 from omnistream.engine.events import Done, TextDelta, Usage
 from omnistream.engine.options import SessionOptions
 from omnistream.engine.prefix import Prefix, PrefixStore, system_block_length
@@ -321,7 +321,7 @@ class Session:
             )
 
     def _prefill(self, messages):
-        """Prefill a turn given as messages, one chunk per ``Pause``; returns (logits [1, V],
+        """Prefill a turn given as messages, a ``PrefillWork`` per chunk; returns (logits [1, V],
         rope deltas [1, 1], ids, cached)."""
         eng, th = self.engine, self.engine.thinker
         inputs, ids = self._prepare(messages)
@@ -332,7 +332,7 @@ class Session:
         rest = copied = 0  # prompt tokens of a shared system block in the cache, copied ones
         if cached == 0:
             rest, copied = yield from self._system_prefix(ids[0].tolist())
-        step = yield from pausing(th.prefill_chunks(
+        step = yield from prefilling(th, self.cache, th.prefill_chunks(
             ids[:, rest:], self.cache, media=media, chunk_size=self.prefill_chunk,
             position_offset=self.next_pos + rest))
         self.ctx.add(ids[0, rest:].tolist(), step.hidden[0], step.embeds[0],
@@ -341,7 +341,7 @@ class Session:
 
     def _system_prefix(self, ids: list[int]):
         """Put the system block that opens ``ids`` into the empty cache: copied from the
-        engine's ``prefixes``, or prefilled (one ``Pause``) and stored there. Returns its length
+        engine's ``prefixes``, or prefilled (``PrefillWork``) and stored there. Returns its length
         (0: no system block, or the store is off) and how many of its tokens were copied."""
         store = self.engine.prefixes
         n = system_block_length(ids) if store is not None else 0
@@ -350,7 +350,7 @@ class Session:
         prefix = store.get(ids[:n])
         if prefix is None:
             th = self.engine.thinker
-            step = yield from pausing(th.prefill_chunks(
+            step = yield from prefilling(th, self.cache, th.prefill_chunks(
                 torch.tensor([ids[:n]], device=self.engine.device), self.cache,
                 chunk_size=self.prefill_chunk))
             prefix = Prefix.of(ids[:n], self.cache, step.hidden[0], step.embeds[0],

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from omnistream.engine.batch import Code2WavWork, Pause, TalkerWork
+from omnistream.engine.batch import Code2WavWork, PrefillWork, TalkerWork
 from omnistream.engine.events import SAMPLE_RATE, AudioChunk, Event
 from omnistream.engine.sampling import sample, seen_mask
 
@@ -102,9 +102,10 @@ class Speech:
             r = None
         return self.track.at(k, k + 1 if n is None else n, r)
 
-    def _start(self) -> Iterator[Pause]:
-        """Prefill the prompt positions this turn added, then the two start positions; returns
-        the first code's logits (after a ``Pause``: the prefill counts as prompt work)."""
+    def _start(self) -> Iterator[PrefillWork]:
+        """Prefill the prompt positions this turn added, then the two start positions (a
+        ``PrefillWork``: other sessions' Talker prompts may run in the same call); returns the
+        first code's logits."""
         sess, t = self.sess, time.perf_counter()
         hidden, embeds, pos = sess.ctx.tensors()  # [T, E], [T, E], [3, T]
         P, dev = self.prompt_len, hidden.device
@@ -125,13 +126,15 @@ class Speech:
         self.seen = seen_mask(1, self.talker.cfg.vocab_size,
                               torch.tensor([self.talker.penalty_ids], device=dev), dev)
         self.stop = set(self.talker.stop_ids)
-        logits = self.talker.prefill(self.cache, prompt, pos[:, None, v:P], self.deltas,
-                                     self.track.bos, self._text(0))
+        x, pos = self.talker.prefill_inputs(self.cache, prompt, pos[:, None, v:P], self.deltas,
+                                            self.track.bos, self._text(0))
+        self.talker_s += time.perf_counter() - t
+        work = PrefillWork(self.talker, self.cache, x, pos)
+        logits, _ = yield work
+        self.talker_s += work.seconds
         if shared is not None:  # the first session with speech keeps them for the others
             shared.talker_k, shared.talker_v = self.cache.rows(len(shared.ids))
         ctx.talker_valid = P
-        self.talker_s += time.perf_counter() - t
-        yield Pause(P - v + 2)
         return logits
 
     def _advance(self) -> Iterator[Event]:

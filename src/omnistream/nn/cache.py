@@ -11,9 +11,9 @@ a query see a slot at or beyond its own index, so stale entries are harmless.
 Serving many sessions (``engine/batch.py``): a ``KVPool`` holds ``slots`` one-row caches in one
 tensor per layer; ``pool.view(i)`` is slot i as an ordinary ``KVCache`` (each with its own
 ``length``), so a session prefills, crops and decodes alone exactly as with a private cache. One
-token for each of several slots is then decoded in one batched call through ``CacheRows``: each
-row's new key/value is written at its own length and attention runs once over the rows, masked to
-each row's own filled slots.
+token (a decode step) or a prompt chunk for each of several slots then runs in one batched call
+through ``CacheRows``: each row's new keys/values are written from its own length and attention
+runs once over the rows, masked to each row's own filled slots.
 """
 
 from __future__ import annotations
@@ -145,21 +145,29 @@ class KVPool:
 
 
 class CacheRows:
-    """One new token for each of B pool-slot caches (``KVPool.view``s of one pool), decoded in
-    one call: pass it as the ``cache`` of ``TextModel.forward`` (``T == 1``).
+    """New tokens for each of B pool-slot caches (``KVPool.view``s of one pool), run in one call:
+    pass it as the ``cache`` of ``TextModel.forward``. Row b feeds ``counts[b]`` tokens (default
+    1: a decode step), right-padded to ``T = max(counts)``.
 
     ``length`` is a ``[B, 1]`` tensor (each row's filled slots), so the callers' position
-    arithmetic (``cache.length + rope_deltas``) is unchanged. ``attend`` writes each row's new
-    key/value at its own length and runs one attention over the rows, each masked to its own
-    ``length + 1`` filled slots (the padding of shorter rows is never seen)."""
+    arithmetic (``cache.length + rope_deltas``) is unchanged. ``attend`` writes each row's T new
+    keys/values from its own length and runs one attention over the rows, query t of row b masked
+    to its first ``length + t + 1`` slots (the padding of shorter rows is never seen). A row's
+    padding tokens are written past its new length, where, as after a ``crop``, nothing reads
+    them before they are overwritten."""
 
-    def __init__(self, caches: list[KVCache]):
+    def __init__(self, caches: list[KVCache], counts: list[int] | None = None):
         pool = caches[0].pool
         if pool is None or any(c.pool is not pool or c.has_padding for c in caches):
             raise ValueError("CacheRows needs unpadded views of one KVPool")
-        for c in caches:
-            if c.length >= c.max_len:
-                raise ValueError(f"KV cache overflow: {c.length} + 1 > {c.max_len}")
+        self.counts = [1] * len(caches) if counts is None else list(counts)
+        self.T = max(self.counts)
+        for c, n in zip(caches, self.counts, strict=True):
+            if c.length + n > c.max_len:
+                raise ValueError(f"KV cache overflow: {c.length} + {n} > {c.max_len}")
+            if c.length + self.T > pool.max_len:
+                raise ValueError(f"a row padded to {self.T} tokens overflows the pool at "
+                                 f"{c.length}")
         self.caches, self.pool = caches, pool
         dev = pool.k[0].device
         lens = [c.length for c in caches]
@@ -168,20 +176,21 @@ class CacheRows:
         self.slots = torch.tensor(slots, device=dev)  # [B]
         # consecutive slots are read as a view of the pool; others are gathered (a copy)
         self.lo = slots[0] if slots == list(range(slots[0], slots[0] + len(slots))) else None
-        self.S = max(lens) + 1  # keys read per row
+        self.S = max(lens) + self.T  # keys read per row
         pool.zero_to(self.S)
+        self.at = self.lens[:, None] + torch.arange(self.T, device=dev)  # [B, T] written slots
         keys = torch.arange(self.S, device=dev)
-        self.mask = (keys[None, :] <= self.lens[:, None])[:, None, None, :]  # [B, 1, 1, S]
+        self.mask = (keys <= self.at[:, :, None])[:, None]  # [B, 1, T, S]
 
     @property
     def length(self) -> Tensor:
         return self.lens[:, None]  # [B, 1]
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, enable_gqa: bool) -> Tensor:
-        """q [B, H, 1, D], the new k/v [B, H_kv, 1, D] -> attention output [B, H, 1, D]."""
+        """q [B, H, T, D], the new k/v [B, H_kv, T, D] -> attention output [B, H, T, D]."""
         K, V = self.pool.k[layer], self.pool.v[layer]  # [slots, H_kv, max_len, D]
-        K[self.slots, :, self.lens] = k[:, :, 0]  # row b's slot lens[b]
-        V[self.slots, :, self.lens] = v[:, :, 0]
+        K[self.slots[:, None], :, self.at] = k.transpose(1, 2)  # row b's slots lens[b] + t
+        V[self.slots[:, None], :, self.at] = v.transpose(1, 2)
         if self.lo is not None:
             rows = slice(self.lo, self.lo + len(self.caches))
             keys, vals = K[rows, :, : self.S], V[rows, :, : self.S]  # [B, H_kv, S, D] views
@@ -192,5 +201,8 @@ class CacheRows:
                                               enable_gqa=enable_gqa)
 
     def advance(self, n: int) -> None:
-        for c in self.caches:
-            c.advance(n)
+        """Every row moves on by its own count (``n``: the padded T the layers ran)."""
+        if n != self.T:
+            raise ValueError(f"CacheRows ran {self.T} tokens per row, not {n}")
+        for c, k in zip(self.caches, self.counts, strict=True):
+            c.advance(k)

@@ -76,8 +76,11 @@ class Talker(nn.Module):
         position_ids: Tensor,  # [3, B, T]
         cache: KVCache | None = None,
         attention_mask: Tensor | None = None,  # [B, T]
-    ) -> Tensor:  # [B, T, vocab] float32 codec logits
+        last: Tensor | None = None,  # [B] each right-padded row's last token
+    ) -> Tensor:  # [B, T, vocab] float32 codec logits ([B, 1, vocab] with ``last``)
         h = self.model(self.thinker_to_talker_proj(x), position_ids, cache, attention_mask)
+        if last is not None:
+            h = h[torch.arange(h.shape[0], device=h.device), last][:, None]
         return self.codec_head(h).float()
 
     # -- the dual-track input (the one builder) -------------------------------------------------
@@ -151,13 +154,21 @@ class Talker(nn.Module):
         reply0: Tensor,  # [B, 1, E] r_0 = hidden + embedding of reply token 0
         attention_mask: Tensor | None = None,  # [B, L] left padding of the prompt
     ) -> Tensor:  # [B, vocab] logits of the first code
-        B, L, _ = prompt.shape
-        x = torch.cat([prompt, self.start(speaker_bos, reply0)], 1)  # [B, L+2, E]
-        tail = (cache.length + L + rope_deltas + torch.arange(2, device=prompt.device)).unsqueeze(0)
-        pos = torch.cat([position_ids, tail.expand(3, -1, -1)], 2)  # [3, B, L+2]
+        B = prompt.shape[0]
+        x, pos = self.prefill_inputs(cache, prompt, position_ids, rope_deltas, speaker_bos, reply0)
         if attention_mask is not None:
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 2)], 1)
         return self(x, pos, cache, attention_mask)[:, -1]
+
+    def prefill_inputs(self, cache: KVCache, prompt: Tensor, position_ids: Tensor,
+                       rope_deltas: Tensor, speaker_bos: Tensor,
+                       reply0: Tensor) -> tuple[Tensor, Tensor]:
+        """``prefill``'s inputs [B, L+2, E] and TMRoPE ids [3, B, L+2] (the same arguments): the
+        prompt, then the two start positions, appended at ``cache.length``."""
+        L = prompt.shape[1]
+        x = torch.cat([prompt, self.start(speaker_bos, reply0)], 1)  # [B, L+2, E]
+        tail = (cache.length + L + rope_deltas + torch.arange(2, device=prompt.device)).unsqueeze(0)
+        return x, torch.cat([position_ids, tail.expand(3, -1, -1)], 2)
 
     def step(self, cache: KVCache, code: Tensor, text: Tensor, rope_deltas: Tensor) -> Tensor:
         """One codec step: previous ``code`` [B] + its text-track input ``text`` [B, 1, E]

@@ -136,8 +136,8 @@ class Attention(nn.Module):
         q, k, v = self.project(x)  # [B, H, T, D], [B, Hkv, T, D] x 2
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         gqa = self.n_heads != self.n_kv_heads
-        if isinstance(cache, CacheRows):  # one token per row of several sessions' caches
-            o = cache.attend(layer, q, k, v, gqa)  # [B, H, 1, D]
+        if isinstance(cache, CacheRows):  # new tokens for each of several sessions' caches
+            o = cache.attend(layer, q, k, v, gqa)  # [B, H, T, D]
         else:
             if cache is not None:
                 k, v = cache.update(layer, k, v)  # [B, Hkv, S, D]
@@ -284,10 +284,10 @@ class TextModel(nn.Module):
         attention_mask: Tensor | None = None,  # [B, T] 1 = token, 0 = left padding
         lengths: Tensor | None = None,  # [B] real tokens of right-padded rows, without a cache
     ) -> Tensor:  # [B, T, hidden] after the final norm
-        """With a ``CacheRows`` (T == 1) every row extends its own cache; the rows' masks live
-        in ``CacheRows.attend``. With ``lengths`` (training's right-padded batches) only each
-        row's first ``lengths[b]`` tokens go through the projections and MLPs (a batch of
-        mixed lengths is a third padding), and the padded outputs are zeros."""
+        """With a ``CacheRows`` (T == its padded count) every row extends its own cache; the
+        rows' masks live in ``CacheRows.attend``. With ``lengths`` (training's right-padded
+        batches) only each row's first ``lengths[b]`` tokens go through the projections and
+        MLPs (a batch of mixed lengths is a third padding), and the padded outputs are zeros."""
         B, T = x.shape[:2]
         cos, sin = self.rotary(position_ids, x.dtype)
         if lengths is not None and cache is None and attention_mask is None:
@@ -298,8 +298,8 @@ class TextModel(nn.Module):
                 h = layer(h, cos, sin, None, True, None, i, tokens=(rows, (B, T)))
             return scatter_rows(self.norm(h), rows, B, T)
         if isinstance(cache, CacheRows):
-            if T != 1 or attention_mask is not None:
-                raise ValueError("CacheRows takes one unpadded token per row")
+            if T != cache.T or attention_mask is not None:
+                raise ValueError(f"CacheRows takes {cache.T} right-padded tokens per row, not {T}")
             mask, is_causal = None, False
         else:
             if cache is None:

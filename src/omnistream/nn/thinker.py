@@ -170,11 +170,16 @@ class Thinker(nn.Module):
         cache: KVCache | None = None,
         attention_mask: Tensor | None = None,  # [B, T]
         last_only: bool = False,
+        last: Tensor | None = None,  # [B] each right-padded row's last token
     ) -> tuple[Tensor, Tensor]:
-        """Logits [B, T|1, V] (float32) and final hidden states [B, T, D]."""
+        """Logits [B, T|1, V] (float32; one position per row with ``last_only`` or ``last``) and
+        final hidden states [B, T, D]."""
         hidden = self.model(inputs_embeds, position_ids, cache, attention_mask)
-        logits = self.lm_head(hidden[:, -1:] if last_only else hidden)
-        return logits.float(), hidden
+        if last is not None:
+            h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last][:, None]
+        else:
+            h = hidden[:, -1:] if last_only else hidden
+        return self.lm_head(h).float(), hidden
 
     def prefill(
         self,
@@ -192,11 +197,11 @@ class Thinker(nn.Module):
         conversation in the same cache pass the previous turn's ``cache.length + rope_deltas``."""
         chunks = self.prefill_chunks(input_ids, cache, attention_mask, media, chunk_size,
                                      position_offset)
-        while True:
-            try:
-                next(chunks)
-            except StopIteration as done:
-                return done.value
+        try:
+            while True:
+                chunks.send(None)
+        except StopIteration as done:
+            return done.value
 
     def prefill_chunks(
         self,
@@ -206,9 +211,12 @@ class Thinker(nn.Module):
         media: Media | None = None,
         chunk_size: int | None = None,
         position_offset: Tensor | int = 0,
-    ) -> Generator[int, None, ThinkerStep]:
-        """``prefill`` one chunk per ``next()``: yields each chunk's token count and returns the
-        ``ThinkerStep`` (a scheduler runs other sessions' steps between the chunks)."""
+    ) -> Generator[tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None, ThinkerStep]:
+        """``prefill`` one chunk at a time: yields each chunk's inputs (embeddings [B, n, D] and
+        TMRoPE ids [3, B, n]) and takes back None (the chunk runs here) or what running it into
+        ``cache`` gave, (logits [B, V], hidden [B, n, D]): a scheduler runs several sessions'
+        chunks in one call, and other sessions' steps between them (engine/batch.py). Returns
+        the ``ThinkerStep``."""
         embeds = self.embed(input_ids, media)
         pos, deltas = self.position_ids(input_ids, attention_mask, media)
         offset = torch.as_tensor(position_offset, device=pos.device).reshape(-1, 1)  # [B|1, 1]
@@ -218,11 +226,15 @@ class Thinker(nn.Module):
         step = chunk_size or T
         hidden = []
         for s in range(0, T, step):
-            am = None if attention_mask is None else attention_mask[:, s : s + step]
-            logits, h = self(embeds[:, s : s + step], pos[:, :, s : s + step], cache, am, True)
+            x, p = embeds[:, s : s + step], pos[:, :, s : s + step]
+            out = yield x, p
+            if out is None:
+                am = None if attention_mask is None else attention_mask[:, s : s + step]
+                logits, h = self(x, p, cache, am, True)
+                out = logits[:, -1], h
+            logits, h = out
             hidden.append(h)
-            yield h.shape[1]
-        return ThinkerStep(logits[:, -1], torch.cat(hidden, 1), embeds, pos, deltas)
+        return ThinkerStep(logits, torch.cat(hidden, 1), embeds, pos, deltas)
 
     def decode_step(self, tokens: Tensor, cache: KVCache, rope_deltas: Tensor) -> ThinkerStep:
         """Feed one token per row (``tokens`` [B]) at position ``cache.length + rope_deltas``."""
