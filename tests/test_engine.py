@@ -334,3 +334,28 @@ def test_system_block_length():
     assert system_block_length(turn + block) == 0  # not at the start
     assert system_block_length(block[:3] + [IDS.image] + block[3:] + turn) == 0  # media
     assert system_block_length([IDS.im_start, IDS.user, 40, IDS.im_end, 41]) == 0
+
+
+def test_a_voices_condition_is_computed_once(engine, monkeypatch):
+    """The DiT's per-voice condition (ECAPA over the reference mel) runs once per voice and
+    guidance scale, not once per reply; a reply started from the kept one sounds the same."""
+    calls = []
+    real = type(engine.token2wav).speaker
+
+    def counting(self, cond, ref_mel, guidance_scale=0.5):
+        calls.append(guidance_scale)
+        return real(self, cond, ref_mel, guidance_scale)
+
+    monkeypatch.setattr(engine, "_voice_conditions", {})
+    kw = dict(seed=3, max_new_tokens=4, talker_max_new_tokens=40, ignore_eos=True)
+    pcm = []
+    for i in range(2):
+        if i:  # counted from the second reply on
+            monkeypatch.setattr(type(engine.token2wav), "speaker", counting)
+        evs, _ = _run(engine.session(**kw), "Hello")
+        pcm.append(np.concatenate([e.pcm for e in evs if isinstance(e, AudioChunk)]))
+    assert calls == []  # the second reply took the first one's
+    _run(engine.session(**kw, guidance_scale=0.0), "Hello")
+    _run(engine.session(**kw, guidance_scale=0.0), "Hello")
+    assert calls == [0.0]  # another scale: its own, once
+    np.testing.assert_array_equal(pcm[0], pcm[1])

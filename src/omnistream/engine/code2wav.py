@@ -54,7 +54,7 @@ class Code2WavStream:
     def __init__(self, model: Token2Wav, cond: Tensor, ref_mel: Tensor, *, chunk_size: int = 72,
                  max_chunk_size: int | None = None, steps: int = 10, solver: str = "rk4",
                  guidance_scale: float = 0.5, noise: Tensor | None = None, seed: int = 0,
-                 first_future: int | None = None):
+                 first_future: int | None = None, spk: Tensor | None = None):
         """cond [1, 192], ref_mel [1, T_ref, 80]: the voice. ``chunk_size``: mel frames per chunk,
         a positive multiple of the DiT block size (24); 72 is the official value, 48 halves the
         first-chunk latency. ``noise`` [1, frames, 80] fixes the initial state (it must cover the
@@ -67,7 +67,10 @@ class Code2WavStream:
         ahead of playback (chunk k + 1 waits for C_k more codes), which a real-time engine is.
 
         ``first_future``: mel frames of look-ahead the first chunk waits for, 0..24 (default 24,
-        one DiT block, as the official path; see the module docstring)."""
+        one DiT block, as the official path; see the module docstring).
+
+        ``spk``: the voice's ``model.speaker(cond, ref_mel, guidance_scale)``, when the caller
+        keeps it (``Engine.voice_condition``); by default it is computed here."""
         dit_cfg = model.cfg.dit_config
         bs = dit_cfg.block_size
         max_chunk_size = chunk_size if max_chunk_size is None else max_chunk_size
@@ -81,7 +84,9 @@ class Code2WavStream:
         if not 0 <= self.first_future <= bs:
             raise ValueError(f"first_future must be 0..{bs}, got {first_future}")
         self.steps, self.solver, self.guidance_scale = steps, solver, guidance_scale
-        self.spk = model.speaker(cond, ref_mel, guidance_scale)  # ECAPA once per utterance
+        if spk is None:
+            spk = model.speaker(cond, ref_mel, guidance_scale)  # ECAPA once per utterance
+        self.spk = spk
         self._noise = None if noise is None else noise.to(model.device, torch.float32)
         self._gen = torch.Generator().manual_seed(seed) if noise is None else None
         self._codes = torch.zeros(0, dtype=torch.long, device=model.device)

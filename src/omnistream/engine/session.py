@@ -109,6 +109,8 @@ class Engine:
         self.slots: SlotPool | None = None  # cache slots for batched sessions (reserve_slots)
         # system blocks' Thinker and Talker cache rows, shared by new sessions (engine/prefix.py)
         self.prefixes: PrefixStore | None = PrefixStore()  # None: off
+        # (id(speaker), guidance scale) -> (speaker, its condition): kept, the id stays its own
+        self._voice_conditions: dict[tuple[int, float], tuple[object, Tensor]] = {}
         gen = self.model_dir / "generation_config.json"
         # the Talker sampling of sessions that do not choose one
         self.talker_sampling = talker_sampling_from(
@@ -195,6 +197,16 @@ class Engine:
             return self.speakers_map[voice]
         except LookupError as e:
             raise ValueError(str(e).strip("'\"")) from None
+
+    def voice_condition(self, speaker, guidance_scale: float) -> Tensor:
+        """The DiT's per-voice condition of ``speaker`` (``Token2Wav.speaker``: ECAPA over its
+        reference mel), computed once per voice and guidance scale and kept: every reply in that
+        voice starts its code2wav stream from it."""
+        key = (id(speaker), guidance_scale)
+        if key not in self._voice_conditions:
+            spk = self.token2wav.speaker(speaker.cond, speaker.ref_mel, guidance_scale)
+            self._voice_conditions[key] = speaker, spk
+        return self._voice_conditions[key][1]
 
     def reserve_slots(self, slots: int, context: int = 8192,
                       speech_codes: int = 4096) -> SlotPool:

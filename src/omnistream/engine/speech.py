@@ -63,7 +63,9 @@ class Speech:
                                          first_future=sess.first_chunk_lookahead,
                                          steps=sess.ode_steps,
                                          solver=sess.solver, guidance_scale=sess.guidance_scale,
-                                         seed=sess.noise_seed)
+                                         seed=sess.noise_seed,
+                                         spk=eng.voice_condition(sess.speaker,
+                                                                 sess.guidance_scale))
 
     def feed(self, hidden: Tensor, embed: Tensor) -> Iterator[Event]:
         """Reply token k's Thinker state exists (``hidden``, ``embed`` [E]): run the Talker
