@@ -84,6 +84,29 @@ def bench_thinker(b: Bench, name: str, text: dict, layers: int | None) -> None:
         note=note + " ref: all-position logits",
     )
 
+    # engine/batch.py: the chunks of 8 sessions' short prompts in one call (right-padded over
+    # their cache slots) against one call each; the baseline is ours, in the same run
+    from omnistream.engine.batch import PrefillWork, run_work
+
+    S, n = 8, min(P, 18)
+    pool = ours.model.new_pool(S, n + 8)
+    with torch.no_grad():
+        x, pos = ours.embed(ids[:, :n]), ours.position_ids(ids[:, :n])[0]
+
+    @torch.no_grad()
+    def prefill_sessions(together: bool) -> None:
+        work = [PrefillWork(ours, pool.view(i), x, pos) for i in range(S)]
+        for items in [work] if together else [[w] for w in work]:
+            run_work(items)
+
+    t_one = b.time(lambda: prefill_sessions(False))
+    t_all = b.time(lambda: prefill_sessions(True))
+    b.add(config=name, metric=f"thinker prefill, {S} sessions x {n} tok", unit="tok/s",
+          ours=S * n / t_all,
+          note=f"{note} one call; a call per session: {S * n / t_one:.0f} tok/s "
+               f"({t_one / t_all:.2f}x the time)")
+    pool = None
+
     def ours_decode_fn(step_fn):
         @torch.no_grad()
         def run() -> float:
