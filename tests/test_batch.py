@@ -163,6 +163,38 @@ def test_batched_streams_equal_their_solo_runs(engine, solo):
         np.testing.assert_allclose(a2, a1, atol=1e-4)
 
 
+def test_a_failing_batched_call_is_run_again_row_by_row(engine, solo, monkeypatch):
+    """A batched Thinker step that raises (here after the caches moved on) runs again one row
+    at a time from the lengths before it: only the reply whose own step fails ends with its
+    error; the others equal their solo runs."""
+    sessions = [engine.session(**_options(i)) for i in range(3)]
+    bad = sessions[1].cache
+    real = ThinkerWork.run_batch.__func__
+
+    def flaky(cls, items):
+        if any(w.cache is bad for w in items):
+            if len(items) == 1:
+                raise RuntimeError("this row's step fails")
+            real(cls, items)  # every row's cache advanced, then the call fails
+            raise RuntimeError("the batched call fails")
+        return real(cls, items)
+
+    monkeypatch.setattr(ThinkerWork, "run_batch", classmethod(flaky))
+    events: list[list] = [[], [], []]
+    ended: list = [None, None, None]
+    b = Batcher()
+    for i, s in enumerate(sessions):
+        b.add(s.respond(PROMPTS[i]), events[i].append,
+              lambda err, i=i: ended.__setitem__(i, err))
+    while b.entries:
+        b.tick()
+    assert str(ended[1]) == "this row's step fails"
+    for i in (0, 2):
+        assert ended[i] is None
+        assert events[i][-1].text_ids == solo[i][-1].text_ids
+        assert events[i][-1].codec_ids == solo[i][-1].codec_ids
+
+
 def test_cancelling_one_stream_leaves_the_others_unchanged(engine, solo):
     sessions = [engine.session(**_options(i)) for i in range(3)]
     events: list[list] = [[], [], []]

@@ -358,15 +358,25 @@ class Batcher:
         return ran
 
     def _run(self, kind: type, batch: list[Entry]) -> None:
-        """Run the pending items (of ``kind``) of ``batch`` together and resume each reply."""
+        """Run the pending items (of ``kind``) of ``batch`` together and resume each reply. A
+        call that raises is run again one item at a time, from the caches' lengths before it, so
+        that only a reply whose own item fails ends with the error (not a code2wav call: its
+        streams have drawn their noise)."""
         self.calls[kind] += 1
         self.rows[kind] += len(batch)
         self.widest[kind] = max(self.widest[kind], len(batch))
+        lengths = [] if kind is Code2WavWork else [e.pending.cache.length for e in batch]
         try:
             results = run_work([e.pending for e in batch])
-        except Exception as err:  # noqa: BLE001 - every reply in the call fails
+        except Exception as err:  # noqa: BLE001 - handed to the replies' owners
+            if len(batch) == 1 or kind is Code2WavWork:
+                for e in batch:
+                    self._end(e, err)
+                return
+            for e, n in zip(batch, lengths, strict=True):
+                e.pending.cache.crop(n)
             for e in batch:
-                self._end(e, err)
+                self._run(kind, [e])
             return
         if kind is Code2WavWork:
             self.code2wav_s = sum(e.pending.seconds for e in batch)
