@@ -223,14 +223,18 @@ class Code2WavWork(Work):
         return out
 
 
+def _share_key(w: Work) -> tuple[int, int]:
+    """Items with equal keys can share one call: same module, caches in one pool (an item whose
+    cache is private has a key of its own)."""
+    pool = w.cache.pool
+    return id(w.module), id(pool) if pool is not None else id(w)
+
+
 def _rows(items: list) -> list[list[int]]:
-    """Indices of the items that can share one call: same module, caches in one pool (each
-    other item alone)."""
+    """Indices of the items that can share one call (``_share_key``)."""
     groups: dict[tuple, list[int]] = {}
     for i, w in enumerate(items):
-        pool = w.cache.pool
-        key = (id(w.module), id(pool)) if pool is not None else (id(w.module), "alone", i)
-        groups.setdefault(key, []).append(i)
+        groups.setdefault(_share_key(w), []).append(i)
     return list(groups.values())
 
 
@@ -413,15 +417,13 @@ class Batcher:
             if isinstance(e.pending, PrefillWork):
                 queued += e.pending.tokens
         while budget > 0 and (waiting := chunks()):
-            lead, used = waiting[0], 0
+            key, used = _share_key(waiting[0].pending), 0
             batch = []
-            for e in waiting:
-                w = e.pending
-                if e is lead or (w.module is lead.pending.module and w.cache.pool is not None
-                                 and w.cache.pool is lead.pending.cache.pool
-                                 and used + w.tokens <= budget):
+            for e in waiting:  # the first always runs; others of its call while budget lasts
+                n = e.pending.tokens
+                if _share_key(e.pending) == key and (not batch or used + n <= budget):
                     batch.append(e)
-                    used += w.tokens
+                    used += n
             ran = True
             budget -= used
             self._run(PrefillWork, batch)
