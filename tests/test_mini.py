@@ -329,6 +329,26 @@ def test_voice_reference_wer():
     assert s["wer"] == 0.4 and s["voice_wer"] == 0.1
 
 
+def test_word_errors_read_a_digit_string_as_the_reference_says_it():
+    """Whisper writes number words said in a row as one digit string ("seventeen twelve nine"
+    heard right is written "1712 9"); the WER reads each string the way closest to the
+    reference, so formatting costs nothing and a misheard number still counts."""
+    from omnistream.eval.recognizer import edit_distance, normalize, readings, wer, word_errors
+
+    assert word_errors("Seventeen twelve nine yellow shapes.", "1712 9 yellow shapes") == (0, 5)
+    assert word_errors("Eight nineteen zero you up.", "819-0 up.") == (1, 5)  # "you" is lost
+    assert word_errors("There are three shapes.", "There are 3 shapes.") == (0, 4)
+    assert word_errors("one hundred five", "105") == (0, 3)  # the cardinal stays a reading
+    assert word_errors("Fourteen red am two.", "40 red, am 2.") == (1, 4)  # forty is not fourteen
+    assert word_errors("Down seventeen six way", "Down 1766 way") == (1, 4)  # an extra sixty
+    assert wer(["Seventeen twelve nine"], ["1,712 9"]) == 0.0
+    # without digits it is the plain word edit distance of the normalised texts
+    ref, hyp = "Hello! I am omnistream, a small model.", "Below, I am Amistreen, the small model."
+    assert word_errors(ref, hyp) == (edit_distance(normalize(ref), normalize(hyp)), 7) == (3, 7)
+    assert readings("12") == [["twelve"], ["one", "two"]]
+    assert ["seventeen", "twelve"] in readings("1712") and len(readings("1" * 9)) == 1
+
+
 def test_recognizer_falls_back_when_greedy_decoding_loops():
     """v10's spoken "I hear four beeps." (the eval's beeps case 23, 1.5 s, stored as the
     recognizer's 16 kHz float input): greedy Whisper alone heard it as "I'll give it a few

@@ -3,7 +3,9 @@
 
 Install with ``pip install 'omnistream[eval]'``. The recognizer runs in a worker process of its
 own (``_Worker``), never beside our models. Word error rate compares normalised words:
-lower case, punctuation removed, numbers written as words (Whisper writes "3" for "three").
+lower case, punctuation removed, numbers written as words (Whisper writes "3" for "three"; for
+number words in a row it writes one digit string, "1712 9" for "seventeen twelve nine", which
+``word_errors`` reads the way the reference says it).
 """
 
 from __future__ import annotations
@@ -49,34 +51,85 @@ _CONTRACTIONS = {"there's": "there is", "it's": "it is", "i'm": "i am", "what's"
                  "don't": "do not", "isn't": "is not", "can't": "cannot", "you're": "you are"}
 
 
-def normalize(text: str) -> list[str]:
-    """Words for scoring: lower case, digits as words, common contractions expanded,
-    punctuation (but apostrophes) dropped."""
+def _prepare(text: str) -> str:
+    """Lower case, thousands separators and common contractions undone (digits kept)."""
     text = re.sub(r"(\d),(\d)", r"\1\2", text.lower().replace("\u2019", "'"))
-    text = re.sub(r"[a-z]+'[a-z]+", lambda m: _CONTRACTIONS.get(m.group(), m.group()), text)
-    text = re.sub(r"\d+", lambda m: " " + number_words(int(m.group()) % 1_000_000) + " ", text)
+    return re.sub(r"[a-z]+'[a-z]+", lambda m: _CONTRACTIONS.get(m.group(), m.group()), text)
+
+
+def _words(text: str) -> list[str]:
+    """The words of prepared text without digits: punctuation (but apostrophes) dropped."""
     text = re.sub(r"[^a-z' ]+", " ", text.replace("-", " "))
     return [w.strip("'") for w in text.split() if w.strip("'")]
 
 
+def normalize(text: str) -> list[str]:
+    """Words for scoring: lower case, digits as words, common contractions expanded,
+    punctuation (but apostrophes) dropped."""
+    text = re.sub(r"\d+", lambda m: " " + number_words(int(m.group()) % 1_000_000) + " ",
+                  _prepare(text))
+    return _words(text)
+
+
+def readings(digits: str) -> list[list[str]]:
+    """The ways a digit string is said: its cardinal ("1712": one thousand seven hundred
+    twelve) and, up to 8 digits, every split into numbers of one digit or of two not starting
+    with 0 ("seventeen twelve", "one seven one two", ...): Whisper writes number words said in
+    a row as one string."""
+    out = [number_words(int(digits) % 1_000_000).split()]
+    if len(digits) > 8:
+        return out
+
+    @functools.cache
+    def splits(i: int) -> list[list[str]]:
+        if i == len(digits):
+            return [[]]
+        res = []
+        for k in (1, 2):
+            piece = digits[i:i + k]
+            if len(piece) == k and not (k == 2 and piece[0] == "0"):
+                res += [number_words(int(piece)).split() + rest for rest in splits(i + k)]
+        return res
+
+    return out + [r for r in splits(0) if r != out[0]]
+
+
+def _advance(row: list[int], ref: list[str], hyp: list[str]) -> list[int]:
+    """Levenshtein row over ``ref`` prefixes after ``hyp``'s words more."""
+    for h in hyp:
+        cur = [row[0] + 1]
+        for i, r in enumerate(ref, 1):
+            cur.append(min(row[i] + 1, cur[i - 1] + 1, row[i - 1] + (r != h)))
+        row = cur
+    return row
+
+
 def edit_distance(ref: list[str], hyp: list[str]) -> int:
     """Word-level Levenshtein distance."""
-    prev = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        cur = [i] + [0] * len(hyp)
-        for j, h in enumerate(hyp, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
-        prev = cur
-    return prev[-1]
+    return _advance(list(range(len(ref) + 1)), ref, hyp)[-1]
+
+
+def word_errors(ref: str, hyp: str) -> tuple[int, int]:
+    """(word edits, reference words) of transcript ``hyp`` against text ``ref``, both
+    normalised; each digit string of ``hyp`` counts as whichever of its ``readings`` is
+    closest to ``ref``."""
+    rw = normalize(ref)
+    row = list(range(len(rw) + 1))
+    for k, part in enumerate(re.split(r"(\d+)", _prepare(hyp))):
+        if k % 2 == 0:
+            row = _advance(row, rw, _words(part))
+        else:  # the best reading: the least edits for every prefix of ref at once
+            rows = [_advance(row, rw, r) for r in readings(part)]
+            row = [min(c) for c in zip(*rows, strict=True)]
+    return row[-1], len(rw)
 
 
 def wer(refs: list[str], hyps: list[str]) -> float:
     """Corpus word error rate: total edits / total reference words."""
     edits = words = 0
     for r, h in zip(refs, hyps, strict=True):
-        rw, hw = normalize(r), normalize(h)
-        edits += edit_distance(rw, hw)
-        words += len(rw)
+        e, n = word_errors(r, h)
+        edits, words = edits + e, words + n
     return edits / max(words, 1)
 
 

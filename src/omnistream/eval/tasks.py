@@ -183,11 +183,9 @@ def evaluate(model: str | Path, n: int = 50, seed: int | None = None,
                     r.timings["wall_s"] / audio_s if audio_s > 0 else None, audio_s,
                     gapless_s=r.timings.get("gapless_s"), truth=case.meta, levels=lv)
                 if rec_mod is not None:
-                    ref = rec_mod.normalize(r.text)
                     heard = rec_mod.transcribe(r.pcm, SAMPLE_RATE) if r.pcm.size else ""
                     res.heard = heard
-                    res.wer_edits = rec_mod.edit_distance(ref, rec_mod.normalize(heard))
-                    res.wer_words = len(ref)
+                    res.wer_edits, res.wer_words = rec_mod.word_errors(r.text, heard)
                 if voice_floor is not None:
                     res.voice_edits, res.voice_words = voice_floor(case.answer)
                 results.append(res)
@@ -215,8 +213,7 @@ def _voice_floor(rec_mod) -> Callable[[str], tuple[int, int]] | None:
         if answer not in memo:
             pcm, sr = piper(answer, SPEECH_LENGTH_SCALE)
             heard = rec_mod.transcribe(resample(pcm, sr, SAMPLE_RATE), SAMPLE_RATE)
-            ref = rec_mod.normalize(answer)
-            memo[answer] = (rec_mod.edit_distance(ref, rec_mod.normalize(heard)), len(ref))
+            memo[answer] = rec_mod.word_errors(answer, heard)
         return memo[answer]
 
     return floor

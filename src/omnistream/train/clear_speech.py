@@ -79,7 +79,6 @@ def score(texts: list[str], codec_dir: str | Path, folder: Path, cache: Path,
         from tqdm import tqdm
 
         it = tqdm(todo, desc="rendering replies", unit="reply")
-    ref_words = {t: recognizer.normalize(t) for t in texts}
     for text in it:
         row = table.setdefault(text, {})
         for s in scales:
@@ -88,8 +87,8 @@ def score(texts: list[str], codec_dir: str | Path, folder: Path, cache: Path,
             pcm, sr = decode_audio(str(speech_file(text, folder, s)))
             codes = codec.encode(pcm, sample_rate=sr)
             row[str(s)] = sum(
-                recognizer.edit_distance(ref_words[text], recognizer.normalize(
-                    recognizer.transcribe(codec.decode(codes, seed=k), OUTPUT_SAMPLE_RATE)))
+                recognizer.word_errors(text, recognizer.transcribe(codec.decode(codes, seed=k),
+                                                                   OUTPUT_SAMPLE_RATE))[0]
                 for k in seeds)
         write_whole(cache, lambda p: p.write_text(json.dumps(done, indent=1)))
     return {t: {float(s): e for s, e in table[t].items()} for t in texts}

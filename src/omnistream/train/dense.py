@@ -314,10 +314,9 @@ def hearing_loss(tower: nn.Module, heads: Heads, feats: Tensor, lens: Tensor, te
 
 def _word_errors(text: str, heard: list[str]) -> tuple[int, int]:
     """(word edits, words) of ``heard`` against ``text``, as the recognizer's WER counts them."""
-    from omnistream.eval.recognizer import edit_distance, normalize
+    from omnistream.eval.recognizer import word_errors
 
-    ref = normalize(text)
-    return edit_distance(ref, normalize(" ".join(heard))), len(ref)
+    return word_errors(text, " ".join(heard))
 
 
 def greedy_words(logp: Tensor) -> list[str]:
