@@ -11,6 +11,7 @@ import platform
 import resource
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -140,17 +141,19 @@ def test_prompt_chunks_of_several_slots_run_as_one_right_padded_call(engine, mon
                 torch.testing.assert_close(v, w.cache.v[-1][:, :, : w.cache.length])
 
 
-def test_batched_streams_equal_their_solo_runs(engine, solo, monkeypatch):
+@pytest.mark.parametrize("thread", [False, True], ids=["inline", "code2wav_thread"])
+def test_batched_streams_equal_their_solo_runs(engine, solo, monkeypatch, thread):
     """N sessions decoded together (greedy and sampled text, sampled speech, one text-only):
-    every stream's text ids and codec ids equal its solo run's; its audio within fp32 noise.
-    The Thinker's prompt chunks and the Talker's prompts ran several sessions per call."""
+    every stream's text ids and codec ids equal its solo run's; its audio within fp32 noise,
+    in order and before its ``Done`` with code2wav on its own thread too. The Thinker's prompt
+    chunks and the Talker's prompts ran several sessions per call."""
     widest: dict = {}
     real = PrefillWork._call
     monkeypatch.setattr(PrefillWork, "_call", staticmethod(lambda ws: widest.update(
         {ws[0].model: max(widest.get(ws[0].model, 0), len(ws))}) or real(ws)))
     sessions = [engine.session(**_options(i)) for i in range(len(PROMPTS))]
     assert all(s.cache.pool is engine.slots.thinker for s in sessions)
-    b = Batcher()
+    b = Batcher(code2wav_thread=thread)
     out = b.run([s.respond(p) for s, p in zip(sessions, PROMPTS, strict=True)])
     steps = sum(len(o[-1].text_ids) - 1 for o in solo)  # every fed reply token
     assert widest[engine.thinker] > 1 and widest[engine.talker] > 1
@@ -166,6 +169,9 @@ def test_batched_streams_equal_their_solo_runs(engine, solo, monkeypatch):
         a1, a2 = _pcm(alone), _pcm(batched)
         assert a1.shape == a2.shape and (i == 3 or a1.size > 0)
         np.testing.assert_allclose(a2, a1, atol=1e-4)
+        chunks = [e.index for e in batched if isinstance(e, AudioChunk)]
+        assert chunks == list(range(len(chunks)))
+        assert d2.timings.get("audio_s", 0.0) == pytest.approx(a2.size / 24000)
 
 
 def test_a_failing_batched_call_is_run_again_row_by_row(engine, solo, monkeypatch):
@@ -200,7 +206,8 @@ def test_a_failing_batched_call_is_run_again_row_by_row(engine, solo, monkeypatc
         assert events[i][-1].codec_ids == solo[i][-1].codec_ids
 
 
-def test_cancelling_one_stream_leaves_the_others_unchanged(engine, solo):
+@pytest.mark.parametrize("thread", [False, True], ids=["inline", "code2wav_thread"])
+def test_cancelling_one_stream_leaves_the_others_unchanged(engine, solo, thread):
     sessions = [engine.session(**_options(i)) for i in range(3)]
     events: list[list] = [[], [], []]
 
@@ -211,7 +218,7 @@ def test_cancelling_one_stream_leaves_the_others_unchanged(engine, solo):
                 sessions[1].cancel()
         return put
 
-    b = Batcher()
+    b = Batcher(code2wav_thread=thread)
     for i, s in enumerate(sessions):
         b.add(s.respond(PROMPTS[i]), on_event(i))
     while b.entries:
@@ -222,6 +229,52 @@ def test_cancelling_one_stream_leaves_the_others_unchanged(engine, solo):
     for i in (0, 2):
         assert events[i][-1].text_ids == solo[i][-1].text_ids
         assert events[i][-1].codec_ids == solo[i][-1].codec_ids
+
+
+def test_code2wav_thread_runs_beside_the_steps_and_hands_on_its_errors(engine, solo,
+                                                                       monkeypatch):
+    """With ``code2wav_thread`` the chunks are made on a thread of their own while the replies'
+    Thinker and Talker steps go on; a failing code2wav call ends the replies it served, with
+    its error, and nobody else."""
+    import omnistream.engine.batch as batch_mod
+
+    in_flight, beside, threads = threading.Event(), [], set()
+    real_decode, real_step = batch_mod.decode_chunks, ThinkerWork.run_batch
+
+    def slow_decode(work):
+        threads.add(threading.current_thread().name)
+        in_flight.set()
+        time.sleep(0.05)
+        try:
+            return real_decode(work)
+        finally:
+            in_flight.clear()
+
+    def step(cls, items):
+        beside.append(in_flight.is_set())
+        return real_step.__func__(cls, items)
+
+    monkeypatch.setattr(batch_mod, "decode_chunks", slow_decode)
+    monkeypatch.setattr(ThinkerWork, "run_batch", classmethod(step))
+    long = dict(_options(0), max_new_tokens=60, ignore_eos=True)  # text past the 40 codes
+    out = Batcher(code2wav_thread=True).run([engine.session(**long).respond(PROMPTS[0]),
+                                             engine.session(**_options(3)).respond(PROMPTS[3])])
+    assert threads == {"code2wav"} and any(beside)
+    assert out[1][-1].text_ids == solo[3][-1].text_ids
+    assert len(out[0][-1].text_ids) == 60 and _pcm(out[0]).size > 0
+
+    def failing(work):
+        raise RuntimeError("code2wav failed")
+
+    monkeypatch.setattr(batch_mod, "decode_chunks", failing)
+    ends: list = []
+    b = Batcher(code2wav_thread=True)
+    for i in (0, 3):  # the text-only reply is served by no code2wav call
+        b.add(engine.session(**_options(i)).respond(PROMPTS[i]), lambda ev: None, ends.append)
+    while b.entries:
+        b.tick()
+    assert sorted(map(str, ends)) == ["None", "code2wav failed"]
+    assert b._job is None or not b._job.thread.is_alive()
 
 
 def test_slots_are_taken_and_given_back(engine):
@@ -388,7 +441,8 @@ def _live_turn(sess):
     return sess
 
 
-def test_server_scheduler_batches_chat_and_live_turns(engine, solo):
+@pytest.mark.parametrize("thread", [False, True], ids=["inline", "code2wav_thread"])
+def test_server_scheduler_batches_chat_and_live_turns(engine, solo, thread):
     """The server's scheduler drives every real-engine reply through one Batcher: chat replies
     and a live (Realtime) turn share the batched steps; each equals its solo run; a cancelled
     reply ends "cancelled"; every slot comes back."""
@@ -398,7 +452,7 @@ def test_server_scheduler_batches_chat_and_live_turns(engine, solo):
     live_alone = list(respond_live(_live_turn(engine.session(**_options(2)))))
 
     async def main():
-        s = Scheduler()
+        s = Scheduler(code2wav_thread=thread)
         s.start()
         try:
             makers = [lambda i=i: engine.session(**_options(i)).respond(PROMPTS[i])

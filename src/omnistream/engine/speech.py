@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from omnistream.engine.batch import Code2WavWork, PrefillWork, TalkerWork
+from omnistream.engine.batch import AudioDrain, Code2WavWork, PrefillWork, TalkerWork
 from omnistream.engine.events import SAMPLE_RATE, AudioChunk, Event
 from omnistream.engine.sampling import sample, seen_mask
 
@@ -87,10 +87,12 @@ class Speech:
                 steps=sess.ode_steps, solver=sess.solver, guidance_scale=sess.guidance_scale,
                 generator=sess.noise_gen)
             self.code2wav_s += time.perf_counter() - t
-            yield from self._emit(wav)
+            if (ev := self._event(wav)) is not None:
+                yield ev
         elif self.stream is not None:
             self.stream.close()
             yield from self._chunks()
+            yield AudioDrain()  # chunks made beside the reply are all out before its end
 
     def _text(self, k: int) -> Tensor | None:
         """Text-track input [1, 1, E] of talker step k (``TextTrack.at``); None while reply
@@ -173,26 +175,33 @@ class Speech:
                 yield from self._chunks()
 
     def _chunks(self) -> Iterator:
-        """Synthesise and emit every code2wav chunk whose codes exist."""
+        """Synthesise and emit every code2wav chunk whose codes exist (or hand them on: a
+        ``Batcher`` with a code2wav thread sends None back and emits each when it is made)."""
         for chunk in iter(self.stream.next_chunk, None):
             deadline = None  # the first two chunks never wait (engine/batch.py)
-            if self.n_chunks >= 2:
+            if self.n_chunks >= 2 and self.t_first_audio is not None:
                 deadline = self.t_first_audio + self.audio_s
-            work = Code2WavWork(self.stream, chunk, deadline)
+            work = Code2WavWork(self.stream, chunk, deadline, self._made)
             pcm = yield work
-            self.code2wav_s += work.seconds
-            yield from self._emit(pcm)
+            if pcm is not None and (ev := self._made(work, pcm)) is not None:
+                yield ev
 
-    def _emit(self, pcm: Tensor | np.ndarray) -> Iterator[Event]:
+    def _made(self, work: Code2WavWork, pcm: np.ndarray) -> AudioChunk | None:
+        """A chunk's PCM is made: its event (None when empty)."""
+        self.code2wav_s += work.seconds
+        return self._event(pcm)
+
+    def _event(self, pcm: Tensor | np.ndarray) -> AudioChunk | None:
+        """The next audio chunk's event (None for no samples); counts it."""
         pcm = pcm.detach().float().cpu().numpy() if isinstance(pcm, Tensor) else pcm
         pcm = pcm.reshape(-1).astype(np.float32)
         if pcm.size == 0:
-            return
+            return None
         if self.t_first_audio is None:
             self.t_first_audio = time.perf_counter()
         self.audio_s += pcm.size / SAMPLE_RATE
-        yield AudioChunk(pcm, self.n_chunks)
         self.n_chunks += 1
+        return AudioChunk(pcm, self.n_chunks - 1)
 
     def timings(self, t0: float) -> dict[str, float]:
         """Talker and code2wav time, speech seconds, and time to first audio (from ``t0``)."""
