@@ -53,6 +53,12 @@ def _default_hold() -> int:
     return ServeConfig.code2wav_hold
 
 
+def _default_thread() -> bool:
+    from omnistream.serve.config import ServeConfig
+
+    return ServeConfig.code2wav_thread
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -60,7 +66,8 @@ def free_port() -> int:
 
 
 def _serve(model: str | None, fake: bool, step_ms: float, port: int, max_speech_s: float,
-           slots: int, dtype: str, device: str, code2wav_hold: int, tf32: bool) -> None:
+           slots: int, dtype: str, device: str, code2wav_hold: int, tf32: bool,
+           code2wav_thread: bool) -> None:
     import uvicorn
 
     from omnistream.serve.app import create_app
@@ -73,7 +80,8 @@ def _serve(model: str | None, fake: bool, step_ms: float, port: int, max_speech_
 
         engine = Engine.load(model, dtype=dtype, device=device, quiet=True, tf32=tf32)
     app = create_app(engine, ServeConfig(max_concurrent=slots, max_speech_s=max_speech_s,
-                                         code2wav_hold=code2wav_hold))
+                                         code2wav_hold=code2wav_hold,
+                                         code2wav_thread=code2wav_thread))
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
@@ -221,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="run the levels this many times (interleaved), keep each one's best")
     p.add_argument("--code2wav-hold", type=int, default=_default_hold(),
                    help="the server's --code2wav-hold (0: chunks never wait for company)")
+    p.add_argument("--code2wav-thread", action=argparse.BooleanOptionalAction,
+                   default=_default_thread(), help="the server's --code2wav-thread")
     p.add_argument("--tf32", action="store_true", help="the server's --tf32 (CUDA)")
     p.add_argument("--json", action="store_true", help="print JSON rows")
     args = p.parse_args(argv)
@@ -249,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     proc = mp.get_context("spawn").Process(
         target=_serve, daemon=True,
         args=(model, args.fake, args.step_ms, port, args.max_speech_s, max(args.clients),
-              args.dtype, args.device, args.code2wav_hold, args.tf32))
+              args.dtype, args.device, args.code2wav_hold, args.tf32, args.code2wav_thread))
     proc.start()
     try:
         deadline = time.time() + 300

@@ -40,7 +40,8 @@ class ServerState:
         self.engine = engine
         self.cfg = cfg
         self.model_id = str(getattr(engine, "model_id", "omnistream"))
-        self.scheduler = Scheduler(code2wav_hold=cfg.code2wav_hold)
+        self.scheduler = Scheduler(code2wav_hold=cfg.code2wav_hold,
+                                   code2wav_thread=cfg.code2wav_thread)
         reserve_slots(engine, cfg.max_concurrent, cfg.max_speech_s)  # sessions decode batched
         self.slots = SlotLimiter(cfg.max_concurrent)
         self.ready = asyncio.Event()
@@ -252,6 +253,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--code2wav-hold", type=int, default=d.code2wav_hold,
                    help="most rounds a ready speech chunk waits for other replies' chunks to "
                         "share one code2wav call (0: never)")
+    p.add_argument("--code2wav-thread", action=argparse.BooleanOptionalAction,
+                   default=d.code2wav_thread,
+                   help="code2wav on a thread of its own beside the Thinker and Talker steps, "
+                        "so text does not wait for speech (then --code2wav-hold is unused)")
     p.add_argument("--log-level", default="warning", help="info also logs every request")
     return p
 
@@ -263,7 +268,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_video_s=args.max_video_s, max_speech_s=args.max_speech_s,
         allowed_local_media_path=args.allowed_local_media_path,
         allow_remote_media=not args.no_remote_media, warmup=not args.no_warmup, vad=args.vad,
-        realtime_temperature=args.realtime_temperature, code2wav_hold=args.code2wav_hold)
+        realtime_temperature=args.realtime_temperature, code2wav_hold=args.code2wav_hold,
+        code2wav_thread=args.code2wav_thread)
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -33,6 +33,9 @@ class ServeConfig:
     # most model rounds a ready code2wav chunk waits for other replies' chunks to share its call
     # (engine/batch.py); 0: never
     code2wav_hold: int = HOLD_TICKS
+    # code2wav on a thread of its own beside the Thinker and Talker steps (engine/batch.py):
+    # the replies' text no longer waits for their audio; chunks then never wait for company
+    code2wav_thread: bool = True
 
     def __post_init__(self):
         if not 0.0 <= self.realtime_temperature <= 2.0:

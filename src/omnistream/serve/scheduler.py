@@ -84,12 +84,15 @@ class Scheduler:
     """The model-owning thread. ``call`` runs one function there; ``stream`` starts a reply."""
 
     def __init__(self, max_buffered: int = 64, cancel_drain_steps: int = 64,
-                 prefill_tokens: int = 256, code2wav_hold: int = HOLD_TICKS):
+                 prefill_tokens: int = 256, code2wav_hold: int = HOLD_TICKS,
+                 code2wav_thread: bool = False):
         self.max_buffered = max_buffered
         self.cancel_drain_steps = cancel_drain_steps
         # prefill_tokens: prompt tokens prefilled per round; code2wav_hold: rounds a ready
-        # speech chunk may wait for company (engine/batch.py)
-        self.batcher = Batcher(prefill_tokens, hold_ticks=code2wav_hold)
+        # speech chunk may wait for company; code2wav_thread: code2wav beside the rounds
+        # (engine/batch.py)
+        self.batcher = Batcher(prefill_tokens, hold_ticks=code2wav_hold,
+                               code2wav_thread=code2wav_thread)
         self._calls: collections.deque = collections.deque()
         self._new_jobs: collections.deque = collections.deque()
         self._jobs: list[Job] = []
