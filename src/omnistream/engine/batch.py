@@ -47,9 +47,9 @@ Talker steps; the thread makes the waiting chunks, the first of each stream (a s
 run in order) in one call, while the ticks go on, and each tick emits the chunks of a finished
 call. A reply's ``AudioDrain`` waits for its last chunks before its ``Done``. On a CPU the steps,
 bound by Python and small kernels, and code2wav, bound by arithmetic, then share the cores
-(README: omni-mini made 20-47% more audio per second alone, 6-9% more at 8 streams). A call with
-several streams' first chunks runs alone (the tick waits for it): beside the steps their first
-audio came 30% later at 8 streams. Chunks then never wait for company (``hold_*``).
+(README: one omni-mini stream made 25% more audio per second, 8 streams as much as before). A
+call with several streams' first chunks runs alone (the tick waits for it): beside the steps
+their first audio came 30% later at 8 streams. Chunks then never wait for company (``hold_*``).
 
 Each reply samples from its own logits row with its own parameters and generators, exactly as
 alone, so batching changes the ids only through float rounding: on CPU, MKL computes a row of a
