@@ -447,7 +447,11 @@ class Batcher:
                 self._end(e, job.error)
                 continue
             e.emitted += 1
-            ev = w.emit(w, job.results[i])
+            try:
+                ev = w.emit(w, job.results[i])
+            except Exception as err:  # noqa: BLE001 - handed to the reply's owner
+                self._end(e, err)
+                continue
             if ev is not None:
                 e.on_event(ev)
 
