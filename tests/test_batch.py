@@ -145,12 +145,33 @@ def test_prompt_chunks_of_several_slots_run_as_one_right_padded_call(engine, mon
 def test_batched_streams_equal_their_solo_runs(engine, solo, monkeypatch, thread):
     """N sessions decoded together (greedy and sampled text, sampled speech, one text-only):
     every stream's text ids and codec ids equal its solo run's; its audio within fp32 noise,
-    in order and before its ``Done`` with code2wav on its own thread too. The Thinker's prompt
-    chunks and the Talker's prompts ran several sessions per call."""
+    in order and before its ``Done`` with code2wav on its own thread too, where the speaking
+    streams' first chunks share one call that no Thinker or Talker step runs beside. The
+    Thinker's prompt chunks and the Talker's prompts ran several sessions per call."""
+    import omnistream.engine.batch as batch_mod
+
     widest: dict = {}
     real = PrefillWork._call
     monkeypatch.setattr(PrefillWork, "_call", staticmethod(lambda ws: widest.update(
         {ws[0].model: max(widest.get(ws[0].model, 0), len(ws))}) or real(ws)))
+    decodes, first_in_flight, beside_first = [], threading.Event(), []
+    real_decode = batch_mod.decode_chunks
+
+    def decode(work):
+        decodes.append(len(work))
+        if len(decodes) == 1:
+            first_in_flight.set()
+            time.sleep(0.05)  # long enough for a step beside it, were one allowed
+        try:
+            return real_decode(work)
+        finally:
+            first_in_flight.clear()
+
+    monkeypatch.setattr(batch_mod, "decode_chunks", decode)
+    for kind in (ThinkerWork, TalkerWork):
+        monkeypatch.setattr(kind, "run_batch", classmethod(
+            lambda cls, items, f=kind.run_batch.__func__: beside_first.append(
+                first_in_flight.is_set()) or f(cls, items)))
     sessions = [engine.session(**_options(i)) for i in range(len(PROMPTS))]
     assert all(s.cache.pool is engine.slots.thinker for s in sessions)
     b = Batcher(code2wav_thread=thread)
@@ -160,6 +181,7 @@ def test_batched_streams_equal_their_solo_runs(engine, solo, monkeypatch, thread
     assert b.rows[ThinkerWork] == steps
     assert b.calls[ThinkerWork] < steps / 2  # the Thinker steps ran several per call
     assert b.calls[TalkerWork] < b.rows[TalkerWork] / 2  # ... and so did the Talker steps
+    assert decodes[0] == 3 and not any(beside_first)  # the speaking streams' first chunks
     for i, (alone, batched) in enumerate(zip(solo, out, strict=True)):
         d1, d2 = alone[-1], batched[-1]
         assert isinstance(d2, Done) and d2.finish_reason == d1.finish_reason
@@ -275,6 +297,31 @@ def test_code2wav_thread_runs_beside_the_steps_and_hands_on_its_errors(engine, s
         b.tick()
     assert sorted(map(str, ends)) == ["None", "code2wav failed"]
     assert b._job is None or not b._job.thread.is_alive()
+
+
+def test_code2wav_thread_waits_a_tick_or_two_for_other_first_chunks(engine, solo,
+                                                                     monkeypatch):
+    """Replies that start a tick apart have their first chunks due a tick apart: with a code2wav
+    thread the earlier one waits (at most ``FIRST_WAIT`` ticks) so that both share one call,
+    rather than the later one waiting for the earlier one's call to end."""
+    import omnistream.engine.batch as batch_mod
+
+    decodes: list[int] = []
+    real_decode = batch_mod.decode_chunks
+    monkeypatch.setattr(batch_mod, "decode_chunks",
+                        lambda work: decodes.append(len(work)) or real_decode(work))
+    out: list[list] = [[], []]
+    b = Batcher(code2wav_thread=True)
+    b.add(engine.session(**_options(0)).respond(PROMPTS[0]), out[0].append)
+    b.tick()
+    b.tick()  # the second reply starts two ticks later
+    b.add(engine.session(**_options(2)).respond(PROMPTS[2]), out[1].append)
+    while b.entries:
+        b.tick()
+    assert decodes[0] == 2
+    for events, alone in zip(out, (solo[0], solo[2]), strict=True):
+        assert events[-1].codec_ids == alone[-1].codec_ids
+        np.testing.assert_allclose(_pcm(events), _pcm(alone), atol=1e-4)
 
 
 def test_slots_are_taken_and_given_back(engine):

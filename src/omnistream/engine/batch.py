@@ -349,7 +349,7 @@ class Batcher:
         # docstring); then chunks never wait for company (hold_* unused)
         self.code2wav_thread = code2wav_thread
         self._job: _Job | None = None  # the code2wav call in flight on that thread
-        self._first_wait = 0  # ticks the waiting first chunks have waited for others
+        self._first_since: int | None = None  # the tick since which first chunks wait for others
         self.hold_ticks = hold_ticks  # most ticks a code2wav chunk waits for others (0: never)
         self.hold_margin = hold_margin  # s of audio left under which a chunk never waits
         # and at most this many times the last code2wav call's time: waiting longer than the
@@ -422,15 +422,16 @@ class Batcher:
     def _first_soon(self, heads: list[Entry]) -> bool:
         """Whether the first chunks among ``heads`` wait a tick for other replies' first chunks,
         due a step or two later (replies that started a tick apart), so that they share a call
-        rather than waiting for it (at most ``FIRST_WAIT`` ticks)."""
-        if self._first_wait >= FIRST_WAIT or not any(e.emitted == 0 for e in heads):
-            self._first_wait = 0
+        rather than waiting for it (at most ``FIRST_WAIT`` ticks; ``_audio`` runs twice a tick,
+        so the wait is counted in ticks, from the tick it began)."""
+        coming = any(e.emitted == 0 for e in heads) and any(
+            e.emitted == 0 and not e.audio and isinstance(e.pending, TalkerWork)
+            for e in self.entries)
+        if coming and self._first_since is None:
+            self._first_since = self.ticks
+        if not coming or self.ticks - self._first_since >= FIRST_WAIT:
+            self._first_since = None
             return False
-        if not any(e.emitted == 0 and not e.audio and isinstance(e.pending, TalkerWork)
-                   for e in self.entries):
-            self._first_wait = 0
-            return False
-        self._first_wait += 1
         return True
 
     def _emit_audio(self, job: _Job) -> None:
