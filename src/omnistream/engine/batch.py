@@ -436,10 +436,8 @@ class Batcher:
 
     def _emit_audio(self, job: _Job) -> None:
         """Deliver a finished code2wav call's chunks (a failed call ends its replies)."""
-        self.calls[Code2WavWork] += 1
-        self.rows[Code2WavWork] += len(job.items)
-        self.widest[Code2WavWork] = max(self.widest[Code2WavWork], len(job.items))
-        self.code2wav_s = job.seconds
+        self._count(Code2WavWork, len(job.items))
+        self.code2wav_s = sum(w.seconds for w in job.items)
         for i, (e, w) in enumerate(zip(job.entries, job.items, strict=True)):
             if e not in self.entries or not e.audio or e.audio[0] is not w:
                 continue  # removed (cancelled, or ended with an error) meanwhile
@@ -456,14 +454,18 @@ class Batcher:
             if ev is not None:
                 e.on_event(ev)
 
+    def _count(self, kind: type, rows: int) -> None:
+        """One call of ``kind`` with ``rows`` items, in the batching statistics."""
+        self.calls[kind] += 1
+        self.rows[kind] += rows
+        self.widest[kind] = max(self.widest[kind], rows)
+
     def _run(self, kind: type, batch: list[Entry]) -> None:
         """Run the pending items (of ``kind``) of ``batch`` together and resume each reply. A
         call that raises is run again one item at a time, from the caches' lengths before it, so
         that only a reply whose own item fails ends with the error (not a code2wav call: its
         streams have drawn their noise)."""
-        self.calls[kind] += 1
-        self.rows[kind] += len(batch)
-        self.widest[kind] = max(self.widest[kind], len(batch))
+        self._count(kind, len(batch))
         lengths = [] if kind is Code2WavWork else [e.pending.cache.length for e in batch]
         try:
             results = run_work([e.pending for e in batch])
@@ -583,17 +585,14 @@ class _Job:
         self.first = sum(e.emitted == 0 for e in entries) > 1
         self.results: list = []
         self.error: BaseException | None = None
-        self.seconds = 0.0
         self.thread = threading.Thread(target=self._run, name="code2wav", daemon=True)
 
     def _run(self) -> None:
-        t = time.perf_counter()
         try:
             with torch.inference_mode():  # thread-local
-                self.results = run_work(self.items)
+                self.results = run_work(self.items)  # sets each item's share of the time
         except BaseException as err:  # noqa: BLE001 - handed to the replies by the tick
             self.error = err
-        self.seconds = time.perf_counter() - t
 
 
 # -- cache slots --------------------------------------------------------------------------------
