@@ -156,6 +156,10 @@ def test_bigvgan(models):
     assert got.shape == (1, 50 * 240)
     assert want.abs().max() > 0.1  # a real signal, not a near-zero one
     _close(got[0], want, 1e-3)
+    # inference fuses SnakeBeta's arithmetic in place; training (autograd) takes the plain path
+    with torch.enable_grad():
+        trained = ours.code2wav_bigvgan_model(mel)
+    assert trained.grad_fn is not None and torch.equal(trained.detach(), got)
 
 
 def test_end_to_end(models, inputs):

@@ -51,17 +51,25 @@ def _aa_filter(device: torch.device) -> Tensor:
         return h.view(1, 1, -1).to(device)
 
 
+def replicate_pad(x: Tensor, left: int, right: int) -> Tensor:
+    """``F.pad(x, (left, right), mode="replicate")`` for x [B, C, T], as one concatenation: torch's
+    replication_pad1d kernel is about 5x slower on CPU and took 11% of the vocoder's time."""
+    B, C, _ = x.shape
+    return torch.cat([x[..., :1].expand(B, C, left), x, x[..., -1:].expand(B, C, right)], -1)
+
+
 def anti_aliased(act: nn.Module, x: Tensor) -> Tensor:
     """act applied at 2x rate: upsample (zero-stuff + low-pass, replicate-padded edges), act,
     low-pass + decimate. x [B, C, T] -> [B, C, T]."""
     C, r, k = x.shape[1], AA_RATIO, AA_TAPS
-    h = _aa_filter(x.device).to(x.dtype).expand(C, -1, -1)
+    h = _aa_filter(x.device).to(x.dtype)
     pad = k // r - 1
-    y = F.conv_transpose1d(F.pad(x, (pad, pad), mode="replicate"), h, stride=r, groups=C) * r
+    # the upsampler's gain r folded into its taps
+    y = F.conv_transpose1d(replicate_pad(x, pad, pad), (h * r).expand(C, -1, -1), stride=r,
+                           groups=C)
     crop = pad * r + (k - r) // 2  # both sides equal for even k - r
     y = act(y[..., crop:-crop])
-    y = F.pad(y, (k // 2 - 1, k // 2), mode="replicate")
-    return F.conv1d(y, h, stride=r, groups=C)
+    return F.conv1d(replicate_pad(y, k // 2 - 1, k // 2), h.expand(C, -1, -1), stride=r, groups=C)
 
 
 class SnakeBeta(nn.Module):
@@ -75,7 +83,11 @@ class SnakeBeta(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # [B, C, T]
         a = self.alpha.exp()[:, None]
         inv_b = 1.0 / (self.beta.exp()[:, None] + 1e-9)
-        return x + inv_b * torch.sin(x * a).pow(2)
+        if torch.is_grad_enabled():
+            return x + inv_b * torch.sin(x * a).pow(2)
+        # inference: the same arithmetic in one buffer (a 2x-rate signal per call, memory-bound)
+        s = torch.mul(x, a).sin_()
+        return s.mul_(s).mul_(inv_b).add_(x)
 
 
 class AntiAliasedSnake(nn.Module):
