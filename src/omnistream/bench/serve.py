@@ -47,13 +47,6 @@ def _fake_engine_module():
     return serve_fake
 
 
-def _server_defaults():
-    """``ServeConfig``: one home for the server's defaults."""
-    from omnistream.serve.config import ServeConfig
-
-    return ServeConfig
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -222,11 +215,11 @@ def main(argv: list[str] | None = None) -> int:
                         "while others stream); 0: all at once")
     p.add_argument("--repeats", type=int, default=1,
                    help="run the levels this many times (interleaved), keep each one's best")
-    server = _server_defaults()
-    p.add_argument("--code2wav-hold", type=int, default=server.code2wav_hold,
+    from omnistream.serve.config import ServeConfig  # one home for the server's defaults
+    p.add_argument("--code2wav-hold", type=int, default=ServeConfig.code2wav_hold,
                    help="the server's --code2wav-hold (0: chunks never wait for company)")
     p.add_argument("--code2wav-thread", action=argparse.BooleanOptionalAction,
-                   default=server.code2wav_thread, help="the server's --code2wav-thread")
+                   default=ServeConfig.code2wav_thread, help="the server's --code2wav-thread")
     p.add_argument("--tf32", action="store_true", help="the server's --tf32 (CUDA)")
     p.add_argument("--json", action="store_true", help="print JSON rows")
     args = p.parse_args(argv)
