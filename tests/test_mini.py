@@ -583,10 +583,15 @@ def test_recipe_follows_the_papers_order():
         if stage.task == "thinker":  # batches sorted by length would hold one family each
             assert stage.length_group == 1, f"{cfg}: batches should mix the families"
         done.add(name)
-    assert tasks == (["thinker"] * 2 + ["vision", "hearing"] + ["thinker"] * 7
+    assert tasks == (["thinker"] * 2 + ["vision", "hearing"] + ["thinker"] * 10
                      + ["talker", "talker_dpo"])
-    # the training-only families (colour-kind binding, spoken words) are in the Thinker's stages
-    assert all("aux/data.jsonl" in data for name, _, data, _ in STAGES if name.startswith("stage2"))
+    # the training-only families (colour-kind binding, spoken words) are in the Thinker's mixed
+    # stages; the counting stages hold counting cases alone, and a mixed round comes after them
+    assert all("aux/data.jsonl" in data for name, _, data, _ in STAGES
+               if name.startswith("stage2") and not name.endswith("count_only"))
+    assert all(all("count" in f for f in data) for name, _, data, _ in STAGES
+               if name.endswith("count_only"))
+    assert "aux/data.jsonl" in dict((n, d) for n, _, d, _ in STAGES)[THINKER]
     stage1 = Stage.from_file(STAGE_DIR / dict((n, c) for n, c, _, _ in STAGES)["stage1_align"])
     assert stage1.trainable == ["thinker.audio_tower.*", "thinker.visual.*"]  # LLM frozen
 

@@ -64,7 +64,8 @@ def _cases(family, n, seed=0):
 
 
 def _check_strings(case):
-    q, a = GRAMMAR[case.meta["image_family"] if case.family == "spoken-image" else case.family]
+    sub = case.family in ("spoken-image", tasks.SIZED_FAMILY)  # a question of another family
+    q, a = GRAMMAR[case.meta["image_family"] if sub else case.family]
     if case.question is not None:
         assert re.fullmatch(q, case.question), case.question
     assert re.fullmatch(a, case.answer), case.answer
@@ -200,6 +201,22 @@ def test_image_families(family):
         assert [m.kind for m in case.media] == ["image"]
         _, shapes = measure_image(case.media[0].data)
         assert case.answer == expected_image_answer(case.question, shapes)
+
+
+def test_sized_counting_cases_have_shapes_of_one_size_band():
+    """``image-count-sized``: counting questions whose shapes, measured in the picture, are all
+    small or all large (the asked colour's area does not tell the count), both bands drawn."""
+    bands = set()
+    for case in _cases(tasks.SIZED_FAMILY, 12):
+        _check_strings(case)
+        assert case.meta["image_family"] in ("image-count", "image-count-color")
+        _, shapes = measure_image(case.media[0].data)
+        assert case.answer == expected_image_answer(case.question, shapes)
+        sizes = [size for *_, size in shapes]
+        band = next(b for b in tasks.SIZE_BANDS if b[0] - 1 <= min(sizes) <= b[1] + 1)
+        assert band[0] - 1 <= max(sizes) <= band[1] + 1, (sizes, band)
+        bands.add(band)
+    assert bands == set(tasks.SIZE_BANDS)
 
 
 def test_spoken_image():

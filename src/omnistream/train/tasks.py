@@ -59,6 +59,13 @@ FAMILIES = (
 # ``image-paraphrase`` asks the image families' questions in other words ("How many shapes?",
 # "Count the red shapes."), with the families' answers.
 AUX_FAMILIES = ("spoken-repeat", "image-describe", "typed-arithmetic", "image-paraphrase")
+# ``image-count-sized``, training-only too but only in the counting stages: image-count or
+# image-count-color with every shape small or every shape large (``SIZE_BANDS``, inside TASKS.md's
+# 28-80 px), so that the asked colour's area says little of the count: the Thinker had learnt to
+# estimate counts from area (forty-third session, docs/MINI.md).
+SIZED_FAMILY = "image-count-sized"
+SIZE_BANDS = ((28, 44), (60, 80))
+TRAINING_FAMILIES = (*AUX_FAMILIES, SIZED_FAMILY)
 DESCRIBE_QUESTION = "Describe the shapes from left to right."
 EVAL_SEED_BASE = 1_000_000  # training seeds are below, evaluation seeds at or above
 CHAT_QUESTIONS = ("Hello!", "Hi!", "Who are you?")
@@ -234,9 +241,17 @@ def _image_paraphrase(rng: np.random.Generator) -> Case:
     return case
 
 
-def _image_case(family: str, sub: str, rng: np.random.Generator, spoken: bool) -> Case:
+def _image_case(family: str, sub: str, rng: np.random.Generator, spoken: bool,
+                shape_px: tuple[int, int] = tm.SHAPE_PX) -> Case:
     specs, q, a = IMAGE_FAMILIES[sub](rng)
-    png, meta = tm.render_image(specs, rng)
+    tries = 1 if shape_px == tm.SHAPE_PX else 100  # six large shapes need a large image
+    for k in range(tries):
+        try:
+            png, meta = tm.render_image(specs, rng, shape_px)
+            break
+        except RuntimeError:
+            if k == tries - 1:
+                raise
     media = [Media("image", "png", png)]
     meta |= {"image_family": sub, "question": q}
     if spoken:
@@ -339,7 +354,8 @@ def _image_describe(rng: np.random.Generator) -> Case:
 
 
 def make_case(family: str, rng: np.random.Generator) -> Case:
-    """One case of ``family`` (one of FAMILIES or AUX_FAMILIES), all randomness from ``rng``."""
+    """One case of ``family`` (one of FAMILIES or TRAINING_FAMILIES), all randomness from
+    ``rng``."""
     if family in IMAGE_FAMILIES:
         return _image_case(family, family, rng, spoken=False)
     if family == "spoken-image":
@@ -364,6 +380,10 @@ def make_case(family: str, rng: np.random.Generator) -> Case:
         return _typed_arithmetic(rng)
     if family == "image-paraphrase":
         return _image_paraphrase(rng)
+    if family == SIZED_FAMILY:
+        band = SIZE_BANDS[int(rng.integers(len(SIZE_BANDS)))]
+        return _image_case(family, _choice(rng, ("image-count", "image-count-color")), rng,
+                           spoken=False, shape_px=band)
     raise ValueError(f"unknown family {family!r} (one of {', '.join(FAMILIES)})")
 
 
@@ -371,15 +391,15 @@ def check_families(families: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     """``families`` as a tuple, or a ValueError naming the first that is neither a task family
     nor a training-only one."""
     for f in families:
-        if f not in FAMILIES + AUX_FAMILIES:
+        if f not in FAMILIES + TRAINING_FAMILIES:
             raise ValueError(f"unknown family {f!r} (one of {', '.join(FAMILIES)}; "
-                             f"training-only: {', '.join(AUX_FAMILIES)})")
+                             f"training-only: {', '.join(TRAINING_FAMILIES)})")
     return tuple(families)
 
 
 def case_rng(seed: int, family: str, i: int) -> np.random.Generator:
     """The random stream of case ``i`` of ``family`` for ``seed``."""
-    return np.random.default_rng([seed, (*FAMILIES, *AUX_FAMILIES).index(family), i])
+    return np.random.default_rng([seed, (*FAMILIES, *TRAINING_FAMILIES).index(family), i])
 
 
 # -- dataset -----------------------------------------------------------------------------------

@@ -100,14 +100,15 @@ def background(rng: np.random.Generator) -> tuple[int, int, int]:
 
 
 def place_shapes(specs: list[tuple[str, str]], width: int, height: int,
-                 rng: np.random.Generator, max_tries: int = 200) -> list[Shape]:
+                 rng: np.random.Generator, max_tries: int = 200,
+                 shape_px: tuple[int, int] = SHAPE_PX) -> list[Shape]:
     """Non-overlapping shapes for ``specs`` [(kind, color)], each inside the canvas, with sizes
-    uniform in SHAPE_PX (redrawn, then the whole layout restarted, when one does not fit)."""
+    uniform in ``shape_px`` (redrawn, then the whole layout restarted, when one does not fit)."""
     for _ in range(max_tries):
         out: list[Shape] = []
         for kind, color in specs:
             for _ in range(max_tries):
-                s = int(rng.integers(SHAPE_PX[0], SHAPE_PX[1] + 1))
+                s = int(rng.integers(shape_px[0], shape_px[1] + 1))
                 x, y = int(rng.integers(0, width - s + 1)), int(rng.integers(0, height - s + 1))
                 if all(x + s + SHAPE_GAP_PX <= o.x or o.x + o.size + SHAPE_GAP_PX <= x
                        or y + s + SHAPE_GAP_PX <= o.y or o.y + o.size + SHAPE_GAP_PX <= y
@@ -146,12 +147,14 @@ def canvas(width: int, height: int, bg: tuple[int, int, int], shapes: list[Shape
     return img
 
 
-def render_image(specs: list[tuple[str, str]], rng: np.random.Generator) -> tuple[bytes, dict]:
-    """A PNG of ``specs`` [(kind, color)] placed at random: (bytes, ground truth)."""
+def render_image(specs: list[tuple[str, str]], rng: np.random.Generator,
+                 shape_px: tuple[int, int] = SHAPE_PX) -> tuple[bytes, dict]:
+    """A PNG of ``specs`` [(kind, color)] placed at random, sizes in ``shape_px``: (bytes,
+    ground truth)."""
     w, h = (int(v) for v in rng.integers(IMAGE_PX[0], IMAGE_PX[1] + 1, 2))
     bg = background(rng)
     order = [specs[i] for i in rng.permutation(len(specs))]
-    shapes = place_shapes(order, w, h, rng)
+    shapes = place_shapes(order, w, h, rng, shape_px=shape_px)
     buf = io.BytesIO()
     canvas(w, h, bg, shapes).save(buf, format="PNG")
     return buf.getvalue(), {"size": [w, h], "background": list(bg),
