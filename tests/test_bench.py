@@ -52,11 +52,13 @@ def test_features_row():
 
     args = argparse.Namespace(features_seconds=1.0, repeats=1, quiet=True)
     b = Bench(args, torch.device("cpu"), torch.float32)
-    from omnistream.bench.features import bench_features
+    from omnistream.bench.features import bench_features, bench_stored_image
 
     bench_features(b, "features")
-    (row,) = b.rows
-    assert row.ours > 0 and row.ref > 0 and "max |diff|" in row.note
+    bench_stored_image(b, "features")  # raises if the uint8 path stores other pixels
+    features, image = b.rows
+    assert features.ours > 0 and features.ref > 0 and "max |diff|" in features.note
+    assert image.ours > 0 and image.ref > 0
 
 
 def test_serve_load_test_help(capsys):

@@ -90,12 +90,13 @@ def processor_options(path: str | Path, **options) -> ProcessorOptions:
     return ProcessorOptions(**kw)
 
 
-def load_part(part: dict, kind: str, opts: ProcessorOptions, src: Any = None) -> Any:
+def load_part(part: dict, kind: str, opts: ProcessorOptions, src: Any = None,
+              normalized: bool = True) -> Any:
     """One content part's media, decoded as the processor decodes it: ``opts`` give the defaults
     and the part's own keys (``min_pixels``, ``fps``, ``audio_start`` ...) override them. ``kind``
     audio -> 16 kHz float32 clip; image / video -> ``VisualInput``; "video_audio" -> the video's
     audio track as a 16 kHz clip (``use_audio_in_video``). ``src``: the part's source if already
-    resolved."""
+    resolved. ``normalized=False``: images and videos as uint8 patches (``process_image``)."""
     if src is None:
         src = _source_of(part, "video" if kind == "video_audio" else kind)
     if kind == "audio":
@@ -105,7 +106,7 @@ def load_part(part: dict, kind: str, opts: ProcessorOptions, src: Any = None) ->
     if kind == "image":
         return process_image(src, part.get("min_pixels", opts.image_min_pixels),
                              part.get("max_pixels", opts.image_max_pixels),
-                             part.get("resized_height"), part.get("resized_width"))
+                             part.get("resized_height"), part.get("resized_width"), normalized)
     if kind == "video_audio":
         return load_video_audio(src, part.get("video_start"), part.get("video_end"),
                                 opts.max_audio_seconds)
@@ -123,6 +124,7 @@ def load_part(part: dict, kind: str, opts: ProcessorOptions, src: Any = None) ->
         start=part.get("video_start"),
         end=part.get("video_end"),
         sample_fps=part.get("sample_fps"),
+        normalized=normalized,
         max_seconds=opts.max_video_seconds,
     )
 

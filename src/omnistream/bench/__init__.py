@@ -19,7 +19,8 @@ True)``: one copy of the weights), feeds both the same inputs and times them in 
                      (bf16 thinker/talker on disk, 3B-wide thinker with 8 layers);
 * ``answer``         whole-process time to answer: a fresh process each, load a 0.45B Thinker
                      (1.8 GB fp32) + ``--answer-tokens`` greedy tokens, wall time and peak RSS;
-* ``features``       log-mel features of a ``--features-seconds`` clip.
+* ``features``       log-mel features of a ``--features-seconds`` clip; one image as a
+                     training set stores it.
 
 ``omnistream bench serve ...`` is the server load test (its own options: ``--help``),
 ``omnistream bench vad`` the turn detectors on generated speech, beeps and music, and
@@ -127,9 +128,10 @@ def run_config(b: Bench, name: str) -> None:
 
         bench_answer(b, name)
     elif name == "features":
-        from omnistream.bench.features import bench_features
+        from omnistream.bench.features import bench_features, bench_stored_image
 
         bench_features(b, name)
+        bench_stored_image(b, name)
     else:
         raise ValueError(name)
 

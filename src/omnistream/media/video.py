@@ -246,8 +246,10 @@ def process_video(
     end: float | None = None,
     sample_fps: float | None = None,
     max_seconds: float | None = DEFAULT_MAX_VIDEO_SECONDS,
+    normalized: bool = True,
 ) -> VideoInput:
-    """Decode, sample, resize, normalise and patchify one video.
+    """Decode, sample, resize, normalise and patchify one video (``normalized=False``: uint8
+    patches, as ``process_image``).
 
     ``source`` is a video file/URL/bytes, or a list of frames (images in any form ``load_image``
     takes) sampled at ``sample_fps`` (default 2)."""
@@ -268,7 +270,7 @@ def process_video(
             frames.shape[2], frames.shape[3], FACTOR, min_pixels, budget, source=describe(source)
         )
     frames = resize_frames(frames, h, w)
-    pixel_values, grid = patchify(normalize(frames))
+    pixel_values, grid = patchify(normalize(frames) if normalized else frames)
     spg = TEMPORAL_PATCH_SIZE / (FPS if fps is None else fps)
     return VideoInput(pixel_values, grid, spg, s_fps, timestamps, (h, w))
 

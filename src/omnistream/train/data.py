@@ -103,15 +103,16 @@ def _audio_item(x) -> AudioItem:
 
 
 def process_media(kind: str, path: str, part: dict | None = None,
-                  opts: ProcessorOptions | None = None) -> Any:
+                  opts: ProcessorOptions | None = None, normalized: bool = True) -> Any:
     """Decode and featurise one media item as the engine's processor does (``prompt.load_part``:
     the checkpoint's processor options ``opts``, overridden by the content ``part``'s own keys):
-    an ``AudioItem`` or a ``VisualInput`` (image / video), each with ``n_tokens`` placeholders."""
+    an ``AudioItem`` or a ``VisualInput`` (image / video), each with ``n_tokens`` placeholders
+    (``normalized=False``: its patches as uint8 pixels, for ``pack_media``)."""
     from omnistream.media.errors import MediaError
     from omnistream.prompt import load_part
 
     try:
-        item = load_part(part or {}, kind, opts or ProcessorOptions(), path)
+        item = load_part(part or {}, kind, opts or ProcessorOptions(), path, normalized)
         return _audio_item(item) if kind == "audio" else item
     except (MediaError, ValueError, OSError) as e:
         if isinstance(e, RecordError):
@@ -328,7 +329,7 @@ def _media(part: dict, base: Path, opts: ProcessorOptions | None, cache: dict | 
         return process_media(kind, path, part, opts)
     key = (path, json.dumps(part, sort_keys=True))
     if key not in cache:
-        cache[key] = pack_media(process_media(kind, path, part, opts))
+        cache[key] = pack_media(process_media(kind, path, part, opts, normalized=False))
     return cache[key]
 
 
@@ -377,8 +378,11 @@ def _pixel_levels() -> Tensor:
 
 
 def pack_media(item: Any) -> Any:
-    """A processed media item with its pixels packed (``pack_pixels``) where that is lossless."""
+    """A processed media item with its pixels packed: uint8 patches (``process_media(...,
+    normalized=False)``) as they are, float32 ones by ``pack_pixels`` where that is lossless."""
     pixels = getattr(item, "pixel_values", None)
+    if isinstance(pixels, Tensor) and pixels.dtype == torch.uint8:  # each value its level's index
+        return replace(item, pixel_values=PackedPixels(pixels.reshape(pixels.shape[0], 3, -1)))
     if isinstance(pixels, Tensor):
         packed = pack_pixels(pixels)
         if packed is not pixels:
