@@ -348,7 +348,8 @@ class PackedPixels:
 
 
 def pack_pixels(x: Tensor) -> PackedPixels | Tensor:
-    """``x`` as ``PackedPixels`` when that gives back every bit, else ``x`` itself.
+    """``x`` as ``PackedPixels`` when that gives back every bit, else ``x`` itself (float32
+    patches already normalised; ``pack_media`` packs the processor's uint8 ones without this).
 
     A record's image and video patches are CLIP-normalised uint8 pixels, so each channel has
     256 possible values: kept as float32 patches, the media of a Thinker stage with 37,000
@@ -378,15 +379,11 @@ def _pixel_levels() -> Tensor:
 
 
 def pack_media(item: Any) -> Any:
-    """A processed media item with its pixels packed: uint8 patches (``process_media(...,
-    normalized=False)``) as they are, float32 ones by ``pack_pixels`` where that is lossless."""
+    """A processed media item (``process_media(..., normalized=False)``) with its uint8 patches
+    kept as ``PackedPixels``: each pixel value is its level's index."""
     pixels = getattr(item, "pixel_values", None)
-    if isinstance(pixels, Tensor) and pixels.dtype == torch.uint8:  # each value its level's index
+    if isinstance(pixels, Tensor) and pixels.dtype == torch.uint8:
         return replace(item, pixel_values=PackedPixels(pixels.reshape(pixels.shape[0], 3, -1)))
-    if isinstance(pixels, Tensor):
-        packed = pack_pixels(pixels)
-        if packed is not pixels:
-            return replace(item, pixel_values=packed)
     return item
 
 

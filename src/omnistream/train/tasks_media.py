@@ -148,13 +148,19 @@ def canvas(width: int, height: int, bg: tuple[int, int, int], shapes: list[Shape
 
 
 def render_image(specs: list[tuple[str, str]], rng: np.random.Generator,
-                 shape_px: tuple[int, int] = SHAPE_PX) -> tuple[bytes, dict]:
+                 shape_px: tuple[int, int] = SHAPE_PX, max_tries: int = 100) -> tuple[bytes, dict]:
     """A PNG of ``specs`` [(kind, color)] placed at random, sizes in ``shape_px``: (bytes,
-    ground truth)."""
-    w, h = (int(v) for v in rng.integers(IMAGE_PX[0], IMAGE_PX[1] + 1, 2))
-    bg = background(rng)
-    order = [specs[i] for i in rng.permutation(len(specs))]
-    shapes = place_shapes(order, w, h, rng, shape_px=shape_px)
+    ground truth). A drawn image too small for the shapes (six large ones) is drawn again."""
+    for k in range(max_tries):
+        w, h = (int(v) for v in rng.integers(IMAGE_PX[0], IMAGE_PX[1] + 1, 2))
+        bg = background(rng)
+        order = [specs[i] for i in rng.permutation(len(specs))]
+        try:
+            shapes = place_shapes(order, w, h, rng, shape_px=shape_px)
+            break
+        except RuntimeError:
+            if k == max_tries - 1:
+                raise
     buf = io.BytesIO()
     canvas(w, h, bg, shapes).save(buf, format="PNG")
     return buf.getvalue(), {"size": [w, h], "background": list(bg),
