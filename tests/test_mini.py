@@ -583,7 +583,7 @@ def test_recipe_follows_the_papers_order():
         if stage.task == "thinker":  # batches sorted by length would hold one family each
             assert stage.length_group == 1, f"{cfg}: batches should mix the families"
         done.add(name)
-    assert tasks == (["thinker"] * 2 + ["vision", "hearing"] + ["thinker"] * 10
+    assert tasks == (["thinker"] * 2 + ["vision", "hearing"] + ["thinker"] * 11
                      + ["talker", "talker_dpo"])
     # the training-only families (colour-kind binding, spoken words) are in the Thinker's mixed
     # stages; the counting stages hold counting cases alone, and a mixed round comes after them
