@@ -552,6 +552,8 @@ def test_recipe_follows_the_papers_order():
         REFRESHED,
         STAGE_DIR,
         STAGES,
+        SUMS,
+        SUMS_CASES,
         TALKER_REPEAT,
         THINKER,
     )
@@ -592,6 +594,9 @@ def test_recipe_follows_the_papers_order():
     assert all(all("count" in f for f in data) for name, _, data, _ in STAGES
                if name.endswith("count_only"))
     assert "aux/data.jsonl" in dict((n, d) for n, _, d, _ in STAGES)[THINKER]
+    # the last Thinker stage brings back the sums that the counting stages made it forget
+    assert "arithmetic" in SUMS_CASES
+    assert dict((n, d) for n, _, d, _ in STAGES)[THINKER].count(f"{SUMS}/data.jsonl") == 2
     stage1 = Stage.from_file(STAGE_DIR / dict((n, c) for n, c, _, _ in STAGES)["stage1_align"])
     assert stage1.trainable == ["thinker.audio_tower.*", "thinker.visual.*"]  # LLM frozen
 
