@@ -686,6 +686,28 @@ def test_clear_speech_chooses_the_fewest_errors_then_the_natural_speed():
     assert choose({0.9: 0, 1.1: 0, 1.3: 2}) == 1.1  # equally near: the slower
 
 
+def test_clear_speech_takes_the_sums_from_the_true_answers_only(tmp_path):
+    """The sums' replies are chosen where they are true answers (the first file), not from the
+    counterfactual file's wrong ones; templated families from every file."""
+    from omnistream.train.clear_speech import templated_replies
+
+    def write(name, rows):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps({"family": f, "messages": [
+            {"role": "user", "content": "?"}, {"role": "assistant", "content": r}]}) + "\n"
+            for f, r in rows))
+        return path
+
+    talker = write("talker.jsonl", [("arithmetic", "Two plus two is four."),
+                                    ("repeat", "Red four."), ("beeps", "I hear one beep.")])
+    counter = write("counter.jsonl", [("arithmetic", "Two plus two is five."),
+                                      ("beeps", "I hear two beeps.")])
+    assert templated_replies([talker, counter]) == [
+        "Two plus two is four.", "I hear one beep.", "I hear two beeps."]
+    assert templated_replies([talker, counter], answer_families=()) == [
+        "I hear one beep.", "I hear two beeps."]
+
+
 def test_clear_speech_retargets_the_chosen_replies_only(tmp_path):
     """``clear_speech.retarget``: records whose reply was chosen speak that rendering (its
     recording, Piper's word units at that speed, the codes of exactly that recording); other

@@ -8,7 +8,10 @@ differently at each speed, and the recognizer hears some of these renderings bet
 codec than others. For each such reply this step renders it at several ``length_scale`` values
 (deterministic: Piper's noise is off), sends each rendering through the checkpoint's codec
 (encode, then the streamed decode at ``seeds`` noise seeds) and keeps the rendering with the
-fewest recognizer errors; ties keep the one nearest the natural speed. This is the filtering by
+fewest recognizer errors; ties keep the one nearest the natural speed. The sums are chosen too
+(``ANSWER_FAMILIES``): a Talker hears each of their 187 true answers dozens of times, and
+without them a DiT that suits the counting replies speaks the sums worse (forty-sixth session).
+This is the filtering by
 recognizer error rate that speech-generation corpora use, and the same ranking as the DPO stage
 (``dpo_pairs``), applied to the targets instead of to sampled pairs.
 
@@ -36,17 +39,23 @@ from omnistream.train.model import write_whole
 # families whose replies come from a few templates (the rest: one reply per record)
 TEMPLATE_FAMILIES = ("chat", "beeps", "image-count", "image-count-color", "image-color",
                      "image-shape", "spoken-image", "video-motion", "audio-in-video")
+# families with one reply per case but few distinct true answers (the 187 sums): chosen from the
+# first file's records only, the true answers; the counterfactual file's wrong sums (700 more)
+# keep Piper's natural speed, since scoring them too would take hours
+ANSWER_FAMILIES = ("arithmetic",)
 SCALES = (0.9, 0.95, 1.0, 1.05, 1.1, 1.2)
 SEEDS = (0, 1)
 
 
-def templated_replies(files: list[Path],
-                      families: tuple[str, ...] = TEMPLATE_FAMILIES) -> list[str]:
-    """The distinct replies of ``families``' records in ``files`` (first appearance first)."""
+def templated_replies(files: list[Path], families: tuple[str, ...] = TEMPLATE_FAMILIES,
+                      answer_families: tuple[str, ...] = ANSWER_FAMILIES) -> list[str]:
+    """The distinct replies of ``families``' records in ``files`` and of ``answer_families``'
+    records in ``files[0]`` (first appearance first)."""
     seen: dict[str, None] = {}
-    for path in files:
+    for i, path in enumerate(files):
+        wanted = set(families) | (set(answer_families) if i == 0 else set())
         for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip() and (rec := json.loads(line)).get("family") in families:
+            if line.strip() and (rec := json.loads(line)).get("family") in wanted:
                 seen.setdefault(reply_text(rec))
     return list(seen)
 
@@ -132,11 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--files", nargs="+", required=True, help="talker JSONL files in DATA")
     ap.add_argument("--suffix", default="_c", help="output file name suffix")
     ap.add_argument("--families", default=",".join(TEMPLATE_FAMILIES))
+    ap.add_argument("--answer-families", default=",".join(ANSWER_FAMILIES),
+                    help="families whose replies are chosen from the first file only")
     ap.add_argument("--scales", default=",".join(map(str, SCALES)))
     a = ap.parse_args(argv)
     data = Path(a.data)
     files = [data / f for f in a.files]
-    texts = templated_replies(files, tuple(a.families.split(",")))
+    texts = templated_replies(files, tuple(a.families.split(",")),
+                              tuple(f for f in a.answer_families.split(",") if f))
     # the natural speed is always a candidate: what the records speak now
     scales = tuple(sorted({SPEECH_LENGTH_SCALE, *(float(s) for s in a.scales.split(","))}))
     table = score(texts, a.codec, data / "speech_c", data / "clear_speech.json", scales)

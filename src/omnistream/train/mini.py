@@ -19,8 +19,9 @@ config). Steps, in order (``OUT/...``):
    distinct replies).
    ``talker_counter.jsonl``: the task records again with the reply's content word changed
    (``add_counterfactuals``), so the Talker learns to say the tokens it is given.
-   ``talker_c.jsonl`` and ``talker_counter_c.jsonl``: the same, each templated reply spoken at
-   the Piper speed whose codec round trip the recognizer hears best (``train.clear_speech``).
+   ``talker_c.jsonl`` and ``talker_counter_c.jsonl``: the same, each templated reply and each
+   true sum spoken at the Piper speed whose codec round trip the recognizer hears best
+   (``train.clear_speech``).
 2. ``init/``: the from-scratch checkpoint (``mini_model.init_mini``: random Thinker and Talker,
    the codec's Token2Wav, speech encoder and voice; that Token2Wav was trained on this voice's
    sentences and renders the Talker's codes as it is).
