@@ -601,6 +601,31 @@ def test_recipe_follows_the_papers_order():
     assert stage1.trainable == ["thinker.audio_tower.*", "thinker.visual.*"]  # LLM frozen
 
 
+def test_average_mixes_every_float_tensor_and_checks_the_pair(tiny_dir, tmp_path):
+    """``mini_model.average``: (1 - w) * a + w * b for every floating-point tensor, the other
+    tensors and the config from ``a``; checkpoints of different shapes are refused."""
+    from omnistream.checkpoint import read_tensors
+    from omnistream.maketiny import make_tiny
+    from omnistream.train.mini_model import average
+
+    other = make_tiny(tmp_path / "other", seed=1)
+    out = average(tiny_dir, other, 0.25, tmp_path / "avg")
+    a, b, m = (dict(read_tensors(d)) for d in (tiny_dir, other, out))
+    assert m.keys() == a.keys()
+    floats = [k for k, v in a.items() if v.is_floating_point()]
+    assert floats and any(not torch.equal(a[k], b[k]) for k in floats)
+    for k, v in m.items():
+        want = 0.75 * a[k].float() + 0.25 * b[k].float() if k in floats else a[k]
+        assert v.dtype == a[k].dtype, k  # kept in a's dtype
+        torch.testing.assert_close(v, want.to(v.dtype))
+    assert (out / "config.json").read_text() == (Path(tiny_dir) / "config.json").read_text()
+    cfg = json.loads((Path(tiny_dir) / "config.json").read_text())
+    cfg["thinker_config"]["text_config"]["intermediate_size"] *= 2
+    wide = make_tiny(tmp_path / "wide", seed=1, config=cfg)
+    with pytest.raises(ValueError, match="shape"):
+        average(tiny_dir, wide, 0.5, tmp_path / "bad")
+
+
 def test_refresh_draws_again_only_the_rows_of_new_tokens(tiny_dir, tmp_path):
     """``mini_model.refresh``: the embedding rows of the tokens that the new records hold and the
     seen ones do not are drawn again at the spread of the seen tokens' rows; every other tensor

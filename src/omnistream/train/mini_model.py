@@ -322,6 +322,24 @@ def balance(src_dir: str | Path, out_dir: str | Path, alpha: float = 4.0) -> Pat
     return _write_checkpoint(src, out, balance_tensors(dict(read_tensors(src)), alpha), cfg)
 
 
+def average(a_dir: str | Path, b_dir: str | Path, weight: float, out_dir: str | Path) -> Path:
+    """``(1 - weight) * a + weight * b`` for every floating-point tensor of two checkpoints of
+    one model (``a``'s config and side files; other tensors from ``a``). Two Thinkers trained
+    on from one ancestor lie in one basin: their average keeps much of what each learnt
+    (docs/MINI.md, forty-seventh session)."""
+    a, b, out = Path(a_dir), Path(b_dir), Path(out_dir)
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"average: weight {weight} is outside [0, 1]")
+    tb = dict(read_tensors(b))
+    tensors = {}
+    for k, v in read_tensors(a):
+        if k not in tb or tb[k].shape != v.shape:
+            raise ValueError(f"average: {b} has no tensor {k} of shape {tuple(v.shape)}")
+        tensors[k] = (torch.lerp(v.float(), tb[k].float(), weight).to(v.dtype)
+                      if v.is_floating_point() else v)
+    return _write_checkpoint(a, out, tensors, json.loads((a / "config.json").read_text()))
+
+
 @torch.no_grad()
 def text_track_norms(model_dir: str | Path, records: str | Path, n: int = 100) -> tuple[float,
                                                                                       float]:
@@ -439,6 +457,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ratio", type=float, default=None,
                    help="size alpha from SRC's norms on --records to this hidden/embedding ratio")
     p.add_argument("--records", default=None, help="JSONL records for --ratio")
+    p = sub.add_parser("average", help="(1 - weight) * A + weight * B, tensor by tensor")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("out")
+    p.add_argument("--weight", type=float, default=0.5)
     p = sub.add_parser("refresh", help="fresh embedding rows for the tokens new to a checkpoint")
     p.add_argument("src")
     p.add_argument("out")
@@ -461,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
             alpha = balance_alpha(hidden, embed, a.ratio)
             print(f"hidden norm {hidden:.2f}, embedding norm {embed:.2f}: alpha {alpha:g}")
         print(balance(a.src, a.out, alpha))
+    elif a.cmd == "average":
+        print(average(a.a, a.b, a.weight, a.out))
     elif a.cmd == "refresh":
         d, n = refresh(a.src, a.out, a.new, a.seen, a.seed)
         print(f"{d}: {n} token rows drawn again")
