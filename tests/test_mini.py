@@ -606,7 +606,7 @@ def test_average_mixes_every_float_tensor_and_checks_the_pair(tiny_dir, tmp_path
     tensors and the config from ``a``; checkpoints of different shapes are refused."""
     from omnistream.checkpoint import read_tensors
     from omnistream.maketiny import make_tiny
-    from omnistream.train.mini_model import average
+    from omnistream.train.mini_model import _write_checkpoint, average
 
     other = make_tiny(tmp_path / "other", seed=1)
     out = average(tiny_dir, other, 0.25, tmp_path / "avg")
@@ -624,6 +624,13 @@ def test_average_mixes_every_float_tensor_and_checks_the_pair(tiny_dir, tmp_path
     wide = make_tiny(tmp_path / "wide", seed=1, config=cfg)
     with pytest.raises(ValueError, match="shape"):
         average(tiny_dir, wide, 0.5, tmp_path / "bad")
+    less = _write_checkpoint(Path(tiny_dir), tmp_path / "less", dict(list(a.items())[1:]),
+                             json.loads((Path(tiny_dir) / "config.json").read_text()))
+    for x, y in ((tiny_dir, less), (less, tiny_dir)):  # a tensor missing on either side
+        with pytest.raises(ValueError, match="has no tensor"):
+            average(x, y, 0.5, tmp_path / "bad")
+    with pytest.raises(ValueError, match="outside"):
+        average(tiny_dir, other, 1.5, tmp_path / "bad")
 
 
 def test_refresh_draws_again_only_the_rows_of_new_tokens(tiny_dir, tmp_path):

@@ -337,6 +337,8 @@ def average(a_dir: str | Path, b_dir: str | Path, weight: float, out_dir: str | 
             raise ValueError(f"average: {b} has no tensor {k} of shape {tuple(v.shape)}")
         tensors[k] = (torch.lerp(v.float(), tb[k].float(), weight).to(v.dtype)
                       if v.is_floating_point() else v)
+    if extra := sorted(tb.keys() - tensors.keys()):
+        raise ValueError(f"average: {a} has no tensor {extra[0]} ({len(extra)} of {b}'s missing)")
     return _write_checkpoint(a, out, tensors, json.loads((a / "config.json").read_text()))
 
 
