@@ -549,6 +549,8 @@ def test_recipe_follows_the_papers_order():
     from omnistream.train.mini import (
         BALANCED,
         COPY,
+        MERGES,
+        MOTION,
         REFRESHED,
         STAGE_DIR,
         STAGES,
@@ -571,6 +573,11 @@ def test_recipe_follows_the_papers_order():
         if src == BALANCED:  # the finished Thinker, rescaled for the Talker
             assert THINKER in done and Stage.from_file(STAGE_DIR / cfg).task == "talker"
             done.add(BALANCED)
+        if src in MERGES and src not in done:  # a mean of finished stages
+            parts = MERGES[src]
+            assert len(parts) >= 2 and all(s in done for s, _ in parts), (src, parts)
+            assert abs(sum(w for _, w in parts) - 1) < 1e-9, src
+            done.add(src)
         assert src in done, (name, src)
         assert data and all(f.endswith(".jsonl") for f in data), name
         stage = Stage.from_file(STAGE_DIR / cfg)
@@ -585,28 +592,35 @@ def test_recipe_follows_the_papers_order():
         if stage.task == "thinker":  # batches sorted by length would hold one family each
             assert stage.length_group == 1, f"{cfg}: batches should mix the families"
         done.add(name)
-    assert tasks == (["thinker"] * 2 + ["vision", "hearing"] + ["thinker"] * 11
+    assert tasks == (["thinker"] * 2 + ["vision", "hearing"] + ["thinker"] * 16
                      + ["talker", "talker_dpo"])
+    assert set(MERGES) <= done  # every mean is used
     # the training-only families (colour-kind binding, spoken words) are in the Thinker's mixed
     # stages; the counting stages hold counting cases alone, and a mixed round comes after them
     assert all("aux/data.jsonl" in data for name, _, data, _ in STAGES
-               if name.startswith("stage2") and not name.endswith("count_only"))
+               if name.startswith("stage2") and not name.endswith(("count_only", "_motion")))
     assert all(all("count" in f for f in data) for name, _, data, _ in STAGES
                if name.endswith("count_only"))
-    assert "aux/data.jsonl" in dict((n, d) for n, _, d, _ in STAGES)[THINKER]
-    # the last Thinker stage brings back the sums that the counting stages made it forget
+    data = dict((n, d) for n, _, d, _ in STAGES)
+    # the round with sums brings back those that the counting stages made it forget, and every
+    # repair of the average holds that round
     assert "arithmetic" in SUMS_CASES
-    assert dict((n, d) for n, _, d, _ in STAGES)[THINKER].count(f"{SUMS}/data.jsonl") == 2
+    assert data["stage2j_sums"].count(f"{SUMS}/data.jsonl") == 2
+    assert all(set(data["stage2j_sums"]) <= set(d) for n, d in data.items()
+               if n.startswith("stage2l_"))
+    # the last Thinker stage: the motion clips, beside plain cases of every family
+    assert f"{MOTION}/data.jsonl" in data[THINKER] and "data.jsonl" in data[THINKER]
     stage1 = Stage.from_file(STAGE_DIR / dict((n, c) for n, c, _, _ in STAGES)["stage1_align"])
     assert stage1.trainable == ["thinker.audio_tower.*", "thinker.visual.*"]  # LLM frozen
 
 
 def test_average_mixes_every_float_tensor_and_checks_the_pair(tiny_dir, tmp_path):
     """``mini_model.average``: (1 - w) * a + w * b for every floating-point tensor, the other
-    tensors and the config from ``a``; checkpoints of different shapes are refused."""
+    tensors and the config from ``a``; checkpoints of different shapes are refused; ``mix``
+    weighs more than two."""
     from omnistream.checkpoint import read_tensors
     from omnistream.maketiny import make_tiny
-    from omnistream.train.mini_model import _write_checkpoint, average
+    from omnistream.train.mini_model import _write_checkpoint, average, mix
 
     other = make_tiny(tmp_path / "other", seed=1)
     out = average(tiny_dir, other, 0.25, tmp_path / "avg")
@@ -631,6 +645,67 @@ def test_average_mixes_every_float_tensor_and_checks_the_pair(tiny_dir, tmp_path
             average(x, y, 0.5, tmp_path / "bad")
     with pytest.raises(ValueError, match="outside"):
         average(tiny_dir, other, 1.5, tmp_path / "bad")
+    # more than two ("soups"): each weight times its checkpoint; weights that do not sum to 1
+    # are refused
+    third = make_tiny(tmp_path / "third", seed=2)
+    c = dict(read_tensors(third))
+    m = dict(read_tensors(mix([(tiny_dir, 0.5), (other, 0.3), (third, 0.2)], tmp_path / "soup")))
+    for k in floats:
+        want = 0.5 * a[k].float() + 0.3 * b[k].float() + 0.2 * c[k].float()
+        torch.testing.assert_close(m[k], want.to(m[k].dtype))
+    with pytest.raises(ValueError, match="sum to"):
+        mix([(tiny_dir, 0.5), (other, 0.3)], tmp_path / "bad")
+
+
+def test_recipe_trains_its_last_thinker_stage_from_the_mean_of_the_repairs(tiny_dir, tmp_path,
+                                                                            monkeypatch):
+    """Resumed with every stage before the last Thinker stage done, the recipe writes the mean
+    of the four repairs (``MERGES``) and trains the last stage from it, on its data."""
+    import shutil
+
+    from omnistream.checkpoint import read_tensors
+    from omnistream.maketiny import make_tiny
+    from omnistream.train import mini
+    from omnistream.train.loop import STAGE_FILE
+
+    out = tmp_path / "run"
+    record = json.dumps({"messages": [{"role": "user", "content": "Hi!"},
+                                      {"role": "assistant", "content": "Hello!"}]})
+    marks = {f for *_, d, _ in mini.STAGES for f in d} | {
+        "media.jsonl", f"{mini.TALKER_REPEAT}/data.jsonl", f"{mini.ROUND}/text.jsonl",
+        f"{mini.VISION}/vision.jsonl", f"{mini.HEARING}/hearing.jsonl"}
+    for f in marks:  # every data step done
+        (out / "data" / f).parent.mkdir(parents=True, exist_ok=True)
+        (out / "data" / f).write_text(record + "\n")
+    shutil.copytree(tiny_dir, out / "init")
+    parts = mini.MERGES["stage2m_soup"]
+    for i, (name, *_) in enumerate(mini.STAGES):
+        if name == mini.THINKER:
+            break
+        (out / name).mkdir()
+        if name in {s for s, _ in parts}:
+            make_tiny(out / name, seed=10 + i)
+        (out / name / STAGE_FILE).write_text("{}")
+    ran = []
+
+    def fake_train(cmd):
+        ran.append(cmd)
+        stage_out = Path(cmd[cmd.index("--out") + 1])
+        shutil.copytree(cmd[cmd.index("--model") + 1], stage_out)
+        (stage_out / STAGE_FILE).write_text("{}")
+
+    monkeypatch.setattr(mini, "_run", fake_train)
+    assert mini.run(out, None, until=mini.THINKER) == out / mini.THINKER
+    (cmd,) = ran
+    assert cmd[cmd.index("--model") + 1] == str(out / "stage2m_soup")
+    data = cmd[cmd.index("--data") + 1:cmd.index("--model")]
+    assert data == [str(out / "data" / f) for f in dict((n, d) for n, _, d, _ in mini.STAGES)[
+        mini.THINKER]]
+    srcs = [dict(read_tensors(out / s)) for s, _ in parts]
+    for k, v in read_tensors(out / "stage2m_soup"):
+        if v.is_floating_point():
+            want = sum(w * t[k].float() for (_, w), t in zip(parts, srcs, strict=True))
+            torch.testing.assert_close(v, want.to(v.dtype))
 
 
 def test_refresh_draws_again_only_the_rows_of_new_tokens(tiny_dir, tmp_path):

@@ -17,6 +17,8 @@ shipped copy (Thinker and Talker bfloat16, the codec float32) and checks the bud
     python -m omnistream.train.mini_model ship SRC OUT
     python -m omnistream.train.mini_model balance SRC OUT [--alpha 4 | --ratio R --records F]
     python -m omnistream.train.mini_model refresh SRC OUT --new A.jsonl.. --seen B.jsonl..
+    python -m omnistream.train.mini_model average A B OUT [--weight 0.5]
+    python -m omnistream.train.mini_model mean OUT A B [C ...]
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import json
 import math
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -322,24 +324,46 @@ def balance(src_dir: str | Path, out_dir: str | Path, alpha: float = 4.0) -> Pat
     return _write_checkpoint(src, out, balance_tensors(dict(read_tensors(src)), alpha), cfg)
 
 
+def mix(parts: Sequence[tuple[str | Path, float]], out_dir: str | Path) -> Path:
+    """``sum(weight * checkpoint)`` over ``parts`` (``(dir, weight)``, weights in [0, 1] summing
+    to 1) for every floating-point tensor of checkpoints of one model, in the first's dtypes (its
+    config, side files and other tensors). Thinkers trained on from one ancestor lie in one
+    basin: their average keeps much of what each learnt, and the mean of several repairs of one
+    average ("soup") keeps what each repair kept (docs/MINI.md, forty-seventh to forty-ninth
+    sessions)."""
+    dirs, weights = [Path(d) for d, _ in parts], [float(w) for _, w in parts]
+    if len(dirs) < 2:
+        raise ValueError(f"mix: {len(dirs)} checkpoint(s); a mix needs two or more")
+    for w in weights:
+        if not 0.0 <= w <= 1.0:
+            raise ValueError(f"mix: weight {w} is outside [0, 1]")
+    if abs(sum(weights) - 1.0) > 1e-6:
+        raise ValueError(f"mix: the weights {weights} sum to {sum(weights):g}, not 1")
+    first = dict(read_tensors(dirs[0]))
+    acc = {k: v.float() * weights[0] if v.is_floating_point() else v for k, v in first.items()}
+    for d, w in zip(dirs[1:], weights[1:], strict=True):
+        seen = set()
+        for k, v in read_tensors(d):
+            if k not in first:
+                raise ValueError(f"mix: {dirs[0]} has no tensor {k} of {d}")
+            if v.shape != first[k].shape:
+                raise ValueError(f"mix: {d}'s tensor {k} has shape {tuple(v.shape)}, "
+                                 f"{dirs[0]}'s {tuple(first[k].shape)}")
+            seen.add(k)
+            if v.is_floating_point():
+                acc[k] = acc[k] + v.float() * w
+        if missing := sorted(first.keys() - seen):
+            raise ValueError(f"mix: {d} has no tensor {missing[0]} ({len(missing)} missing)")
+    tensors = {k: v.to(first[k].dtype) for k, v in acc.items()}
+    return _write_checkpoint(dirs[0], Path(out_dir), tensors,
+                             json.loads((dirs[0] / "config.json").read_text()))
+
+
 def average(a_dir: str | Path, b_dir: str | Path, weight: float, out_dir: str | Path) -> Path:
-    """``(1 - weight) * a + weight * b`` for every floating-point tensor of two checkpoints of
-    one model (``a``'s config and side files; other tensors from ``a``). Two Thinkers trained
-    on from one ancestor lie in one basin: their average keeps much of what each learnt
-    (docs/MINI.md, forty-seventh session)."""
-    a, b, out = Path(a_dir), Path(b_dir), Path(out_dir)
+    """``(1 - weight) * a + weight * b``: ``mix`` of two checkpoints."""
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"average: weight {weight} is outside [0, 1]")
-    tb = dict(read_tensors(b))
-    tensors = {}
-    for k, v in read_tensors(a):
-        if k not in tb or tb[k].shape != v.shape:
-            raise ValueError(f"average: {b} has no tensor {k} of shape {tuple(v.shape)}")
-        tensors[k] = (torch.lerp(v.float(), tb[k].float(), weight).to(v.dtype)
-                      if v.is_floating_point() else v)
-    if extra := sorted(tb.keys() - tensors.keys()):
-        raise ValueError(f"average: {a} has no tensor {extra[0]} ({len(extra)} of {b}'s missing)")
-    return _write_checkpoint(a, out, tensors, json.loads((a / "config.json").read_text()))
+    return mix([(a_dir, 1.0 - weight), (b_dir, weight)], out_dir)
 
 
 @torch.no_grad()
@@ -464,6 +488,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("b")
     p.add_argument("out")
     p.add_argument("--weight", type=float, default=0.5)
+    p = sub.add_parser("mean", help="the mean of several checkpoints, tensor by tensor (a soup)")
+    p.add_argument("out")
+    p.add_argument("srcs", nargs="+")
     p = sub.add_parser("refresh", help="fresh embedding rows for the tokens new to a checkpoint")
     p.add_argument("src")
     p.add_argument("out")
@@ -488,6 +515,8 @@ def main(argv: list[str] | None = None) -> int:
         print(balance(a.src, a.out, alpha))
     elif a.cmd == "average":
         print(average(a.a, a.b, a.weight, a.out))
+    elif a.cmd == "mean":
+        print(mix([(d, 1 / len(a.srcs)) for d in a.srcs], a.out))
     elif a.cmd == "refresh":
         d, n = refresh(a.src, a.out, a.new, a.seen, a.seed)
         print(f"{d}: {n} token rows drawn again")
