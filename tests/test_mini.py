@@ -324,9 +324,38 @@ def test_voice_reference_wer():
     # three yellow shapes." as "... shades": the floor is a measurement, not a given)
     assert floor("It moves to the left.") == (0, 5)
     cases = [{"correct": True, "ttfa_s": None, "rtf": None, "wer_edits": 2, "wer_words": 5,
-              "voice_edits": e, "voice_words": 5} for e in (0, 1)]
+              "voice_edits": e, "voice_words": 5, "codec_edits": 1, "codec_words": 5}
+             for e in (0, 1)]
     s = summarize(cases)
-    assert s["wer"] == 0.4 and s["voice_wer"] == 0.1
+    assert s["wer"] == 0.4 and s["voice_wer"] == 0.1 and s["codec_wer"] == 0.2
+
+
+def test_codec_reference_wer_needs_a_speech_encoder(tiny_dir):
+    """``--codec-wer``: the voice's recording of an answer through the checkpoint's own codec
+    (the Talker's target as the codec says it); a checkpoint without a speech encoder (the
+    release's layout, the tiny model) is refused by name; the table shows the column only when
+    it was measured."""
+    from omnistream.eval import recognizer
+    from omnistream.eval.tasks import _codec_floor, format_table
+    from omnistream.models import REPO_ROOT
+
+    case = {"family": "chat", "correct": True, "wer_edits": 2, "wer_words": 5, "voice_edits": 0,
+            "voice_words": 5, "codec_edits": 1, "codec_words": 5, "ttfa_s": 0.2,
+            "gapless_s": 0.4, "rtf": 0.5}
+    res = {"model": "m", "seed": 1_000_000, "n": 1, "recognizer": True, "recognizer_off": False,
+           "levels": False, "cases": [case]}
+    assert "codec WER" not in format_table(res)
+    table = format_table(res | {"codec_wer": True})
+    rows = {ln.split()[0]: ln.split() for ln in table.splitlines()}
+    assert rows["chat"][4:7] == ["40.0%", "0.0%", "20.0%"]  # WER, voice WER, codec WER
+    with pytest.raises(ValueError, match="no speech encoder"):
+        _codec_floor(recognizer, tiny_dir)
+    pytest.importorskip("piper", reason="the voice needs the data extra")
+    mini = (REPO_ROOT or Path.cwd()) / "models" / "omni-mini"
+    if not recognizer.available() or not (mini / "model.safetensors").is_file():
+        pytest.skip("no recognizer (eval extra) or no omni-mini")
+    edits, words = _codec_floor(recognizer, mini)("It moves to the left.")
+    assert words == 5 and edits <= 1  # omni-mini's codec says its motion replies clearly
 
 
 def test_word_errors_read_a_digit_string_as_the_reference_says_it():

@@ -147,6 +147,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--levels", action="store_true",
                    help="audio at random microphone levels (robustness; not TASKS.md's)")
+    p.add_argument("--codec-wer", action="store_true",
+                   help="also the voice's recordings of the answers through the checkpoint's "
+                        "codec: the codec's share of the WER")
     p.add_argument("--json-out", default=None,
                    help="every case's result, with its rendering's ground truth, as JSON")
     p.add_argument("--quiet", action="store_true", help="no per-case lines")
@@ -450,7 +453,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                    recognize=False if args.no_recognizer else None,
                    max_new_tokens=args.max_new_tokens, speech_seconds=args.speech_seconds,
                    solver=args.solver, dtype=args.dtype, levels=args.levels,
-                   progress=None if args.quiet else show)
+                   codec_wer=args.codec_wer, progress=None if args.quiet else show)
     print(format_table(res))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(res, indent=2) + "\n")

@@ -13,6 +13,11 @@ Cases come from the task generator (``train/tasks.py``) with seeds from ``EVAL_S
 * ``voice WER``: the same recognizer on the Piper voice (the one omni-mini learned to speak in)
   reading the expected answers: what the recognizer itself gets wrong on this voice and these
   words (number lists, "omnistream"), the floor for ``WER`` ("-" without the data extra);
+* ``codec WER`` (``--codec-wer``): the same recordings through the checkpoint's own codec
+  (encode, then the streamed decode): the Talker's targets as well as this codec can say them,
+  so ``WER`` - ``codec WER`` is the Talker's share and ``codec WER`` - ``voice WER`` the codec's
+  on replies the Talker has not learnt by heart (lists, sums); the templated replies it learnt
+  from the clearest of several renderings (``train.clear_speech``), so there it may beat this;
 * ``TTFA``: time to first audio (median, from the call to ``respond``);
 * ``RTF``: real-time factor of the whole reply (median of reply wall time / speech seconds).
 """
@@ -118,6 +123,8 @@ class CaseResult:
     heard: str | None = None  # the recognizer's transcript
     voice_edits: int | None = None  # the recognizer on the Piper voice reading the answer
     voice_words: int | None = None
+    codec_edits: int | None = None  # the same recording through the checkpoint's codec
+    codec_words: int | None = None
     gapless_s: float | None = None  # ``gapless_start``: audio from then on never runs dry
     # the rendering's ground truth (``Case.meta``: an image's size and shapes, a voice and its
     # speed ...), so misses can be studied from ``--json-out`` alone
@@ -129,6 +136,7 @@ def evaluate(model: str | Path, n: int = 50, seed: int | None = None,
              families: list[str] | None = None, recognize: bool | None = None,
              max_new_tokens: int = MAX_NEW_TOKENS, speech_seconds: float = SPEECH_SECONDS,
              solver: str | None = None, dtype: str = "float32", levels: bool = False,
+             codec_wer: bool = False,
              progress: Callable[[CaseResult], None] | None = None) -> dict[str, Any]:
     """Evaluate ``model`` on ``n`` fresh cases per family; returns ``{"cases": [...],
     "recognizer": bool, "recognizer_off": bool (not asked for), "model", "seed", "levels"}``
@@ -137,7 +145,8 @@ def evaluate(model: str | Path, n: int = 50, seed: int | None = None,
     ``recognize``: None = when the recognizer is installed. ``seed`` (default
     ``EVAL_SEED_BASE``) must be at least ``EVAL_SEED_BASE``. ``levels``: the same cases with
     their audio at random microphone levels (``train.tasks.render_case``), a robustness check
-    beyond TASKS.md's renderings."""
+    beyond TASKS.md's renderings. ``codec_wer``: also the voice's recordings through the
+    checkpoint's codec (needs the recognizer, the data extra and a speech encoder)."""
     from omnistream.engine.options import SessionOptions
     from omnistream.engine.session import Engine
     from omnistream.train.tasks import EVAL_SEED_BASE, FAMILIES, check_families, render_case
@@ -158,6 +167,12 @@ def evaluate(model: str | Path, n: int = 50, seed: int | None = None,
             raise recognizer.RecognizerMissing(
                 "the recognizer is not installed: pip install 'omnistream[eval]'")
     voice_floor = _voice_floor(rec_mod) if rec_mod is not None else None
+    codec_floor = None
+    if codec_wer:
+        if rec_mod is None or voice_floor is None:
+            raise ValueError("codec WER needs the recognizer and the Piper voice: pip install "
+                             "'omnistream[eval,data]'")
+        codec_floor = _codec_floor(rec_mod, model)
     engine = Engine.load(model, dtype=dtype, quiet=True)
     base = SessionOptions(max_new_tokens=max_new_tokens,
                           talker_max_new_tokens=SessionOptions.speech_limit(speech_seconds),
@@ -188,31 +203,61 @@ def evaluate(model: str | Path, n: int = 50, seed: int | None = None,
                     res.wer_edits, res.wer_words = rec_mod.word_errors(r.text, heard)
                 if voice_floor is not None:
                     res.voice_edits, res.voice_words = voice_floor(case.answer)
+                if codec_floor is not None:
+                    res.codec_edits, res.codec_words = codec_floor(case.answer)
                 results.append(res)
                 if progress is not None:
                     progress(res)
     return {"model": str(model), "seed": seed, "n": n, "recognizer": rec_mod is not None,
-            "recognizer_off": recognize is False, "levels": levels,
+            "recognizer_off": recognize is False, "levels": levels, "codec_wer": codec_wer,
             "cases": [asdict(r) for r in results]}
 
 
-def _voice_floor(rec_mod) -> Callable[[str], tuple[int, int]] | None:
-    """``answer -> (edits, words)`` of the recognizer on the Talker's target voice reading
-    ``answer`` (``voices.piper`` at its length_scale); None without the data extra."""
-    try:
-        import piper  # noqa: F401
-    except ImportError:
-        return None
+def _target_voice(answer: str) -> np.ndarray:
+    """``answer`` read by the Talker's target voice (``voices.piper`` at its length_scale), 24 kHz
+    float32 PCM."""
     from omnistream.media.audio import resample
     from omnistream.train.mini import SPEECH_LENGTH_SCALE
     from omnistream.train.voices import piper
 
+    pcm, sr = piper(answer, SPEECH_LENGTH_SCALE)
+    return resample(pcm, sr, SAMPLE_RATE)
+
+
+def _voice_floor(rec_mod) -> Callable[[str], tuple[int, int]] | None:
+    """``answer -> (edits, words)`` of the recognizer on the Talker's target voice reading
+    ``answer`` (``_target_voice``); None without the data extra."""
+    try:
+        import piper  # noqa: F401
+    except ImportError:
+        return None
     memo: dict[str, tuple[int, int]] = {}
 
     def floor(answer: str) -> tuple[int, int]:
         if answer not in memo:
-            pcm, sr = piper(answer, SPEECH_LENGTH_SCALE)
-            heard = rec_mod.transcribe(resample(pcm, sr, SAMPLE_RATE), SAMPLE_RATE)
+            heard = rec_mod.transcribe(_target_voice(answer), SAMPLE_RATE)
+            memo[answer] = rec_mod.word_errors(answer, heard)
+        return memo[answer]
+
+    return floor
+
+
+def _codec_floor(rec_mod, model: str | Path) -> Callable[[str], tuple[int, int]]:
+    """``answer -> (edits, words)`` of the recognizer on ``_target_voice(answer)`` after the
+    round trip through ``model``'s codec (its speech encoder, then the streamed decode from
+    noise seed 0, the checkpoint's ODE settings)."""
+    from omnistream.engine.codec import Codec
+
+    codec = Codec.load(model)
+    if codec.encoder is None:
+        raise ValueError(f"codec WER: {model} has no speech encoder (codec_encoder_config), so "
+                         "its codec cannot encode the voice")
+    memo: dict[str, tuple[int, int]] = {}
+
+    def floor(answer: str) -> tuple[int, int]:
+        if answer not in memo:
+            codes = codec.encode(_target_voice(answer), sample_rate=SAMPLE_RATE)
+            heard = rec_mod.transcribe(codec.decode(codes, seed=0), SAMPLE_RATE)
             memo[answer] = rec_mod.word_errors(answer, heard)
         return memo[answer]
 
@@ -247,6 +292,7 @@ def summarize(cases: list[dict]) -> dict[str, Any]:
             "acc_ci": wilson(right, len(cases)),
             "wer": _rate(cases, "wer_edits", "wer_words"),
             "voice_wer": _rate(cases, "voice_edits", "voice_words"),
+            "codec_wer": _rate(cases, "codec_edits", "codec_words"),
             "ttfa_s": median("ttfa_s"), "gapless_s": median("gapless_s"), "rtf": median("rtf")}
 
 
@@ -255,18 +301,20 @@ def format_table(res: dict[str, Any]) -> str:
     fams: dict[str, list[dict]] = {}
     for c in res["cases"]:
         fams.setdefault(c["family"], []).append(c)
+    codec = bool(res.get("codec_wer"))  # the column only when measured
     head = (f"{'family':<18}{'n':>4}{'acc':>8}{'95% CI':>9}{'WER':>8}{'voice WER':>11}"
-            f"{'TTFA s':>9}{'gapless s':>11}{'RTF':>7}")
+            + (f"{'codec WER':>11}" if codec else "") + f"{'TTFA s':>9}{'gapless s':>11}{'RTF':>7}")
     rows = [head, "-" * len(head)]
 
     def row(name: str, cases: list[dict]) -> str:
         s = summarize(cases)
-        wer, vw = (f"{100 * s[k]:.1f}%" if s[k] is not None else "-" for k in ("wer", "voice_wer"))
+        wer, vw, cw = (f"{100 * s[k]:.1f}%" if s[k] is not None else "-"
+                       for k in ("wer", "voice_wer", "codec_wer"))
         ttfa, gapless, rtf = (f"{s[k]:.2f}" if s[k] is not None else "-"
                               for k in ("ttfa_s", "gapless_s", "rtf"))
         ci = "-".join(f"{100 * v:.0f}" for v in s["acc_ci"])
-        return (f"{name:<18}{s['n']:>4}{100 * s['acc']:>7.1f}%{ci:>9}{wer:>8}{vw:>11}{ttfa:>9}"
-                f"{gapless:>11}{rtf:>7}")
+        return (f"{name:<18}{s['n']:>4}{100 * s['acc']:>7.1f}%{ci:>9}{wer:>8}{vw:>11}"
+                + (f"{cw:>11}" if codec else "") + f"{ttfa:>9}{gapless:>11}{rtf:>7}")
 
     rows += [row(f, cs) for f, cs in fams.items()]
     rows += ["-" * len(head), row("all", res["cases"])]
