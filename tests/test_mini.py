@@ -330,7 +330,7 @@ def test_voice_reference_wer():
     assert s["wer"] == 0.4 and s["voice_wer"] == 0.1 and s["codec_wer"] == 0.2
 
 
-def test_codec_reference_wer_needs_a_speech_encoder(tiny_dir):
+def test_codec_reference_wer_needs_a_speech_encoder(tiny_dir, monkeypatch):
     """``--codec-wer``: the voice's recording of an answer through the checkpoint's own codec
     (the Talker's target as the codec says it); a checkpoint without a speech encoder (the
     release's layout, the tiny model) is refused by name; the table shows the column only when
@@ -354,8 +354,21 @@ def test_codec_reference_wer_needs_a_speech_encoder(tiny_dir):
     mini = (REPO_ROOT or Path.cwd()) / "models" / "omni-mini"
     if not recognizer.available() or not (mini / "model.safetensors").is_file():
         pytest.skip("no recognizer (eval extra) or no omni-mini")
-    edits, words = _codec_floor(recognizer, mini)("It moves to the left.")
+    from omnistream.engine.codec import Codec
+
+    decoded = []
+    decode = Codec.decode
+
+    def spy(self, codes, *args, **kwargs):
+        decoded.append(len(codes))
+        return decode(self, codes, *args, **kwargs)
+
+    monkeypatch.setattr(Codec, "decode", spy)
+    floor = _codec_floor(recognizer, mini)
+    edits, words = floor("It moves to the left.")
     assert words == 5 and edits <= 1  # omni-mini's codec says its motion replies clearly
+    assert len(decoded) == 1 and decoded[0] > 25  # the voice's codes went through the decoder
+    assert floor("It moves to the left.") == (edits, words) and len(decoded) == 1  # once per answer
 
 
 def test_word_errors_read_a_digit_string_as_the_reference_says_it():

@@ -224,44 +224,42 @@ def _target_voice(answer: str) -> np.ndarray:
     return resample(pcm, sr, SAMPLE_RATE)
 
 
-def _voice_floor(rec_mod) -> Callable[[str], tuple[int, int]] | None:
-    """``answer -> (edits, words)`` of the recognizer on the Talker's target voice reading
-    ``answer`` (``_target_voice``); None without the data extra."""
-    try:
-        import piper  # noqa: F401
-    except ImportError:
-        return None
+def _heard_floor(rec_mod, speak: Callable[[str], np.ndarray]) -> Callable[[str], tuple[int, int]]:
+    """``answer -> (edits, words)`` of the recognizer on ``speak(answer)`` (24 kHz PCM), once
+    per distinct answer."""
     memo: dict[str, tuple[int, int]] = {}
 
     def floor(answer: str) -> tuple[int, int]:
         if answer not in memo:
-            heard = rec_mod.transcribe(_target_voice(answer), SAMPLE_RATE)
-            memo[answer] = rec_mod.word_errors(answer, heard)
+            memo[answer] = rec_mod.word_errors(answer, rec_mod.transcribe(speak(answer),
+                                                                          SAMPLE_RATE))
         return memo[answer]
 
     return floor
 
 
+def _voice_floor(rec_mod) -> Callable[[str], tuple[int, int]] | None:
+    """The recognizer on the Talker's target voice reading the answer (``_target_voice``); None
+    without the data extra."""
+    try:
+        import piper  # noqa: F401
+    except ImportError:
+        return None
+    return _heard_floor(rec_mod, _target_voice)
+
+
 def _codec_floor(rec_mod, model: str | Path) -> Callable[[str], tuple[int, int]]:
-    """``answer -> (edits, words)`` of the recognizer on ``_target_voice(answer)`` after the
-    round trip through ``model``'s codec (its speech encoder, then the streamed decode from
-    noise seed 0, the checkpoint's ODE settings)."""
+    """The recognizer on ``_target_voice(answer)`` after the round trip through ``model``'s
+    codec (its speech encoder, then the streamed decode from noise seed 0, the checkpoint's ODE
+    settings)."""
     from omnistream.engine.codec import Codec
 
     codec = Codec.load(model)
     if codec.encoder is None:
         raise ValueError(f"codec WER: {model} has no speech encoder (codec_encoder_config), so "
                          "its codec cannot encode the voice")
-    memo: dict[str, tuple[int, int]] = {}
-
-    def floor(answer: str) -> tuple[int, int]:
-        if answer not in memo:
-            codes = codec.encode(_target_voice(answer), sample_rate=SAMPLE_RATE)
-            heard = rec_mod.transcribe(codec.decode(codes, seed=0), SAMPLE_RATE)
-            memo[answer] = rec_mod.word_errors(answer, heard)
-        return memo[answer]
-
-    return floor
+    return _heard_floor(rec_mod, lambda answer: codec.decode(
+        codec.encode(_target_voice(answer), sample_rate=SAMPLE_RATE), seed=0))
 
 
 def _rate(cases: list[dict], edits: str, words: str) -> float | None:

@@ -361,8 +361,6 @@ def mix(parts: Sequence[tuple[str | Path, float]], out_dir: str | Path) -> Path:
 
 def average(a_dir: str | Path, b_dir: str | Path, weight: float, out_dir: str | Path) -> Path:
     """``(1 - weight) * a + weight * b``: ``mix`` of two checkpoints."""
-    if not 0.0 <= weight <= 1.0:
-        raise ValueError(f"average: weight {weight} is outside [0, 1]")
     return mix([(a_dir, 1.0 - weight), (b_dir, weight)], out_dir)
 
 
