@@ -503,12 +503,14 @@ def test_recipe_trains_its_last_thinker_stage_from_the_mean_of_the_repairs(tiny_
     def fake_train(cmd):
         ran.append(cmd)
         stage_out = Path(cmd[cmd.index("--out") + 1])
+        assert json.loads((out / mini.RUNNING).read_text())["step"] == stage_out.name
         shutil.copytree(cmd[cmd.index("--model") + 1], stage_out)
         (stage_out / STAGE_FILE).write_text("{}")
 
     monkeypatch.setattr(mini, "_run", fake_train)
     assert mini.run(out, None, until=mini.THINKER) == out / mini.THINKER
     (cmd,) = ran
+    assert not (out / mini.RUNNING).exists()  # the mark goes with the step that finished
     assert cmd[cmd.index("--model") + 1] == str(out / "stage2m_soup")
     data = cmd[cmd.index("--data") + 1:cmd.index("--model")]
     assert data == [str(out / "data" / f) for f in dict((n, d) for n, _, d, _ in mini.STAGES)[
@@ -683,3 +685,29 @@ def test_pace_reads_the_stages_last_run():
     paused = log + [{"step": 50, "elapsed_s": 608.0}, {"step": 60, "elapsed_s": 610.0}]
     assert _pace(paused) == 0.2  # ten minutes stopped between steps 40 and 50 count once
     assert _pace([{"step": 5, "step_s": 0.1}, {"step": 6, "step_s": 0.1}]) is None  # no clock
+
+
+def test_status_names_the_step_in_progress_and_one_whose_process_is_gone(tmp_path):
+    """``--status`` during a data step (no training log yet) names it from ``run``'s mark, says
+    a stage that is still loading its records is loading, and says a step whose process is
+    gone stopped part-way; without a mark no step is in progress."""
+    import os
+    import subprocess
+    import sys
+
+    from omnistream.train.mini import RUNNING, STAGES, status
+
+    (tmp_path / "timings.json").write_text(json.dumps({"data": 120.0}))
+    assert "running" not in status(tmp_path) and "data             done      2.0 min" in \
+        status(tmp_path)
+    mark = {"step": "aux", "pid": os.getpid(), "since": 0.0}
+    (tmp_path / RUNNING).write_text(json.dumps(mark))
+    assert "  aux              running since" in status(tmp_path)
+    stage = STAGES[0][0]
+    (tmp_path / RUNNING).write_text(json.dumps(mark | {"step": stage}))
+    line = next(x for x in status(tmp_path).splitlines() if x.strip().startswith(stage))
+    assert "loading: running since" in line
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    (tmp_path / RUNNING).write_text(json.dumps(mark | {"pid": int(gone.stdout)}))
+    assert "  aux              stopped part-way" in status(tmp_path)

@@ -86,6 +86,7 @@ from omnistream.train.loop import LOG_FILE, STAGE_FILE
 
 _ROOT = REPO_ROOT or Path.cwd()
 STAGE_DIR = _ROOT / "configs" / "train"
+RUNNING = "running.json"  # the step in progress: its name, process id and start time
 # The task families have about a thousand distinct replies, which the Talker learns by heart and
 # cannot say when they are new (the unseen word lists of ``repeat``, new sums). Repeat cases are
 # text only and cheap to speak: thousands of random word lists over the tasks' vocabulary teach it
@@ -482,9 +483,13 @@ def run(out: str | Path, codec: str | Path | None, n_per_family: int = BASE_CASE
 
     def timed(name: str, fn) -> None:
         t = time.time()
+        # --status names the step in progress (a data step has no log of its own); a step
+        # that fails or is killed leaves the mark, with a process that is gone
+        (out / RUNNING).write_text(json.dumps({"step": name, "pid": os.getpid(), "since": t}))
         fn()
         timings[name] = round(timings.get(name, 0.0) + time.time() - t, 1)
         timings_path.write_text(json.dumps(timings, indent=2) + "\n")
+        (out / RUNNING).unlink()
 
     init = out / "init"
     if not (init / "config.json").is_file() and (
@@ -697,11 +702,29 @@ def _pace(steps: list[dict], window: int = 20) -> float | None:
     return statistics.median(rates) if rates else None
 
 
+def _current_step(out: Path) -> tuple[str, str] | None:
+    """The step that ``run`` marked as in progress in ``out`` (``RUNNING``), and whether its
+    process still runs; None when no step is marked."""
+    try:
+        mark = json.loads((out / RUNNING).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):  # none, or being written now
+        return None
+    since = time.strftime("%H:%M", time.localtime(mark["since"]))
+    try:
+        os.kill(mark["pid"], 0)  # signal 0: does the process exist
+    except ProcessLookupError:
+        return mark["step"], (f"stopped part-way (started {since}; its process is gone: "
+                              "run the command again)")
+    except PermissionError:  # it exists, as another user's
+        pass
+    return mark["step"], f"running since {since} ({(time.time() - mark['since']) / 60:.0f} min)"
+
+
 def status(out: str | Path) -> str:
     """Where a run in ``out`` stands, from its marks and logs (it may be running now): the steps
-    done with their wall time, each training stage done, part-way (its last logged step, its
-    pace and the minutes it has left at that pace) or not started, and the evaluation when
-    there is one."""
+    done with their wall time, the step in progress (or stopped part-way), each training stage
+    done, loading, part-way (its last logged step, its pace and the minutes it has left at that
+    pace) or not started, and the evaluation when there is one."""
     out = Path(out)
     tpath = out / "timings.json"
     timings = json.loads(tpath.read_text()) if tpath.exists() else {}
@@ -709,6 +732,9 @@ def status(out: str | Path) -> str:
     for name, secs in timings.items():
         if name not in stages:
             lines.append(f"  {name:<16} done   {secs / 60:6.1f} min")
+    current = _current_step(out)
+    if current and current[0] not in stages:
+        lines.append(f"  {current[0]:<16} {current[1]}")
     for name, *_ in STAGES:
         d = out / name
         if (d / STAGE_FILE).exists():
@@ -725,7 +751,8 @@ def status(out: str | Path) -> str:
                 if {"step", "of", "loss"} <= rec.keys():  # a training step, not an event
                     steps.append(rec)
         if not steps:
-            lines.append(f"  {name:<16} not started")
+            busy = current is not None and current[0] == name
+            lines.append(f"  {name:<16} " + (f"loading: {current[1]}" if busy else "not started"))
             continue
         last, pace = steps[-1], _pace(steps)
         when = time.strftime("%H:%M", time.localtime((d / LOG_FILE).stat().st_mtime))
@@ -757,8 +784,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--until", default=None, metavar="STAGE",
                     help=f"stop after this stage (e.g. {THINKER}: the Thinker alone)")
     ap.add_argument("--status", action="store_true",
-                    help="say where the run in --out stands (steps done, the stage's step and "
-                         "pace) and exit; safe while it runs")
+                    help="say where the run in --out stands (steps done, the step in "
+                         "progress, the stage's step and pace) and exit; safe while it runs")
     a = ap.parse_args(argv)
     if a.status:
         print(status(a.out))
