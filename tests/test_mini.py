@@ -272,7 +272,7 @@ def test_sentence_voice_times_each_word_from_pipers_durations():
 
 
 def test_talker_records_carry_the_sentence_its_units_and_codes(tmp_path):
-    """``mini.add_speech``: each record gets its reply's recording (spoken once per distinct
+    """``mini_speech.add_speech``: each record gets its reply's recording (spoken once per distinct
     reply), ``speech_units`` that the data loader turns into codes and reply tokens, and
     ``codec_ids``: the codec's codes of exactly that recording (50 per second)."""
     pytest.importorskip("piper", reason="the voice needs the data extra")
@@ -281,7 +281,7 @@ def test_talker_records_carry_the_sentence_its_units_and_codes(tmp_path):
     from omnistream.config import CodecEncoderConfig
     from omnistream.engine.codec import Codec
     from omnistream.media.audio import decode_audio
-    from omnistream.train.mini import add_speech
+    from omnistream.train.mini_speech import add_speech
 
     torch.manual_seed(0)
     enc = SpeechEncoder(CodecEncoderConfig(hidden_size=32, intermediate_size=64, num_layers=2))
@@ -640,7 +640,7 @@ def test_clear_speech_retargets_the_chosen_replies_only(tmp_path):
     from omnistream.engine.codec import Codec
     from omnistream.media.audio import decode_audio
     from omnistream.train.clear_speech import retarget, templated_replies
-    from omnistream.train.mini import add_speech
+    from omnistream.train.mini_speech import add_speech
 
     torch.manual_seed(0)
     enc = SpeechEncoder(CodecEncoderConfig(hidden_size=32, intermediate_size=64, num_layers=2))

@@ -217,7 +217,7 @@ def _target_voice(answer: str) -> np.ndarray:
     """``answer`` read by the Talker's target voice (``voices.piper`` at its length_scale), 24 kHz
     float32 PCM."""
     from omnistream.media.audio import resample
-    from omnistream.train.mini import SPEECH_LENGTH_SCALE
+    from omnistream.train.mini_speech import SPEECH_LENGTH_SCALE
     from omnistream.train.voices import piper
 
     pcm, sr = piper(answer, SPEECH_LENGTH_SCALE)

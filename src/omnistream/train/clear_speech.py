@@ -33,7 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
-from omnistream.train.mini import SPEECH_LENGTH_SCALE, _write_lines, codec_encoder, reply_text
+from omnistream.train.mini_speech import (
+    SPEECH_LENGTH_SCALE,
+    codec_encoder,
+    reply_text,
+    write_lines,
+)
 from omnistream.train.model import write_whole
 
 # families whose replies come from a few templates (the rest: one reply per record)
@@ -73,7 +78,7 @@ def score(texts: list[str], codec_dir: str | Path, folder: Path, cache: Path,
     from omnistream.engine.codec import Codec
     from omnistream.eval import recognizer
     from omnistream.media.audio import OUTPUT_SAMPLE_RATE, decode_audio
-    from omnistream.train.mini import speech_file
+    from omnistream.train.mini_speech import speech_file
 
     if not recognizer.available():
         raise recognizer.RecognizerMissing(
@@ -108,8 +113,8 @@ def retarget(files: list[Path], suffix: str, choices: dict[str, float],
              speech_dir: str = "speech_c") -> dict[str, int]:
     """Each file ``F.jsonl`` -> ``F{suffix}.jsonl``: records whose reply is in ``choices`` speak
     its chosen rendering (``speech``, ``speech_units``, ``codec_ids`` from ``encode``: pcm,
-    sample rate -> codes, ``mini.codec_encoder``); returns records changed per output file."""
-    from omnistream.train.mini import _speech_fields, speech_file
+    sample rate -> codes, ``mini_speech.codec_encoder``); returns records changed per output file."""
+    from omnistream.train.mini_speech import speech_fields, speech_file
 
     cache: dict = {}
     changed = {}
@@ -124,11 +129,11 @@ def retarget(files: list[Path], suffix: str, choices: dict[str, float],
                 s = choices[text]
                 wav = speech_file(text, path.parent / speech_dir, s)
                 rec["speech"] = f"{speech_dir}/{wav.name}"
-                rec.update(_speech_fields(text, wav, encode, cache, s))
+                rec.update(speech_fields(text, wav, encode, cache, s))
                 n += 1
             lines.append(json.dumps(rec, ensure_ascii=False))
         out = path.with_name(path.stem + suffix + path.suffix)
-        _write_lines(out, lines)
+        write_lines(out, lines)
         changed[out.name] = n
     return changed
 

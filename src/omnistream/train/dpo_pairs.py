@@ -132,7 +132,7 @@ def make_pairs(model: str | Path, data: str | Path, out: str | Path, prompts: in
     from omnistream.engine.session import Engine
     from omnistream.eval.tasks import SPEECH_SECONDS, record_messages, respond
     from omnistream.media.audio import decode_audio
-    from omnistream.train.mini import speech_file
+    from omnistream.train.mini_speech import speech_file
     from omnistream.train.model import write_whole
 
     data, out = Path(data), Path(out)

@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import itertools
 import json
 import os
@@ -78,11 +77,16 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from omnistream.models import REPO_ROOT
 from omnistream.train.loop import LOG_FILE, STAGE_FILE
+from omnistream.train.mini_speech import (
+    add_counterfactuals,
+    add_speech,
+    codec_encoder,
+    write_lines,
+)
 
 _ROOT = REPO_ROOT or Path.cwd()
 STAGE_DIR = _ROOT / "configs" / "train"
@@ -255,7 +259,6 @@ STAGES = (
      (TALKER_CLEAR, f"{TALKER_REPEAT}/talker.jsonl", TALKER_COUNTER_CLEAR), BALANCED),
     ("stage4_dpo", "mini_4_dpo.json", ("dpo.jsonl",), "stage3_talker"),
 )
-SPEECH_LENGTH_SCALE = 1.0  # the Talker's targets: the Piper voice at its natural speed
 
 
 def log(msg: str) -> None:
@@ -278,128 +281,15 @@ def split_records(data: Path) -> dict[str, int]:
                         for m in rec["messages"])
         (media if has_media else text).append(line)
     for name, lines in (("text.jsonl", text), ("media.jsonl", media)):
-        _write_lines(data.parent / name, lines)
+        write_lines(data.parent / name, lines)
     return {"text": len(text), "media": len(media)}
-
-
-def reply_text(rec: dict) -> str:
-    """A record's assistant reply as one string."""
-    reply = rec["messages"][-1]["content"]
-    return reply if isinstance(reply, str) else "".join(p.get("text", "") for p in reply)
-
-
-def _write_lines(path: Path, lines: list[str]) -> None:
-    from omnistream.train.model import write_whole
-
-    write_whole(path, lambda p: p.write_text("".join(line + "\n" for line in lines),
-                                             encoding="utf-8"))
 
 
 def _count(path: Path) -> int:
     return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
 
 
-def speech_file(text: str, folder: Path, length_scale: float = SPEECH_LENGTH_SCALE) -> Path:
-    """``text`` spoken whole in the Piper voice (``voices.piper_sentence``; cached by text: the
-    same reply is spoken once)."""
-    from omnistream.train.model import write_whole
-    from omnistream.train.voices import piper_sentence, write_wav
-
-    h = hashlib.sha1(f"sentence|{length_scale}|{text}".encode()).hexdigest()[:16]
-    path = folder / f"{h}.wav"
-    if not path.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        pcm, sr, _ = piper_sentence(text, length_scale)
-        if pcm.size == 0:
-            raise ValueError(f"the Piper voice speaks nothing for {text!r}")
-        write_whole(path, lambda p: write_wav(p, pcm, sr))
-    return path
-
-
-def _speech_fields(reply: str, speech: Path, encode: Callable | None, cache: dict,
-                   length_scale: float = SPEECH_LENGTH_SCALE) -> dict:
-    """``speech_units`` (``voices.piper_sentence`` at ``length_scale``, the recording's) and,
-    with the codec's ``encode``, ``codec_ids`` (the codes of the recording ``speech``, as
-    stored) of a reply; ``cache``: the fields of recordings already done (replies repeat across
-    records)."""
-    if speech not in cache:
-        from omnistream.media.audio import decode_audio
-        from omnistream.train.voices import piper_sentence
-
-        fields: dict = {"speech_units": piper_sentence(reply, length_scale)[2]}
-        if encode is not None:
-            fields["codec_ids"] = list(encode(*decode_audio(str(speech))))
-        cache[speech] = fields
-    return cache[speech]
-
-
-def codec_encoder(codec: str | Path | None) -> Callable | None:
-    """``(pcm, sample_rate) -> codes`` of a codec checkpoint's speech encoder (None: no codec)."""
-    if codec is None:
-        return None
-    from omnistream.engine.codec import Codec
-
-    c = Codec.load(codec)
-    if c.encoder is None:
-        return None
-    return lambda pcm, sr: c.encode(pcm, sample_rate=sr).tolist()
-
-
-def add_speech(data: Path, out: Path, speech_dir: str = "speech",
-               encode: Callable | None = None) -> int:
-    """``out``: the records of ``data`` with ``speech``, their reply spoken (same folder, so
-    media paths stay valid), ``speech_units`` and with ``encode`` (``codec_encoder``) their
-    ``codec_ids`` (``_speech_fields``). Returns the number of distinct replies spoken."""
-    from tqdm import tqdm
-
-    cache: dict = {}
-
-    lines, texts = [], set()
-    for line in tqdm(data.read_text(encoding="utf-8").splitlines(), desc="speaking replies",
-                     unit="record"):
-        if not line.strip():
-            continue
-        rec = json.loads(line)
-        reply = reply_text(rec)
-        path = speech_file(reply, data.parent / speech_dir)
-        rec["speech"] = f"{speech_dir}/{path.name}"
-        rec.update(_speech_fields(reply, path, encode, cache))
-        texts.add(reply)
-        lines.append(json.dumps(rec, ensure_ascii=False))
-    _write_lines(out, lines)
-    return len(texts)
-
-
 # -- steps ---------------------------------------------------------------------------------------
-
-
-def add_counterfactuals(talker: Path, out: Path, seed: int, speech_dir: str = "speech",
-                        encode: Callable | None = None) -> int:
-    """``out``: a copy of each record of ``talker`` (records with ``speech``) whose reply has a
-    content word (``tasks.counterfactual_answer``), with that word changed and the new reply
-    spoken; the media are unchanged, so the reply contradicts them. Returns the record count."""
-    import numpy as np
-
-    from omnistream.train.tasks import counterfactual_answer
-
-    rng = np.random.default_rng([seed, 7])
-    lines, cache = [], {}
-    for line in talker.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        rec = json.loads(line)
-        if rec.get("family") in ("chat", "repeat"):
-            continue
-        reply = counterfactual_answer(rec["messages"][-1]["content"], rng)
-        if reply is None:
-            continue
-        rec["messages"][-1]["content"] = reply
-        path = speech_file(reply, talker.parent / speech_dir)
-        rec["speech"] = f"{speech_dir}/{path.name}"
-        rec.update(_speech_fields(reply, path, encode, cache))
-        lines.append(json.dumps(rec, ensure_ascii=False))
-    _write_lines(out, lines)
-    return len(lines)
 
 
 def _done(path: Path, what: str) -> bool:
@@ -446,7 +336,7 @@ def copy_lists(lists: Path, out: Path) -> int:
             raise ValueError(f"{lists}: a record without a system turn")
         rec["messages"][0]["content"] = ""
         lines.append(json.dumps(rec, ensure_ascii=False))
-    _write_lines(out, lines)
+    write_lines(out, lines)
     return len(lines)
 
 
