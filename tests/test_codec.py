@@ -452,3 +452,45 @@ def test_codec_eval_splits_the_error_between_vocoder_and_codes(tmp_path):
               else v) for k, v in sd.items()}
     save_file(sd, str(broken / "model.safetensors"))
     assert evaluate_codec(broken, **kw)["wer_vocoder"] >= 0.5
+
+
+def test_an_encoder_trained_for_a_release_checkpoint_is_attached_to_it(tiny_dir, tmp_path):
+    """The release's users: ``codec_encoder`` trains a speech encoder against a checkpoint
+    that has none (the tiny model, released layout), its Token2Wav frozen; ``attach`` joins it
+    to that checkpoint in a new folder (the model's files linked, the model left as it was), so
+    the training loader encodes recordings with it. An encoder trained against another
+    Token2Wav is refused."""
+    from omnistream.checkpoint import load_config, read_tensors
+    from omnistream.train.codec import attach, train_codec
+    from omnistream.train.loop import _speech_codes
+    from omnistream.train.stages import Stage
+
+    data = _corpus(tmp_path)
+    stage = Stage(name="e", task="codec_encoder", batch_size=2, segment_frames=48,
+                  warmup_steps=1, max_steps=2, log_every=1)
+    assert load_config(tiny_dir).codec_encoder_config is None
+    train_codec(stage, [data], tiny_dir, tmp_path / "enc", verbose=False)
+    dit = "token2wav.code2wav_dit_model."
+    before, after = (dict(read_tensors(d, prefix=dit)) for d in (tiny_dir, tmp_path / "enc"))
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k].float(), after[k]) for k in before)
+    out = attach(tmp_path / "enc", tiny_dir, tmp_path / "att")
+    assert load_config(tiny_dir).codec_encoder_config is None  # the model is unchanged
+    cfg = load_config(out)
+    assert cfg.codec_encoder_config == CodecEncoderConfig()
+    assert cfg.thinker_config == load_config(tiny_dir).thinker_config
+    assert (out / "spk_dict.pt").is_symlink() and (out / "tokenizer.json").is_symlink()
+    x = _speechlike(1.0)
+    want = Codec.load(tmp_path / "enc").encode(x, 24000)
+    assert torch.equal(Codec.load(out).encode(x, 24000), want)
+    tiny_talker = dict(read_tensors(tiny_dir, prefix="talker."))
+    assert all(torch.equal(v, tiny_talker[k]) for k, v in read_tensors(out, prefix="talker."))
+    from omnistream.train.voices import write_wav
+
+    write_wav(tmp_path / "reply.wav", x, 24000)
+    assert _speech_codes(out, cfg)(tmp_path / "reply.wav") == want.tolist()
+    other = _codec_dir(tmp_path)
+    train_codec(Stage(name="c", task="codec", batch_size=2, segment_frames=48, warmup_steps=1,
+                      max_steps=1), [data], other, tmp_path / "other", verbose=False)
+    with pytest.raises(ValueError, match="another Token2Wav"):
+        attach(tmp_path / "other", tiny_dir, tmp_path / "att2")

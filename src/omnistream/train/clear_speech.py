@@ -113,7 +113,8 @@ def retarget(files: list[Path], suffix: str, choices: dict[str, float],
              speech_dir: str = "speech_c") -> dict[str, int]:
     """Each file ``F.jsonl`` -> ``F{suffix}.jsonl``: records whose reply is in ``choices`` speak
     its chosen rendering (``speech``, ``speech_units``, ``codec_ids`` from ``encode``: pcm,
-    sample rate -> codes, ``mini_speech.codec_encoder``); returns records changed per output file."""
+    sample rate -> codes, ``mini_speech.codec_encoder``); returns records changed per output
+    file."""
     from omnistream.train.mini_speech import speech_fields, speech_file
 
     cache: dict = {}

@@ -21,7 +21,9 @@ components whose weights are missing there start from a fresh initialisation.
 * ``codec_encoder``: the encoder with the DiT frozen; the DiT's code embedding is read through a
   straight-through soft assignment over the FSQ grid, so the flow-matching loss reaches the
   encoder: a new encoder for an existing decoder
-  (e.g. the release's Token2Wav; codes then use the first ``prod(levels)`` rows of its table).
+  (e.g. the release's Token2Wav; codes then use the first ``prod(levels)`` rows of its table;
+  a checkpoint without ``codec_encoder_config`` gets an encoder of the default size).
+  ``attach`` then joins the encoder to that checkpoint, so its Talker trains on recordings.
 
 Output: ``OUT/model.safetensors`` (``token2wav.*``, ``codec_encoder.*``), ``config.json``,
 ``spk_dict.pt`` (the voice: x-vector + reference mel), ``train_log.jsonl``, and ``resume.pt``,
@@ -45,7 +47,7 @@ from torch import Tensor, nn
 
 from omnistream.codec.encoder import MEL_SCALE, MEL_SHIFT, SpeechEncoder
 from omnistream.codec.features import MEL_FLOOR, speech_mel
-from omnistream.config import OmniConfig
+from omnistream.config import CodecEncoderConfig, OmniConfig
 from omnistream.media.audio import OUTPUT_SAMPLE_RATE
 from omnistream.nn.bigvgan import HOP
 from omnistream.nn.token2wav import Token2Wav
@@ -335,6 +337,9 @@ def train_codec(stage: Stage, data: list[str | Path], model_dir: str | Path, out
     model_dir, out = Path(model_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = load_config(model_dir)
+    if cfg.codec_encoder_config is None and s.task == "codec_encoder":
+        # a checkpoint without a speech encoder (the release's): a new one of the default size
+        cfg.codec_encoder_config = CodecEncoderConfig()
     if cfg.codec_encoder_config is None and s.task != "vocoder":
         raise ValueError(f"{model_dir}/config.json has no codec_encoder_config")
     t2w, t2w_loaded = _load_or_init(model_dir, cfg, "token2wav", s.seed)
@@ -563,9 +568,49 @@ def relevel(src: str | Path, out: str | Path, levels: list[int], seed: int = 0) 
     return out
 
 
+def attach(encoder_dir: str | Path, model_dir: str | Path, out: str | Path) -> Path:
+    """``out``: checkpoint ``model_dir`` (e.g. the release's, any size) with the speech encoder
+    of ``encoder_dir`` (a ``codec_encoder`` stage's output, trained against ``model_dir``'s
+    frozen Token2Wav), so ``omnistream train`` encodes talker records' recordings (``speech``)
+    into codes its DiT understands. ``model_dir`` is left as it is: ``out`` links to its files,
+    with the encoder in a file of its own (``codec_encoder.safetensors``), a new index and a
+    ``config.json`` with the encoder's config."""
+    from safetensors.torch import save_file
+
+    from omnistream.checkpoint import INDEX_FILE, load_config, read_tensors, weight_map
+
+    encoder_dir, model_dir, out = Path(encoder_dir), Path(model_dir), Path(out)
+    table = "token2wav.code2wav_dit_model.text_embed.codec_embed.weight"
+    (mine,), (theirs,) = (
+        [v for _, v in read_tensors(d, names=[table])] for d in (encoder_dir, model_dir))
+    if mine.shape != theirs.shape or not torch.equal(mine.float(), theirs.float()):
+        raise ValueError(f"{encoder_dir}'s encoder was trained against another Token2Wav than "
+                         f"{model_dir}'s: its codes would mean something else there")
+    enc_cfg = load_config(encoder_dir).codec_encoder_config
+    enc = {k: v.contiguous() for k, v in read_tensors(encoder_dir, prefix="codec_encoder.")}
+    if enc_cfg is None or not enc:
+        raise ValueError(f"{encoder_dir} holds no speech encoder (codec_encoder.*)")
+    wmap = {k: v for k, v in weight_map(model_dir).items() if not k.startswith("codec_encoder.")}
+    if out.resolve() == model_dir.resolve():
+        raise ValueError("attach writes a new checkpoint folder: give an OUT other than the model")
+    out.mkdir(parents=True, exist_ok=True)
+    for f in model_dir.iterdir():  # weights, tokenizer, voices: linked, not copied
+        if f.name not in ("config.json", INDEX_FILE) and not (out / f.name).exists():
+            (out / f.name).symlink_to(f.resolve())
+    name = "codec_encoder.safetensors"
+    write_whole(out / name, lambda p: save_file(enc, str(p), metadata={"format": "pt"}))
+    index = {"metadata": {}, "weight_map": wmap | dict.fromkeys(enc, name)}
+    (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    cfg = json.loads((model_dir / "config.json").read_text())  # every key, as the model has it
+    cfg["codec_encoder_config"] = enc_cfg.to_dict()
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return out
+
+
 _USAGE = ("usage: python -m omnistream.train.codec merge CODEC_DIR VOCODER_DIR OUT\n"
           "       python -m omnistream.train.codec grow CODEC_DIR OUT LAYERS\n"
-          "       python -m omnistream.train.codec relevel CODEC_DIR OUT L1,L2,...")
+          "       python -m omnistream.train.codec relevel CODEC_DIR OUT L1,L2,...\n"
+          "       python -m omnistream.train.codec attach ENCODER_DIR MODEL_DIR OUT")
 
 if __name__ == "__main__":
     import sys
@@ -576,5 +621,7 @@ if __name__ == "__main__":
         print(grow_dit(sys.argv[2], sys.argv[3], int(sys.argv[4])))
     elif len(sys.argv) == 5 and sys.argv[1] == "relevel":
         print(relevel(sys.argv[2], sys.argv[3], [int(v) for v in sys.argv[4].split(",")]))
+    elif len(sys.argv) == 5 and sys.argv[1] == "attach":
+        print(attach(*sys.argv[2:5]))
     else:
         raise SystemExit(_USAGE)
