@@ -219,7 +219,11 @@ def test_codec_stages_train_save_resume_and_load_in_the_engine_layout(tmp_path):
     grown = Codec.load(grow_dit(tmp_path / "c_full", tmp_path / "g", 6))
     assert len(grown.token2wav.code2wav_dit_model.transformer_blocks) == 6
     want = codec.decode(codes, steps=2, solver="euler", seed=5)
-    np.testing.assert_array_equal(grown.decode(codes, steps=2, solver="euler", seed=5), want)
+    # to float rounding: with OMP_NUM_THREADS=1 the audio differs by about 1e-5 though the new
+    # blocks' gates are exactly zero (the same model decodes bit for bit twice); a new block
+    # that was not the identity would move it by far more
+    np.testing.assert_allclose(grown.decode(codes, steps=2, solver="euler", seed=5), want,
+                               rtol=0, atol=1e-4)
     train_codec(dit_only, [data], tmp_path / "g", tmp_path / "gd", verbose=False)
     gate = "code2wav_dit_model.transformer_blocks.5.attn_norm.linear.weight"
     assert Codec.load(tmp_path / "gd").token2wav.state_dict()[gate].abs().sum() > 0
