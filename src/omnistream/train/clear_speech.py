@@ -33,13 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from omnistream.train.mini_speech import (
-    SPEECH_LENGTH_SCALE,
-    codec_encoder,
-    reply_text,
-    write_lines,
-)
-from omnistream.train.model import write_whole
+from omnistream.train.mini_speech import SPEECH_LENGTH_SCALE, codec_encoder, reply_text
+from omnistream.train.model import write_lines, write_whole
 
 # families whose replies come from a few templates (the rest: one reply per record)
 TEMPLATE_FAMILIES = ("chat", "beeps", "image-count", "image-count-color", "image-color",

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from omnistream.train.loop import RESUME_FILE, StepBook, adamw, lr_at, mark_done
-from omnistream.train.model import save_whole, write_whole
+from omnistream.train.model import save_whole, write_lines
 from omnistream.train.stages import Stage
 
 KINDS = ("circle", "square", "triangle")  # label 0: no shape
@@ -199,7 +199,7 @@ def _write_data(out: Path, task: str, n: int, one: Callable[[int], tuple[str, by
         (out / rel).write_bytes(data)
         lines.append(json.dumps({"media": rel, **rec}))
     path = out / DATA_FILES[task]  # whole or not at all: `make mini` takes it as the step's mark
-    write_whole(path, lambda p: p.write_text("\n".join(lines) + "\n"))
+    write_lines(path, lines)
     return path
 
 

@@ -81,12 +81,8 @@ from pathlib import Path
 
 from omnistream.models import REPO_ROOT
 from omnistream.train.loop import LOG_FILE, STAGE_FILE
-from omnistream.train.mini_speech import (
-    add_counterfactuals,
-    add_speech,
-    codec_encoder,
-    write_lines,
-)
+from omnistream.train.mini_speech import add_counterfactuals, add_speech, codec_encoder
+from omnistream.train.model import write_lines
 
 _ROOT = REPO_ROOT or Path.cwd()
 STAGE_DIR = _ROOT / "configs" / "train"

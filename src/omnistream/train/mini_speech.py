@@ -9,6 +9,8 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from omnistream.train.model import write_lines
+
 SPEECH_LENGTH_SCALE = 1.0  # the Talker's targets: the Piper voice at its natural speed
 
 
@@ -16,14 +18,6 @@ def reply_text(rec: dict) -> str:
     """A record's assistant reply as one string."""
     reply = rec["messages"][-1]["content"]
     return reply if isinstance(reply, str) else "".join(p.get("text", "") for p in reply)
-
-
-def write_lines(path: Path, lines: list[str]) -> None:
-    """``lines`` as a text file, written whole (a new file renamed into place)."""
-    from omnistream.train.model import write_whole
-
-    write_whole(path, lambda p: p.write_text("".join(line + "\n" for line in lines),
-                                             encoding="utf-8"))
 
 
 def speech_file(text: str, folder: Path, length_scale: float = SPEECH_LENGTH_SCALE) -> Path:

@@ -126,6 +126,12 @@ def write_whole(path: Path, write: Callable[[Path], object]) -> None:
     tmp.replace(path)
 
 
+def write_lines(path: Path, lines: list[str]) -> None:
+    """``lines`` (JSONL records, ...) as a UTF-8 text file, one per line, ``write_whole``."""
+    write_whole(path, lambda p: p.write_text("".join(line + "\n" for line in lines),
+                                             encoding="utf-8"))
+
+
 def save_whole(obj: object, path: Path) -> None:
     """``torch.save`` whole or not at all (``write_whole``)."""
     write_whole(path, lambda p: torch.save(obj, p))

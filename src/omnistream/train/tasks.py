@@ -457,10 +457,10 @@ def make_dataset(out_dir: str | Path, n_per_family: int | dict[str, int], seed: 
         if level is not None:
             rec["levels"] = level
         lines.append(json.dumps(rec, ensure_ascii=False))
-    from omnistream.train.model import write_whole
+    from omnistream.train.model import write_lines
 
     path = out / "data.jsonl"  # whole or not at all: `make mini` takes it as the step's mark
-    write_whole(path, lambda p: p.write_text("\n".join(lines) + "\n", encoding="utf-8"))
+    write_lines(path, lines)
     return path
 
 
