@@ -219,6 +219,9 @@ def codec_loss(enc: SpeechEncoder, t2w: Token2Wav, head: MelHead | None, mel: Te
     dit = t2w.code2wav_dit_model
     B = mel.shape[0]
     with torch.set_grad_enabled(head is not None or through_dit):
+        # a crop read alone: its first ~16 codes (the encoder's receptive field) mostly differ
+        # from the whole clip's, which inference gives; training on the clip's changed nothing
+        # (docs/CODEC.md, fifty-second session)
         z = enc.latents(mel)  # [B, N, d_q]
         q, codes = enc.fsq(z)
     grid = enc.fsq.grid()  # [K, d_q]
